@@ -1,0 +1,28 @@
+"""The errors shoal raises. Every message says what was expected, what came, and where."""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every error shoal raises on purpose."""
+
+
+class SpaceError(ShoalError):
+    """A space shoal cannot handle, or a value that does not fit its space."""
+
+
+class APIUsageError(ShoalError):
+    """A call that breaks shoal's API: wrong argument, wrong shape, wrong order of calls."""
+
+
+class EnvError(ShoalError):
+    """The wrapped env broke its own contract (e.g. returned an observation outside its space)."""
+
+
+class WorkerError(ShoalError):
+    """An env failed inside a vectorization worker; the message carries the worker's traceback."""
+
+    def __init__(self, message: str, worker_traceback: str = "", env_id: int | None = None):
+        super().__init__(message + (f"\n\nWorker traceback:\n{worker_traceback}" if worker_traceback else ""))
+        self.worker_traceback = worker_traceback
+        self.env_id = env_id

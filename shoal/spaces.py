@@ -1,0 +1,414 @@
+"""Flatten nested Gymnasium spaces into one flat array, and get the structure back for free.
+
+Observations: every leaf is laid out in one numpy structured dtype. When all leaves share a dtype the
+flat array has that dtype (Atari frames stay uint8); otherwise it is a ``uint8`` byte buffer and each
+leaf is a typed view into it, so round trips are exact for every dtype and unflattening copies nothing.
+
+Actions: discrete leaves become one ``MultiDiscrete``, continuous leaves one ``Box``.
+
+Dict keys are visited in sorted order by :func:`children`, the one function that both directions use.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+from gymnasium import spaces
+
+from shoal.errors import SpaceError
+
+LEAF_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+@functools.singledispatch
+def children(space: spaces.Space) -> list[tuple[Any, spaces.Space]] | None:
+    """The (key, subspace) pairs of a composite space in canonical order; None for a leaf space."""
+    raise SpaceError(
+        f"unsupported space {space!r}: expected Box, Discrete, MultiDiscrete, MultiBinary, "
+        f"or a Dict/Tuple of these"
+    )
+
+
+@children.register(spaces.Box)
+@children.register(spaces.Discrete)
+@children.register(spaces.MultiDiscrete)
+@children.register(spaces.MultiBinary)
+def _leaf_children(space: spaces.Space) -> None:
+    return None
+
+
+@children.register(spaces.Dict)
+def _dict_children(space: spaces.Dict) -> list[tuple[Any, spaces.Space]]:
+    try:
+        keys = sorted(space.spaces)
+    except TypeError:  # keys of mixed types: still one fixed order
+        keys = sorted(space.spaces, key=repr)
+    return [(key, space.spaces[key]) for key in keys]
+
+
+@children.register(spaces.Tuple)
+def _tuple_children(space: spaces.Tuple) -> list[tuple[Any, spaces.Space]]:
+    return list(enumerate(space.spaces))
+
+
+class Leaf(NamedTuple):
+    """One leaf space and the path of keys/indices that reaches it."""
+
+    path: tuple
+    space: spaces.Space
+
+
+def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
+    """All leaves of ``space`` in canonical order (sorted Dict keys, Tuple order)."""
+    kids = children(space)
+    if kids is None:
+        return [Leaf(path, space)]
+    return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
+
+
+def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    kids = children(space)
+    if kids is None:
+        yield path, value
+        return
+    for key, sub in kids:
+        try:
+            item = value[key]
+        except (KeyError, IndexError, TypeError):
+            raise SpaceError(
+                f"value has no entry {key!r} at {_path_str(path)}: expected the structure of {space}, "
+                f"got {type(value).__name__} {_short(value)}"
+            ) from None
+        yield from _values(sub, item, path + (key,))
+
+
+def _nest(space: spaces.Space, items: Iterator[Any]) -> Any:
+    kids = children(space)
+    if kids is None:
+        return next(items)
+    if isinstance(space, spaces.Dict):
+        return {key: _nest(sub, items) for key, sub in kids}
+    return tuple(_nest(sub, items) for _, sub in kids)
+
+
+def _path_str(path: tuple) -> str:
+    return "".join(f"[{key!r}]" for key in path) or "the root"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtype(dtype: np.dtype):
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+# ---------------------------------------------------------------- observations
+
+
+@functools.singledispatch
+def _obs_leaf(space: spaces.Space) -> tuple[np.dtype, tuple, np.ndarray, np.ndarray]:
+    """(dtype, shape, low, high) of one observation leaf."""
+    raise SpaceError(f"unsupported observation leaf {space!r}")
+
+
+@_obs_leaf.register(spaces.Box)
+def _(space: spaces.Box):
+    return space.dtype, space.shape, space.low, space.high
+
+
+@_obs_leaf.register(spaces.Discrete)
+def _(space: spaces.Discrete):
+    start = np.asarray(space.start, space.dtype)
+    return space.dtype, (), start, start + np.asarray(space.n - 1, space.dtype)
+
+
+@_obs_leaf.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete):
+    start = np.broadcast_to(np.asarray(space.start, space.dtype), space.shape)
+    return space.dtype, space.shape, start, start + space.nvec - 1
+
+
+@_obs_leaf.register(spaces.MultiBinary)
+def _(space: spaces.MultiBinary):
+    return space.dtype, space.shape, np.zeros(space.shape, space.dtype), np.ones(space.shape, space.dtype)
+
+
+class _Field(NamedTuple):
+    name: str
+    path: tuple
+    dtype: np.dtype
+    shape: tuple
+    byte_offset: int
+    low: np.ndarray | None  # None where the dtype itself already enforces the bound
+    high: np.ndarray | None
+
+
+def _needed_bound(bound: np.ndarray, dtype: np.dtype, side: str) -> np.ndarray | None:
+    if dtype.kind == "b":
+        return None
+    if dtype.kind == "f":
+        limit = -np.inf if side == "low" else np.inf
+    else:
+        info = np.iinfo(dtype)
+        limit = info.min if side == "low" else info.max
+    return None if np.all(bound == limit) else np.asarray(bound)
+
+
+class ObservationLayout:
+    """How a (nested) observation space lies in one flat array.
+
+    >>> layout = ObservationLayout(spaces.Dict({"pos": spaces.Box(-1, 1, (2,)), "hp": spaces.Discrete(5)}))
+    >>> flat = layout.flatten({"pos": np.array([0.5, -0.5], np.float32), "hp": 3})
+    >>> flat.dtype, flat.shape   # mixed dtypes: a byte buffer
+    (dtype('uint8'), (16,))
+    >>> layout.unflatten(flat)["hp"]
+    array(3)
+    """
+
+    def __init__(self, space: spaces.Space):
+        self.space = space
+        specs = [(leaf.path, *_obs_leaf(leaf.space)) for leaf in leaves(space)]
+        dtypes = {np.dtype(spec[1]) for spec in specs}
+        if len(dtypes) == 1:
+            self.dtype = dtypes.pop()
+        else:
+            self.dtype = np.dtype(np.uint8)
+            # Largest itemsize first keeps every field aligned for typed views (also in torch).
+            specs.sort(key=lambda spec: -np.dtype(spec[1]).itemsize)
+        fields, offset = [], 0
+        for index, (path, dtype, shape, low, high) in enumerate(specs):
+            dtype = np.dtype(dtype)
+            fields.append(_Field(f"f{index}", path, dtype, tuple(shape), offset,
+                                 _needed_bound(low, dtype, "low"), _needed_bound(high, dtype, "high")))
+            offset += dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        align = max(field.dtype.itemsize for field in fields)
+        itemsize = max(-(-offset // align) * align, self.dtype.itemsize)
+        self.struct = np.dtype({
+            "names": [field.name for field in fields],
+            "formats": [(field.dtype, field.shape) for field in fields],
+            "offsets": [field.byte_offset for field in fields],
+            "itemsize": itemsize,
+        })
+        self.fields = fields
+        self._by_path = {field.path: field for field in fields}
+        self.size = itemsize // self.dtype.itemsize
+        self.flat_space = self._make_flat_space({path: (low, high) for path, _, _, low, high in specs})
+
+    def _make_flat_space(self, bounds: dict) -> spaces.Box:
+        if self.dtype == np.uint8 and any(field.dtype != np.uint8 for field in self.fields):
+            return spaces.Box(0, 255, (self.size,), np.uint8)
+        if self.dtype.kind == "b":
+            return spaces.Box(0, 1, (self.size,), self.dtype)
+        low = np.empty(self.size, self.dtype)
+        high = np.empty(self.size, self.dtype)
+        for field in self.fields:
+            start = field.byte_offset // self.dtype.itemsize
+            count = int(np.prod(field.shape, dtype=np.int64))
+            leaf_low, leaf_high = bounds[field.path]
+            low[start:start + count] = np.broadcast_to(leaf_low, field.shape).ravel()
+            high[start:start + count] = np.broadcast_to(leaf_high, field.shape).ravel()
+        return spaces.Box(low, high, (self.size,), self.dtype)
+
+    def flatten(self, value: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Flatten one observation (or a batch: every leaf with the same leading dims) into ``out``."""
+        pairs = list(_values(self.space, value))
+        batch = self._batch_shape(pairs)
+        if out is None:
+            out = np.zeros(batch + (self.size,), self.dtype)
+        records = out.view(self.struct)[..., 0]
+        for path, item in pairs:
+            field = self._by_path[path]
+            array = np.asarray(item)
+            if array.shape != batch + field.shape:
+                raise SpaceError(
+                    f"observation leaf {_path_str(path)}: expected shape {batch + field.shape}, "
+                    f"got {array.shape}"
+                )
+            if not np.can_cast(array.dtype, field.dtype, "same_kind"):
+                raise SpaceError(
+                    f"observation leaf {_path_str(path)}: expected dtype {field.dtype}, got {array.dtype}"
+                )
+            records[field.name] = array
+        return out
+
+    def _batch_shape(self, pairs: list[tuple[tuple, Any]]) -> tuple:
+        path, item = pairs[0]
+        ndim = len(self._by_path[path].shape)
+        shape = np.shape(item)
+        return tuple(shape[: len(shape) - ndim])
+
+    def unflatten(self, flat):
+        """The nested observation behind ``flat`` (numpy array or torch tensor, any leading dims).
+
+        numpy: every leaf is a view of ``flat``. torch: every leaf is a view where torch allows it.
+        """
+        if flat.shape[-1:] != (self.size,):
+            raise SpaceError(f"flat observation: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
+        if _is_torch(flat):
+            return _nest(self.space, iter([self._torch_leaf(flat, f) for f in self._in_canonical_order()]))
+        flat = np.asarray(flat)
+        if flat.dtype != self.dtype:
+            raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
+        records = np.ascontiguousarray(flat).view(self.struct)[..., 0]
+        return _nest(self.space, iter([records[f.name] for f in self._in_canonical_order()]))
+
+    def _in_canonical_order(self) -> list[_Field]:
+        return [self._by_path[leaf.path] for leaf in leaves(self.space)]
+
+    def _torch_leaf(self, flat, field: _Field):
+        import torch
+
+        batch = tuple(flat.shape[:-1])
+        count = int(np.prod(field.shape, dtype=np.int64))
+        start = field.byte_offset // self.dtype.itemsize
+        if flat.dtype != _torch_dtype(self.dtype):
+            raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
+        if self.dtype == np.uint8 and field.dtype != np.uint8:
+            piece = flat[..., start:start + count * field.dtype.itemsize]
+            if not piece.is_contiguous() and piece.stride(-1) != 1:
+                piece = piece.contiguous()
+            try:
+                typed = piece.view(_torch_dtype(field.dtype))
+            except RuntimeError:  # storage offset not aligned: one copy
+                typed = piece.contiguous().view(_torch_dtype(field.dtype))
+            return typed.reshape(batch + field.shape)
+        return flat[..., start:start + count].reshape(batch + field.shape) if count else \
+            torch.zeros(batch + field.shape, dtype=flat.dtype, device=flat.device)
+
+    def out_of_bounds(self, flat: np.ndarray) -> tuple[tuple, tuple] | None:
+        """The first (leaf path, batch index) whose value lies outside its space, or None."""
+        records = flat.view(self.struct)[..., 0]
+        for field in self.fields:
+            if field.low is None and field.high is None and field.dtype.kind != "f":
+                continue
+            values = records[field.name]
+            bad = np.zeros(values.shape, bool)
+            if field.low is not None:
+                bad |= values < field.low
+            if field.high is not None:
+                bad |= values > field.high
+            if field.dtype.kind == "f":
+                bad |= np.isnan(values)
+            if bad.any():
+                index = np.argwhere(bad)[0]
+                return field.path, tuple(int(i) for i in index[: values.ndim - len(field.shape)])
+        return None
+
+
+# ---------------------------------------------------------------- actions
+
+
+class _ActionField(NamedTuple):
+    path: tuple
+    dtype: np.dtype
+    shape: tuple
+    start: int  # offset in the flat action
+    size: int
+    offset: Any  # added on unflatten: the leaf's `start` for discrete leaves, 0 for Box
+
+
+@functools.singledispatch
+def _action_leaf(space: spaces.Space):
+    """(is_discrete, nvec or (low, high), value offset) of one action leaf."""
+    raise SpaceError(f"unsupported action leaf {space!r}")
+
+
+@_action_leaf.register(spaces.Discrete)
+def _(space: spaces.Discrete):
+    return True, np.array([space.n], np.int64), np.asarray(space.start, space.dtype)
+
+
+@_action_leaf.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete):
+    start = np.broadcast_to(np.asarray(space.start, space.dtype), space.shape)
+    return True, space.nvec.astype(np.int64).ravel(), start
+
+
+@_action_leaf.register(spaces.MultiBinary)
+def _(space: spaces.MultiBinary):
+    return True, np.full(int(np.prod(space.shape)), 2, np.int64), np.zeros(space.shape, space.dtype)
+
+
+@_action_leaf.register(spaces.Box)
+def _(space: spaces.Box):
+    return False, (space.low.ravel(), space.high.ravel()), 0
+
+
+class ActionLayout:
+    """How a (nested) action space maps to one flat ``MultiDiscrete`` or ``Box``.
+
+    >>> layout = ActionLayout(spaces.Dict({"move": spaces.Discrete(4, start=-1), "item": spaces.MultiBinary(2)}))
+    >>> layout.flat_space
+    MultiDiscrete([2 2 4])
+    >>> int(layout.unflatten(np.array([1, 0, 3]))["move"])
+    2
+    """
+
+    def __init__(self, space: spaces.Space):
+        self.space = space
+        described = [(leaf, *_action_leaf(leaf.space)) for leaf in leaves(space)]
+        kinds = {is_discrete for _, is_discrete, _, _ in described}
+        if len(kinds) > 1:
+            raise SpaceError(
+                f"action space {space} mixes discrete and continuous leaves: expected all discrete "
+                f"(Discrete, MultiDiscrete, MultiBinary) or all Box; pass emulate_flat_atn=False to keep it raw"
+            )
+        self.is_discrete = kinds.pop()
+        fields, start = [], 0
+        for leaf, _, bounds, offset in described:
+            size = len(bounds) if self.is_discrete else len(bounds[0])
+            fields.append(_ActionField(leaf.path, leaf.space.dtype, leaf.space.shape, start, size, offset))
+            start += size
+        self.fields = fields
+        self.size = start
+        if self.is_discrete:
+            self.flat_space = spaces.MultiDiscrete(np.concatenate([b for _, _, b, _ in described]))
+        else:
+            dtype = np.result_type(*[leaf.space.dtype for leaf, *_ in described])
+            dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
+            self.flat_space = spaces.Box(
+                np.concatenate([b[0] for _, _, b, _ in described]).astype(dtype),
+                np.concatenate([b[1] for _, _, b, _ in described]).astype(dtype),
+                dtype=dtype,
+            )
+        self.dtype = self.flat_space.dtype
+
+    def flatten(self, value: Any) -> np.ndarray:
+        """Flatten one action (or a batch: every leaf with the same leading dims)."""
+        pairs = list(_values(self.space, value))
+        parts = []
+        for (path, item), field in zip(pairs, self.fields):
+            array = np.asarray(item)
+            batch = array.shape[: array.ndim - len(field.shape)]
+            if array.shape[len(batch):] != field.shape:
+                raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got {array.shape}")
+            parts.append((array - field.offset).reshape(batch + (field.size,)))
+        return np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
+
+    def unflatten(self, flat):
+        """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims)."""
+        if tuple(flat.shape[-1:]) != (self.size,):
+            raise SpaceError(f"flat action: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
+        batch = tuple(flat.shape[:-1])
+        values = []
+        for field in self.fields:
+            piece = flat[..., field.start:field.start + field.size].reshape(batch + field.shape)
+            if _is_torch(flat):
+                import torch
+
+                piece = (piece + torch.tensor(np.asarray(field.offset), device=flat.device)).to(_torch_dtype(field.dtype))
+            else:
+                piece = (piece + field.offset).astype(field.dtype)[()]
+            values.append(piece)
+        return _nest(self.space, iter(values))
