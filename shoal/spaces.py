@@ -102,6 +102,16 @@ def _short(value: Any) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
+def _casts_exactly(array: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether ``array`` fits ``dtype`` without changing kind or wrapping integers."""
+    if not np.can_cast(array.dtype, dtype, "same_kind"):
+        return False
+    if dtype.kind in "iu" and array.size and not np.can_cast(array.dtype, dtype, "safe"):
+        info = np.iinfo(dtype)
+        return bool(array.min() >= info.min and array.max() <= info.max)
+    return True
+
+
 def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 
@@ -229,18 +239,42 @@ class ObservationLayout:
         records = out.view(self.struct)[..., 0]
         for path, item in pairs:
             field = self._by_path[path]
-            array = np.asarray(item)
-            if array.shape != batch + field.shape:
-                raise SpaceError(
-                    f"observation leaf {_path_str(path)}: expected shape {batch + field.shape}, "
-                    f"got {array.shape}"
-                )
-            if not np.can_cast(array.dtype, field.dtype, "same_kind"):
-                raise SpaceError(
-                    f"observation leaf {_path_str(path)}: expected dtype {field.dtype}, got {array.dtype}"
-                )
-            records[field.name] = array
+            records[field.name] = self._checked(field, item, batch)
         return out
+
+    def writer(self, flat: np.ndarray):
+        """A function ``write(row, value)`` that flattens one observation into ``flat[row]``.
+
+        The typed views of ``flat`` are made once, so each write is one copy per leaf.
+        """
+        records = flat.view(self.struct)[..., 0]
+        targets = [(self._by_path[leaf.path], records[self._by_path[leaf.path].name])
+                   for leaf in leaves(self.space)]
+        if len(targets) == 1 and not targets[0][0].path:
+            (field, view), = targets
+
+            def write_single(row: int, value: Any) -> None:
+                view[row] = self._checked(field, value, ())
+            return write_single
+
+        def write(row: int, value: Any) -> None:
+            for (path, item), (field, view) in zip(_values(self.space, value), targets):
+                view[row] = self._checked(field, item, ())
+        return write
+
+    @staticmethod
+    def _checked(field: _Field, item: Any, batch: tuple) -> np.ndarray:
+        array = np.asarray(item)
+        if array.shape != batch + field.shape:
+            raise SpaceError(
+                f"observation leaf {_path_str(field.path)}: expected shape {batch + field.shape}, got {array.shape}"
+            )
+        if array.dtype != field.dtype and not _casts_exactly(array, field.dtype):
+            raise SpaceError(
+                f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}"
+                + (" with values outside its range" if np.can_cast(array.dtype, field.dtype, "same_kind") else "")
+            )
+        return array
 
     def _batch_shape(self, pairs: list[tuple[tuple, Any]]) -> tuple:
         path, item = pairs[0]

@@ -1,0 +1,528 @@
+"""Emulation: make any Gymnasium or PettingZoo env look like a flat, fixed-size, Atari-like env.
+
+A :class:`Binding` describes how to build an env and how its spaces flatten. Its :meth:`Binding.make_env`
+returns an :class:`EmulatedEnv` whose ``reset``/``step`` speak the data contract of ``docs/design.md``:
+arrays over ``max_agents`` slots, agents in sorted order, ``masks`` for live slots, same-step autoreset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import io
+import os
+import sys
+from typing import Any, Callable, Iterator, NamedTuple
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from shoal.errors import APIUsageError, EnvError, SpaceError
+from shoal.spaces import ActionLayout, ObservationLayout
+
+SINGLE_AGENT_ID = 0
+
+
+class Buffers(NamedTuple):
+    """The arrays of the data contract for ``n`` slots (one env's ``max_agents``, or many envs')."""
+
+    obs: np.ndarray  # (n, obs_size), the flat observation dtype
+    rewards: np.ndarray  # (n,) float32
+    terminals: np.ndarray  # (n,) bool
+    truncations: np.ndarray  # (n,) bool
+    masks: np.ndarray  # (n,) bool
+
+    @classmethod
+    def allocate(cls, binding: "Binding", num_envs: int = 1) -> "Buffers":
+        """Zeroed buffers for ``num_envs`` envs of ``binding`` (``num_envs * max_agents`` slots)."""
+        n = num_envs * binding.max_agents
+        return cls(
+            np.zeros((n, binding.obs_layout.size), binding.obs_layout.dtype),
+            np.zeros(n, np.float32),
+            np.zeros(n, bool),
+            np.zeros(n, bool),
+            np.zeros(n, bool),
+        )
+
+
+def _sorted_agents(agents) -> tuple:
+    try:
+        return tuple(sorted(agents))
+    except TypeError:
+        return tuple(sorted(agents, key=repr))
+
+
+def _infer_space(value: Any) -> spaces.Space:
+    """A space that holds ``value`` (the output of a feature parser)."""
+    if isinstance(value, dict):
+        return spaces.Dict({key: _infer_space(item) for key, item in value.items()})
+    if isinstance(value, (tuple, list)):
+        return spaces.Tuple([_infer_space(item) for item in value])
+    array = np.asarray(value)
+    if array.dtype.kind == "b":
+        return spaces.Box(False, True, array.shape, bool)
+    if array.dtype.kind in "iu":
+        info = np.iinfo(array.dtype)
+        return spaces.Box(info.min, info.max, array.shape, array.dtype)
+    if array.dtype.kind == "f":
+        return spaces.Box(-np.inf, np.inf, array.shape, array.dtype)
+    raise SpaceError(f"feature_parser returned {array.dtype} data: expected numbers, bools, or dicts/tuples of them")
+
+
+_libc = None
+
+
+def _flush_c_stdio() -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None)
+    _libc.fflush(None)
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Silence Python- and C-level stdout/stderr; always restore both, also on exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _flush_c_stdio()
+    saved_fds = [os.dup(1), os.dup(2)]
+    saved_streams = sys.stdout, sys.stderr
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        sys.stdout = sys.stderr = io.StringIO()
+        yield
+    finally:
+        _flush_c_stdio()
+        sys.stdout, sys.stderr = saved_streams
+        os.dup2(saved_fds[0], 1)
+        os.dup2(saved_fds[1], 2)
+        for fd in (*saved_fds, devnull):
+            os.close(fd)
+
+
+class Binding:
+    """How to build an env and present it to RL code as a flat, fixed-size env.
+
+    Args:
+        env_cls / env_creator: exactly one: called as ``f(*env_args, **env_kwargs)`` to build an env,
+            a ``gymnasium.Env`` (single agent) or a PettingZoo ``ParallelEnv``/``AECEnv`` (multi-agent).
+        env_name: a name for messages and logs (default: the class or function name).
+        feature_parser: ``f(obs) -> featurized obs``, applied to each agent's raw observation.
+        feature_space: the space of the featurized observation; inferred from one parsed observation
+            when omitted.
+        reward_shaper: ``f(rewards, infos) -> rewards``, dicts keyed by agent id.
+        emulate_flat_obs: False returns nested observations (views of the flat buffer) from reset/step.
+        emulate_flat_atn: False makes step take raw actions (one, or a dict by agent id).
+        emulate_const_num_agents: False returns dicts keyed by the agents present at this step.
+        suppress_env_prints: silence the env's Python- and C-level stdout/stderr in reset/step.
+        record_episode_statistics: put ``{"return", "length"}`` in ``infos[agent]["episode"]`` at its end.
+
+    >>> binding = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    >>> binding.single_observation_space, binding.single_action_space, binding.max_agents
+    (Box(..., (4,), float32), MultiDiscrete([2]), 1)
+    """
+
+    def __init__(
+        self,
+        env_cls: Callable | None = None,
+        env_creator: Callable | None = None,
+        env_args: tuple = (),
+        env_kwargs: dict | None = None,
+        env_name: str | None = None,
+        feature_parser: Callable[[Any], Any] | None = None,
+        reward_shaper: Callable[[dict, dict], dict] | None = None,
+        emulate_flat_obs: bool = True,
+        emulate_flat_atn: bool = True,
+        emulate_const_num_agents: bool = True,
+        suppress_env_prints: bool = False,
+        record_episode_statistics: bool = True,
+        feature_space: spaces.Space | None = None,
+    ):
+        if (env_cls is None) == (env_creator is None):
+            raise APIUsageError(
+                f"Binding needs exactly one of env_cls or env_creator, got "
+                f"{'both' if env_cls is not None else 'neither'}"
+            )
+        creator = env_cls if env_cls is not None else env_creator
+        if not callable(creator):
+            raise APIUsageError(f"Binding: env_cls/env_creator must be callable, got {type(creator).__name__} {creator!r}")
+        for name, hook in (("feature_parser", feature_parser), ("reward_shaper", reward_shaper)):
+            if hook is not None and not callable(hook):
+                raise APIUsageError(f"Binding: {name} must be callable, got {type(hook).__name__}")
+        if not isinstance(env_args, (tuple, list)):
+            raise APIUsageError(f"Binding: env_args must be a tuple, got {type(env_args).__name__}")
+        self.env_creator = creator
+        self.env_args = tuple(env_args)
+        self.env_kwargs = dict(env_kwargs or {})
+        self.env_name = env_name or getattr(creator, "__name__", type(creator).__name__)
+        if env_name is None and self.env_args and isinstance(self.env_args[0], str):
+            self.env_name = self.env_args[0]  # e.g. gymnasium.make("CartPole-v1")
+        self.feature_parser = feature_parser
+        self.reward_shaper = reward_shaper
+        self.emulate_flat_obs = emulate_flat_obs
+        self.emulate_flat_atn = emulate_flat_atn
+        self.emulate_const_num_agents = emulate_const_num_agents
+        self.suppress_env_prints = suppress_env_prints
+        self.record_episode_statistics = record_episode_statistics
+
+        with self.quiet():
+            probe = self.env_creator(*self.env_args, **self.env_kwargs)
+        probe, self.is_multiagent = self._adapt(probe)
+        try:
+            self._read_spaces(probe, feature_space)
+        finally:
+            with self.quiet():
+                probe.close()
+
+    # -------------------------------------------------------------- construction
+
+    def quiet(self):
+        """A context that silences the env's output when ``suppress_env_prints`` is on."""
+        return _silenced() if self.suppress_env_prints else contextlib.nullcontext()
+
+    def create_raw_env(self):
+        """A new env as the creator builds it (AEC envs converted to parallel), not emulated."""
+        with self.quiet():
+            env = self.env_creator(*self.env_args, **self.env_kwargs)
+        return self._adapt(env)[0]
+
+    def _adapt(self, env) -> tuple[Any, bool]:
+        """(parallel or gymnasium env, is_multiagent) for what the creator returned."""
+        from pettingzoo import AECEnv, ParallelEnv
+
+        if isinstance(env, gymnasium.Env):
+            return env, False
+        if isinstance(env, AECEnv):
+            from pettingzoo.utils.conversions import aec_to_parallel
+
+            return aec_to_parallel(env), True
+        if isinstance(env, ParallelEnv) or all(
+                hasattr(env, name) for name in ("possible_agents", "observation_space", "action_space", "step")):
+            return env, True
+        raise APIUsageError(
+            f"{self.env_name}: the creator returned {type(env).__module__}.{type(env).__name__}: "
+            f"expected a gymnasium.Env or a PettingZoo ParallelEnv/AECEnv"
+        )
+
+    def _read_spaces(self, env, feature_space: spaces.Space | None) -> None:
+        if self.is_multiagent:
+            self.possible_agents = _sorted_agents(env.possible_agents)
+            if not self.possible_agents:
+                raise EnvError(f"{self.env_name}: possible_agents is empty: expected at least one agent")
+            obs_space = self._common_space(env, "observation_space")
+            atn_space = self._common_space(env, "action_space")
+        else:
+            self.possible_agents = (SINGLE_AGENT_ID,)
+            obs_space, atn_space = env.observation_space, env.action_space
+        self.max_agents = len(self.possible_agents)
+        self.agent_slots = {agent: slot for slot, agent in enumerate(self.possible_agents)}
+        self.env_observation_space = obs_space
+        if self.feature_parser is not None and feature_space is None:
+            feature_space = _infer_space(self.feature_parser(self._first_observation(env)))
+        self.raw_single_observation_space = feature_space or obs_space
+        self.raw_single_action_space = atn_space
+        try:
+            self.obs_layout = ObservationLayout(self.raw_single_observation_space)
+            self.atn_layout = ActionLayout(atn_space) if self.emulate_flat_atn else None
+        except SpaceError as error:
+            raise SpaceError(f"{self.env_name}: {error}") from None
+        self.single_observation_space = (
+            self.obs_layout.flat_space if self.emulate_flat_obs else self.raw_single_observation_space)
+        self.single_action_space = self.atn_layout.flat_space if self.atn_layout else atn_space
+
+    def _common_space(self, env, method: str) -> spaces.Space:
+        first = getattr(env, method)(self.possible_agents[0])
+        for agent in self.possible_agents[1:]:
+            other = getattr(env, method)(agent)
+            if other != first:
+                raise SpaceError(
+                    f"{self.env_name}: every agent needs the same {method} to share one flat layout: "
+                    f"agent {self.possible_agents[0]!r} has {first}, agent {agent!r} has {other}"
+                )
+        return first
+
+    def _first_observation(self, env) -> Any:
+        with self.quiet():
+            obs, _ = env.reset(seed=0)
+        return next(iter(obs.values())) if self.is_multiagent else obs
+
+    def make_env(self, buffers: Buffers | None = None) -> "EmulatedEnv":
+        """A new emulated env; it writes into ``buffers`` (``max_agents`` rows) when given."""
+        return EmulatedEnv(self, buffers)
+
+    # -------------------------------------------------------------- flatten / unflatten
+
+    def flatten_observation(self, obs: Any) -> np.ndarray:
+        """Nested observation (any leading dims) -> flat ``(..., obs_size)`` array."""
+        return self.obs_layout.flatten(obs)
+
+    def unflatten_observation(self, flat):
+        """Flat observations (numpy or torch, any leading dims) -> nested structure of views."""
+        return self.obs_layout.unflatten(flat)
+
+    def flatten_action(self, action: Any) -> np.ndarray:
+        """Nested action (any leading dims) -> flat ``(..., atn_size)`` array."""
+        return self._action_layout().flatten(action)
+
+    def unflatten_action(self, flat):
+        """Flat actions (numpy or torch, any leading dims) -> nested actions."""
+        return self._action_layout().unflatten(flat)
+
+    def _action_layout(self) -> ActionLayout:
+        if self.atn_layout is None:
+            raise APIUsageError(f"{self.env_name}: actions are not flattened (emulate_flat_atn=False)")
+        return self.atn_layout
+
+    def __repr__(self) -> str:
+        return (f"Binding({self.env_name!r}, max_agents={self.max_agents}, "
+                f"obs={self.single_observation_space}, actions={self.single_action_space})")
+
+
+class EmulatedEnv:
+    """One env behind the data contract: ``(max_agents, ...)`` arrays, sorted slots, masks.
+
+    ``reset``/``step`` return the env's buffers themselves (overwritten by the next call: copy what
+    you keep). The wrapped env stays reachable as ``.env``.
+    """
+
+    def __init__(self, binding: Binding, buffers: Buffers | None = None):
+        self.binding = binding
+        self.env = binding.create_raw_env()
+        self.buffers = buffers if buffers is not None else Buffers.allocate(binding)
+        self._check_buffers()
+        self.obs, self.rewards, self.terminals, self.truncations, self.masks = self.buffers
+        self._write_obs = binding.obs_layout.writer(self.obs)
+        self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
+        self._episode_return = np.zeros(binding.max_agents, np.float64)
+        self._episode_length = np.zeros(binding.max_agents, np.int64)
+        self.tick = 0  # steps since creation, for messages
+        self._needs_reset = True
+
+    def _check_buffers(self) -> None:
+        binding, buffers = self.binding, self.buffers
+        expected = Buffers.allocate(binding)
+        for name, want, got in zip(Buffers._fields, expected, buffers):
+            if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype != want.dtype:
+                raise APIUsageError(
+                    f"{binding.env_name}: buffers.{name} must be an array of shape {want.shape} and dtype "
+                    f"{want.dtype}, got {getattr(got, 'shape', type(got).__name__)} {getattr(got, 'dtype', '')}"
+                )
+
+    # -------------------------------------------------------------- env adapters
+
+    def _raw_reset(self, seed: int | None) -> tuple[dict, dict]:
+        with self.binding.quiet():
+            obs, infos = self.env.reset(seed=seed)
+        if self.binding.is_multiagent:
+            return obs, infos or {}
+        return {SINGLE_AGENT_ID: obs}, {SINGLE_AGENT_ID: infos} if infos else {}
+
+    def _raw_step(self, actions: dict) -> tuple[dict, dict, dict, dict, dict]:
+        with self.binding.quiet():
+            if self.binding.is_multiagent:
+                obs, rewards, terminals, truncations, infos = self.env.step(actions)
+                return obs, rewards, terminals, truncations, infos or {}
+            obs, reward, terminal, truncation, info = self.env.step(actions[SINGLE_AGENT_ID])
+        agent = SINGLE_AGENT_ID
+        return {agent: obs}, {agent: reward}, {agent: terminal}, {agent: truncation}, {agent: info} if info else {}
+
+    def _live_agents(self) -> list:
+        """Agents that act at the next step."""
+        if self.binding.is_multiagent:
+            return [agent for agent in self.env.agents if agent not in self._ended]
+        return [] if self._ended else [SINGLE_AGENT_ID]
+
+    # -------------------------------------------------------------- the contract
+
+    def reset(self, seed: int | None = None):
+        """Start an episode. Returns ``(obs, infos)``."""
+        if seed is not None and not isinstance(seed, (int, np.integer)):
+            raise APIUsageError(f"{self.binding.env_name}: seed must be an int or None, got {type(seed).__name__}")
+        self.rewards[:] = 0
+        self.terminals[:] = False
+        self.truncations[:] = False
+        infos = self._begin_episode(seed)
+        return self._output(self.obs), infos
+
+    def _begin_episode(self, seed: int | None) -> dict:
+        obs, infos = self._raw_reset(seed)
+        self._ended.clear()
+        self._episode_return[:] = 0
+        self._episode_length[:] = 0
+        self.obs[:] = 0
+        self.masks[:] = False
+        for agent, value in obs.items():
+            self._write(agent, value)
+        self._check_bounds()
+        self._needs_reset = False
+        return {agent: dict(info) for agent, info in infos.items() if info}
+
+    def _write(self, agent, value) -> int:
+        slot = self.binding.agent_slots.get(agent)
+        if slot is None:
+            raise EnvError(
+                f"{self.binding.env_name}, step {self.tick}: the env returned agent {agent!r}, which is not in "
+                f"possible_agents {list(self.binding.possible_agents)[:8]}"
+            )
+        if self.binding.feature_parser is not None:
+            value = self.binding.feature_parser(value)
+        try:
+            self._write_obs(slot, value)
+        except SpaceError as error:
+            raise EnvError(
+                f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: observation does not fit "
+                f"{self.binding.raw_single_observation_space}: {error}"
+            ) from None
+        self.masks[slot] = True
+        return slot
+
+    def _check_bounds(self) -> None:
+        bad = self.binding.obs_layout.out_of_bounds(self.obs)
+        if bad is not None:
+            path, (slot,) = bad
+            leaf = "".join(f"[{key!r}]" for key in path)
+            value = self.binding.unflatten_observation(self.obs[slot])
+            for key in path:
+                value = value[key]
+            raise EnvError(
+                f"{self.binding.env_name}, agent {self.binding.possible_agents[slot]!r}, step {self.tick}: "
+                f"observation{leaf} = {np.array2string(np.asarray(value), threshold=8)} lies outside its "
+                f"declared space {self.binding.raw_single_observation_space}"
+            )
+
+    def step(self, actions):
+        """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``."""
+        binding = self.binding
+        if self._needs_reset:
+            raise APIUsageError(f"{binding.env_name}: step() called before reset()")
+        live = self._live_agents()
+        raw_actions = self._unflatten_actions(actions, live)
+        self.tick += 1
+        obs, env_rewards, terminals, truncations, infos = self._raw_step(raw_actions)
+        rewards = env_rewards if binding.reward_shaper is None else binding.reward_shaper(env_rewards, infos)
+
+        was_live = self.masks.copy()
+        self.masks[:] = False
+        self.rewards[:] = 0
+        self.terminals[:] = False
+        self.truncations[:] = False
+        out_infos: dict = {}
+        for agent, value in obs.items():
+            if agent in self._ended:
+                continue
+            slot = self._write(agent, value)
+            self.rewards[slot] = rewards.get(agent, 0.0)
+            self.terminals[slot] = terminals.get(agent, False)
+            self.truncations[slot] = truncations.get(agent, False)
+            self._episode_return[slot] += float(env_rewards.get(agent, 0.0))
+            self._episode_length[slot] += 1
+            info = infos.get(agent)
+            if info:
+                out_infos[agent] = dict(info)
+        self.obs[was_live & ~self.masks] = 0
+        self._check_bounds()
+
+        episode_over = not self._live_agents_after(terminals, truncations)
+        if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
+            cut = self.masks & ~self.terminals & ~self.truncations
+            self.truncations[cut] = True
+        for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
+            agent = binding.possible_agents[slot]
+            self._ended.add(agent)
+            info = out_infos.setdefault(agent, {})
+            info["final_observation"] = self.obs[slot].copy()
+            if binding.record_episode_statistics:
+                info["episode"] = {"return": float(self._episode_return[slot]),
+                                   "length": int(self._episode_length[slot])}
+        if episode_over:
+            delivered = self.masks.copy()
+            reset_infos = self._begin_episode(None)
+            self.masks |= delivered
+            for agent, info in reset_infos.items():
+                out_infos.setdefault(agent, {})["reset_info"] = info
+        return (self._output(self.obs), self._output(self.rewards), self._output(self.terminals),
+                self._output(self.truncations), out_infos)
+
+    def _live_agents_after(self, terminals: dict, truncations: dict) -> list:
+        ended = {agent for agent, flag in terminals.items() if flag}
+        ended |= {agent for agent, flag in truncations.items() if flag}
+        return [agent for agent in self._live_agents() if agent not in ended]
+
+    def _unflatten_actions(self, actions, live: list) -> dict:
+        binding = self.binding
+        if not binding.emulate_flat_atn:
+            if binding.is_multiagent:
+                if not isinstance(actions, dict):
+                    raise APIUsageError(f"{binding.env_name}: with emulate_flat_atn=False, step takes a dict "
+                                        f"of raw actions by agent id, got {type(actions).__name__}")
+                unknown = [agent for agent in actions if agent not in binding.agent_slots]
+                if unknown:
+                    raise APIUsageError(f"{binding.env_name}, step {self.tick + 1}: actions for agent "
+                                        f"{unknown[0]!r}, which is not in possible_agents")
+                return {agent: actions[agent] for agent in live if agent in actions}
+            return {SINGLE_AGENT_ID: actions}
+        array = self._checked_actions(actions, live)
+        nested = binding.atn_layout.unflatten(array)
+        slots = binding.agent_slots
+        return {agent: _index(nested, slots[agent]) for agent in live}
+
+    def _checked_actions(self, actions, live: list) -> np.ndarray:
+        binding = self.binding
+        layout = binding.atn_layout
+        expected = (binding.max_agents, layout.size)
+        array = np.asarray(actions)
+        if binding.max_agents == 1 and array.shape == (layout.size,):
+            array = array[None]
+        where = f"{binding.env_name}, step {self.tick + 1}"
+        if array.shape != expected:
+            raise APIUsageError(f"{where}: actions must have shape {expected} (max_agents, action size), "
+                                f"got {array.shape}")
+        if layout.is_discrete and array.dtype.kind not in "iub":
+            raise APIUsageError(f"{where}: discrete actions must be integers, got dtype {array.dtype}")
+        if not layout.is_discrete and array.dtype.kind not in "iuf":
+            raise APIUsageError(f"{where}: continuous actions must be numbers, got dtype {array.dtype}")
+        space = layout.flat_space
+        if layout.is_discrete:
+            bad = (array < 0) | (array >= space.nvec)
+        else:
+            bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN
+        live_slots = [binding.agent_slots[agent] for agent in live]
+        bad_rows = np.flatnonzero(bad[live_slots].any(axis=1)) if live_slots else []
+        if len(bad_rows):
+            slot = live_slots[bad_rows[0]]
+            allowed = f"0 <= a < {space.nvec}" if layout.is_discrete else f"{space.low} <= a <= {space.high}"
+            raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
+                                f"{array[slot]} is out of range: expected {allowed}")
+        return array
+
+    def _output(self, array: np.ndarray):
+        """An output array in the form the emulate_* options ask for."""
+        binding = self.binding
+        if array is self.obs and not binding.emulate_flat_obs:
+            array = binding.unflatten_observation(self.obs)
+        if binding.emulate_const_num_agents:
+            return array
+        return {agent: _index(array, binding.agent_slots[agent])
+                for agent in binding.possible_agents if self.masks[binding.agent_slots[agent]]}
+
+    def render(self):
+        """The wrapped env's ``render()``."""
+        return self.env.render()
+
+    def close(self) -> None:
+        """Close the wrapped env."""
+        with self.binding.quiet():
+            self.env.close()
+
+
+def _index(nested: Any, index: int) -> Any:
+    """``nested[index]`` for every leaf of a nested dict/tuple of arrays."""
+    if isinstance(nested, dict):
+        return {key: _index(value, index) for key, value in nested.items()}
+    if isinstance(nested, tuple):
+        return tuple(_index(value, index) for value in nested)
+    return nested[index]
