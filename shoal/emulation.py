@@ -12,6 +12,7 @@ import ctypes
 import functools
 import io
 import os
+import re
 import sys
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -47,11 +48,12 @@ class Buffers(NamedTuple):
         )
 
 
-def _sorted_agents(agents) -> tuple:
-    try:
-        return tuple(sorted(agents))
-    except TypeError:
-        return tuple(sorted(agents, key=repr))
+def _agent_order(agent) -> tuple:
+    """Natural order: "piston_2" before "piston_10"; numbers before names."""
+    if isinstance(agent, (int, np.integer)):
+        return ((0, int(agent), ""),)
+    parts = re.split(r"(\d+)", str(agent))
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part)
 
 
 def _infer_space(value: Any) -> spaces.Space:
@@ -69,6 +71,15 @@ def _infer_space(value: Any) -> spaces.Space:
     if array.dtype.kind == "f":
         return spaces.Box(-np.inf, np.inf, array.shape, array.dtype)
     raise SpaceError(f"feature_parser returned {array.dtype} data: expected numbers, bools, or dicts/tuples of them")
+
+
+def _name_of(env) -> str | None:
+    """The env's own name: its registered id, or its metadata name."""
+    spec = getattr(env, "spec", None)
+    if getattr(spec, "id", None):
+        return spec.id
+    metadata = getattr(env, "metadata", None)
+    return metadata.get("name") if isinstance(metadata, dict) else None
 
 
 _libc = None
@@ -159,8 +170,6 @@ class Binding:
         self.env_args = tuple(env_args)
         self.env_kwargs = dict(env_kwargs or {})
         self.env_name = env_name or getattr(creator, "__name__", type(creator).__name__)
-        if env_name is None and self.env_args and isinstance(self.env_args[0], str):
-            self.env_name = self.env_args[0]  # e.g. gymnasium.make("CartPole-v1")
         self.feature_parser = feature_parser
         self.reward_shaper = reward_shaper
         self.emulate_flat_obs = emulate_flat_obs
@@ -172,6 +181,8 @@ class Binding:
         with self.quiet():
             probe = self.env_creator(*self.env_args, **self.env_kwargs)
         probe, self.is_multiagent = self._adapt(probe)
+        if env_name is None:
+            self.env_name = _name_of(probe) or self.env_name
         try:
             self._read_spaces(probe, feature_space)
         finally:
@@ -210,7 +221,7 @@ class Binding:
 
     def _read_spaces(self, env, feature_space: spaces.Space | None) -> None:
         if self.is_multiagent:
-            self.possible_agents = _sorted_agents(env.possible_agents)
+            self.possible_agents = tuple(sorted(env.possible_agents, key=_agent_order))
             if not self.possible_agents:
                 raise EnvError(f"{self.env_name}: possible_agents is empty: expected at least one agent")
             obs_space = self._common_space(env, "observation_space")
@@ -418,8 +429,9 @@ class EmulatedEnv:
             self.rewards[slot] = rewards.get(agent, 0.0)
             self.terminals[slot] = terminals.get(agent, False)
             self.truncations[slot] = truncations.get(agent, False)
-            self._episode_return[slot] += float(env_rewards.get(agent, 0.0))
-            self._episode_length[slot] += 1
+            if was_live[slot]:  # an agent that just appeared has not acted yet
+                self._episode_return[slot] += float(env_rewards.get(agent, 0.0))
+                self._episode_length[slot] += 1
             info = infos.get(agent)
             if info:
                 out_infos[agent] = dict(info)

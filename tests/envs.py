@@ -1,0 +1,186 @@
+"""Small purpose-built envs for shoal's tests and benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+
+OBS_SPACE = spaces.Dict({
+    "self": spaces.Dict({
+        "pos": spaces.Box(-100, 100, (2,), np.float32),
+        "hp": spaces.Discrete(11),
+    }),
+    "map": spaces.Box(0, 255, (3, 3), np.uint8),
+    "inventory": spaces.Tuple((spaces.MultiBinary(3), spaces.MultiDiscrete([4, 5]))),
+})
+
+ACTION_SPACE = spaces.Dict({
+    "move": spaces.Discrete(5),
+    "attack": spaces.Dict({"target": spaces.Discrete(4, start=-1), "style": spaces.MultiDiscrete([2, 3])}),
+})
+
+
+class NestedMultiAgentEnv(ParallelEnv):
+    """Agents with nested Dict/Tuple observations and actions that die and spawn mid-episode.
+
+    Agent ``i`` (of ``num_agents``) starts with ``i + 2`` hp and loses one each step it does not
+    move 4; it dies (terminal) at 0 hp. Agent ``"late"`` spawns at step ``spawn_step``. The episode is
+    truncated at ``max_steps``. Rewards encode the action, observations the agent and the step, so
+    tests can check that slots, actions and values land where they should.
+    """
+
+    metadata = {"name": "nested_multiagent_v0"}
+
+    def __init__(self, num_agents: int = 4, max_steps: int = 20, spawn_step: int = 3):
+        # Listed out of sorted order on purpose: shoal must sort them.
+        self.possible_agents = [f"agent_{i}" for i in reversed(range(num_agents))] + ["late"]
+        self.max_steps = max_steps
+        self.spawn_step = spawn_step
+        self.agents = []
+
+    def observation_space(self, agent):
+        return OBS_SPACE
+
+    def action_space(self, agent):
+        return ACTION_SPACE
+
+    def _obs(self, agent):
+        index = self.possible_agents.index(agent)
+        return {
+            "self": {"pos": np.array([index, self.t], np.float32), "hp": int(self.hp[agent])},
+            "map": np.full((3, 3), (index * 16 + self.t) % 256, np.uint8),
+            "inventory": (np.array([index % 2, 1, 0], np.int8), np.array([index % 4, self.t % 5])),
+        }
+
+    def reset(self, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.t = 0
+        self.agents = [agent for agent in self.possible_agents if agent != "late"]
+        self.hp = {agent: min(self.possible_agents.index(agent) + 2, 10) for agent in self.possible_agents}
+        self.hp["late"] = 10
+        return {agent: self._obs(agent) for agent in self.agents}, {agent: {"spawned": True} for agent in self.agents}
+
+    def step(self, actions):
+        self.t += 1
+        rewards, terminals, truncations, infos = {}, {}, {}, {}
+        for agent in self.agents:
+            action = actions[agent]
+            rewards[agent] = float(action["move"]) + 0.1 * float(action["attack"]["target"]) + self.rng.random() * 1e-3
+            if action["move"] != 4:
+                self.hp[agent] -= 1
+            terminals[agent] = self.hp[agent] <= 0
+            truncations[agent] = self.t >= self.max_steps and not terminals[agent]
+            infos[agent] = {"hp": self.hp[agent]}
+        obs = {agent: self._obs(agent) for agent in self.agents}
+        self.agents = [agent for agent in self.agents if not (terminals[agent] or truncations[agent])]
+        if self.t == self.spawn_step and self.t < self.max_steps:
+            self.agents.append("late")
+            obs["late"] = self._obs("late")
+        return obs, rewards, terminals, truncations, infos
+
+
+class NestedSingleAgentEnv(gymnasium.Env):
+    """A single agent with a nested observation and action; ends after ``max_steps`` (truncation)."""
+
+    observation_space = OBS_SPACE
+    action_space = ACTION_SPACE
+
+    def __init__(self, max_steps: int = 10):
+        self.max_steps = max_steps
+
+    def _obs(self):
+        return {
+            "self": {"pos": np.array([self.t, -self.t], np.float32), "hp": self.t % 11},
+            "map": np.full((3, 3), self.t, np.uint8),
+            "inventory": (np.array([1, 0, 1], np.int8), np.array([self.t % 4, 2])),
+        }
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = float(action["move"]) + float(action["attack"]["style"][1])
+        return self._obs(), reward, False, self.t >= self.max_steps, {"t": self.t}
+
+
+class BadObservationEnv(gymnasium.Env):
+    """Returns an observation outside its declared space at step ``bad_step``."""
+
+    observation_space = spaces.Box(0, 1, (3,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, bad_step: int = 2, bad_value=np.array([0.5, 7.0, 0.5], np.float32)):
+        self.bad_step, self.bad_value = bad_step, bad_value
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.bad_value if self.t == self.bad_step else np.zeros(3, np.float32)
+        return obs, 0.0, False, False, {}
+
+
+class UnknownAgentEnv(NestedMultiAgentEnv):
+    """A multi-agent env that returns an agent id it never declared."""
+
+    def step(self, actions):
+        obs, *rest = super().step(actions)
+        obs["intruder"] = next(iter(obs.values()))
+        return (obs, *rest)
+
+
+class PrintingEnv(gymnasium.Env):
+    """Prints from Python and from C on every reset and step."""
+
+    observation_space = spaces.Box(0, 1, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def _shout(self, where):
+        print(f"python stdout {where}")
+        print(f"python stderr {where}", file=sys.stderr)
+        ctypes.CDLL(None).printf(f"c stdout {where}\n".encode())
+        os.write(2, f"fd stderr {where}\n".encode())
+
+    def reset(self, seed=None, options=None):
+        self._shout("reset")
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self._shout("step")
+        if action == 1:
+            raise RuntimeError("env failed on purpose")
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+
+class CrashingEnv(gymnasium.Env):
+    """Raises at step ``crash_step``, or sleeps forever there with ``hang=True``."""
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, crash_step: int = 3, hang: bool = False):
+        self.crash_step, self.hang = crash_step, hang
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t == self.crash_step:
+            if self.hang:
+                time.sleep(3600)
+            raise ValueError(f"CrashingEnv crashed at step {self.t}")
+        return np.zeros(2, np.float32), 1.0, False, False, {}

@@ -1,0 +1,342 @@
+"""The emulation layer on real envs (CartPole, Breakout, Butterfly) and on purpose-built nested envs."""
+
+from __future__ import annotations
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium import spaces
+
+import shoal
+from shoal.emulation import Buffers
+from shoal.errors import APIUsageError, EnvError, SpaceError
+
+from envs import (ACTION_SPACE, BadObservationEnv, NestedMultiAgentEnv, NestedSingleAgentEnv, PrintingEnv,
+                  UnknownAgentEnv)
+
+
+def nested_binding(**kwargs) -> shoal.Binding:
+    return shoal.Binding(env_cls=NestedMultiAgentEnv, env_kwargs=dict(num_agents=3, max_steps=6), **kwargs)
+
+
+def flat_actions(binding, move=0, target=0, style=(0, 0)):
+    action = {"move": move, "attack": {"target": target, "style": np.array(style)}}
+    return np.stack([binding.flatten_action(action)] * binding.max_agents)
+
+
+# ---------------------------------------------------------------- single-agent envs
+
+
+def test_cartpole_contract_and_same_step_autoreset():
+    binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    assert binding.env_name == "CartPole-v1"
+    assert not binding.is_multiagent and binding.max_agents == 1
+    assert binding.single_observation_space.shape == (4,) and binding.single_observation_space.dtype == np.float32
+    assert binding.single_action_space == spaces.MultiDiscrete([2])
+    env = binding.make_env()
+    obs, infos = env.reset(seed=3)
+    assert obs.shape == (1, 4) and obs.dtype == np.float32 and env.masks.tolist() == [True]
+    reference = gymnasium.make("CartPole-v1")
+    ref_obs, _ = reference.reset(seed=3)
+    np.testing.assert_array_equal(obs[0], ref_obs)
+    for t in range(1, 200):
+        obs, rewards, terminals, truncations, infos = env.step(np.array([[1]]))
+        ref_obs, ref_reward, ref_term, ref_trunc, _ = reference.step(1)
+        assert rewards.dtype == np.float32 and terminals.dtype == bool and rewards[0] == ref_reward
+        if ref_term:
+            break
+        np.testing.assert_array_equal(obs[0], ref_obs)
+    assert terminals[0] and not truncations[0] and env.masks[0]
+    info = infos[0]
+    np.testing.assert_array_equal(info["final_observation"], ref_obs)
+    assert info["episode"] == {"return": float(t), "length": t}
+    assert not np.array_equal(obs[0], ref_obs)  # the next episode's first observation
+    obs, _, terminals, _, infos = env.step(np.array([0]))  # 1-D actions are fine for one agent
+    assert not terminals[0] and infos == {}
+
+
+def test_truncation_keeps_final_observation_for_bootstrap():
+    binding = shoal.Binding(env_cls=NestedSingleAgentEnv, env_kwargs={"max_steps": 3})
+    env = binding.make_env()
+    env.reset(seed=0)
+    for _ in range(3):
+        obs, rewards, terminals, truncations, infos = env.step(flat_actions(binding, move=2, style=(1, 2)))
+    assert truncations[0] and not terminals[0] and rewards[0] == 4.0
+    final = binding.unflatten_observation(infos[0]["final_observation"])
+    assert final["self"]["pos"].tolist() == [3.0, -3.0] and final["map"][0, 0] == 3
+    assert binding.unflatten_observation(obs[0])["map"][0, 0] == 0  # already the next episode
+    assert infos[0]["t"] == 3 and infos[0]["episode"] == {"return": 12.0, "length": 3}
+
+
+def test_breakout_frames_stay_uint8_and_unflatten_to_views():
+    import ale_py
+
+    gymnasium.register_envs(ale_py)
+    binding = shoal.Binding(env_creator=gymnasium.make, env_args=("ALE/Breakout-v5",))
+    assert binding.single_observation_space.dtype == np.uint8
+    assert binding.single_observation_space.shape == (210 * 160 * 3,)
+    env = binding.make_env()
+    obs, _ = env.reset(seed=0)
+    frame = binding.unflatten_observation(obs)
+    assert frame.shape == (1, 210, 160, 3) and np.shares_memory(frame, obs)
+    for _ in range(20):
+        obs, *_ = env.step(np.array([[1]]))
+    assert obs.any()
+
+
+# ---------------------------------------------------------------- multi-agent envs
+
+
+def test_nested_multiagent_slots_masks_deaths_and_spawns():
+    binding = nested_binding()
+    assert binding.possible_agents == ("agent_0", "agent_1", "agent_2", "late")  # sorted, not env order
+    env = binding.make_env()
+    obs, infos = env.reset(seed=0)
+    assert env.masks.tolist() == [True, True, True, False] and infos["agent_0"] == {"spawned": True}
+    assert not obs[3].any()
+    nested = binding.unflatten_observation(obs)
+    # The env lists agents in reverse, so agent_i has env index (2 - i).
+    assert nested["self"]["pos"][:3, 0].tolist() == [2, 1, 0]
+    # agent_2 starts with 2 hp: it dies at step 2 and is delivered once, then goes dark.
+    obs, rewards, terminals, truncations, infos = env.step(flat_actions(binding, move=1, target=2))
+    np.testing.assert_allclose(rewards, [1.2, 1.2, 1.2, 0], atol=2e-3)
+    obs, rewards, terminals, _, infos = env.step(flat_actions(binding, move=1))
+    assert terminals.tolist() == [False, False, True, False] and env.masks[2]
+    assert infos["agent_2"]["episode"]["length"] == 2
+    assert binding.unflatten_observation(infos["agent_2"]["final_observation"])["self"]["hp"] == 0
+    obs, rewards, terminals, _, infos = env.step(flat_actions(binding, move=1))
+    assert env.masks.tolist() == [True, True, False, True]  # agent_2 dark, "late" spawned
+    assert not obs[2].any() and rewards[2] == 0 and not terminals[2] and "agent_2" not in infos
+    assert binding.unflatten_observation(obs[3])["self"]["hp"] == 10
+
+
+def test_nested_multiagent_episode_end_autoresets_with_final_step_data():
+    binding = nested_binding()
+    env = binding.make_env()
+    env.reset(seed=0)
+    for step in range(6):  # move=4 keeps every agent alive until truncation at 6
+        obs, rewards, terminals, truncations, infos = env.step(flat_actions(binding, move=4))
+    assert truncations.tolist() == [True, True, True, True] and not terminals.any()
+    assert env.masks.all()  # final-step data for all four, next-episode obs for the first three
+    assert infos["late"]["episode"]["length"] == 3 and infos["agent_0"]["reset_info"] == {"spawned": True}
+    assert not obs[3].any()  # "late" is not in the new episode yet
+    assert binding.unflatten_observation(obs)["self"]["pos"][:3, 1].tolist() == [0, 0, 0]
+    env.step(flat_actions(binding))
+    assert env.masks.tolist() == [True, True, True, False]
+
+
+def test_knights_archers_zombies_death_is_delivered_once():
+    from pettingzoo.butterfly import knights_archers_zombies_v11
+
+    binding = shoal.Binding(env_creator=knights_archers_zombies_v11.parallel_env,
+                            env_kwargs=dict(max_zombies=10, spawn_delay=5, max_cycles=600))
+    assert binding.possible_agents == ("archer_0", "archer_1", "knight_0", "knight_1")
+    env = binding.make_env()
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    dark_after_death = None
+    for _ in range(600):
+        was_live = env.masks.copy()
+        obs, rewards, terminals, truncations, infos = env.step(rng.integers(0, 6, (4, 1)))
+        if dark_after_death is not None:
+            slot = dark_after_death
+            assert not env.masks[slot] and not obs[slot].any() and rewards[slot] == 0
+            break
+        ended = terminals & ~truncations
+        if ended.any() and not ended.all() and was_live.all():
+            slot = int(np.flatnonzero(ended)[0])
+            agent = binding.possible_agents[slot]
+            assert env.masks[slot] and "final_observation" in infos[agent]
+            dark_after_death = slot
+    assert dark_after_death is not None, "no agent died mid-episode in 600 steps"
+
+
+def test_pistonball_continuous_actions_and_truncation():
+    from pettingzoo.butterfly import pistonball_v6
+
+    binding = shoal.Binding(env_creator=pistonball_v6.parallel_env, env_kwargs=dict(max_cycles=5))
+    assert binding.max_agents == 20 and isinstance(binding.single_action_space, spaces.Box)
+    assert binding.possible_agents[:3] == ("piston_0", "piston_1", "piston_2")  # natural order
+    assert binding.single_observation_space.dtype == np.uint8
+    env = binding.make_env()
+    env.reset(seed=0)
+    actions = np.zeros((20, 1), np.float32)
+    for _ in range(5):
+        obs, rewards, terminals, truncations, infos = env.step(actions)
+    assert truncations.all() and env.masks.all() and len(infos) == 20
+    assert infos["piston_0"]["final_observation"].shape == (binding.single_observation_space.shape[0],)
+
+
+# ---------------------------------------------------------------- options and hooks
+
+
+def test_options_switch_features_off():
+    binding = nested_binding(emulate_flat_obs=False, emulate_flat_atn=False, emulate_const_num_agents=False)
+    assert binding.single_action_space == ACTION_SPACE
+    env = binding.make_env()
+    obs, _ = env.reset(seed=0)
+    assert set(obs) == {"agent_0", "agent_1", "agent_2"}
+    assert obs["agent_1"]["self"]["pos"].tolist() == [1, 0]
+    action = {"move": 3, "attack": {"target": -1, "style": np.array([1, 2])}}
+    obs, rewards, terminals, truncations, _ = env.step({agent: action for agent in obs})
+    assert set(rewards) == {"agent_0", "agent_1", "agent_2"} and abs(rewards["agent_0"] - 2.9) < 2e-3
+    with pytest.raises(APIUsageError, match="'ghost', which is not in possible_agents"):
+        env.step({"ghost": action})
+
+
+def test_feature_parser_and_reward_shaper():
+    def parse(obs):
+        return {"hp": np.array([obs["self"]["hp"]], np.float32), "x": obs["self"]["pos"][:1]}
+
+    def shape(rewards, infos):
+        return {agent: reward * 10 + infos[agent]["hp"] for agent, reward in rewards.items()}
+
+    binding = nested_binding(feature_parser=parse, reward_shaper=shape)
+    assert binding.single_observation_space.shape == (2,) and binding.single_observation_space.dtype == np.float32
+    assert binding.env_observation_space == NestedMultiAgentEnv().observation_space("late")
+    env = binding.make_env()
+    obs, _ = env.reset(seed=0)
+    assert obs[:3].tolist() == [[4, 2], [3, 1], [2, 0]]  # sorted keys: hp, x
+    _, rewards, *_ , infos = env.step(flat_actions(binding, move=4))
+    np.testing.assert_allclose(rewards[:3], [44, 43, 42], atol=0.1)
+    assert infos["agent_0"]["hp"] == 4
+
+    given = spaces.Dict({"hp": spaces.Box(0, 10, (1,), np.float32), "x": spaces.Box(-5, 5, (1,), np.float32)})
+    assert nested_binding(feature_parser=parse, feature_space=given).raw_single_observation_space == given
+
+
+def test_record_episode_statistics_off():
+    binding = shoal.Binding(env_cls=NestedSingleAgentEnv, env_kwargs={"max_steps": 1},
+                            record_episode_statistics=False)
+    env = binding.make_env()
+    env.reset()
+    *_, infos = env.step(flat_actions(binding))
+    assert "episode" not in infos[0] and "final_observation" in infos[0]
+
+
+def test_suppress_env_prints_silences_python_and_c_output(capfd):
+    loud = shoal.Binding(env_cls=PrintingEnv)
+    quiet = shoal.Binding(env_cls=PrintingEnv, suppress_env_prints=True)
+    capfd.readouterr()
+    env = quiet.make_env()
+    env.reset()
+    env.step(np.array([[0]]))
+    with pytest.raises(RuntimeError, match="on purpose"):
+        env.step(np.array([[1]]))
+    print("after the failure")
+    out, err = capfd.readouterr()
+    assert out == "after the failure\n" and err == ""
+    loud.make_env().reset()
+    out, err = capfd.readouterr()
+    assert "python stdout reset" in out and "c stdout reset" in out and "fd stderr reset" in err
+
+
+def test_passthrough_and_buffers():
+    binding = nested_binding()
+    buffers = Buffers.allocate(binding, num_envs=2)
+    rows = Buffers(*(array[4:8] for array in buffers))
+    env = binding.make_env(rows)
+    assert isinstance(env.env, NestedMultiAgentEnv) and env.env.max_steps == 6
+    obs, _ = env.reset(seed=0)
+    assert obs is rows.obs and buffers.masks.tolist() == [False] * 4 + [True, True, True, False]
+    with pytest.raises(APIUsageError, match=r"buffers.obs must be an array of shape \(4, 48\)"):
+        binding.make_env(Buffers(*(array[:3] for array in buffers)))
+
+
+# ---------------------------------------------------------------- errors users can hit
+
+
+def test_binding_argument_errors():
+    with pytest.raises(APIUsageError, match="exactly one of env_cls or env_creator, got neither"):
+        shoal.Binding()
+    with pytest.raises(APIUsageError, match="got both"):
+        shoal.Binding(env_cls=NestedSingleAgentEnv, env_creator=NestedSingleAgentEnv)
+    with pytest.raises(APIUsageError, match="expected a gymnasium.Env or a PettingZoo ParallelEnv/AECEnv"):
+        shoal.Binding(env_creator=lambda: object())
+    with pytest.raises(APIUsageError, match="feature_parser must be callable"):
+        shoal.Binding(env_cls=NestedSingleAgentEnv, feature_parser=3)
+
+
+@pytest.mark.parametrize("space", [spaces.Text(5), spaces.Sequence(spaces.Discrete(2)),
+                                   spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Text(3)})])
+def test_unsupported_observation_space(space):
+    class TextEnv(NestedSingleAgentEnv):
+        observation_space = space
+
+    with pytest.raises(SpaceError, match=r"TextEnv: unsupported space (Text|Sequence)"):
+        shoal.Binding(env_cls=TextEnv)
+
+
+def test_agents_with_different_spaces_are_refused():
+    class Mixed(NestedMultiAgentEnv):
+        def action_space(self, agent):
+            return spaces.Discrete(3) if agent == "late" else ACTION_SPACE
+
+    with pytest.raises(SpaceError, match="every agent needs the same action_space.*'late' has Discrete\\(3\\)"):
+        shoal.Binding(env_cls=Mixed)
+
+
+def test_action_errors_name_env_agent_and_step():
+    binding = nested_binding()
+    env = binding.make_env()
+    with pytest.raises(APIUsageError, match="step\\(\\) called before reset\\(\\)"):
+        env.step(flat_actions(binding))
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"nested_multiagent_v0, step 1: actions must have shape \(4, 4\).*got \(3, 4\)"):
+        env.step(flat_actions(binding)[:3])
+    with pytest.raises(APIUsageError, match="discrete actions must be integers, got dtype float64"):
+        env.step(flat_actions(binding).astype(np.float64))
+    bad = flat_actions(binding)
+    bad[1, 3] = 5
+    with pytest.raises(APIUsageError, match=r"step 1, agent 'agent_1' \(slot 1\): action \[0 0 1 5\] is out of range"):
+        env.step(bad)
+    bad[1, 3] = 0
+    bad[3] = -7  # slot 3 ("late") is not live yet: its action is ignored
+    env.step(bad)
+
+
+def test_continuous_action_out_of_range():
+    from pettingzoo.butterfly import pistonball_v6
+
+    env = shoal.Binding(env_creator=pistonball_v6.parallel_env, env_kwargs=dict(max_cycles=5)).make_env()
+    env.reset(seed=0)
+    actions = np.zeros((20, 1), np.float32)
+    actions[7] = np.nan
+    with pytest.raises(APIUsageError, match="agent 'piston_7' \\(slot 7\\): action \\[nan\\] is out of range"):
+        env.step(actions)
+
+
+def test_env_returning_observation_outside_its_space():
+    env = shoal.Binding(env_cls=BadObservationEnv).make_env()
+    env.reset()
+    env.step(np.array([[0]]))
+    with pytest.raises(EnvError, match=r"BadObservationEnv, agent 0, step 2: observation = \[0.5 7.  0.5\] lies "
+                                       r"outside its declared space Box\(0.0, 1.0, \(3,\), float32\)"):
+        env.step(np.array([[0]]))
+
+
+def test_env_returning_observation_of_wrong_shape_or_dtype():
+    class WrongShape(BadObservationEnv):
+        def __init__(self):
+            super().__init__(bad_step=1, bad_value=np.zeros(4, np.float32))
+
+    class WrongDtype(BadObservationEnv):
+        def __init__(self):
+            super().__init__(bad_step=1, bad_value=np.array(["a", "b", "c"]))
+
+    env = shoal.Binding(env_cls=WrongShape).make_env()
+    env.reset()
+    with pytest.raises(EnvError, match=r"WrongShape, agent 0, step 1: .*expected shape \(3,\), got \(4,\)"):
+        env.step(np.array([[0]]))
+    env = shoal.Binding(env_cls=WrongDtype).make_env()
+    env.reset()
+    with pytest.raises(EnvError, match=r"WrongDtype, agent 0, step 1: .*expected dtype float32, got <U1"):
+        env.step(np.array([[0]]))
+
+
+def test_env_returning_unknown_agent():
+    binding = shoal.Binding(env_cls=UnknownAgentEnv)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match="step 1: the env returned agent 'intruder', which is not in possible_agents"):
+        env.step(flat_actions(binding))
