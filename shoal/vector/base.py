@@ -1,0 +1,548 @@
+"""What every vectorization backend shares: the async API, batching, input checks, and the worker.
+
+A vec env runs ``num_envs = num_workers * envs_per_worker`` emulated envs. Worker ``w`` owns envs
+``w * envs_per_worker ... (w + 1) * envs_per_worker - 1`` and always steps them together, so a worker
+is the unit of batching: ``batch_size`` must be a multiple of ``envs_per_worker``.
+
+All arrays follow the data contract of ``docs/design.md``: env-major over agent slots, so env ``e``
+owns rows ``e * max_agents ... (e + 1) * max_agents - 1`` of ``obs``, ``rewards``, ``terminals``,
+``truncations``, ``masks`` and of the actions passed to :meth:`VecEnv.send`.
+
+A backend only decides *where* workers run. It implements four primitives (start a command on a
+worker, wait for replies, stop everything, and how to build its buffers); this module does the rest.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+import time
+import traceback
+from collections import deque
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from shoal.emulation import Binding, Buffers
+from shoal.errors import APIUsageError, WorkerError
+
+
+class Batch(NamedTuple):
+    """What :meth:`VecEnv.recv` returns: the data contract for the envs in ``env_ids``.
+
+    With ``n = len(env_ids) * max_agents`` slots. The arrays are the vec env's own buffers (views)
+    when the batch's envs are contiguous, so they are overwritten by the next ``recv``: copy what you keep.
+    """
+
+    obs: np.ndarray  # (n, obs_size)
+    rewards: np.ndarray  # float32 (n,)
+    terminals: np.ndarray  # bool (n,)
+    truncations: np.ndarray  # bool (n,)
+    masks: np.ndarray  # bool (n,)
+    infos: list  # one {agent_id: dict} per env of the batch
+    env_ids: np.ndarray  # int64 (len(env_ids),), ascending
+
+
+class AsyncState(enum.Enum):
+    """Where a vec env stands in its call sequence; the value says what to call next."""
+
+    NEEDS_RESET = "reset() or async_reset()"
+    WAITING = "recv()"  # commands are out: collect a batch
+    HOLDING = "send(actions)"  # a batch was returned: send its actions
+    CLOSED = "nothing: the vec env is closed"
+
+
+class Command(enum.Enum):
+    """What the parent asks a worker to do; the worker answers each with one :class:`Status`."""
+
+    RESET = "reset"  # payload: one seed (or None) per env of the worker
+    STEP = "step"  # payload: None (actions are in shared memory) or the worker's actions (Ray)
+    CALL = "call"  # payload: (local env indices, method name, args, kwargs)
+    GET_ATTR = "get_attr"  # payload: (local env indices, name)
+    SET_ATTR = "set_attr"  # payload: (local env indices, name, value)
+    CLOSE = "close"  # no answer
+
+
+class Status(enum.Enum):
+    OK = "ok"  # payload: infos per env (reset/step) or values per env (call/get_attr/set_attr)
+    FAILED = "failed"  # payload: a Failure; the worker has stopped
+    NO_ATTRIBUTE = "no attribute"  # payload: a message; the worker goes on
+
+
+class Failure(NamedTuple):
+    """An exception inside a worker, as text so it survives pickling."""
+
+    env_id: int | None  # the env being run, None when the failure is in no one env
+    step: int  # the worker's step count when it failed
+    command: str
+    error: str  # "ValueError: boom"
+    traceback: str  # the worker's formatted traceback
+
+
+_MISSING = object()
+
+
+class _NoAttribute(Exception):
+    """A name that neither the emulated env nor its raw env has: the caller's mistake, not the env's."""
+
+
+def _lookup(env, name: str) -> tuple[Any, Any]:
+    """(owner, value) for ``name`` on the emulated env, else on the raw env it wraps; (None, None) if neither."""
+    for owner in (env, env.env):
+        value = getattr(owner, name, _MISSING)
+        if value is not _MISSING:
+            return owner, value
+    return None, None
+
+
+class EnvGroup:
+    """The envs one worker owns, each writing into its own rows of the worker's buffers.
+
+    Runs in the worker (a process, a Ray actor, or the caller's process for :class:`Serial`).
+    Never raises: :meth:`handle` turns every exception into a :class:`Failure` reply.
+    """
+
+    def __init__(self, binding: Binding, env_ids: range, buffers: Buffers, actions: np.ndarray):
+        self.binding = binding
+        self.env_ids = env_ids
+        self.steps = 0
+        self.current: int | None = None  # the env being run, for failure reports
+        self.exception: BaseException | None = None  # the last failure's exception (Serial chains it)
+        agents = binding.max_agents
+        self._rows = [slice(i * agents, (i + 1) * agents) for i in range(len(env_ids))]
+        self._actions = [actions[rows] for rows in self._rows]  # (max_agents, atn_size) views
+        self._buffers = buffers
+        self.envs: list = []
+
+    def start(self) -> tuple[Status, Any]:
+        """Build the envs; (Status.OK, None) or (Status.FAILED, Failure)."""
+        try:
+            for env_id, rows in zip(self.env_ids, self._rows):
+                self.current = env_id
+                self.envs.append(self.binding.make_env(buffers=Buffers(*(array[rows] for array in self._buffers))))
+            self.current = None
+            return Status.OK, None
+        except Exception as error:  # reported to the parent, which raises WorkerError
+            return Status.FAILED, self._failure("start", error)
+
+    def handle(self, command: Command, payload: Any) -> tuple[Status, Any]:
+        """Run one command on this worker's envs and say how it went."""
+        try:
+            if command is Command.STEP:
+                self.steps += 1
+                infos = []
+                for env_id, env, actions in zip(self.env_ids, self.envs, self._actions):
+                    self.current = env_id
+                    infos.append(env.step(actions)[4])
+                return Status.OK, infos
+            if command is Command.RESET:
+                infos = []
+                for env_id, env, seed in zip(self.env_ids, self.envs, payload):
+                    self.current = env_id
+                    infos.append(env.reset(seed=seed)[1])
+                return Status.OK, infos
+            return Status.OK, self._access(command, payload)
+        except _NoAttribute as missing:
+            self.current = None
+            return Status.NO_ATTRIBUTE, str(missing)
+        except Exception as error:
+            return Status.FAILED, self._failure(command.value, error)
+
+    def _access(self, command: Command, payload: Any) -> list:
+        indices, name, *rest = payload
+        values = []
+        for index in indices:
+            self.current, env = self.env_ids[index], self.envs[index]
+            owner, value = _lookup(env, name)
+            if owner is None:
+                if command is not Command.SET_ATTR:
+                    raise _NoAttribute(
+                        f"env {self.current} ({self.binding.env_name}) has no attribute {name!r}: looked up on the "
+                        f"emulated env, then on the env it wraps (.env)")
+                owner = env.env  # a new attribute goes to the raw env: passthrough is the point
+            if command is Command.CALL:
+                args, kwargs = rest
+                if not callable(value):
+                    raise TypeError(f"{name!r} is a {type(value).__name__}, not a method: use get_attr")
+                values.append(value(*args, **kwargs))
+            elif command is Command.GET_ATTR:
+                values.append(value)
+            else:
+                setattr(owner, name, rest[0])
+                values.append(None)
+        self.current = None
+        return values
+
+    def _failure(self, command: str, error: BaseException) -> Failure:
+        self.exception = error
+        return Failure(self.current, self.steps, command, f"{type(error).__name__}: {error}", traceback.format_exc())
+
+    def close(self) -> None:
+        """Close every env, ignoring their errors: this runs on the way out."""
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+        self.envs = []
+
+
+def default_num_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_count(name: str, value: Any, backend: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise APIUsageError(f"{backend}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class VecEnv(abc.ABC):
+    """Many emulated envs behind one async API. Build one with :func:`shoal.vector.make`.
+
+    Sync API (needs ``batch_size == num_envs``)::
+
+        obs, infos = vecenv.reset(seed=0)            # obs: (num_agents, obs_size)
+        obs, rewards, terminals, truncations, infos = vecenv.step(actions)  # actions: (num_agents, atn_size)
+
+    Async API (any ``batch_size``; ``step`` is ``send`` then ``recv``)::
+
+        vecenv.async_reset(seed=0)
+        while training:
+            batch = vecenv.recv()                    # the first batch_size envs to finish
+            vecenv.send(policy(batch.obs))           # actions for exactly batch.env_ids
+    """
+
+    backend = "VecEnv"
+
+    def __init__(self, binding: Binding, num_workers: int, envs_per_worker: int, batch_size: int | None,
+                 timeout: float | None = None):
+        self._state = AsyncState.CLOSED  # until the backend has started its workers
+        name = type(self).__name__
+        if not isinstance(binding, Binding):
+            raise APIUsageError(f"{name}: expected a shoal.Binding as first argument, got {type(binding).__name__}")
+        if binding.atn_layout is None:
+            raise APIUsageError(f"{name}: {binding.env_name}: vec envs need flat actions; "
+                                f"build the Binding with emulate_flat_atn=True")
+        self.num_workers = _check_count("num_workers", num_workers, name)
+        self.envs_per_worker = _check_count("envs_per_worker", envs_per_worker, name)
+        self.num_envs = self.num_workers * self.envs_per_worker
+        self.batch_size = self.num_envs if batch_size is None else _check_count("batch_size", batch_size, name)
+        if self.batch_size > self.num_envs or self.batch_size % self.envs_per_worker:
+            raise APIUsageError(
+                f"{name}: batch_size must be a multiple of envs_per_worker={self.envs_per_worker} (a worker's envs "
+                f"step together) and at most num_envs={self.num_envs}, got {self.batch_size}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise APIUsageError(f"{name}: timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = timeout
+        self.binding = binding
+        self.max_agents = binding.max_agents
+        self.num_agents = self.num_envs * self.max_agents
+        self.single_observation_space = binding.obs_layout.flat_space
+        self.single_action_space = binding.atn_layout.flat_space
+        self._atn_size = binding.atn_layout.size
+        self._workers_per_batch = self.batch_size // self.envs_per_worker
+        self._in_flight: set[int] = set()  # workers running reset/step whose answer is not in yet
+        self._ready: deque = deque()  # (worker, infos) answered but not yet returned by recv()
+        self._batch_workers: list[int] = []  # the workers of the batch recv() returned last
+        self._batch_rows: slice | np.ndarray = slice(0, 0)
+        self._steps = 0
+        self._closed = False  # from here on the backend may own processes or memory: close() releases them
+
+    # -------------------------------------------------------------- backend primitives
+
+    @abc.abstractmethod
+    def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
+        """Start ``command`` on ``worker`` without waiting for its answer."""
+
+    @abc.abstractmethod
+    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
+        """Block until at least one of ``workers`` answered or ``timeout`` passed; [] on timeout.
+
+        Raises WorkerError when any worker died. For reset/step answers the backend has already put the
+        worker's results into ``self._buffers``.
+        """
+
+    @abc.abstractmethod
+    def _shutdown(self) -> None:
+        """Stop every worker and release every resource. Must be safe to call twice and on a half-built object."""
+
+    # -------------------------------------------------------------- shared machinery
+
+    def _start(self, buffers: Buffers, actions: np.ndarray) -> None:
+        """Called by the backend once its buffers exist and its workers are up."""
+        self._buffers = buffers  # (num_agents, ...) each
+        self._actions = actions  # (num_agents, atn_size)
+        self._state = AsyncState.NEEDS_RESET
+
+    def _envs_of(self, worker: int) -> range:
+        return range(worker * self.envs_per_worker, (worker + 1) * self.envs_per_worker)
+
+    def _worker_rows(self, worker: int) -> slice:
+        rows = self.envs_per_worker * self.max_agents
+        return slice(worker * rows, (worker + 1) * rows)
+
+    def _describe(self, worker: int) -> str:
+        envs = self._envs_of(worker)
+        return f"worker {worker} (envs {envs.start}-{envs.stop - 1} of {self.binding.env_name})"
+
+    def _failure_error(self, worker: int, failure: Failure) -> WorkerError:
+        where = f"env {failure.env_id}" if failure.env_id is not None else "no env"
+        return WorkerError(
+            f"{self._describe(worker)} failed in {failure.command} at its step {failure.step}, in {where}: "
+            f"{failure.error}", failure.traceback, failure.env_id)
+
+    def _timeout_error(self, workers: set[int], what: str, timeout: float) -> WorkerError:
+        first = min(workers)
+        return WorkerError(
+            f"{', '.join(self._describe(w) for w in sorted(workers))} did not answer {what} within "
+            f"{timeout} s: an env hangs or is too slow (raise the timeout if it is only slow)",
+            env_id=self._envs_of(first).start)
+
+    def _collect(self, workers: set[int], what: str, need: int | None = None,
+                 timeout: float | None = None) -> list[tuple[int, Status, Any]]:
+        """Answers from ``workers``: all of them, or as soon as ``need`` came. Closes on failure."""
+        need = len(workers) if need is None else need
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending, answers = set(workers), []
+        try:
+            while len(answers) < need:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                got = self._wait(pending, left)
+                if not got:
+                    raise self._timeout_error(pending, what, timeout)
+                for worker, status, payload in got:
+                    if status is Status.FAILED:
+                        raise self._failure_error(worker, payload)
+                    pending.discard(worker)
+                    answers.append((worker, status, payload))
+        except BaseException:  # WorkerError, KeyboardInterrupt: the workers are in an unknown state
+            self.close()
+            raise
+        return answers
+
+    def _settle(self, workers) -> None:
+        """Bring in the reset/step answers still out for ``workers``; they wait in ``_ready`` for recv()."""
+        out = self._in_flight & set(workers)
+        if out:
+            for worker, _, infos in self._collect(out, "its last reset/step"):
+                self._ready.append((worker, infos))
+            self._in_flight -= out
+
+    def _check_state(self, expected: AsyncState, call: str) -> None:
+        if self._state is not expected:
+            if self._state is AsyncState.CLOSED:
+                raise APIUsageError(f"{call} on a closed {type(self).__name__}: make a new vec env")
+            raise APIUsageError(f"{call} called out of order: expected a call to {self._state.value} first")
+
+    def _check_open(self, call: str) -> None:
+        if self._state is AsyncState.CLOSED:
+            raise APIUsageError(f"{call} on a closed {type(self).__name__}: make a new vec env")
+
+    def _check_sync(self, call: str) -> None:
+        if self.batch_size != self.num_envs:
+            raise APIUsageError(
+                f"{call} needs batch_size == num_envs ({self.num_envs}), got batch_size={self.batch_size}: "
+                f"use async_reset()/send()/recv(), whose batches say which envs they hold (env_ids)")
+
+    def _seeds(self, seed) -> list:
+        if seed is None:
+            return [None] * self.num_envs
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+            return [int(seed) + i for i in range(self.num_envs)]
+        if isinstance(seed, Sequence) and len(seed) == self.num_envs:
+            return [None if s is None else int(s) for s in seed]
+        raise APIUsageError(f"seed must be None, an int (env i gets seed + i) or a list of {self.num_envs} "
+                            f"seeds, got {seed!r}")
+
+    # -------------------------------------------------------------- async API
+
+    def async_reset(self, seed: int | Sequence[int | None] | None = None) -> None:
+        """Start resetting every env; env ``i`` gets ``seed + i``. Collect the result with :meth:`recv`.
+
+        Steps still in flight are finished and their results dropped.
+        """
+        self._check_open("async_reset()")
+        seeds = self._seeds(seed)
+        self._settle(range(self.num_workers))
+        self._ready.clear()
+        for worker in range(self.num_workers):
+            envs = self._envs_of(worker)
+            self._send_or_close(worker, Command.RESET, seeds[envs.start:envs.stop])
+        self._in_flight = set(range(self.num_workers))
+        self._state = AsyncState.WAITING
+
+    def recv(self) -> Batch:
+        """The next ``batch_size`` envs to finish their reset or step (see :class:`Batch`)."""
+        self._check_state(AsyncState.WAITING, "recv()")
+        need = self._workers_per_batch - len(self._ready)
+        if need > 0:
+            for worker, _, infos in self._collect(self._in_flight, f"step {self._steps}", need):
+                self._in_flight.discard(worker)
+                self._ready.append((worker, infos))
+        taken = sorted(self._ready.popleft() for _ in range(self._workers_per_batch))
+        workers = [worker for worker, _ in taken]
+        self._batch_workers = workers
+        self._state = AsyncState.HOLDING
+        rows_per_worker = self.envs_per_worker * self.max_agents
+        if workers[-1] - workers[0] == len(workers) - 1:  # contiguous: views, no copy
+            rows = slice(workers[0] * rows_per_worker, (workers[-1] + 1) * rows_per_worker)
+            env_ids = np.arange(workers[0] * self.envs_per_worker, (workers[-1] + 1) * self.envs_per_worker)
+        else:
+            rows = np.concatenate([np.arange(w * rows_per_worker, (w + 1) * rows_per_worker) for w in workers])
+            env_ids = np.concatenate([np.arange(self._envs_of(w).start, self._envs_of(w).stop) for w in workers])
+        self._batch_rows = rows
+        infos = [info for _, group in taken for info in group]
+        b = self._buffers
+        return Batch(b.obs[rows], b.rewards[rows], b.terminals[rows], b.truncations[rows], b.masks[rows],
+                     infos, env_ids)
+
+    def send(self, actions) -> None:
+        """Step the envs of the last batch from :meth:`recv` with ``actions`` ``(batch agents, atn_size)``.
+
+        For ``atn_size == 1`` a flat ``(batch agents,)`` array is accepted too.
+        """
+        self._check_state(AsyncState.HOLDING, "send(actions)")
+        self._actions[self._batch_rows] = self._checked_actions(actions)
+        self._steps += 1
+        for worker in self._batch_workers:
+            self._send_or_close(worker, Command.STEP, None)
+        self._in_flight.update(self._batch_workers)
+        self._state = AsyncState.WAITING
+
+    def _send_or_close(self, worker: int, command: Command, payload: Any) -> None:
+        try:
+            self._dispatch(worker, command, payload)
+        except BaseException:
+            self.close()
+            raise
+
+    def _checked_actions(self, actions) -> np.ndarray:
+        layout = self.binding.atn_layout
+        rows = self.batch_size * self.max_agents
+        expected = (rows, self._atn_size)
+        array = np.asarray(actions)
+        if array.shape != expected:
+            if array.size == rows * self._atn_size and array.shape in (
+                    (rows,), (self.batch_size, self.max_agents, self._atn_size)):
+                array = array.reshape(expected)
+            else:
+                raise APIUsageError(
+                    f"send(actions): expected shape {expected} (batch_size {self.batch_size} envs x max_agents "
+                    f"{self.max_agents} slots, atn_size {self._atn_size}) for {layout.flat_space}, got {array.shape}")
+        if layout.is_discrete and array.dtype.kind not in "iub":
+            raise APIUsageError(f"send(actions): {layout.flat_space} takes integer actions, got dtype {array.dtype}")
+        if not layout.is_discrete and array.dtype.kind not in "iuf":
+            raise APIUsageError(f"send(actions): {layout.flat_space} takes numeric actions, got dtype {array.dtype}")
+        space = layout.flat_space
+        if layout.is_discrete:
+            bad = (array < 0) | (array >= space.nvec)
+        else:
+            bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN
+        bad = bad.any(axis=1) & self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            env = int(self._batch_env_ids()[row // self.max_agents])
+            allowed = f"0 <= a < {space.nvec}" if layout.is_discrete else f"{space.low} <= a <= {space.high}"
+            raise APIUsageError(f"send(actions): row {row} (env {env}, slot {row % self.max_agents}) holds "
+                                f"{array[row]}: expected {allowed}")
+        return array
+
+    def _batch_env_ids(self) -> np.ndarray:
+        return np.concatenate([np.arange(self._envs_of(w).start, self._envs_of(w).stop) for w in self._batch_workers])
+
+    # -------------------------------------------------------------- sync API
+
+    def reset(self, seed: int | Sequence[int | None] | None = None) -> tuple[np.ndarray, list]:
+        """Reset every env (env ``i`` gets ``seed + i``). Returns ``(obs (num_agents, obs_size), infos)``."""
+        self._check_sync("reset()")
+        self.async_reset(seed)
+        batch = self.recv()
+        return batch.obs, batch.infos
+
+    def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+        """``send(actions)`` then ``recv()``: ``(obs, rewards, terminals, truncations, infos)`` over all slots."""
+        self._check_sync("step()")
+        self.send(actions)
+        batch = self.recv()
+        return batch.obs, batch.rewards, batch.terminals, batch.truncations, batch.infos
+
+    @property
+    def masks(self) -> np.ndarray:
+        """``bool (num_agents,)``: which slots of every env hold a live agent's data after the last recv."""
+        return self._buffers.masks
+
+    # -------------------------------------------------------------- any env, local or remote
+
+    def call(self, method: str, *args, env_ids: Sequence[int] | None = None, **kwargs) -> list:
+        """``env.method(*args, **kwargs)`` on each env of ``env_ids`` (default all); one result per env.
+
+        ``method`` is looked up on the emulated env first, then on the env it wraps (``.env``), so
+        both ``call("render")`` and an env's own methods work. Arguments and results must pickle.
+        """
+        return self._access(Command.CALL, env_ids, method, args, kwargs)
+
+    def get_attr(self, name: str, env_ids: Sequence[int] | None = None) -> list:
+        """The attribute ``name`` of each env of ``env_ids`` (emulated env first, then ``.env``)."""
+        return self._access(Command.GET_ATTR, env_ids, name)
+
+    def set_attr(self, name: str, value: Any, env_ids: Sequence[int] | None = None) -> None:
+        """Set ``name`` on each env of ``env_ids``: on the emulated env if it has ``name``, else on ``.env``."""
+        self._access(Command.SET_ATTR, env_ids, name, value)
+
+    def _access(self, command: Command, env_ids, name: str, *rest) -> list:
+        self._check_open(f"{command.value}()")
+        if not isinstance(name, str):
+            raise APIUsageError(f"{command.value}(): the name must be a str, got {type(name).__name__}")
+        ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_envs]
+        if bad:
+            raise APIUsageError(f"{command.value}(): env_ids must be ints in [0, {self.num_envs}), got {bad[0]!r}")
+        by_worker: dict[int, list[int]] = {}
+        for env_id in ids:
+            by_worker.setdefault(int(env_id) // self.envs_per_worker, []).append(int(env_id) % self.envs_per_worker)
+        self._settle(by_worker)  # a worker answers in order: its step comes first
+        for worker, indices in by_worker.items():
+            self._send_or_close(worker, command, (indices, name, *rest))
+        values, missing = {}, None
+        for worker, status, payload in self._collect(set(by_worker), f"{command.value}({name!r})"):
+            if status is Status.NO_ATTRIBUTE:
+                missing = payload
+                continue
+            base = worker * self.envs_per_worker
+            values.update({base + index: value for index, value in zip(by_worker[worker], payload)})
+        if missing is not None:
+            raise APIUsageError(f"{command.value}(): {missing}")
+        return [values[int(env_id)] for env_id in ids]
+
+    # -------------------------------------------------------------- lifetime
+
+    def close(self) -> None:
+        """Stop every worker and free every buffer. Safe to call twice; later calls do nothing."""
+        if getattr(self, "_closed", True):  # closed, or its __init__ failed before owning anything
+            return
+        self._closed = True
+        self._state = AsyncState.CLOSED
+        self._shutdown()
+
+    def __enter__(self) -> "VecEnv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit modules may be gone; nothing useful to report
+            pass
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.binding.env_name!r}, num_workers={self.num_workers}, "
+                f"envs_per_worker={self.envs_per_worker}, batch_size={self.batch_size}, state={self._state.name})")

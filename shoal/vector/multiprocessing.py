@@ -1,0 +1,267 @@
+"""Multiprocessing backend: one process per worker, all results in shared memory.
+
+Data path: the parent writes a worker's actions into shared memory and sends one small message down
+its pipe; the worker steps its ``envs_per_worker`` envs, which write observations, rewards and flags
+straight into the worker's rows of shared memory, and answers with its infos (usually empty). No
+observation is ever pickled.
+
+Waiting: the parent blocks in ``multiprocessing.connection.wait`` on the workers' pipes *and* their
+process sentinels, and workers block in ``recv``. Nobody spins, so on a 2-core machine the parent does
+not steal the core a worker needs, and a worker killed by a signal is noticed at once.
+
+Lifetime: the shared memory is a file that is unlinked as soon as it is created (``RawArray``), so it
+leaves no ``/dev/shm`` entry behind even if this process is killed; workers are daemons, exit when their
+pipe or their parent goes away, and are terminated by :meth:`close` if they do not stop by themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from multiprocessing import connection
+from typing import Any
+
+import numpy as np
+
+from shoal.emulation import Binding, Buffers
+from shoal.errors import APIUsageError, WorkerError
+from shoal.vector.base import Command, EnvGroup, Failure, Status, VecEnv, default_num_workers
+
+_ALIGN = 64  # bytes: each array starts on its own cache line
+
+
+class SharedArrays:
+    """Named numpy arrays in one block of shared memory that child processes map too.
+
+    Pass it to a child as a ``Process`` argument (it pickles only while a process is being started).
+    """
+
+    def __init__(self, ctx, specs: dict[str, tuple[tuple, np.dtype]]):
+        self.layout, offset = {}, 0
+        for name, (shape, dtype) in specs.items():
+            dtype = np.dtype(dtype)
+            self.layout[name] = (offset, tuple(shape), dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.raw = ctx.RawArray(ctypes.c_uint8, max(offset, 1))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        memory = np.frombuffer(self.raw, np.uint8)
+        return {
+            name: memory[offset:offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).reshape(shape)
+            for name, (offset, shape, dtype) in self.layout.items()
+        }
+
+
+def _split(arrays: dict[str, np.ndarray]) -> tuple[Buffers, np.ndarray]:
+    return Buffers(*(arrays[name] for name in Buffers._fields)), arrays["actions"]
+
+
+def _exit_with_parent() -> None:
+    """Exit this worker as soon as the parent process is gone (even if it was killed)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="shoal-parent-watch", daemon=True).start()
+
+
+def _worker_main(binding: Binding, worker: int, env_ids: range, rows: slice, shared: SharedArrays,
+                 conn: connection.Connection) -> None:
+    """A worker process: build the envs, then answer commands until CLOSE, a failure, or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    _exit_with_parent()
+    buffers, actions = _split(shared.arrays())
+    group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows])
+    status, answer = group.start()
+    try:
+        conn.send((status, answer))
+        while status is Status.OK:
+            command, payload = conn.recv()
+            if command is Command.CLOSE:
+                break
+            status, answer = group.handle(command, payload)
+            try:
+                conn.send((status, answer))
+            except (EOFError, OSError):
+                raise
+            except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
+                status = Status.FAILED
+                conn.send((status, Failure(None, group.steps, command.value,
+                                           f"its answer to {command.value} cannot be sent to the parent: "
+                                           f"{type(error).__name__}: {error}", traceback.format_exc())))
+    except (EOFError, OSError):  # the parent closed our pipe or went away
+        pass
+    finally:
+        group.close()
+        conn.close()
+
+
+def _default_context() -> str:
+    """'forkserver' where it exists: safe with a threaded parent (torch, Ray), fast after its first start."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+class Multiprocessing(VecEnv):
+    """Envs in ``num_workers`` processes with ``envs_per_worker`` envs each, results in shared memory.
+
+    Args:
+        num_workers: processes to start; default one per core this process may use.
+        envs_per_worker: envs each process steps in turn (more amortizes the per-step message).
+        batch_size: envs per :meth:`recv` batch (a multiple of ``envs_per_worker``); default all.
+        timeout: seconds a reset/step/call may take before its workers count as hung (WorkerError);
+            None waits forever (a dead worker is still noticed at once).
+        startup_timeout: seconds each worker may take to start and build its envs.
+        context: multiprocessing start method, "forkserver" (default on Linux), "spawn" or "fork".
+            "fork" starts fastest but is unsafe in a parent that runs threads (torch, Ray); with the
+            others the :class:`~shoal.Binding` is pickled, so its env creator must be importable.
+
+    >>> import gymnasium, shoal, numpy as np
+    >>> binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    >>> with Multiprocessing(binding, num_workers=2, envs_per_worker=4) as vecenv:
+    ...     obs, infos = vecenv.reset(seed=0)
+    ...     obs, rewards, terminals, truncations, infos = vecenv.step(np.zeros((8, 1), np.int64))
+    >>> rewards
+    array([1., 1., 1., 1., 1., 1., 1., 1.], dtype=float32)
+    """
+
+    backend = "multiprocessing"
+
+    def __init__(self, binding: Binding, num_workers: int | None = None, envs_per_worker: int = 1,
+                 batch_size: int | None = None, *, timeout: float | None = None, startup_timeout: float = 60.0,
+                 context: str | None = None):
+        super().__init__(binding, default_num_workers() if num_workers is None else num_workers,
+                         envs_per_worker, batch_size, timeout)
+        method = context or _default_context()
+        if method not in multiprocessing.get_all_start_methods():
+            raise APIUsageError(f"Multiprocessing: context must be one of {multiprocessing.get_all_start_methods()}, "
+                                f"got {context!r}")
+        ctx = multiprocessing.get_context(method)
+        if context is None and method == "forkserver":
+            # Workers fork from a server that has imported shoal, numpy and gymnasium once (no effect if it runs).
+            ctx.set_forkserver_preload(["__main__", __name__])
+        self._processes: list = []
+        self._conns: list = []
+        self._sentinels: dict[int, int] = {}  # process sentinel -> worker
+        shape = (self.num_agents,)
+        self._shared = SharedArrays(ctx, {
+            "obs": (shape + self.single_observation_space.shape, self.single_observation_space.dtype),
+            "rewards": (shape, np.float32), "terminals": (shape, bool), "truncations": (shape, bool),
+            "masks": (shape, bool), "actions": ((self.num_agents, self._atn_size), self.single_action_space.dtype),
+        })
+        buffers, actions = _split(self._shared.arrays())
+        try:
+            for worker in range(self.num_workers):
+                parent_end, child_end = ctx.Pipe()
+                process = ctx.Process(
+                    target=_worker_main, name=f"shoal-worker-{worker}", daemon=True,
+                    args=(binding, worker, self._envs_of(worker), self._worker_rows(worker), self._shared, child_end))
+                self._conns.append(parent_end)
+                self._processes.append(process)
+                try:
+                    process.start()
+                finally:
+                    child_end.close()
+                self._sentinels[process.sentinel] = worker
+        except (pickle.PicklingError, AttributeError, TypeError) as error:  # spawn/forkserver pickle the binding
+            self.close()
+            raise APIUsageError(
+                f"Multiprocessing: the binding of {binding.env_name} cannot be sent to a {method!r} worker: "
+                f"{type(error).__name__}: {error}. Define the env creator at module level (not a lambda or a "
+                f"local function), or use context='fork'") from error
+        except BaseException:
+            self.close()
+            raise
+        self._buffers = buffers  # _wait may need them before _start
+        self._collect(set(range(self.num_workers)), "startup (building its envs)", timeout=startup_timeout)
+        self._start(buffers, actions)
+
+    # -------------------------------------------------------------- backend primitives
+
+    def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
+        try:
+            self._conns[worker].send((command, payload))
+        except (OSError, EOFError):  # broken pipe: the worker is gone
+            raise self._death_error(worker) from None
+
+    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
+        conns = {self._conns[worker]: worker for worker in workers}
+        ready = connection.wait([*conns, *self._sentinels], timeout)
+        answers = []
+        for item in ready:
+            worker = conns.get(item)
+            if worker is not None:
+                try:
+                    answers.append((worker, *item.recv()))
+                except (EOFError, OSError):
+                    raise self._death_error(worker) from None
+        answered = {worker for worker, _, _ in answers}
+        for item in ready:
+            worker = self._sentinels.get(item)
+            if worker is not None and worker not in answered:
+                last = self._last_words(worker)
+                if last is None:
+                    raise self._death_error(worker)
+                answers.append((worker, *last))
+        return answers
+
+    def _last_words(self, worker: int) -> tuple[Status, Any] | None:
+        """A dead worker's unread failure report, if it sent one before exiting."""
+        conn = self._conns[worker]
+        try:
+            if conn.poll():
+                status, payload = conn.recv()
+                if status is Status.FAILED:
+                    return status, payload
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def _death_error(self, worker: int) -> WorkerError:
+        process = self._processes[worker]
+        process.join(1.0)
+        code = process.exitcode
+        if code is None:
+            how = "closed its pipe"
+        elif code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at step {self._steps}: "
+                           f"the process died without a Python error (out of memory? killed? a crash in C code?)",
+                           env_id=self._envs_of(worker).start)
+
+    def _shutdown(self) -> None:
+        processes, conns = getattr(self, "_processes", []), getattr(self, "_conns", [])
+        for process, conn in zip(processes, conns):
+            if process.pid is not None and process.exitcode is None:
+                try:
+                    conn.send((Command.CLOSE, None))
+                except (OSError, EOFError):
+                    pass
+        deadline = time.monotonic() + 1.0  # time to close their envs; then they are stopped
+        for process in processes:
+            if process.pid is not None:
+                process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.pid is not None and process.exitcode is None:
+                process.terminate()
+                process.join(1.0)
+            if process.pid is not None and process.exitcode is None:
+                process.kill()
+                process.join()
+            if process.pid is not None:
+                process.close()  # frees its sentinel
+        for conn in conns:
+            conn.close()
+        self._processes, self._conns, self._sentinels = [], [], {}
