@@ -1,0 +1,111 @@
+"""Checkpoints: written atomically, found again by run directory, loaded with clear errors.
+
+A checkpoint is one ``torch.save`` file holding the model, the optimizer, the config, the global
+step and every RNG state. It is written to a temporary file in the same directory, flushed to disk,
+and renamed over its final name (``os.replace`` is atomic on POSIX), so a run killed mid-write
+leaves the previous checkpoint intact and never a half-written one under a checkpoint's name.
+
+Layout: ``RUN_DIR/checkpoints/update_000050.pt`` ... the newest is the one with the highest number.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shoal.errors import APIUsageError
+
+FORMAT = "shoal-checkpoint-1"
+_NAME = re.compile(r"^update_(\d+)\.pt$")
+
+
+def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def rng_states() -> dict:
+    """The state of every RNG training touches (Python, numpy, torch, CUDA when present)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir: str | os.PathLike, update: int, payload: dict, keep: int = 3) -> Path:
+    """Write ``payload`` as ``RUN_DIR/checkpoints/update_{update:06d}.pt``; keep the newest ``keep``."""
+    directory = Path(run_dir) / "checkpoints"
+    path = save_atomic({"format": FORMAT, **payload}, directory / f"update_{update:06d}.pt")
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, oldest first (temporary files of interrupted writes are ignored)."""
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest checkpoint of a run directory, or an error that says what was looked for."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise APIUsageError(f"run directory {str(run_dir)!r} does not exist: expected a directory made by `shoal train`")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise APIUsageError(
+            f"no checkpoint in {str(run_dir)!r}: expected files like checkpoints/update_000050.pt "
+            f"(a run writes one every checkpoint_interval updates and at its end)"
+        )
+    return found[-1]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file (or the newest one of a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = latest_checkpoint(path)
+    if not path.is_file():
+        raise APIUsageError(f"checkpoint {str(path)!r} does not exist: expected a .pt file written by shoal")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # a foreign or damaged file: say which, and what it is not
+        raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise APIUsageError(f"{str(path)!r} is not a shoal checkpoint: expected format {FORMAT!r}")
+    payload["path"] = str(path)
+    return payload

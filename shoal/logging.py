@@ -1,0 +1,247 @@
+"""Where training metrics go: a live console dashboard, a CSV per run, TensorBoard, Weights & Biases.
+
+The trainer calls :meth:`Logger.log` once per update with a flat dict of numbers keyed
+``"group/name"`` (``"episode/return"``, ``"loss/value"``, ``"perf/steps_per_second"`` ...).
+One :class:`Logger` fans each dict out to every sink that is switched on:
+
+- console: a ``rich`` dashboard (progress bar with ETA, throughput, episodes, losses, where the time
+  goes) on a terminal; one plain line every few seconds otherwise (CI logs, pipes);
+- ``RUN_DIR/progress.csv``: one row per update, the easiest thing to load in pandas;
+- TensorBoard event files in ``RUN_DIR`` (``tensorboard --logdir runs``);
+- W&B when ``wandb=True`` (``WANDB_MODE=offline`` works without a network).
+
+:func:`plot_runs` draws ``progress.csv`` curves of several runs into one PNG (``shoal plot``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+# The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
+CSV_FIELDS = [
+    "global_step", "update", "wall_time", "episode/return", "episode/return_mean20", "episode/length",
+    "episode/count", "loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clipfrac",
+    "loss/explained_variance", "lr", "perf/steps_per_second", "perf/sim_fraction",
+    "perf/inference_fraction", "perf/learn_fraction",
+]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+class Logger:
+    """Sends each update's metrics to the console, CSV, TensorBoard and W&B.
+
+    Args:
+        run_dir: where CSV and TensorBoard files go; None writes no files.
+        total_steps: the run's step budget, for the progress bar.
+        title: one line naming the run on the dashboard (env, backend, device).
+        dashboard: show the live ``rich`` dashboard (falls back to plain lines off a terminal).
+        tensorboard / wandb: switch those sinks on. ``wandb_project`` names the W&B project.
+        config: the run's configuration, recorded by W&B.
+        start_step: the first step of this process (resumed runs): older CSV rows past it are dropped.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike | None = None, total_steps: int = 0, title: str = "shoal",
+                 dashboard: bool = True, tensorboard: bool = True, wandb: bool = False,
+                 wandb_project: str = "shoal", config: dict | None = None, start_step: int = 0,
+                 print_interval: float = 5.0):
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.total_steps = total_steps
+        self.title = title
+        self.start_step = start_step
+        self.print_interval = print_interval
+        self.latest: dict[str, Any] = {}
+        self._last_print = 0.0
+        self._csv_file = self._csv = self._tb = self._wandb = self._live = None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._open_csv()
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step or None)
+        if wandb:
+            import wandb as wandb_module
+
+            self._wandb = wandb_module.init(
+                project=wandb_project, name=self.run_dir.name if self.run_dir else None,
+                dir=str(self.run_dir) if self.run_dir else None, config=config or {},
+                resume="allow" if start_step else None,
+            )
+        self._console = None
+        if dashboard:
+            from rich.console import Console
+
+            self._console = Console()
+            if self._console.is_terminal:
+                self._start_dashboard()
+
+    # ---------------------------------------------------------------- sinks
+
+    def _open_csv(self) -> None:
+        path = self.run_dir / "progress.csv"
+        kept: list[dict] = []
+        if path.exists() and self.start_step:  # resumed: keep rows up to the checkpoint's step
+            with open(path, newline="") as file:
+                kept = [row for row in csv.DictReader(file) if float(row["global_step"]) <= self.start_step]
+        self._csv_file = open(path, "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        self._csv.writeheader()
+        self._csv.writerows(kept)
+        self._csv_file.flush()
+
+    def _start_dashboard(self) -> None:
+        from rich.live import Live
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold cyan]steps"), BarColumn(bar_width=None), MofNCompleteColumn(),
+            TextColumn("•"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self._console, expand=True,
+        )
+        self._task = self._progress.add_task("train", total=self.total_steps or None, completed=self.start_step)
+        self._live = Live(self._render(), console=self._console, refresh_per_second=4, transient=False)
+        self._live.start()
+
+    def _render(self):
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+
+        m = self.latest
+
+        def box(title: str, rows: list[tuple[str, Any]]) -> Panel:
+            table = Table.grid(padding=(0, 2))
+            table.add_column(style="dim")
+            table.add_column(justify="right", style="bold")
+            for name, value in rows:
+                table.add_row(name, value if isinstance(value, str) else _fmt(value))
+            return Panel(table, title=title, title_align="left", border_style="blue")
+
+        split = " / ".join(f"{100 * m.get(f'perf/{k}_fraction', 0):.0f}%" for k in ("sim", "inference", "learn"))
+        grid = Table.grid(expand=True)
+        for _ in range(3):
+            grid.add_column(ratio=1)
+        grid.add_row(
+            box("throughput", [("steps/s", m.get("perf/steps_per_second")), ("update", m.get("update")),
+                               ("sim/infer/learn", split)]),
+            box("episodes", [("return (last 20)", m.get("episode/return_mean20")),
+                             ("return (this update)", m.get("episode/return")),
+                             ("length", m.get("episode/length")), ("episodes", m.get("episode/total"))]),
+            box("learning", [("policy loss", m.get("loss/policy")), ("value loss", m.get("loss/value")),
+                             ("entropy", m.get("loss/entropy")), ("approx kl", m.get("loss/approx_kl")),
+                             ("explained var", m.get("loss/explained_variance")), ("lr", m.get("lr"))]),
+        )
+        return Panel(Group(self._progress, grid), title=f"[bold]{self.title}", border_style="cyan")
+
+    # ---------------------------------------------------------------- API
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record one update's metrics at ``step`` (the global agent step)."""
+        self.latest = {**metrics, "global_step": step}
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._csv is not None:
+            self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                                for k, v in self.latest.items()})
+            self._csv_file.flush()
+        if self._tb is not None:
+            for key, value in numbers.items():
+                if not (isinstance(value, float) and math.isnan(value)):
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in numbers.items() if not (isinstance(v, float) and math.isnan(v))},
+                            step=step)
+        if self._live is not None:
+            self._progress.update(self._task, completed=min(step, self.total_steps or step))
+            self._live.update(self._render())
+        elif self._console is not None and time.monotonic() - self._last_print >= self.print_interval:
+            self._last_print = time.monotonic()
+            self._console.print(self.summary_line(), highlight=False)
+
+    def summary_line(self) -> str:
+        """One plain line with the latest step, return, throughput and losses."""
+        m = self.latest
+        total = f"/{self.total_steps:,}" if self.total_steps else ""
+        return (f"step {m.get('global_step', 0):,}{total}  return(20) {_fmt(m.get('episode/return_mean20'))}  "
+                f"length {_fmt(m.get('episode/length'))}  {_fmt(m.get('perf/steps_per_second'))} steps/s  "
+                f"value loss {_fmt(m.get('loss/value'))}  entropy {_fmt(m.get('loss/entropy'))}")
+
+    def message(self, text: str) -> None:
+        """Print a line of text above the dashboard (or on its own without one)."""
+        if self._console is not None:
+            self._console.print(text, highlight=False)
+
+    def close(self) -> None:
+        """Stop the dashboard and flush and close every sink."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        elif self._console is not None and self.latest:
+            self._console.print(self.summary_line(), highlight=False)
+        if self._csv_file is not None:
+            self._csv_file.close()
+            self._csv_file = self._csv = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- plots
+
+
+def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of ``RUN_DIR/progress.csv`` as floats (empty cells left out)."""
+    path = Path(run_dir) / "progress.csv"
+    if not path.is_file():
+        from shoal.errors import APIUsageError
+
+        raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
+    with open(path, newline="") as file:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(file)]
+
+
+def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
+              metric: str = "episode/return_mean20") -> Path:
+    """Draw ``metric`` against ``global_step`` for each run (one line each) into the PNG ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for run_dir in run_dirs:
+        rows = [row for row in read_progress(run_dir) if metric in row]
+        axis.plot([row["global_step"] for row in rows], [row[metric] for row in rows], label=Path(run_dir).name)
+    axis.set_xlabel("agent steps")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

@@ -1,0 +1,451 @@
+"""Policies: networks that read flat observations and return action parameters and a value.
+
+Every policy takes the *flat* observations of the data contract, ``(B, obs_size)``, and calls
+``binding.unflatten_observation`` itself, right where it needs the structure. A policy is two halves:
+
+- ``encode(obs) -> features (B, feature_size)``: everything that reads the observation;
+- ``decode(features) -> (params, value)``: the action head's parameters and the value ``(B,)``.
+
+The split is what lets :class:`LSTMPolicy` wrap *any* policy: it runs an LSTM between the halves.
+The action head turns ``params`` into actions: one categorical per dimension of a flat
+``MultiDiscrete`` action space, or a diagonal Gaussian for a ``Box``.
+
+Write your own policy by subclassing :class:`Policy`::
+
+    class MyPolicy(Policy):
+        def __init__(self, binding):
+            super().__init__(binding, feature_size=128)
+            self.net = nn.Linear(...)
+
+        def encode(self, obs):                        # obs: (B, obs_size), flat
+            nested = self.unflatten(obs)              # the env's own Dict/Tuple structure, as tensors
+            return torch.relu(self.net(nested["map"].float().flatten(1)))
+
+The base class supplies ``decode`` (a linear action head and a linear value head on the features).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from shoal.errors import SpaceError
+from shoal.spaces import leaves
+
+State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
+
+
+def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
+    """Orthogonal weights with gain ``std`` and constant bias: the usual PPO initialisation."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+# ---------------------------------------------------------------- action heads
+
+
+class DiscreteHead(nn.Module):
+    """One categorical distribution per dimension of a flat ``MultiDiscrete([n0, n1, ...])``.
+
+    ``params`` are logits ``(B, sum(nvec))``; actions are ``int64 (B, len(nvec))``.
+    """
+
+    def __init__(self, in_features: int, nvec: np.ndarray):
+        super().__init__()
+        self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
+        self.linear = layer_init(nn.Linear(in_features, sum(self.nvec)), std=0.01)
+        # All dimensions of one size: one (B, D, n) tensor instead of a loop over dimensions.
+        self.uniform = len(set(self.nvec)) == 1
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        if self.uniform:
+            return [torch.log_softmax(logits.view(len(logits), len(self.nvec), self.nvec[0]), dim=-1)]
+        return [torch.log_softmax(part, dim=-1) for part in logits.split(self.nvec, dim=-1)]
+
+    def sample(self, logits: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actions (B, D) int64, log-probability (B,))."""
+        actions, logprob = [], 0
+        for log_p in self._log_probs(logits):  # (B, n) or (B, D, n)
+            if deterministic:
+                chosen = log_p.argmax(-1)
+            else:  # Gumbel-max: argmax(log p - log E), E ~ Exp(1); fewer ops than torch.multinomial
+                chosen = (log_p - torch.empty_like(log_p).exponential_().log()).argmax(-1)
+            logprob = logprob + log_p.gather(-1, chosen.unsqueeze(-1)).view(len(logits), -1).sum(-1)
+            actions.append(chosen.view(len(logits), -1))
+        return (actions[0] if len(actions) == 1 else torch.cat(actions, dim=-1)), logprob
+
+    def evaluate(self, logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
+        logprob = entropy = 0
+        start = 0
+        for log_p in self._log_probs(logits):
+            width = 1 if log_p.dim() == 2 else log_p.shape[1]
+            chosen = actions[:, start:start + width].long().view(log_p.shape[:-1]).unsqueeze(-1)
+            start += width
+            logprob = logprob + log_p.gather(-1, chosen).squeeze(-1).view(len(logits), -1).sum(-1)
+            entropy = entropy - (log_p.exp() * log_p).sum(-1).view(len(logits), -1).sum(-1)
+        return logprob, entropy
+
+
+class GaussianHead(nn.Module):
+    """A diagonal Gaussian over a flat ``Box``: a linear mean and a learned, state-independent log std.
+
+    ``params`` are means ``(B, D)``; actions are float ``(B, D)``, unclipped (the trainer clips to
+    the space's bounds before sending them to the env).
+    """
+
+    def __init__(self, in_features: int, size: int):
+        super().__init__()
+        self.linear = layer_init(nn.Linear(in_features, size), std=0.01)
+        self.log_std = nn.Parameter(torch.zeros(size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features)
+
+    def _log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        z = (actions - mean) * torch.exp(-self.log_std)
+        return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, mean: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        actions = mean if deterministic else mean + torch.randn_like(mean) * self.log_std.exp()
+        return actions, self._log_prob(mean, actions)
+
+    def evaluate(self, mean: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(len(mean))
+        return self._log_prob(mean, actions), entropy
+
+
+@functools.singledispatch
+def make_action_head(space: spaces.Space, in_features: int) -> nn.Module:
+    """The action head for a flat action space (``binding.single_action_space``)."""
+    raise SpaceError(f"no action head for {space!r}: expected a flat MultiDiscrete or Box action space")
+
+
+@make_action_head.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete, in_features: int) -> nn.Module:
+    return DiscreteHead(in_features, space.nvec)
+
+
+@make_action_head.register(spaces.Discrete)
+def _(space: spaces.Discrete, in_features: int) -> nn.Module:
+    return DiscreteHead(in_features, np.array([space.n]))
+
+
+@make_action_head.register(spaces.Box)
+def _(space: spaces.Box, in_features: int) -> nn.Module:
+    return GaussianHead(in_features, int(np.prod(space.shape)))
+
+
+# ---------------------------------------------------------------- policies
+
+
+class Policy(nn.Module):
+    """Base class: subclasses implement :meth:`encode`; the base supplies the heads.
+
+    Args:
+        binding: the env's binding (for spaces and ``unflatten_observation``).
+        feature_size: the width of what :meth:`encode` returns.
+    """
+
+    is_recurrent = False
+
+    def __init__(self, binding, feature_size: int):
+        super().__init__()
+        self.binding = binding
+        self.feature_size = feature_size
+        self.action_head = make_action_head(binding.single_action_space, feature_size)
+        self.value_head = layer_init(nn.Linear(feature_size, 1), std=1.0)
+
+    def unflatten(self, obs: torch.Tensor) -> Any:
+        """The nested observation behind flat ``obs (B, obs_size)``: dicts/tuples of tensor views."""
+        return self.binding.unflatten_observation(obs)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """Flat observations ``(B, obs_size)`` -> features ``(B, feature_size)``."""
+        raise NotImplementedError
+
+    def decode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features -> (action parameters, value ``(B,)``)."""
+        return self.action_head(features), self.value_head(features).squeeze(-1)
+
+    def forward(self, obs: torch.Tensor, state: State | None = None, starts: torch.Tensor | None = None):
+        """``obs (B, obs_size)`` -> (action parameters, value ``(B,)``, state (None: not recurrent))."""
+        params, value = self.decode(self.encode(obs))
+        return params, value, None
+
+    def sample_actions(self, params: torch.Tensor, deterministic: bool = False):
+        """(actions, log-probability ``(B,)``) from the action parameters."""
+        return self.action_head.sample(params, deterministic)
+
+    def evaluate_actions(self, params: torch.Tensor, actions: torch.Tensor):
+        """(log-probability ``(B,)``, entropy ``(B,)``) of given actions."""
+        return self.action_head.evaluate(params, actions)
+
+
+class MLPPolicy(Policy):
+    """Separate actor and critic MLPs (tanh) over a flat vector observation, as in CleanRL's ``ppo.py``.
+
+    ``encode`` returns both towers' outputs side by side ``(B, 2 * hidden_size)``; ``decode`` reads
+    the actor half for the action head and the critic half for the value.
+    """
+
+    def __init__(self, binding, hidden_size: int = 64, num_layers: int = 2):
+        super().__init__(binding, feature_size=2 * hidden_size)
+        in_size = int(np.prod(binding.single_observation_space.shape))
+
+        def tower() -> nn.Sequential:
+            layers, width = [], in_size
+            for _ in range(num_layers):
+                layers += [layer_init(nn.Linear(width, hidden_size)), nn.Tanh()]
+                width = hidden_size
+            return nn.Sequential(*layers)
+
+        self.hidden_size = hidden_size
+        self.actor, self.critic = tower(), tower()
+        self.action_head = make_action_head(binding.single_action_space, hidden_size)
+        self.value_head = layer_init(nn.Linear(hidden_size, 1), std=1.0)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.float()
+        return torch.cat([self.actor(x), self.critic(x)], dim=-1)
+
+    def decode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        actor, critic = features.split(self.hidden_size, dim=-1)
+        return self.action_head(actor), self.value_head(critic).squeeze(-1)
+
+
+class NatureCNN(Policy):
+    """The Nature-DQN convolutional network for stacked frames, ``uint8`` scaled to [0, 1].
+
+    Reads the raw observation as ``(C, H, W)`` (channels first, e.g. 4 stacked 84x84 frames) or
+    ``(H, W, C)`` with ``channels_last=True``; a 2-D ``(H, W)`` frame gets one channel.
+    """
+
+    def __init__(self, binding, hidden_size: int = 512, channels_last: bool | None = None):
+        super().__init__(binding, feature_size=hidden_size)
+        shape = binding.raw_single_observation_space.shape
+        if channels_last is None:
+            channels_last = len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+        self.channels_last = channels_last
+        if len(shape) == 2:
+            chw = (1, *shape)
+        else:
+            chw = (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
+        self.chw = chw
+        self.scale = 1 / 255 if binding.raw_single_observation_space.dtype == np.uint8 else 1.0
+        self.convs = nn.Sequential(
+            layer_init(nn.Conv2d(chw[0], 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            conv_size = self.convs(torch.zeros(1, *chw)).shape[1]
+        self.linear = nn.Sequential(layer_init(nn.Linear(conv_size, hidden_size)), nn.ReLU())
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        frames = self.unflatten(obs)  # (B, *raw shape), a view
+        if self.channels_last:
+            frames = frames.permute(0, 3, 1, 2)
+        frames = frames.reshape(len(obs), *self.chw).float() * self.scale  # (B, C, H, W)
+        return self.linear(self.convs(frames))
+
+
+# ---------------------------------------------------------------- nested observations
+
+
+@functools.singledispatch
+def leaf_width(space: spaces.Space) -> int:
+    """How many floats :func:`leaf_features` makes of one observation leaf."""
+    raise SpaceError(f"no features for observation leaf {space!r}")
+
+
+@leaf_width.register(spaces.Box)
+@leaf_width.register(spaces.MultiBinary)
+def _(space) -> int:
+    return int(np.prod(space.shape))
+
+
+@leaf_width.register(spaces.Discrete)
+def _(space: spaces.Discrete) -> int:
+    return int(space.n)
+
+
+@leaf_width.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete) -> int:
+    return int(space.nvec.sum())
+
+
+@functools.singledispatch
+def leaf_features(space: spaces.Space, value: torch.Tensor) -> torch.Tensor:
+    """One observation leaf ``(B, *leaf shape)`` -> floats ``(B, leaf_width(space))``.
+
+    Box: as floats (``uint8`` scaled to [0, 1]); Discrete / MultiDiscrete: one-hot;
+    MultiBinary: 0/1 floats.
+    """
+    raise SpaceError(f"no features for observation leaf {space!r}")
+
+
+@leaf_features.register(spaces.Box)
+def _(space: spaces.Box, value: torch.Tensor) -> torch.Tensor:
+    x = value.reshape(len(value), -1).float()
+    return x / 255 if space.dtype == np.uint8 else x
+
+
+@leaf_features.register(spaces.MultiBinary)
+def _(space: spaces.MultiBinary, value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(len(value), -1).float()
+
+
+@leaf_features.register(spaces.Discrete)
+def _(space: spaces.Discrete, value: torch.Tensor) -> torch.Tensor:
+    index = (value.reshape(len(value)).long() - int(space.start)).clamp(0, space.n - 1)
+    return nn.functional.one_hot(index, int(space.n)).float()
+
+
+@leaf_features.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete, value: torch.Tensor) -> torch.Tensor:
+    nvec = torch.as_tensor(space.nvec.ravel(), device=value.device)
+    start = torch.as_tensor(np.broadcast_to(space.start, space.shape).ravel(), device=value.device)
+    offsets = torch.cumsum(nvec, 0) - nvec  # where each dimension's one-hot block begins
+    index = torch.minimum((value.reshape(len(value), -1).long() - start).clamp(min=0), nvec - 1) + offsets
+    out = torch.zeros(len(value), int(nvec.sum()), device=value.device)
+    return out.scatter_(1, index, 1.0)
+
+
+class MixedPolicy(Policy):
+    """For nested or discrete observations: unflatten, turn every leaf into floats, then an MLP.
+
+    Raw bytes never enter a layer: a mixed-dtype observation is read leaf by leaf through typed
+    views, discrete leaves become one-hot vectors, images are scaled to [0, 1].
+    """
+
+    def __init__(self, binding, hidden_size: int = 128, num_layers: int = 2):
+        super().__init__(binding, feature_size=hidden_size)
+        self.leaves = leaves(binding.raw_single_observation_space)
+        width = sum(leaf_width(leaf.space) for leaf in self.leaves)
+        layers = []
+        for _ in range(num_layers):
+            layers += [layer_init(nn.Linear(width, hidden_size)), nn.ReLU()]
+            width = hidden_size
+        self.mlp = nn.Sequential(*layers)
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        nested = self.unflatten(obs)
+        parts = []
+        for leaf in self.leaves:
+            value = nested
+            for key in leaf.path:
+                value = value[key]
+            parts.append(leaf_features(leaf.space, value))
+        return self.mlp(torch.cat(parts, dim=-1))
+
+
+# ---------------------------------------------------------------- recurrence
+
+
+class LSTMPolicy(Policy):
+    """Any policy with an LSTM between its ``encode`` and ``decode``.
+
+    ``state`` is ``(h, c)``, each ``(B, feature_size)``. ``starts (B,)`` or ``(T, B)`` marks rows whose
+    observation begins a new episode for that agent: their state is zeroed before the step.
+    """
+
+    is_recurrent = True
+
+    def __init__(self, policy: Policy):
+        nn.Module.__init__(self)
+        self.binding = policy.binding
+        self.policy = policy
+        self.feature_size = policy.feature_size
+        self.cell = nn.LSTMCell(policy.feature_size, policy.feature_size)
+        for name, param in self.cell.named_parameters():
+            if "bias" in name:
+                nn.init.constant_(param, 0)
+            else:
+                nn.init.orthogonal_(param, 1.0)
+
+    @property
+    def action_head(self) -> nn.Module:
+        return self.policy.action_head
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
+        """Zero ``(h, c)`` for ``batch_size`` rows."""
+        zeros = torch.zeros(batch_size, self.feature_size, device=device)
+        return zeros, zeros.clone()
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.policy.encode(obs)
+
+    def decode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy.decode(features)
+
+    def forward(self, obs: torch.Tensor, state: State | None = None, starts: torch.Tensor | None = None):
+        """One step, ``obs (B, obs_size)``, or a sequence, ``obs (T, B, obs_size)`` with ``starts (T, B)``.
+
+        Returns (action parameters, values, state); a sequence's outputs are flattened to ``(T * B, ...)``.
+        """
+        sequence = obs.dim() == 3
+        steps, batch = (obs.shape[0], obs.shape[1]) if sequence else (1, obs.shape[0])
+        features = self.policy.encode(obs.reshape(steps * batch, -1)).view(steps, batch, -1)
+        if state is None:
+            state = self.initial_state(batch, obs.device)
+        if starts is None:
+            starts = torch.zeros(steps, batch, dtype=torch.bool, device=obs.device)
+        starts = starts.view(steps, batch, 1)
+        h, c = state
+        hidden = []
+        for t in range(steps):
+            # torch.where, not a product: a zeroed state must not carry NaN from a garbage row.
+            h = torch.where(starts[t], 0.0, h)
+            c = torch.where(starts[t], 0.0, c)
+            h, c = self.cell(features[t], (h, c))
+            hidden.append(h)
+        params, value = self.policy.decode(torch.cat(hidden, dim=0))
+        return params, value, (h, c)
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def _is_image(space: spaces.Space) -> bool:
+    if not isinstance(space, spaces.Box) or space.dtype != np.uint8 or len(space.shape) not in (2, 3):
+        return False
+    spatial = space.shape if len(space.shape) == 2 else sorted(space.shape)[1:]
+    return min(spatial) >= 36  # the Nature CNN's smallest input
+
+
+def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, kind: str = "auto") -> Policy:
+    """The policy shoal picks from the binding's raw observation space.
+
+    ``kind``: ``"auto"`` (Nature CNN for ``uint8`` frames of at least 36x36, MLP for a vector ``Box``,
+    :class:`MixedPolicy` for anything nested or discrete), or one of ``"mlp"``, ``"cnn"``, ``"mixed"``.
+    ``lstm=True`` wraps it in :class:`LSTMPolicy`.
+    """
+    space = binding.raw_single_observation_space
+    if kind == "auto":
+        if _is_image(space):
+            kind = "cnn"
+        elif isinstance(space, spaces.Box) and space.dtype != np.uint8 or isinstance(space, spaces.MultiBinary):
+            kind = "mlp"
+        else:
+            kind = "mixed"
+    builders = {
+        "mlp": lambda: MLPPolicy(binding, hidden_size or 64),
+        "cnn": lambda: NatureCNN(binding, hidden_size or 512),
+        "mixed": lambda: MixedPolicy(binding, hidden_size or 128),
+    }
+    if kind not in builders:
+        raise SpaceError(f"unknown policy kind {kind!r}: expected one of auto, {', '.join(builders)}")
+    policy = builders[kind]()
+    return LSTMPolicy(policy) if lstm else policy

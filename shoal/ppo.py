@@ -1,0 +1,610 @@
+"""PPO, read top to bottom: :class:`PPOConfig` and one function, :func:`train`.
+
+The shape follows CleanRL's single-file ``ppo.py`` (rollout, GAE, optimize, log), on a shoal vector env:
+
+- the rollout speaks ``send``/``recv``, so with ``envs_per_batch < num_envs`` one half of the envs
+  simulates while the policy acts for the other; the last actions of a rollout are sent *before*
+  the update, so the envs simulate while the network learns;
+- a transition ``(obs_t, action_t, reward_t)`` counts iff the mask that came with ``obs_t`` and the
+  mask that came with ``reward_t`` are both True (``docs/design.md``): padded and dead agent slots
+  never enter advantages, losses or statistics, and GAE never runs across them;
+- truncated episodes bootstrap from the value of their final observation (``infos``);
+- recurrent state resets at every agent's episode start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from shoal.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from shoal.errors import APIUsageError
+from shoal.policy import Policy, default_policy
+
+
+@dataclass
+class PPOConfig:
+    """Everything a PPO run needs; the defaults are CleanRL's ``ppo.py`` (see ``shoal.envs.preset``
+    for per-env tuned settings, which ``shoal train`` starts from)."""
+
+    # ---- experiment
+    env: str = "cartpole"
+    """env to train on: cartpole, atari:<Game>, gym:<gymnasium id>"""
+    seed: int = 1
+    """seed of torch, numpy, random and the envs"""
+    torch_deterministic: bool = True
+    """make cuDNN deterministic"""
+    device: str = "auto"
+    """torch device: auto (cuda when available), cpu, cuda, cuda:1 ..."""
+    torch_threads: int = 1
+    """CPU threads torch may use (0: torch's default); 1 is fastest for small nets on few cores"""
+    run_dir: str | None = None
+    """where logs and checkpoints go (None: write nothing)"""
+    dashboard: bool = True
+    """show the live console dashboard"""
+    tensorboard: bool = True
+    """write TensorBoard scalars to run_dir"""
+    wandb: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "shoal"
+    """W&B project name"""
+
+    # ---- vectorization
+    backend: Literal["serial", "multiprocessing", "ray"] = "serial"
+    """where envs run: serial (this process), multiprocessing, ray"""
+    num_envs: int = 4
+    """env copies stepped in parallel"""
+    num_workers: int = 1
+    """worker processes (multiprocessing / ray); num_envs must divide among them"""
+    envs_per_batch: int = 0
+    """envs per recv batch; 0: all envs (synchronous); num_envs/2: simulation overlaps inference"""
+
+    # ---- algorithm
+    total_timesteps: int = 500_000
+    """agent steps to train for (valid transitions, over all agents)"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over total_timesteps"""
+    num_steps: int = 128
+    """rollout length: transitions per agent slot per update"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """passes over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping"""
+    clip_vloss: bool = True
+    """clip the value loss around the old values"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient norm clip"""
+    target_kl: float | None = None
+    """stop the update's epochs early once the approximate KL exceeds this"""
+
+    # ---- policy
+    policy: Literal["auto", "mlp", "cnn", "mixed"] = "auto"
+    """network: auto picks from the observation space"""
+    hidden_size: int = 0
+    """width of the network (0: the policy's default: mlp 64, cnn 512, mixed 128)"""
+    lstm: bool = False
+    """put an LSTM between the encoder and the heads"""
+
+    # ---- run control
+    checkpoint_interval: int = 50
+    """write a checkpoint every this many updates (and at the end); 0: only at the end"""
+    keep_checkpoints: int = 3
+    """checkpoints kept in run_dir/checkpoints (0: all)"""
+    stop_at_return: float | None = None
+    """stop early once the mean return of the last 20 episodes reaches this"""
+
+    def validate(self) -> None:
+        """Raise :class:`APIUsageError` naming the first bad field."""
+        positive = ["num_envs", "num_workers", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise APIUsageError(f"{name} must be a positive integer, got {value!r}")
+        for name in ["envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
+            if getattr(self, name) < 0:
+                raise APIUsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise APIUsageError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise APIUsageError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma!r} and {self.gae_lambda!r}")
+        if self.backend not in ("serial", "multiprocessing", "ray"):
+            raise APIUsageError(f"backend must be serial, multiprocessing or ray, got {self.backend!r}")
+        if self.num_envs % self.num_workers:
+            raise APIUsageError(f"num_envs ({self.num_envs}) must divide evenly among num_workers ({self.num_workers})")
+        if self.envs_per_batch and (self.envs_per_batch > self.num_envs or self.num_envs % self.envs_per_batch):
+            raise APIUsageError(f"envs_per_batch ({self.envs_per_batch}) must divide num_envs ({self.num_envs})")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    policy: Policy
+    global_step: int
+    updates: int
+    wall_time: float
+    """seconds spent in train(), setup included"""
+    episodes: list[tuple[int, float, float, int]] = field(default_factory=list)
+    """(global_step, seconds since start, return, length) of every finished episode"""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """the metrics of every update, as logged"""
+    run_dir: str | None = None
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.global_step / max(self.wall_time, 1e-9)
+
+    def mean_return(self, last: int = 20) -> float:
+        """Mean return of the last ``last`` episodes (NaN before any)."""
+        returns = [episode[2] for episode in self.episodes[-last:]]
+        return float(np.mean(returns)) if returns else math.nan
+
+    def first_reached(self, target: float, window: int = 20) -> tuple[int, float] | None:
+        """(global_step, seconds) when the mean of ``window`` consecutive episode returns first reached ``target``."""
+        returns = deque(maxlen=window)
+        for step, seconds, ret, _ in self.episodes:
+            returns.append(ret)
+            if len(returns) == window and np.mean(returns) >= target:
+                return step, seconds
+        return None
+
+
+def make_vecenv(config: PPOConfig, binding):
+    """The vector env the config asks for."""
+    from shoal import vector
+
+    return vector.make(binding, backend=config.backend, num_workers=config.num_workers,
+                       envs_per_worker=config.num_envs // config.num_workers,
+                       batch_size=config.envs_per_batch or None)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise APIUsageError(f"device {name!r} is not a torch device: expected auto, cpu, cuda or cuda:N") from None
+
+
+def make_policy(config: PPOConfig, binding) -> Policy:
+    """The default policy for ``binding`` with the config's policy settings."""
+    return default_policy(binding, hidden_size=config.hidden_size or None, lstm=config.lstm, kind=config.policy)
+
+
+def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None, vecenv=None,
+          resume_from: str | Path | None = None) -> TrainResult:
+    """Train ``policy`` (default: :func:`make_policy`) with PPO on ``binding``'s env.
+
+    Args:
+        config: hyper-parameters and run settings.
+        binding: the env (see ``shoal.envs.make_binding``).
+        policy: a :class:`~shoal.policy.Policy`; built from the binding's spaces when None.
+        logger: a :class:`~shoal.logging.Logger`; built from the config when None.
+        vecenv: an already made vector env (it is not closed here); made from the config when None.
+        resume_from: a checkpoint file or run directory to continue from (model, optimizer,
+            global step, update count and RNG states).
+
+    >>> from shoal.envs import make_binding
+    >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
+    """
+    config.validate()
+    started = time.perf_counter()
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    torch.backends.cudnn.deterministic = config.torch_deterministic
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    device = resolve_device(config.device)
+    policy = (policy or make_policy(config, binding)).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    global_step = update = 0
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from, map_location=device)
+        check_compatible(checkpoint, binding, config)
+        policy.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, update = checkpoint["global_step"], checkpoint["update"]
+        set_rng_states(checkpoint["rng"])
+    own_vecenv = vecenv is None
+    vecenv = vecenv if vecenv is not None else make_vecenv(config, binding)
+    if logger is None:
+        from shoal.logging import Logger
+
+        logger = Logger(config.run_dir, total_steps=config.total_timesteps, title=_title(config, binding, device),
+                        dashboard=config.dashboard, tensorboard=config.tensorboard, wandb=config.wandb,
+                        wandb_project=config.wandb_project, config=dataclasses.asdict(config), start_step=global_step)
+    if config.run_dir is not None:
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
+
+    T, N = config.num_steps, vecenv.num_agents
+    max_agents = binding.max_agents
+    obs_space, atn_space = binding.single_observation_space, binding.single_action_space
+    discrete = hasattr(atn_space, "nvec")
+    atn_size = len(atn_space.nvec) if discrete else int(np.prod(atn_space.shape))
+    slot_of_agent = {agent: slot for slot, agent in enumerate(binding.possible_agents)}
+    gamma, gae_lambda = config.gamma, config.gae_lambda
+
+    # Rollout storage, on the host, (T + 1, N): row t of slot n holds obs_t and what came of it. Row T
+    # holds the observation after the rollout: its value bootstraps GAE, and its action is in flight
+    # during the update, so it becomes row 0 of the next rollout. Dead slots store zeros, never garbage.
+    obs = np.zeros((T + 1, N, *obs_space.shape), obs_space.dtype)
+    actions = np.zeros((T + 1, N, atn_size), np.int64 if discrete else np.float32)
+    logprobs, values, rewards = (np.zeros((T + 1, N), np.float32) for _ in range(3))
+    masks, next_masks, terminals, truncations, starts = (np.zeros((T + 1, N), bool) for _ in range(5))
+    length = np.zeros(N, np.int64)  # transitions stored this rollout, per slot
+    in_flight = np.zeros(N, bool)  # an action was sent for the slot's newest obs
+    last_mask = np.zeros(N, bool)  # the mask that came with the slot's newest obs
+    if policy.is_recurrent:
+        state = policy.initial_state(N, device)  # (h, c), each (N, hidden): after each slot's newest obs
+        rollout_state = policy.initial_state(N, device)  # before row 0's obs, per slot
+        next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
+
+    recent_returns: deque = deque(maxlen=20)
+    result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0, run_dir=config.run_dir)
+    sim_time = inference_time = learn_time = 0.0
+    step_at_start, clock = global_step, time.perf_counter()
+    slot_rows = _SlotRows(max_agents)
+    vecenv.async_reset(config.seed)
+    try:
+        while global_step < config.total_timesteps:
+            update += 1
+            frac = 1.0 - global_step / config.total_timesteps
+            lr = config.learning_rate * frac if config.anneal_lr else config.learning_rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            finished: list[tuple[float, int]] = []
+
+            # ------------------------------------------------------------ rollout
+            while (length < T).any():
+                tick = time.perf_counter()
+                batch = vecenv.recv()
+                tock = time.perf_counter()
+                sim_time += tock - tick
+                rows, span = slot_rows(batch.env_ids)  # (B,) the batch's slots, env-major
+                mask = batch.masks.copy()
+                terminal, truncation = batch.terminals & mask, batch.truncations & mask
+                reward = np.where(mask, batch.rewards, 0).astype(np.float32)
+
+                # Episode statistics, and bootstrap values for truncated agents from their final observation.
+                final_rows, final_obs = [], []
+                for position, env_infos in enumerate(batch.infos):
+                    for agent, info in env_infos.items():
+                        row = position * max_agents + slot_of_agent[agent]  # within the batch
+                        if "episode" in info:
+                            episode = float(info["episode"]["return"]), int(info["episode"]["length"])
+                            finished.append(episode)
+                            recent_returns.append(episode[0])
+                            result.episodes.append((global_step, time.perf_counter() - started, *episode))
+                        if "final_observation" in info and truncation[row] and not terminal[row]:
+                            final_rows.append(row)
+                            final_obs.append(info["final_observation"])
+                if final_rows:
+                    with torch.no_grad():
+                        flat = torch.as_tensor(np.stack(final_obs), device=device)
+                        if policy.is_recurrent:
+                            slots = torch.as_tensor(rows[final_rows], device=device)
+                            _, final_values, _ = policy(flat, (state[0][slots], state[1][slots]))
+                        else:
+                            _, final_values, _ = policy(flat)
+                    reward[final_rows] += gamma * final_values.float().cpu().numpy()
+
+                # The in-flight transitions (obs_t, action_t) receive reward_t, their flags and mask_{t+1}.
+                t = length[rows]
+                at = _step_index(t, rows, span)
+                rewards[at], terminals[at], truncations[at], next_masks[at] = reward, terminal, truncation, mask
+                acted = in_flight[rows]
+                global_step += int((acted & last_mask[rows] & mask).sum())
+                ran_ahead = acted & (t == T)
+                if ran_ahead.any():
+                    # This env finished its rollout while others lag and stepped again: its newest
+                    # transition has no row. Drop it, and end the last stored one with a bootstrap from
+                    # the value of the observation that followed it (exact, as for a time limit).
+                    cut = rows[ran_ahead]
+                    open_ = ~(terminals[T - 1, cut] | truncations[T - 1, cut])
+                    rewards[T - 1, cut] += np.where(open_, gamma * values[T, cut], 0)
+                    truncations[T - 1, cut] = True
+                t = t + (acted & (t < T))
+                length[rows] = t
+                at = _step_index(t, rows, span)
+
+                # The new observation: store it, act on it.
+                start = terminal | truncation | ~last_mask[rows]  # this obs begins an agent's episode
+                obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
+                live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
+                if live is not None:
+                    obs[t[~mask], rows[~mask]] = 0
+                with torch.no_grad():
+                    ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
+                    if policy.is_recurrent:
+                        acting = torch.as_tensor(rows if live is None else rows[live], device=device)
+                        begin = torch.as_tensor(start if live is None else start[live], device=device)[:, None]
+                        h = torch.where(begin, 0.0, state[0][acting])
+                        c = torch.where(begin, 0.0, state[1][acting])
+                        at_end = torch.as_tensor((t if live is None else t[live]) == T, device=device)
+                        next_rollout_state[0][acting[at_end]] = h[at_end]
+                        next_rollout_state[1][acting[at_end]] = c[at_end]
+                        params, value, (h, c) = policy(ob, (h, c))
+                        state[0][acting], state[1][acting] = h, c
+                    else:
+                        params, value, _ = policy(ob)
+                    action, logprob = policy.sample_actions(params)
+                    action, logprob, value = action.cpu().numpy(), logprob.cpu().numpy(), value.float().cpu().numpy()
+                actions[at], logprobs[at], values[at] = (_expand(x, live, len(rows)) for x in (action, logprob, value))
+                sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)
+                tick = time.perf_counter()
+                inference_time += tick - tock
+                vecenv.send(sent)
+                sim_time += time.perf_counter() - tick
+                in_flight[rows] = True
+                last_mask[rows] = mask
+
+            learn_start = time.perf_counter()
+            # ------------------------------------------------------------ GAE
+            # A transition counts iff the masks that came with its obs and with its reward are both True.
+            # Advantages never propagate across an episode end or into a transition that does not count.
+            valid = masks[:T] & next_masks[:T]  # (T, N)
+            done = terminals[:T] | truncations[:T]
+            advantages = np.zeros((T, N), np.float32)
+            next_advantage = np.zeros(N, np.float32)
+            for t in reversed(range(T)):
+                next_value = np.where(done[t], 0, values[t + 1])
+                delta = rewards[t] + gamma * next_value - values[t]
+                carry = ~done[t] & (valid[t + 1] if t + 1 < T else True)
+                next_advantage = np.where(valid[t], delta + gamma * gae_lambda * np.where(carry, next_advantage, 0), 0)
+                advantages[t] = next_advantage
+            returns = advantages + values[:T]
+            variance = float(returns[valid].var()) if valid.sum() > 1 else math.nan
+            explained = 1 - float((returns - values[:T])[valid].var()) / variance if variance > 0 else math.nan
+
+            # ------------------------------------------------------------ optimize
+            def tensor(array: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+            if policy.is_recurrent:
+                # Minibatches of whole slot sequences (T, slots): the LSTM replays each from its
+                # rollout-start state; only counting transitions enter the loss.
+                units = np.flatnonzero(valid.any(0))  # slots with data
+                seq = {name: tensor(array[:T]) for name, array in dict(
+                    obs=obs, starts=starts, valid=valid, actions=actions, logprobs=logprobs, advantages=advantages,
+                    returns=returns, values=values).items()}
+            else:
+                units = np.flatnonzero(valid.reshape(-1))  # counting transitions, time-major
+                flat = {name: tensor(array[:T].reshape(T * N, *array.shape[2:])[units]) for name, array in dict(
+                    obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns,
+                    values=values).items()}
+            per_minibatch = max(1, math.ceil(len(units) / config.num_minibatches))
+            stats: dict[str, list[float]] = {"policy": [], "value": [], "entropy": [], "approx_kl": [], "clipfrac": []}
+            for epoch in range(config.update_epochs):
+                order = torch.randperm(len(units), device=device)
+                for first in range(0, len(units), per_minibatch):
+                    mb = order[first:first + per_minibatch]
+                    if policy.is_recurrent:
+                        slots = torch.as_tensor(units, device=device)[mb]
+                        params, new_values, _ = policy(seq["obs"][:, slots], (rollout_state[0][slots],
+                                                       rollout_state[1][slots]), seq["starts"][:, slots])
+                        pick = seq["valid"][:, slots].reshape(-1).nonzero().squeeze(1)  # (T * slots), time-major
+                        params, new_values = params[pick], new_values[pick]
+                        b = {k: seq[k][:, slots].reshape(-1, *seq[k].shape[2:])[pick]
+                             for k in ("actions", "logprobs", "advantages", "returns", "values")}
+                    else:
+                        params, new_values, _ = policy(flat["obs"][mb])
+                        b = {k: flat[k][mb] for k in ("actions", "logprobs", "advantages", "returns", "values")}
+                    new_logprobs, entropy = policy.evaluate_actions(params, b["actions"])
+                    log_ratio = new_logprobs - b["logprobs"]
+                    ratio = log_ratio.exp()
+                    with torch.no_grad():
+                        stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                        stats["clipfrac"].append(((ratio - 1.0).abs() > config.clip_coef).float().mean().item())
+                    mb_advantages = b["advantages"]
+                    if config.norm_adv and len(mb_advantages) > 1:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    policy_loss = torch.max(
+                        -mb_advantages * ratio,
+                        -mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                    ).mean()
+                    new_values = new_values.float()
+                    if config.clip_vloss:
+                        clipped = b["values"] + (new_values - b["values"]).clamp(-config.clip_coef, config.clip_coef)
+                        value_loss = 0.5 * torch.max((new_values - b["returns"]) ** 2,
+                                                     (clipped - b["returns"]) ** 2).mean()
+                    else:
+                        value_loss = 0.5 * ((new_values - b["returns"]) ** 2).mean()
+                    entropy_loss = entropy.mean()
+                    loss = policy_loss - config.ent_coef * entropy_loss + config.vf_coef * value_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    stats["policy"].append(policy_loss.item())
+                    stats["value"].append(value_loss.item())
+                    stats["entropy"].append(entropy_loss.item())
+                if config.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > config.target_kl:
+                    break
+
+            # The next rollout starts from row T: its action is already in flight.
+            for array in (obs, actions, logprobs, values, masks, starts):
+                array[0] = array[T]
+            length[:] = 0
+            if policy.is_recurrent:
+                rollout_state[0].copy_(next_rollout_state[0])
+                rollout_state[1].copy_(next_rollout_state[1])
+            learn_time += time.perf_counter() - learn_start
+
+            # ------------------------------------------------------------ log
+            busy = sim_time + inference_time + learn_time
+            metrics = {
+                "global_step": global_step,
+                "update": update,
+                "wall_time": time.perf_counter() - started,
+                "episode/return": float(np.mean([r for r, _ in finished])) if finished else math.nan,
+                "episode/length": float(np.mean([n for _, n in finished])) if finished else math.nan,
+                "episode/count": len(finished),
+                "episode/total": len(result.episodes),
+                "episode/return_mean20": float(np.mean(recent_returns)) if recent_returns else math.nan,
+                "lr": lr,
+                "perf/steps_per_second": (global_step - step_at_start) / max(time.perf_counter() - clock, 1e-9),
+                "perf/sim_fraction": sim_time / busy,
+                "perf/inference_fraction": inference_time / busy,
+                "perf/learn_fraction": learn_time / busy,
+                **{f"loss/{k}": float(np.mean(v)) if v else math.nan for k, v in stats.items()},
+                "loss/explained_variance": explained,
+            }
+            logger.log(global_step, metrics)
+            result.history.append(metrics)
+
+            # ------------------------------------------------------------ checkpoint
+            solved = (config.stop_at_return is not None and len(recent_returns) == recent_returns.maxlen
+                      and np.mean(recent_returns) >= config.stop_at_return)
+            last = global_step >= config.total_timesteps or solved
+            if config.run_dir is not None and (last or (config.checkpoint_interval
+                                                        and update % config.checkpoint_interval == 0)):
+                save_checkpoint(config.run_dir, update, {
+                    "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
+                    "spaces": _space_signature(binding), "global_step": global_step, "update": update,
+                    "rng": rng_states(),
+                }, keep=config.keep_checkpoints)
+            if solved:
+                logger.message(f"solved: mean return of the last 20 episodes {np.mean(recent_returns):.1f} "
+                               f">= {config.stop_at_return} at step {global_step:,}")
+                break
+    finally:
+        logger.close()
+        if own_vecenv:
+            vecenv.close()
+    result.global_step, result.updates = global_step, update
+    result.wall_time = time.perf_counter() - started
+    return result
+
+
+class _SlotRows:
+    """env_ids of a batch -> (its slot rows ``(B,)`` env-major, the same as a slice or None), cached."""
+
+    def __init__(self, max_agents: int):
+        self.max_agents = max_agents
+        self.cache: dict[bytes, tuple[np.ndarray, slice | None]] = {}
+
+    def __call__(self, env_ids) -> tuple[np.ndarray, slice | None]:
+        env_ids = np.asarray(env_ids, np.int64)
+        key = env_ids.tobytes()
+        if key not in self.cache:
+            rows = (env_ids[:, None] * self.max_agents + np.arange(self.max_agents)).reshape(-1)
+            contiguous = bool((np.diff(rows) == 1).all())
+            self.cache[key] = rows, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else None
+        return self.cache[key]
+
+
+def _step_index(t: np.ndarray, rows: np.ndarray, span: slice | None):
+    """Index of the pairs (t[i], rows[i]) into (T + 1, N) storage: an int and a slice (fast, views) when
+    the batch is one time step of contiguous slots, as in every synchronous rollout."""
+    if span is not None and t.min() == t.max():
+        return int(t[0]), span
+    return t, rows
+
+
+def _expand(values: np.ndarray, live: np.ndarray | None, size: int) -> np.ndarray:
+    """``values`` for the live rows -> ``size`` rows, zeros for the dead ones."""
+    if live is None:
+        return values
+    out = np.zeros((size, *values.shape[1:]), values.dtype)
+    out[live] = values
+    return out
+
+
+def _title(config: PPOConfig, binding, device: torch.device) -> str:
+    return (f"shoal PPO · {binding.env_name} · {config.backend} x {config.num_envs} envs"
+            f"{' x ' + str(binding.max_agents) + ' agents' if binding.max_agents > 1 else ''} · {device}"
+            f"{' · ' + config.run_dir if config.run_dir else ''}")
+
+
+def _config_json(config: PPOConfig) -> str:
+    import json
+
+    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+
+
+def _space_signature(binding) -> dict[str, str]:
+    return {"observation": repr(binding.single_observation_space), "action": repr(binding.single_action_space),
+            "max_agents": str(binding.max_agents)}
+
+
+def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None) -> None:
+    """Raise :class:`APIUsageError` when a checkpoint was trained on another env or other spaces."""
+    where = checkpoint.get("path", "the checkpoint")
+    if config is not None and checkpoint.get("env") != config.env:
+        raise APIUsageError(f"{where} was trained on env {checkpoint.get('env')!r}, not {config.env!r}: "
+                            f"pass --env {checkpoint.get('env')} or use a checkpoint of {config.env!r}")
+    expected = _space_signature(binding)
+    if checkpoint.get("spaces") != expected:
+        raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained on spaces "
+                            f"{checkpoint.get('spaces')}, this env has {expected}")
+
+
+def config_from_checkpoint(checkpoint: dict) -> PPOConfig:
+    """The :class:`PPOConfig` a checkpoint was trained with (unknown fields ignored)."""
+    names = {f.name for f in dataclasses.fields(PPOConfig)}
+    return PPOConfig(**{k: v for k, v in checkpoint["config"].items() if k in names})
+
+
+def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, deterministic: bool = False,
+             device: str | torch.device = "cpu", max_steps: int = 1_000_000) -> list[float]:
+    """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
+
+    Returns come from ``infos[agent]["episode"]`` (the binding's episode statistics, or the env's own).
+    """
+    env = binding.make_env()
+    device = torch.device(device)
+    policy = policy.to(device).eval()
+    returns: list[float] = []
+    state = policy.initial_state(binding.max_agents, device) if policy.is_recurrent else None
+    starts = torch.ones(binding.max_agents, dtype=torch.bool, device=device)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        obs, _ = env.reset(seed=seed)
+        for _ in range(max_steps):
+            with torch.no_grad():
+                flat = torch.as_tensor(np.array(obs), device=device)
+                params, _, state = policy(flat, state, starts) if policy.is_recurrent else policy(flat)
+                action, _ = policy.sample_actions(params, deterministic)
+            if not hasattr(binding.single_action_space, "nvec"):
+                space = binding.single_action_space
+                action = action.clamp(torch.as_tensor(space.low, device=device), torch.as_tensor(space.high, device=device))
+            obs, _, terminal, truncation, infos = env.step(action.cpu().numpy())
+            starts = torch.as_tensor(terminal | truncation, device=device)
+            for info in infos.values():
+                if "episode" in info:
+                    returns.append(float(info["episode"]["return"]))
+            if len(returns) >= episodes:
+                break
+    finally:
+        env.close()
+        torch.set_rng_state(generator_state)
+    return returns[:episodes]
