@@ -184,3 +184,35 @@ class CrashingEnv(gymnasium.Env):
                 time.sleep(3600)
             raise ValueError(f"CrashingEnv crashed at step {self.t}")
         return np.zeros(2, np.float32), 1.0, False, False, {}
+
+
+# ---------------------------------------------------------------- vector tests (shoal.vector)
+
+
+class ProbeEnv(CrashingEnv):
+    """A CrashingEnv that says which process runs it and can fail where a test asks.
+
+    Vector tests arm one env with ``set_attr("crash_step", n, env_ids=[i])`` (and ``hang``), and find its
+    worker process with ``call("pid")``. With ``fail_outside_pid``, building it fails in any other process.
+    """
+
+    def __init__(self, crash_step: int = 10**9, hang: bool = False, fail_outside_pid: int | None = None):
+        if fail_outside_pid is not None and os.getpid() != fail_outside_pid:
+            raise RuntimeError(f"ProbeEnv refuses to start in process {os.getpid()}")
+        super().__init__(crash_step, hang)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def scaled(self, value, factor=1):
+        return value * factor
+
+
+class ReseedingNestedMultiAgentEnv(NestedMultiAgentEnv):
+    """NestedMultiAgentEnv whose autoresets (``reset(seed=None)``) draw their seeds from the first seed,
+    so a whole run, episode ends included, is reproducible from ``reset(seed)``."""
+
+    def reset(self, seed=None, options=None):
+        if seed is not None or not hasattr(self, "_seeds"):
+            self._seeds = np.random.default_rng(seed)
+        return super().reset(seed=int(self._seeds.integers(2**31)), options=options)

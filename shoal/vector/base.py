@@ -225,7 +225,9 @@ class VecEnv(abc.ABC):
         self._state = AsyncState.CLOSED  # until the backend has started its workers
         name = type(self).__name__
         if not isinstance(binding, Binding):
-            raise APIUsageError(f"{name}: expected a shoal.Binding as first argument, got {type(binding).__name__}")
+            raise APIUsageError(
+                f"{name}: expected a shoal.Binding as first argument, got {type(binding).__name__}: pass how to "
+                f"build the env, e.g. shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',))")
         if binding.atn_layout is None:
             raise APIUsageError(f"{name}: {binding.env_name}: vec envs need flat actions; "
                                 f"build the Binding with emulate_flat_atn=True")
@@ -510,15 +512,15 @@ class VecEnv(abc.ABC):
         self._settle(by_worker)  # a worker answers in order: its step comes first
         for worker, indices in by_worker.items():
             self._send_or_close(worker, command, (indices, name, *rest))
-        values, missing = {}, None
+        values, missing = {}, {}
         for worker, status, payload in self._collect(set(by_worker), f"{command.value}({name!r})"):
             if status is Status.NO_ATTRIBUTE:
-                missing = payload
+                missing[worker] = payload
                 continue
             base = worker * self.envs_per_worker
             values.update({base + index: value for index, value in zip(by_worker[worker], payload)})
-        if missing is not None:
-            raise APIUsageError(f"{command.value}(): {missing}")
+        if missing:
+            raise APIUsageError(f"{command.value}(): {missing[min(missing)]}")
         return [values[int(env_id)] for env_id in ids]
 
     # -------------------------------------------------------------- lifetime

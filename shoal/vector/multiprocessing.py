@@ -86,7 +86,7 @@ def _worker_main(binding: Binding, worker: int, env_ids: range, rows: slice, sha
     status, answer = group.start()
     try:
         conn.send((status, answer))
-        while status is Status.OK:
+        while status is not Status.FAILED:
             command, payload = conn.recv()
             if command is Command.CLOSE:
                 break

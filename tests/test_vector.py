@@ -1,0 +1,434 @@
+"""shoal.vector: the same answers on every backend, clear errors, faults that never hang, nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import psutil
+import pytest
+
+import shoal
+import shoal.vector
+from envs import ProbeEnv, ReseedingNestedMultiAgentEnv
+from shoal.errors import APIUsageError, WorkerError
+from shoal.vector import Batch, Multiprocessing, Ray, Serial
+
+BACKENDS = ["serial", "multiprocessing", "ray"]
+PARALLEL = ["multiprocessing", "ray"]
+TRACEBACK = "Traceback \\(most recent call last\\)"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray for the module; its workers can import the test envs."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR",
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def warm_forkserver():
+    """The forkserver (and its resource tracker) start with the first vec env and then stay: start them now."""
+    Multiprocessing(shoal.Binding(env_cls=ProbeEnv), num_workers=1).close()
+
+
+@pytest.fixture
+def make(request, warm_forkserver):
+    """``make(binding, backend, **kwargs)``: a vec env that is closed after the test."""
+    made = []
+
+    def build(binding, backend, **kwargs):
+        if backend == "ray":
+            request.getfixturevalue("ray_cluster")
+        vecenv = shoal.vector.make(binding, backend, **kwargs)
+        made.append(vecenv)
+        return vecenv
+
+    yield build
+    for vecenv in made:
+        vecenv.close()
+
+
+def _children() -> set[int]:
+    """This process's descendants, without Ray's own processes (which come and go by themselves)."""
+    pids = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ray" not in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                pids.add(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _ray_actors() -> int:
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        return 0
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+
+
+def _resources() -> dict:
+    return {"child processes": _children(), "/dev/shm": set(os.listdir("/dev/shm")), "ray actors": _ray_actors()}
+
+
+@pytest.fixture
+def no_leaks(request, warm_forkserver):
+    """Fails the test if a process, a /dev/shm entry or a Ray actor it made outlives it."""
+    if "ray" in request.node.name:
+        request.getfixturevalue("ray_cluster")
+    before = _resources()
+    yield before
+    deadline = time.monotonic() + 15  # dead actors take a moment to be reported
+    while (after := _resources()) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after == before
+
+
+def cartpole() -> shoal.Binding:
+    return shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+
+
+def nested_multiagent() -> shoal.Binding:
+    return shoal.Binding(env_cls=ReseedingNestedMultiAgentEnv, env_kwargs={"max_steps": 12})
+
+
+# ---------------------------------------------------------------- same answers everywhere
+
+
+def _actions(binding: shoal.Binding, env_ids: np.ndarray, turns: dict[int, int]) -> np.ndarray:
+    """Actions that depend only on (env id, how many times that env acted): the same on every backend."""
+    nvec = binding.single_action_space.nvec
+    rows = []
+    for env_id in env_ids:
+        rng = np.random.default_rng([int(env_id), turns[int(env_id)]])
+        rows.append(rng.integers(0, nvec, size=(binding.max_agents, len(nvec))))
+        turns[int(env_id)] += 1
+    return np.concatenate(rows)
+
+
+def _trajectories(vecenv, recvs: int, seed: int = 7) -> dict[int, list]:
+    """Per env, everything it returned, in order, driven with the actions above."""
+    binding, per_env = vecenv.binding, {i: [] for i in range(vecenv.num_envs)}
+    turns = dict.fromkeys(range(vecenv.num_envs), 0)
+    vecenv.async_reset(seed)
+    for _ in range(recvs):
+        batch = vecenv.recv()
+        assert isinstance(batch, Batch) and len(batch.infos) == len(batch.env_ids) == vecenv.batch_size
+        assert batch.obs.shape == (vecenv.batch_size * binding.max_agents, binding.single_observation_space.shape[0])
+        for k, env_id in enumerate(batch.env_ids):
+            rows = slice(k * binding.max_agents, (k + 1) * binding.max_agents)
+            final = {agent: info["final_observation"].tolist() for agent, info in batch.infos[k].items()
+                     if "final_observation" in info}
+            per_env[int(env_id)].append((batch.obs[rows].tolist(), batch.rewards[rows].tolist(),
+                                         batch.terminals[rows].tolist(), batch.truncations[rows].tolist(),
+                                         batch.masks[rows].tolist(), final))
+        vecenv.send(_actions(binding, batch.env_ids, turns))
+    return per_env
+
+
+@pytest.mark.parametrize("binding_fn", [cartpole, nested_multiagent], ids=["cartpole", "nested-multiagent"])
+@pytest.mark.parametrize("batch_size", [None, 2], ids=["full-batch", "half-batch"])
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_backends_agree_with_serial(make, backend, binding_fn, batch_size):
+    binding = binding_fn()
+    kwargs = dict(num_workers=2, envs_per_worker=2, batch_size=batch_size)
+    recvs = 60 if batch_size is None else 120  # long enough for episode ends and autoresets
+    expected = _trajectories(make(binding, "serial", **kwargs), recvs)
+    got = _trajectories(make(binding, backend, **kwargs), recvs)
+    for env_id in expected:  # a partial batch may interleave envs differently; each env's history is the same
+        n = min(len(expected[env_id]), len(got[env_id]))
+        assert n >= 10 if batch_size else n == recvs  # who finishes first is up to the OS
+        assert got[env_id][:n] == expected[env_id][:n], f"env {env_id} differs"
+    assert any(step[5] for history in expected.values() for step in history), "no episode ended: test too short"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_api_matches_the_data_contract(make, backend):
+    binding = nested_multiagent()
+    vecenv = make(binding, backend, num_workers=2, envs_per_worker=2)
+    assert (vecenv.num_envs, vecenv.num_agents) == (4, 4 * binding.max_agents)
+    assert vecenv.single_observation_space == binding.single_observation_space
+    assert vecenv.single_action_space == binding.single_action_space
+    obs, infos = vecenv.reset(seed=3)
+    assert obs.shape == (vecenv.num_agents, binding.single_observation_space.shape[0]) and len(infos) == 4
+    single = binding.make_env()
+    for env_id in range(4):  # env i gets seed + i, slots are env-major
+        expected, _ = single.reset(seed=3 + env_id)
+        np.testing.assert_array_equal(obs[env_id * binding.max_agents:(env_id + 1) * binding.max_agents], expected)
+    actions = np.zeros((vecenv.num_agents, len(binding.single_action_space.nvec)), np.int64)
+    obs, rewards, terminals, truncations, infos = vecenv.step(actions)
+    assert rewards.dtype == np.float32 and terminals.dtype == truncations.dtype == vecenv.masks.dtype == bool
+    assert vecenv.masks.shape == (vecenv.num_agents,) and vecenv.masks.any() and not vecenv.masks.all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_batches_cover_every_env(make, backend):
+    vecenv = make(cartpole(), backend, num_workers=4, envs_per_worker=2, batch_size=4)
+    vecenv.async_reset(0)
+    seen = set()
+    for _ in range(12):  # the first 4 envs to finish each time; every env gets its turns
+        batch = vecenv.recv()
+        assert len(set(batch.env_ids)) == 4 and list(batch.env_ids) == sorted(batch.env_ids)
+        assert batch.env_ids.tolist() in ([0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7], [2, 3, 4, 5], [2, 3, 6, 7],
+                                          [4, 5, 6, 7])  # whole workers
+        seen |= set(batch.env_ids.tolist())
+        vecenv.send(np.ones(4, np.int64))  # (batch agents,) is accepted for a one-dimensional action
+    assert seen == set(range(8))
+
+
+def test_multiprocessing_start_methods_agree(make):
+    binding = cartpole()
+    expected = _trajectories(make(binding, "serial", num_workers=2), 10)
+    for context in ("fork", "spawn"):
+        assert _trajectories(make(binding, "multiprocessing", num_workers=2, context=context), 10) == expected
+
+
+# ---------------------------------------------------------------- any env, local or remote
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_call_get_attr_set_attr(make, backend):
+    vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    vecenv.step(np.zeros((4, 1), np.int64))
+    pids = vecenv.call("pid")
+    if backend == "serial":
+        assert pids == [os.getpid()] * 4
+    else:
+        assert pids[0] == pids[1] != pids[2] == pids[3] and os.getpid() not in pids
+    assert vecenv.call("scaled", 3, factor=2, env_ids=[3, 0]) == [6, 6]
+    assert vecenv.get_attr("tick") == [1, 1, 1, 1]  # on the emulated env
+    vecenv.set_attr("crash_step", 99, env_ids=[1])  # not on the emulated env: passes through to the raw env
+    assert vecenv.get_attr("crash_step") == [10**9, 99, 10**9, 10**9]
+    vecenv.set_attr("note", "hello", env_ids=[2])
+    assert vecenv.get_attr("note", env_ids=[2]) == ["hello"]
+    with pytest.raises(APIUsageError, match="env 0 \\(ProbeEnv\\) has no attribute 'nope': looked up on the "
+                                            "emulated env, then on the env it wraps"):
+        vecenv.call("nope")
+    with pytest.raises(APIUsageError, match=r"env_ids must be ints in \[0, 4\), got 4"):
+        vecenv.get_attr("tick", env_ids=[4])
+    vecenv.step(np.zeros((4, 1), np.int64))  # still usable after a usage error
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_call_waits_for_steps_in_flight(make, backend):
+    vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2, envs_per_worker=1, batch_size=1)
+    vecenv.async_reset(0)
+    batch = vecenv.recv()
+    vecenv.send(np.zeros((1, 1), np.int64))
+    assert vecenv.get_attr("tick") == [1, 0] if batch.env_ids[0] == 0 else [0, 1]
+    for _ in range(3):  # the answers collected by get_attr still come out of recv
+        batch = vecenv.recv()
+        vecenv.send(np.zeros((1, 1), np.int64))
+    assert sum(vecenv.get_attr("tick")) == 4
+
+
+# ---------------------------------------------------------------- usage errors
+
+
+def test_bad_construction_arguments():
+    binding = cartpole()
+    with pytest.raises(APIUsageError, match="num_workers must be a positive int, got 0"):
+        Serial(binding, num_workers=0)
+    with pytest.raises(APIUsageError, match="envs_per_worker must be a positive int, got 1.5"):
+        Multiprocessing(binding, envs_per_worker=1.5)
+    with pytest.raises(APIUsageError, match="batch_size must be a multiple of envs_per_worker=2 .* got 3"):
+        Serial(binding, num_workers=2, envs_per_worker=2, batch_size=3)
+    with pytest.raises(APIUsageError, match="at most num_envs=4, got 6"):
+        Serial(binding, num_workers=2, envs_per_worker=2, batch_size=6)
+    with pytest.raises(APIUsageError, match="timeout must be a positive number of seconds or None, got -1"):
+        Multiprocessing(binding, timeout=-1)
+    with pytest.raises(APIUsageError, match="Serial takes no backend options, got timeout"):
+        Serial(binding, timeout=1)
+    with pytest.raises(APIUsageError, match="context must be one of .* got 'threads'"):
+        Multiprocessing(binding, context="threads")
+    with pytest.raises(APIUsageError, match="expected a shoal.Binding as first argument, got TimeLimit: pass how to build"):
+        Serial(gymnasium.make("CartPole-v1"))
+    with pytest.raises(APIUsageError, match="backend must be one of \\['multiprocessing', 'ray', 'serial'\\]"):
+        shoal.vector.make(binding, "threads")
+
+
+def test_unpicklable_binding_is_a_clear_error(no_leaks):
+    binding = shoal.Binding(env_creator=lambda: gymnasium.make("CartPole-v1"))
+    with pytest.raises(APIUsageError, match="cannot be sent to a 'spawn' worker.*Define the env creator at module"):
+        Multiprocessing(binding, num_workers=1, context="spawn")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_out_of_order(make, backend):
+    vecenv = make(cartpole(), backend, num_workers=2, envs_per_worker=1)
+    actions = np.zeros((2, 1), np.int64)
+    with pytest.raises(APIUsageError, match="recv\\(\\) called out of order: expected a call to reset\\(\\) or "
+                                            "async_reset\\(\\) first"):
+        vecenv.recv()
+    with pytest.raises(APIUsageError, match="send\\(actions\\) called out of order: expected a call to reset"):
+        vecenv.step(actions)
+    vecenv.async_reset()
+    with pytest.raises(APIUsageError, match="send\\(actions\\) called out of order: expected a call to recv\\(\\)"):
+        vecenv.send(actions)
+    vecenv.recv()
+    with pytest.raises(APIUsageError, match="recv\\(\\) called out of order: expected a call to send\\(actions\\)"):
+        vecenv.recv()
+    vecenv.send(actions)
+    vecenv.reset()  # a reset is always allowed: steps in flight are finished and dropped
+    vecenv.close()
+    vecenv.close()  # idempotent
+    with pytest.raises(APIUsageError, match="reset\\(\\) on a closed .*: make a new vec env"):
+        vecenv.reset()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_actions(make, backend):
+    vecenv = make(nested_multiagent(), backend, num_workers=2, envs_per_worker=1)
+    vecenv.reset(seed=0)
+    rows, size = vecenv.num_agents, len(vecenv.single_action_space.nvec)
+    with pytest.raises(APIUsageError, match=f"expected shape \\({rows}, {size}\\) \\(batch_size 2 envs x max_agents "
+                                            f"5 slots, atn_size {size}\\) for MultiDiscrete.* got \\(3, {size}\\)"):
+        vecenv.send(np.zeros((3, size), np.int64))
+    with pytest.raises(APIUsageError, match="takes integer actions, got dtype float32"):
+        vecenv.send(np.zeros((rows, size), np.float32))
+    actions = np.zeros((rows, size), np.int64)
+    actions[1, 0] = 7
+    with pytest.raises(APIUsageError, match="row 1 \\(env 0, slot 1\\) holds \\[7 0 0 0\\]: expected 0 <= a < \\[2 3 4 5\\]"):
+        vecenv.send(actions)
+    vecenv.send(np.zeros((2, 5, size), np.int32))  # (batch_size, max_agents, atn_size) and int32 are fine
+    vecenv.recv()
+
+
+def test_sync_api_needs_a_full_batch(make):
+    vecenv = make(cartpole(), "serial", num_workers=2, batch_size=1)
+    with pytest.raises(APIUsageError, match="reset\\(\\) needs batch_size == num_envs \\(2\\), got batch_size=1: "
+                                            "use async_reset\\(\\)/send\\(\\)/recv\\(\\)"):
+        vecenv.reset()
+
+
+@pytest.mark.parametrize("seed", ["7", [1, 2, 3]])
+def test_bad_seed(make, seed):
+    vecenv = make(cartpole(), "serial", num_workers=2)
+    with pytest.raises(APIUsageError, match="seed must be None, an int \\(env i gets seed \\+ i\\) or a list of 2 seeds"):
+        vecenv.reset(seed=seed)
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(APIUsageError, match="the Ray backend needs ray, which is not installed .* "
+                                            "pip install 'shoal\\[ray\\]'"):
+        Ray(cartpole())
+
+
+def test_importing_shoal_vector_does_not_import_ray():
+    code = "import sys, shoal.vector; assert 'ray' not in sys.modules, 'ray was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- faults
+
+
+def probe() -> shoal.Binding:
+    return shoal.Binding(env_cls=ProbeEnv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_exception_becomes_worker_error(no_leaks, backend):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("crash_step", 2, env_ids=[3])
+    vecenv.step(np.zeros((4, 1), np.int64))
+    with pytest.raises(WorkerError, match=f"(?s)worker 1 \\(envs 2-3 of ProbeEnv\\) failed in step at its step 2, "
+                                          f"in env 3: ValueError: CrashingEnv crashed at step 2.*{TRACEBACK}.*"
+                                          f"in step\n.*raise ValueError") as caught:
+        vecenv.step(np.zeros((4, 1), np.int64))
+    assert caught.value.env_id == 3 and "CrashingEnv crashed" in caught.value.worker_traceback
+    with pytest.raises(APIUsageError, match="on a closed"):  # an error closes the vec env
+        vecenv.step(np.zeros((4, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_env_exception_while_building(no_leaks, backend):
+    binding = shoal.Binding(env_cls=ProbeEnv, env_kwargs={"fail_outside_pid": os.getpid()})
+    with pytest.raises(WorkerError, match=f"(?s)failed in start at its step 0, in env [02]: RuntimeError: ProbeEnv "
+                                          f"refuses to start in process.*{TRACEBACK}"):
+        shoal.vector.make(binding, backend, num_workers=2, envs_per_worker=2)
+
+
+@pytest.mark.parametrize("mid_step", [False, True], ids=["idle", "mid-step"])
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_killed_worker_becomes_worker_error(no_leaks, backend, mid_step):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    pid = vecenv.call("pid", env_ids=[2])[0]
+    if mid_step:
+        vecenv.set_attr("hang", True, env_ids=[2])
+        vecenv.set_attr("crash_step", 1, env_ids=[2])
+        vecenv.send(np.zeros((4, 1), np.int64))
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    expected = "killed by SIGKILL" if backend == "multiprocessing" else "its Ray actor died"
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=f"worker 1 \\(envs 2-3 of ProbeEnv\\).*{expected}") as caught:
+        vecenv.recv() if mid_step else vecenv.step(np.zeros((4, 1), np.int64))
+    assert time.monotonic() - start < 10 and caught.value.env_id == 2
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_hung_env_times_out(no_leaks, backend):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2, timeout=1.0)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("hang", True, env_ids=[1])
+    vecenv.set_attr("crash_step", 1, env_ids=[1])
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker 0 \\(envs 0-1 of ProbeEnv\\) did not answer step 1 within 1.0 s: "
+                                          "an env hangs or is too slow"):
+        vecenv.step(np.zeros((4, 1), np.int64))
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_and_garbage_collection_leave_nothing(no_leaks, backend):
+    with shoal.vector.make(cartpole(), backend, num_workers=2, envs_per_worker=2) as vecenv:
+        vecenv.reset(seed=0)
+        vecenv.send(np.zeros((4, 1), np.int64))  # close with steps in flight
+    vecenv = shoal.vector.make(cartpole(), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    del vecenv
+    gc.collect()
+
+
+def test_workers_exit_when_the_parent_dies(tmp_path):
+    code = (
+        "import gymnasium, shoal, shoal.vector, time, sys\n"
+        "if __name__ == '__main__':\n"
+        "    binding = shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',))\n"
+        "    vecenv = shoal.vector.make(binding, 'multiprocessing', num_workers=2)\n"
+        "    vecenv.reset()\n"
+        "    print(' '.join(str(p.pid) for p in vecenv._processes), flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    script = tmp_path / "parent.py"
+    script.write_text(code)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.1)
