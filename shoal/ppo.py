@@ -63,8 +63,8 @@ class PPOConfig:
     """where envs run: serial (this process), multiprocessing, ray"""
     num_envs: int = 4
     """env copies stepped in parallel"""
-    num_workers: int = 1
-    """worker processes (multiprocessing / ray); num_envs must divide among them"""
+    num_workers: int = 0
+    """worker processes (multiprocessing / ray); 0: one per core, fitted to num_envs and envs_per_batch"""
     envs_per_batch: int = 0
     """envs per recv batch; 0: all envs (synchronous); num_envs/2: simulation overlaps inference"""
 
@@ -118,12 +118,12 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raise :class:`APIUsageError` naming the first bad field."""
-        positive = ["num_envs", "num_workers", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
+        positive = ["num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise APIUsageError(f"{name} must be a positive integer, got {value!r}")
-        for name in ["envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
+        for name in ["num_workers", "envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
             if getattr(self, name) < 0:
                 raise APIUsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
@@ -132,7 +132,7 @@ class PPOConfig:
             raise APIUsageError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma!r} and {self.gae_lambda!r}")
         if self.backend not in ("serial", "multiprocessing", "ray"):
             raise APIUsageError(f"backend must be serial, multiprocessing or ray, got {self.backend!r}")
-        if self.num_envs % self.num_workers:
+        if self.num_workers and self.num_envs % self.num_workers:
             raise APIUsageError(f"num_envs ({self.num_envs}) must divide evenly among num_workers ({self.num_workers})")
         if self.envs_per_batch and (self.envs_per_batch > self.num_envs or self.num_envs % self.envs_per_batch):
             raise APIUsageError(f"envs_per_batch ({self.envs_per_batch}) must divide num_envs ({self.num_envs})")
@@ -173,12 +173,23 @@ class TrainResult:
 
 
 def make_vecenv(config: PPOConfig, binding):
-    """The vector env the config asks for."""
+    """The vector env the config asks for (``num_workers=0`` picks a worker layout)."""
     from shoal import vector
 
-    return vector.make(binding, backend=config.backend, num_workers=config.num_workers,
-                       envs_per_worker=config.num_envs // config.num_workers,
-                       batch_size=config.envs_per_batch or None)
+    batch = config.envs_per_batch or config.num_envs
+    workers = config.num_workers
+    if workers == 0:
+        if config.backend == "serial":  # workers only group envs into batches here
+            workers = config.num_envs // batch
+        else:  # one per core, and a whole number of workers per batch
+            from shoal.vector.base import default_num_workers
+
+            cores = default_num_workers()
+            workers = max(w for w in range(1, config.num_envs + 1)
+                          if config.num_envs % w == 0 and batch % (config.num_envs // w) == 0
+                          and (w <= cores or w == config.num_envs // batch))
+    return vector.make(binding, backend=config.backend, num_workers=workers,
+                       envs_per_worker=config.num_envs // workers, batch_size=batch)
 
 
 def resolve_device(name: str) -> torch.device:

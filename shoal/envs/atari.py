@@ -1,0 +1,116 @@
+"""Atari games with the standard DQN/PPO preprocessing, built from Gymnasium's own wrappers.
+
+Gymnasium's ``AtariPreprocessing`` does the no-op reset (up to 30 no-ops), frame skip 4 with a max
+over the last two frames, and 84x84 grayscale; ``TransformReward`` clips rewards to their sign;
+``FrameStackObservation`` stacks 4 frames. Gymnasium has no wrappers for the two remaining
+conventions, so they are here: :class:`EpisodicLife` (a lost life ends the *training* episode,
+the game goes on) and :class:`FireReset` (press FIRE to start where a game needs it).
+:class:`GameStatistics` reports the real game score (unclipped, over all lives) as the episode
+statistics, so logged returns compare with published Atari results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+
+class GameStatistics(gymnasium.Wrapper):
+    """At the end of a whole game put ``info["episode"] = {"return", "length"}`` (score, agent steps)."""
+
+    def __init__(self, env: gymnasium.Env):
+        super().__init__(env)
+        self.score, self.steps = 0.0, 0
+
+    def reset(self, **kwargs) -> tuple[Any, dict]:
+        self.score, self.steps = 0.0, 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.score += float(reward)
+        self.steps += 1
+        if terminated or truncated:
+            info = {**info, "episode": {"return": self.score, "length": self.steps}}
+        return obs, reward, terminated, truncated, info
+
+
+class EpisodicLife(gymnasium.Wrapper):
+    """End the episode (``terminated``) when a life is lost; really reset only when the game is over.
+
+    A reset after a lost life takes one no-op step instead, so the game continues where it was.
+    """
+
+    def __init__(self, env: gymnasium.Env):
+        super().__init__(env)
+        self.lives = 0
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs) -> tuple[Any, dict]:
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.game_over = False
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireReset(gymnasium.Wrapper):
+    """Press FIRE (then one more action) after every reset, for games that wait for it (Breakout...)."""
+
+    def reset(self, **kwargs) -> tuple[Any, dict]:
+        self.env.reset(**kwargs)
+        for action in (1, 2):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        return obs, info
+
+
+def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_stack: int = 4,
+                   episodic_life: bool = True, clip_rewards: bool = True,
+                   repeat_action_probability: float = 0.0, render_mode: str | None = None) -> gymnasium.Env:
+    """``ALE/{game}-v5`` with the standard preprocessing; observations ``uint8 (frame_stack, 84, 84)``.
+
+    ``repeat_action_probability=0`` (no sticky actions) matches the ``NoFrameskip-v4`` setting of
+    CleanRL's published ``ppo_atari`` results; pass 0.25 for the ALE v5 protocol.
+    """
+    import ale_py
+
+    gymnasium.register_envs(ale_py)
+    from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
+
+    env = gymnasium.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=repeat_action_probability,
+                         render_mode=render_mode)
+    env = AtariPreprocessing(env, noop_max=noop_max, frame_skip=frame_skip, screen_size=84,
+                             terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
+    env = GameStatistics(env)
+    if episodic_life:
+        env = EpisodicLife(env)
+    if "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireReset(env)
+    if clip_rewards:
+        env = TransformReward(env, lambda reward: float(np.sign(reward)))
+    return FrameStackObservation(env, frame_stack)
+
+
+def atari_games() -> list[str]:
+    """The ALE game names ``make_atari_env`` accepts (``Breakout``, ``Pong`` ...)."""
+    import ale_py
+
+    gymnasium.register_envs(ale_py)
+    return sorted(env_id[4:-3] for env_id in gymnasium.registry if env_id.startswith("ALE/") and env_id.endswith("-v5"))
