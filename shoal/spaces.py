@@ -102,14 +102,26 @@ def _short(value: Any) -> str:
     return text if len(text) < 120 else text[:117] + "..."
 
 
+def _same_kind(source: np.dtype, dtype: np.dtype) -> bool:
+    """Whether ``source`` may be cast to ``dtype`` at all: no float -> int, but any int -> int (range checked)."""
+    return np.can_cast(source, dtype, "same_kind") or (source.kind in "iu" and dtype.kind in "iu")
+
+
 def _casts_exactly(array: np.ndarray, dtype: np.dtype) -> bool:
     """Whether ``array`` fits ``dtype`` without changing kind or wrapping integers."""
-    if not np.can_cast(array.dtype, dtype, "same_kind"):
+    if not _same_kind(array.dtype, dtype):
         return False
     if dtype.kind in "iu" and array.size and not np.can_cast(array.dtype, dtype, "safe"):
-        info = np.iinfo(dtype)
-        return bool(array.min() >= info.min and array.max() <= info.max)
+        info = np.iinfo(dtype)  # Python ints: numpy would compare uint64 with int64 as float64
+        return bool(int(array.min()) >= info.min and int(array.max()) <= info.max)
     return True
+
+
+def _require_leaves(found: list, space: spaces.Space) -> list:
+    if not found:
+        raise SpaceError(f"space {space} has no leaves: expected at least one Box, Discrete, MultiDiscrete "
+                         f"or MultiBinary")
+    return found
 
 
 def _is_torch(value: Any) -> bool:
@@ -188,7 +200,7 @@ class ObservationLayout:
 
     def __init__(self, space: spaces.Space):
         self.space = space
-        specs = [(leaf.path, *_obs_leaf(leaf.space)) for leaf in leaves(space)]
+        specs = [(leaf.path, *_obs_leaf(leaf.space)) for leaf in _require_leaves(leaves(space), space)]
         dtypes = {np.dtype(spec[1]) for spec in specs}
         if len(dtypes) == 1:
             self.dtype = dtypes.pop()
@@ -220,8 +232,8 @@ class ObservationLayout:
             return spaces.Box(0, 255, (self.size,), np.uint8)
         if self.dtype.kind == "b":
             return spaces.Box(0, 1, (self.size,), self.dtype)
-        low = np.empty(self.size, self.dtype)
-        high = np.empty(self.size, self.dtype)
+        low = np.zeros(self.size, self.dtype)  # zeros in padding (only a zero-size space has any)
+        high = np.zeros(self.size, self.dtype)
         for field in self.fields:
             start = field.byte_offset // self.dtype.itemsize
             count = int(np.prod(field.shape, dtype=np.int64))
@@ -272,7 +284,7 @@ class ObservationLayout:
         if array.dtype != field.dtype and not _casts_exactly(array, field.dtype):
             raise SpaceError(
                 f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}"
-                + (" with values outside its range" if np.can_cast(array.dtype, field.dtype, "same_kind") else "")
+                + (" with values outside its range" if _same_kind(array.dtype, field.dtype) else "")
             )
         return array
 
@@ -308,6 +320,8 @@ class ObservationLayout:
         start = field.byte_offset // self.dtype.itemsize
         if flat.dtype != _torch_dtype(self.dtype):
             raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
+        if not count:  # a zero-size leaf: nothing to view
+            return torch.zeros(batch + field.shape, dtype=_torch_dtype(field.dtype), device=flat.device)
         if self.dtype == np.uint8 and field.dtype != np.uint8:
             piece = flat[..., start:start + count * field.dtype.itemsize]
             if not piece.is_contiguous() and piece.stride(-1) != 1:
@@ -317,8 +331,7 @@ class ObservationLayout:
             except RuntimeError:  # storage offset not aligned: one copy
                 typed = piece.contiguous().view(_torch_dtype(field.dtype))
             return typed.reshape(batch + field.shape)
-        return flat[..., start:start + count].reshape(batch + field.shape) if count else \
-            torch.zeros(batch + field.shape, dtype=flat.dtype, device=flat.device)
+        return flat[..., start:start + count].reshape(batch + field.shape)
 
     def out_of_bounds(self, flat: np.ndarray) -> tuple[tuple, tuple] | None:
         """The first (leaf path, batch index) whose value lies outside its space, or None."""
@@ -349,7 +362,7 @@ class _ActionField(NamedTuple):
     shape: tuple
     start: int  # offset in the flat action
     size: int
-    offset: Any  # added on unflatten: the leaf's `start` for discrete leaves, 0 for Box
+    offset: Any  # added on unflatten: the leaf's `start` for discrete leaves; None for Box (keeps -0.0)
 
 
 @functools.singledispatch
@@ -376,7 +389,7 @@ def _(space: spaces.MultiBinary):
 
 @_action_leaf.register(spaces.Box)
 def _(space: spaces.Box):
-    return False, (space.low.ravel(), space.high.ravel()), 0
+    return False, (space.low.ravel(), space.high.ravel()), None
 
 
 class ActionLayout:
@@ -391,7 +404,7 @@ class ActionLayout:
 
     def __init__(self, space: spaces.Space):
         self.space = space
-        described = [(leaf, *_action_leaf(leaf.space)) for leaf in leaves(space)]
+        described = [(leaf, *_action_leaf(leaf.space)) for leaf in _require_leaves(leaves(space), space)]
         kinds = {is_discrete for _, is_discrete, _, _ in described}
         if len(kinds) > 1:
             raise SpaceError(
@@ -427,7 +440,19 @@ class ActionLayout:
             batch = array.shape[: array.ndim - len(field.shape)]
             if array.shape[len(batch):] != field.shape:
                 raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got {array.shape}")
-            parts.append((array - field.offset).reshape(batch + (field.size,)))
+            if array.dtype.kind not in ("iub" if self.is_discrete else "iufb"):
+                raise SpaceError(f"action leaf {_path_str(path)}: expected "
+                                 f"{'integers' if self.is_discrete else 'numbers'}, got {array.dtype}")
+            if field.offset is None:
+                parts.append(array.reshape(batch + (field.size,)))
+                continue
+            shifted = (array - field.offset).reshape(batch + (field.size,))
+            nvec = self.flat_space.nvec[field.start:field.start + field.size]
+            if np.any((shifted < 0) | (shifted >= nvec)):
+                low = field.offset.ravel()
+                raise SpaceError(f"action leaf {_path_str(path)}: expected values from {low} to {low + nvec - 1}, "
+                                 f"got {_short(array.tolist())}")
+            parts.append(shifted)
         return np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
 
     def unflatten(self, flat):
@@ -441,8 +466,12 @@ class ActionLayout:
             if _is_torch(flat):
                 import torch
 
-                piece = (piece + torch.tensor(np.asarray(field.offset), device=flat.device)).to(_torch_dtype(field.dtype))
+                if field.offset is not None:
+                    piece = piece + torch.tensor(np.asarray(field.offset), device=flat.device)
+                piece = piece.to(_torch_dtype(field.dtype))
             else:
-                piece = (piece + field.offset).astype(field.dtype)[()]
+                if field.offset is not None:
+                    piece = piece + field.offset
+                piece = piece.astype(field.dtype)[()]
             values.append(piece)
         return _nest(self.space, iter(values))
