@@ -1,0 +1,639 @@
+"""Tests of shoal.spaces: exact flatten/unflatten round trips of nested spaces, and its errors.
+
+The property tests generate random nested spaces (Dict/Tuple at least three levels deep, every leaf
+type, every Box dtype, scalar and multi-dim shapes, finite and infinite bounds) and values drawn from
+them with a bias towards extremes (int64 min/max, uint64 max, float tiny/huge/-0.0/inf), and check
+that every leaf comes back bit for bit, with its dtype, from numpy (single and batched) and torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections import OrderedDict
+from typing import Any
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shoal import Binding
+from shoal.errors import SpaceError
+from shoal.spaces import ActionLayout, ObservationLayout, children, leaves
+from tests.envs import NestedSingleAgentEnv
+
+FLOAT_DTYPES = [np.float16, np.float32, np.float64]
+INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+BOX_DTYPES = FLOAT_DTYPES + INT_DTYPES + [np.bool_]
+
+# A float64 Box action is the flat action of every Box leaf, so integer Box action leaves are exact
+# only within float64's integer range: the action strategies keep their bounds inside it.
+FLOAT64_EXACT_INT = 2**53
+
+PROPERTY = settings(max_examples=120, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# ---------------------------------------------------------------- strategies: spaces
+
+# Scalars, vectors and up to 3-d leaves; zero-size leaves too, now and then.
+leaf_shapes = st.one_of(
+    st.just(()),
+    hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=3),
+    st.sampled_from([(0,), (2, 0)]),
+)
+
+
+def _extremes(dtype: np.dtype) -> list:
+    """The values of ``dtype`` where round trips usually break."""
+    if dtype.kind == "f":
+        info = np.finfo(dtype)
+        tiny_subnormal = np.nextafter(dtype.type(0), dtype.type(1))
+        return [dtype.type(value) for value in
+                (-0.0, 0.0, info.tiny, -info.tiny, tiny_subnormal, -tiny_subnormal, info.max, info.min,
+                 info.eps, np.inf, -np.inf)]
+    info = np.iinfo(dtype)
+    return [dtype.type(value) for value in (info.min, info.max, 0, 1, info.min + 1, info.max - 1)
+            if info.min <= value <= info.max]
+
+
+def _finite(dtype: np.dtype) -> st.SearchStrategy:
+    return hnp.from_dtype(dtype, allow_nan=False, allow_infinity=False, allow_subnormal=True)
+
+
+@st.composite
+def boxes(draw, dtypes=BOX_DTYPES, int_limit: int | None = None) -> spaces.Box:
+    """A Box of any dtype with per-element bounds, each finite or (floats) infinite."""
+    dtype = np.dtype(draw(st.sampled_from(dtypes)))
+    shape = draw(leaf_shapes)
+    if dtype.kind == "b":
+        return spaces.Box(0, 1, shape, np.bool_)
+    if dtype.kind == "f":
+        low = draw(hnp.arrays(dtype, shape, elements=st.one_of(_finite(dtype), st.just(-np.inf))))
+        high = draw(hnp.arrays(dtype, shape, elements=st.one_of(_finite(dtype), st.just(np.inf))))
+    else:
+        info = np.iinfo(dtype)
+        lo, hi = info.min, info.max
+        if int_limit is not None:
+            lo, hi = max(lo, -int_limit), min(hi, int_limit)
+        bound = st.one_of(st.sampled_from([lo, hi]), st.integers(lo, hi))
+        low = draw(hnp.arrays(dtype, shape, elements=bound))
+        high = draw(hnp.arrays(dtype, shape, elements=bound))
+    low, high = np.minimum(low, high), np.maximum(low, high)
+    return spaces.Box(low, high, shape, dtype)
+
+
+@st.composite
+def discretes(draw) -> spaces.Discrete:
+    n = draw(st.integers(1, 10))
+    start = draw(st.one_of(st.sampled_from([0, -1, -7, 3]), st.integers(-2**40, 2**40)))
+    return spaces.Discrete(n, start=start)
+
+
+@st.composite
+def multi_discretes(draw) -> spaces.MultiDiscrete:
+    dtype = draw(st.sampled_from([np.int64, np.int32, np.int8]))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=3))
+    nvec = draw(hnp.arrays(np.int64, shape, elements=st.integers(1, 6)))
+    start = draw(st.one_of(st.none(), hnp.arrays(np.int64, shape, elements=st.integers(-60, 60))))
+    return spaces.MultiDiscrete(nvec, dtype=dtype, start=start)
+
+
+@st.composite
+def multi_binaries(draw) -> spaces.MultiBinary:
+    return spaces.MultiBinary(draw(st.one_of(st.integers(1, 5), st.sampled_from([(2, 3), (1, 2, 2)]))))
+
+
+observation_leaves = st.one_of(boxes(), discretes(), multi_discretes(), multi_binaries())
+discrete_action_leaves = st.one_of(discretes(), multi_discretes(), multi_binaries())
+box_action_leaves = boxes(int_limit=FLOAT64_EXACT_INT)
+
+dict_keys = st.text(alphabet="abcdefxyz_", min_size=1, max_size=3)
+
+
+@st.composite
+def nested(draw, leaf: st.SearchStrategy, min_depth: int = 3, max_depth: int = 4) -> spaces.Space:
+    """A Dict/Tuple tree of ``leaf`` spaces with at least one branch ``min_depth`` composites deep.
+
+    Dicts are built half the time from an OrderedDict in unsorted key order, which gymnasium keeps.
+    """
+    if min_depth <= 0 and (max_depth <= 0 or draw(st.booleans())):
+        return draw(leaf)
+    num_children = draw(st.integers(1, 3))
+    deep = draw(st.integers(0, num_children - 1))
+    kids = [draw(nested(leaf, min_depth - 1 if i == deep else 0, max_depth - 1)) for i in range(num_children)]
+    if draw(st.booleans()):
+        return spaces.Tuple(kids)
+    keys = draw(st.lists(dict_keys, min_size=num_children, max_size=num_children, unique=True))
+    if draw(st.booleans()):
+        return spaces.Dict(OrderedDict(sorted(zip(keys, kids), reverse=True)))
+    return spaces.Dict(dict(zip(keys, kids)))
+
+
+# ---------------------------------------------------------------- strategies: values
+
+
+@functools.singledispatch
+def values(space: spaces.Space) -> st.SearchStrategy:
+    """Values that lie in ``space``, biased towards the extremes of each leaf dtype."""
+    raise NotImplementedError(space)
+
+
+@values.register(spaces.Box)
+def _(space: spaces.Box):
+    dtype = space.dtype
+    if dtype.kind == "b":
+        return hnp.arrays(dtype, space.shape, elements=st.booleans())
+    lo, hi = (space.low.min(), space.high.max()) if space.low.size else (0, 0)
+    in_range = [value for value in _extremes(dtype) if lo <= value <= hi]
+    if dtype.kind == "f":
+        within = hnp.from_dtype(dtype, min_value=None if np.isinf(lo) else lo, max_value=None if np.isinf(hi) else hi,
+                                allow_nan=False, allow_infinity=bool(np.isinf(lo) or np.isinf(hi)))
+    else:
+        within = st.integers(int(lo), int(hi))
+    element = st.one_of(st.sampled_from(in_range), within) if in_range else within
+    # Drawn between the widest bounds, then clipped into each element's own (exact: same dtype).
+    return hnp.arrays(dtype, space.shape, elements=element).map(
+        lambda array: np.asarray(np.clip(array, space.low, space.high), dtype))
+
+
+@values.register(spaces.Discrete)
+def _(space: spaces.Discrete):
+    value = st.integers(int(space.start), int(space.start + space.n - 1))
+    return st.one_of(value, value.map(np.int64))  # envs return both Python and numpy ints
+
+
+@values.register(spaces.MultiDiscrete)
+def _(space: spaces.MultiDiscrete):
+    return hnp.arrays(np.int64, space.shape, elements=st.integers(0, 5)).map(
+        lambda offset: (space.start + offset % space.nvec).astype(space.dtype))
+
+
+@values.register(spaces.MultiBinary)
+def _(space: spaces.MultiBinary):
+    return hnp.arrays(np.int8, space.shape, elements=st.integers(0, 1))
+
+
+@values.register(spaces.Dict)
+def _(space: spaces.Dict):
+    return st.fixed_dictionaries({key: values(sub) for key, sub in space.spaces.items()})
+
+
+@values.register(spaces.Tuple)
+def _(space: spaces.Tuple):
+    return st.tuples(*[values(sub) for sub in space.spaces])
+
+
+batch_shapes = st.sampled_from([(1,), (3,), (2, 3)])
+
+
+@st.composite
+def batches(draw, space: spaces.Space, batch: tuple) -> Any:
+    """A batch of values of ``space``: every leaf stacked along leading dims ``batch``."""
+    samples = [draw(values(space)) for _ in range(math.prod(batch))]
+    return _stack(space, samples, batch)
+
+
+def _stack(space: spaces.Space, samples: list, batch: tuple) -> Any:
+    if isinstance(space, spaces.Dict):
+        return {key: _stack(sub, [s[key] for s in samples], batch) for key, sub in space.spaces.items()}
+    if isinstance(space, spaces.Tuple):
+        return tuple(_stack(sub, [s[i] for s in samples], batch) for i, sub in enumerate(space.spaces))
+    dtype = _leaf_dtype(space)
+    return np.stack([np.asarray(s, dtype) for s in samples]).reshape(batch + tuple(space.shape))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _leaf_dtype(space: spaces.Space) -> np.dtype:
+    return np.dtype(space.dtype)
+
+
+def _get(nested_value: Any, path: tuple) -> Any:
+    for key in path:
+        nested_value = nested_value[key]
+    return nested_value
+
+
+def assert_exact(got: Any, want: Any, dtype: np.dtype, where: tuple) -> None:
+    """``got`` equals ``want`` bit for bit, with dtype ``dtype`` (torch tensors compared via numpy)."""
+    if isinstance(got, torch.Tensor):
+        got = got.numpy()
+    got, want = np.asarray(got), np.asarray(want, dtype)
+    assert got.dtype == dtype, f"{where}: dtype {got.dtype}, expected {dtype}"
+    assert got.shape == want.shape, f"{where}: shape {got.shape}, expected {want.shape}"
+    assert got.tobytes() == want.tobytes(), f"{where}: {got!r} != {want!r}"
+
+
+def assert_round_trip(space: spaces.Space, value: Any, result: Any) -> None:
+    for leaf in leaves(space):
+        assert_exact(_get(result, leaf.path), _get(value, leaf.path), _leaf_dtype(leaf.space), leaf.path)
+
+
+def expected_obs_dtype(space: spaces.Space) -> np.dtype:
+    dtypes = {_leaf_dtype(leaf.space) for leaf in leaves(space)}
+    return dtypes.pop() if len(dtypes) == 1 else np.dtype(np.uint8)
+
+
+def assert_same_structure(space: spaces.Space, result: Any) -> None:
+    """Dicts come back with sorted keys, Tuples as tuples of the same length."""
+    kids = children(space)
+    if kids is None:
+        return
+    if isinstance(space, spaces.Dict):
+        assert isinstance(result, dict) and list(result) == [key for key, _ in kids]
+    else:
+        assert isinstance(result, tuple) and len(result) == len(kids)
+    for key, sub in kids:
+        assert_same_structure(sub, result[key])
+
+
+# ---------------------------------------------------------------- observations: properties
+
+
+@PROPERTY
+@given(st.data(), nested(observation_leaves))
+def test_observation_round_trip_single(data, space):
+    value = data.draw(values(space))
+    assert space.contains(value), "the value strategy must stay inside its space"
+    layout = ObservationLayout(space)
+    flat = layout.flatten(value)
+
+    assert flat.shape == (layout.size,)
+    assert flat.dtype == expected_obs_dtype(space) == layout.dtype
+    assert layout.flat_space.contains(flat)
+    assert layout.out_of_bounds(flat) is None
+
+    result = layout.unflatten(flat)
+    assert_same_structure(space, result)
+    assert_round_trip(space, value, result)
+    for leaf in leaves(space):
+        if math.prod(leaf.space.shape):
+            assert np.shares_memory(_get(result, leaf.path), flat), f"{leaf.path} is a copy, not a view"
+
+    assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+
+@PROPERTY
+@given(st.data(), nested(observation_leaves), batch_shapes)
+def test_observation_round_trip_batched(data, space, batch):
+    value = data.draw(batches(space, batch))
+    layout = ObservationLayout(space)
+    flat = layout.flatten(value)
+
+    assert flat.shape == batch + (layout.size,)
+    assert flat.dtype == expected_obs_dtype(space)
+    assert layout.out_of_bounds(flat) is None
+
+    result = layout.unflatten(flat)
+    assert_round_trip(space, value, result)
+    for leaf in leaves(space):
+        if math.prod(leaf.space.shape):
+            assert np.shares_memory(_get(result, leaf.path), flat), f"{leaf.path} is a copy, not a view"
+    assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+    # Rows of a batch are independent observations: each row unflattens to its own values.
+    row = (0,) * (len(batch) - 1) + (batch[-1] - 1,)
+    assert_round_trip(space, _index(value, row), layout.unflatten(flat[row]))
+
+
+@PROPERTY
+@given(st.data(), st.one_of(nested(observation_leaves, min_depth=0, max_depth=2), observation_leaves))
+def test_observation_writer_matches_flatten(data, space):
+    """The per-row writer the emulated env uses lays values out exactly like flatten."""
+    rows = [data.draw(values(space)) for _ in range(3)]
+    layout = ObservationLayout(space)
+    flat = np.zeros((3, layout.size), layout.dtype)
+    write = layout.writer(flat)
+    for index, row in enumerate(rows):
+        write(index, row)
+    for index, row in enumerate(rows):
+        assert flat[index].tobytes() == layout.flatten(row).tobytes()
+        assert_round_trip(space, row, layout.unflatten(flat[index]))
+
+
+def _index(nested_value: Any, index: tuple) -> Any:
+    if isinstance(nested_value, dict):
+        return {key: _index(item, index) for key, item in nested_value.items()}
+    if isinstance(nested_value, tuple):
+        return tuple(_index(item, index) for item in nested_value)
+    return nested_value[index]
+
+
+# ---------------------------------------------------------------- actions: properties
+
+
+@PROPERTY
+@given(st.data(), nested(discrete_action_leaves), st.one_of(st.just(()), batch_shapes))
+def test_discrete_action_round_trip(data, space, batch):
+    value = data.draw(batches(space, batch) if batch else values(space))
+    layout = ActionLayout(space)
+    assert isinstance(layout.flat_space, spaces.MultiDiscrete)
+    assert layout.flat_space.shape == (layout.size,)
+
+    flat = layout.flatten(value)
+    assert flat.shape == batch + (layout.size,) and flat.dtype == np.int64
+    assert np.all((flat >= 0) & (flat < layout.flat_space.nvec)), "flat discrete actions count from 0"
+    if not batch:
+        assert layout.flat_space.contains(flat)
+
+    assert_round_trip(space, value, layout.unflatten(flat))
+    assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+
+@PROPERTY
+@given(st.data(), nested(box_action_leaves), st.one_of(st.just(()), batch_shapes))
+def test_box_action_round_trip(data, space, batch):
+    value = data.draw(batches(space, batch) if batch else values(space))
+    layout = ActionLayout(space)
+    assert isinstance(layout.flat_space, spaces.Box) and layout.flat_space.dtype.kind == "f"
+    assert layout.flat_space.shape == (layout.size,)
+
+    flat = layout.flatten(value)
+    assert flat.shape == batch + (layout.size,) and flat.dtype == layout.flat_space.dtype
+    if not batch:
+        assert layout.flat_space.contains(flat)
+
+    assert_round_trip(space, value, layout.unflatten(flat))
+    assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nested(discrete_action_leaves, max_depth=3), box_action_leaves, st.randoms())
+def test_mixed_action_space_raises(space, box, random):
+    # Hang the Box somewhere inside the discrete tree.
+    parent = space
+    while True:
+        kids = children(parent)
+        key, sub = random.choice(kids)
+        if children(sub) is None or random.random() < 0.3:
+            break
+        parent = sub
+    if isinstance(parent, spaces.Dict):
+        parent.spaces["box_leaf"] = box
+    else:
+        parent.spaces = parent.spaces + (box,)
+    with pytest.raises(SpaceError, match=r"mixes discrete and continuous leaves.*emulate_flat_atn=False"):
+        ActionLayout(space)
+
+
+# ---------------------------------------------------------------- sorted Dict keys
+
+
+def test_dict_keys_visited_in_sorted_order_whatever_the_insertion_order():
+    leaf = {"b": spaces.Discrete(3), "a": spaces.Box(0, 1, (2,), np.float32), "c": spaces.MultiBinary(2)}
+    orders = [["b", "a", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    layouts = [ObservationLayout(spaces.Dict(OrderedDict((key, leaf[key]) for key in order))) for order in orders]
+    layouts.append(ObservationLayout(spaces.Dict({"c": leaf["c"], "a": leaf["a"], "b": leaf["b"]})))
+    value = {"a": np.array([0.25, 0.5], np.float32), "b": 2, "c": np.array([1, 0], np.int8)}
+
+    for layout in layouts:
+        assert [path for path, _ in leaves(layout.space)] == [("a",), ("b",), ("c",)]
+        assert [key for key, _ in children(layout.space)] == ["a", "b", "c"]
+        assert list(layout.unflatten(layout.flatten(value))) == ["a", "b", "c"]
+    assert len({layout.flatten(value).tobytes() for layout in layouts}) == 1
+
+
+def test_non_string_dict_keys_sort_by_value():
+    space = spaces.Dict(OrderedDict([(10, spaces.Discrete(3)), (2, spaces.Discrete(5))]))
+    assert [path for path, _ in leaves(space)] == [(2,), (10,)]
+    layout = ActionLayout(space)
+    assert layout.flat_space == spaces.MultiDiscrete([5, 3])
+    assert layout.flatten({10: 1, 2: 4}).tolist() == [4, 1]
+
+
+def _reversed_action_space() -> spaces.Dict:
+    """The predecessor's bug: a nested action Dict declared with keys out of sorted order."""
+    return spaces.Dict(OrderedDict([
+        ("z_move", spaces.Discrete(7)),
+        ("attack", spaces.Dict(OrderedDict([
+            ("y_target", spaces.Discrete(5, start=-2)),
+            ("b_style", spaces.MultiDiscrete([3, 4])),
+        ]))),
+    ]))
+
+
+def test_flatten_and_unflatten_agree_on_nested_action_dicts():
+    layout = ActionLayout(_reversed_action_space())
+    # Sorted order: attack.b_style (2), attack.y_target (1), z_move (1).
+    assert layout.flat_space == spaces.MultiDiscrete([3, 4, 5, 7])
+    action = {"z_move": 6, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
+    flat = layout.flatten(action)
+    assert flat.tolist() == [2, 0, 1, 6]
+
+    back = layout.unflatten(np.array([1, 3, 4, 0]))
+    assert int(back["z_move"]) == 0 and int(back["attack"]["y_target"]) == 2
+    assert back["attack"]["b_style"].tolist() == [1, 3]
+    assert_round_trip(layout.space, action, layout.unflatten(flat))
+
+    batch = layout.unflatten(torch.tensor([[2, 0, 1, 6], [1, 3, 4, 0]]))
+    assert batch["z_move"].tolist() == [6, 0] and batch["attack"]["y_target"].tolist() == [-1, 2]
+
+
+def test_binding_flat_actions_reach_the_env_in_sorted_order():
+    """Through the whole emulated env: reward = move + style[1] of the action the env received."""
+    binding = Binding(env_cls=NestedSingleAgentEnv)
+    # ACTION_SPACE sorted: attack.style (2), attack.target (1), move (1).
+    assert binding.single_action_space == spaces.MultiDiscrete([2, 3, 4, 5])
+    raw = {"move": 3, "attack": {"target": 2, "style": np.array([1, 2])}}
+    flat = binding.flatten_action(raw)
+    assert flat.tolist() == [1, 2, 3, 3]
+    assert_round_trip(binding.raw_single_action_space, raw, binding.unflatten_action(flat))
+
+    env = binding.make_env()
+    env.reset(seed=0)
+    _, rewards, *_ = env.step(flat[None])
+    assert rewards.tolist() == [3.0 + 2.0]
+
+
+# ---------------------------------------------------------------- unsupported spaces
+
+
+@pytest.mark.parametrize("space, name", [
+    (spaces.Text(8), r"Text\("),
+    (spaces.Graph(spaces.Box(0, 1, (2,)), spaces.Discrete(3)), r"Graph\("),
+    (spaces.Sequence(spaces.Discrete(4)), r"Sequence\("),
+    (spaces.Dict({"ok": spaces.Discrete(2), "inner": spaces.Tuple([spaces.Text(4)])}), r"Text\("),
+])
+@pytest.mark.parametrize("layout_cls", [ObservationLayout, ActionLayout])
+def test_unsupported_space_raises_naming_it(layout_cls, space, name):
+    with pytest.raises(SpaceError, match=rf"unsupported space {name}.*expected Box, Discrete, MultiDiscrete"):
+        layout_cls(space)
+
+
+def test_binding_names_the_env_of_an_unsupported_space():
+    class TextEnv(gymnasium.Env):
+        observation_space = spaces.Dict({"name": spaces.Text(5)})
+        action_space = spaces.Discrete(2)
+
+    with pytest.raises(SpaceError, match=r"TextEnv.*unsupported space Text\("):
+        Binding(env_cls=TextEnv)
+
+
+def test_empty_space_raises():
+    for layout_cls in (ObservationLayout, ActionLayout):
+        with pytest.raises(SpaceError, match="no leaves"):
+            layout_cls(spaces.Dict({"a": spaces.Tuple([])}))
+
+
+# ---------------------------------------------------------------- bad values
+
+NESTED = spaces.Dict({
+    "agent": spaces.Dict({"pos": spaces.Box(-1, 1, (2,), np.float32), "level": spaces.Box(0, 9, (), np.int8)}),
+    "items": spaces.Tuple([spaces.Discrete(4), spaces.MultiDiscrete([3, 3])]),
+    "seen": spaces.Box(0, 255, (2, 2), np.uint8),
+})
+
+
+def _good_value() -> dict:
+    return {
+        "agent": {"pos": np.array([0.5, -0.5], np.float32), "level": np.int8(3)},
+        "items": (2, np.array([0, 2])),
+        "seen": np.array([[0, 255], [7, 9]], np.uint8),
+    }
+
+
+def _with(path: tuple, leaf_value: Any) -> dict:
+    value = _good_value()
+    parent = _get(value, path[:-1])
+    if isinstance(parent, tuple):
+        parent = list(parent)
+        parent[path[-1]] = leaf_value
+        _get(value, path[:-2])[path[-2]] = tuple(parent)
+    else:
+        parent[path[-1]] = leaf_value
+    return value
+
+
+def test_good_value_round_trips():
+    layout = ObservationLayout(NESTED)
+    assert_round_trip(NESTED, _good_value(), layout.unflatten(layout.flatten(_good_value())))
+
+
+@pytest.mark.parametrize("path, bad, message", [
+    (("agent", "pos"), np.zeros(3, np.float32), r"\['agent'\]\['pos'\]: expected shape \(2,\), got \(3,\)"),
+    (("seen",), np.zeros((2,), np.uint8), r"\['seen'\]: expected shape \(2, 2\), got \(2,\)"),
+    (("items", 1), np.array([0, 1, 2]), r"\['items'\]\[1\]: expected shape \(2,\), got \(3,\)"),
+    (("agent", "level"), np.float32(3.0), r"\['agent'\]\['level'\]: expected dtype int8, got float32"),
+    (("items", 0), 2.5, r"\['items'\]\[0\]: expected dtype int64, got float64"),
+    (("seen",), np.full((2, 2), 1.0), r"\['seen'\]: expected dtype uint8, got float64"),
+    (("agent", "pos"), np.array(["a", "b"]), r"\['agent'\]\['pos'\]: expected dtype float32, got <U1"),
+    (("agent", "level"), np.int64(300), r"\['agent'\]\['level'\]: expected dtype int8, got int64 "
+                                        r"with values outside its range"),
+    (("agent", "level"), np.int64(-129), r"expected dtype int8, got int64 with values outside its range"),
+    (("seen",), np.full((2, 2), -1), r"\['seen'\]: expected dtype uint8, got int64 with values outside"),
+    (("seen",), np.full((2, 2), 256, np.uint16), r"\['seen'\]: expected dtype uint8, got uint16 with values"),
+])
+def test_bad_leaf_value_raises_with_its_path(path, bad, message):
+    layout = ObservationLayout(NESTED)
+    with pytest.raises(SpaceError, match=message):
+        layout.flatten(_with(path, bad))
+    flat = np.zeros((2, layout.size), layout.dtype)
+    with pytest.raises(SpaceError, match=message):
+        layout.writer(flat)(1, _with(path, bad))
+
+
+@pytest.mark.parametrize("wider", [np.int64(9), np.uint64(9), np.int16(9), 9])
+def test_wider_int_that_fits_is_stored_exactly(wider):
+    layout = ObservationLayout(NESTED)
+    assert int(layout.unflatten(layout.flatten(_with(("agent", "level"), wider)))["agent"]["level"]) == 9
+
+
+@pytest.mark.parametrize("dtype, value", [
+    (np.int8, np.iinfo(np.int64).max), (np.int64, np.uint64(2**63)), (np.uint64, np.int64(-1)),
+    (np.int32, np.int64(2**31)), (np.uint8, np.int64(-1)), (np.int16, np.uint64(2**64 - 1)),
+])
+def test_integer_that_does_not_fit_never_wraps(dtype, value):
+    info = np.iinfo(dtype)
+    layout = ObservationLayout(spaces.Box(info.min, info.max, (1,), dtype))
+    with pytest.raises(SpaceError, match=rf"expected dtype {np.dtype(dtype)}, got .* with values outside its range"):
+        layout.flatten(np.array([value]))
+
+
+def test_uint64_and_int64_extremes_survive_a_mixed_layout():
+    space = spaces.Tuple([spaces.Box(0, 2**64 - 1, (2,), np.uint64),
+                          spaces.Box(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (2,), np.int64),
+                          spaces.Box(-np.inf, np.inf, (3,), np.float64), spaces.Box(0, 1, (), np.bool_)])
+    value = (np.array([2**64 - 1, 2**63 + 1], np.uint64), np.array([-2**63, 2**63 - 1], np.int64),
+             np.array([-0.0, 5e-324, np.inf]), np.bool_(True))
+    layout = ObservationLayout(space)
+    flat = layout.flatten(value)
+    assert flat.dtype == np.uint8
+    assert_round_trip(space, value, layout.unflatten(flat))
+    assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+
+def test_missing_dict_entry_raises_naming_the_key():
+    value = _good_value()
+    del value["agent"]["pos"]
+    with pytest.raises(SpaceError, match=r"no entry 'pos' at \['agent'\]"):
+        ObservationLayout(NESTED).flatten(value)
+
+
+def test_unflatten_rejects_wrong_flat_arrays():
+    layout = ObservationLayout(NESTED)
+    with pytest.raises(SpaceError, match=rf"expected last dimension {layout.size}, got shape \(4, {layout.size + 1}\)"):
+        layout.unflatten(np.zeros((4, layout.size + 1), layout.dtype))
+    with pytest.raises(SpaceError, match=r"expected dtype uint8, got float32"):
+        layout.unflatten(np.zeros(layout.size, np.float32))
+    with pytest.raises(SpaceError, match=r"expected dtype uint8, got torch.float32"):
+        layout.unflatten(torch.zeros(layout.size))
+    actions = ActionLayout(_reversed_action_space())
+    with pytest.raises(SpaceError, match=r"flat action: expected last dimension 4, got shape \(2, 3\)"):
+        actions.unflatten(np.zeros((2, 3), np.int64))
+
+
+def test_action_flatten_rejects_bad_leaves():
+    layout = ActionLayout(_reversed_action_space())
+    action = {"z_move": 6, "attack": {"y_target": -1, "b_style": np.array([2, 0, 1])}}
+    with pytest.raises(SpaceError, match=r"action leaf \['attack'\]\['b_style'\]: expected shape \(2,\), got \(3,\)"):
+        layout.flatten(action)
+    action = {"z_move": 2.7, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
+    with pytest.raises(SpaceError, match=r"action leaf \['z_move'\]: expected integers, got float64"):
+        layout.flatten(action)
+    action = {"z_move": 7, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
+    with pytest.raises(SpaceError, match=r"action leaf \['z_move'\]: expected values from \[0\] to \[6\], got 7"):
+        layout.flatten(action)
+    action = {"z_move": 1, "attack": {"y_target": -3, "b_style": np.array([2, 0])}}
+    with pytest.raises(SpaceError, match=r"\['attack'\]\['y_target'\]: expected values from \[-2\] to \[2\]"):
+        layout.flatten(action)
+    boxes = ActionLayout(spaces.Dict({"steer": spaces.Box(-1, 1, (2,), np.float32)}))
+    with pytest.raises(SpaceError, match=r"action leaf \['steer'\]: expected numbers, got <U3"):
+        boxes.flatten({"steer": np.array(["0.5", "1.0"])})
+
+
+# ---------------------------------------------------------------- out_of_bounds
+
+
+def test_out_of_bounds_finds_the_bad_leaf_and_row():
+    layout = ObservationLayout(NESTED)
+    rows = [_good_value() for _ in range(4)]
+    flat = np.stack([layout.flatten(row) for row in rows])
+    assert layout.out_of_bounds(flat) is None
+
+    nested_view = layout.unflatten(flat)
+    nested_view["agent"]["pos"][2, 1] = 1.5  # views: writes land in flat
+    assert layout.out_of_bounds(flat) == (("agent", "pos"), (2,))
+    nested_view["agent"]["pos"][2, 1] = np.nan
+    assert layout.out_of_bounds(flat) == (("agent", "pos"), (2,))
+    nested_view["agent"]["pos"][2, 1] = 0.0
+    nested_view["items"][0][3] = 4  # Discrete(4) holds 0..3
+    assert layout.out_of_bounds(flat) == (("items", 0), (3,))
+    nested_view["items"][0][3] = 3
+    nested_view["agent"]["level"][0] = -1
+    assert layout.out_of_bounds(flat) == (("agent", "level"), (0,))
+
+
+def test_out_of_bounds_respects_discrete_start():
+    layout = ObservationLayout(spaces.Dict({"a": spaces.Discrete(3, start=-2), "b": spaces.MultiDiscrete([2, 2], start=[5, -5])}))
+    flat = layout.flatten({"a": -2, "b": np.array([6, -5])})
+    assert layout.out_of_bounds(flat) is None
+    assert layout.flat_space.contains(flat)
+    layout.unflatten(flat)["a"][()] = 1
+    assert layout.out_of_bounds(flat) == (("a",), ())
