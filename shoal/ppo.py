@@ -153,9 +153,13 @@ class TrainResult:
     """the metrics of every update, as logged"""
     run_dir: str | None = None
 
+    start_step: int = 0
+    """the global step this call started from (0, or a resumed checkpoint's step)"""
+
     @property
     def steps_per_second(self) -> float:
-        return self.global_step / max(self.wall_time, 1e-9)
+        """Agent steps per second of this call, setup included."""
+        return (self.global_step - self.start_step) / max(self.wall_time, 1e-9)
 
     def mean_return(self, last: int = 20) -> float:
         """Mean return of the last ``last`` episodes (NaN before any)."""
@@ -278,11 +282,12 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
 
     recent_returns: deque = deque(maxlen=20)
-    result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0, run_dir=config.run_dir)
+    result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0, run_dir=config.run_dir,
+                         start_step=global_step)
     sim_time = inference_time = learn_time = 0.0
     step_at_start, clock = global_step, time.perf_counter()
     slot_rows = _SlotRows(max_agents)
-    vecenv.async_reset(config.seed)
+    vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
     try:
         while global_step < config.total_timesteps:
             update += 1
@@ -561,9 +566,15 @@ def _config_json(config: PPOConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
 
 
+def _describe_space(space) -> str:
+    if hasattr(space, "nvec"):
+        return f"MultiDiscrete({np.asarray(space.nvec).tolist()})"
+    return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
+
+
 def _space_signature(binding) -> dict[str, str]:
-    return {"observation": repr(binding.single_observation_space), "action": repr(binding.single_action_space),
-            "max_agents": str(binding.max_agents)}
+    return {"observations": _describe_space(binding.single_observation_space),
+            "actions": _describe_space(binding.single_action_space), "max_agents": str(binding.max_agents)}
 
 
 def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None) -> None:
@@ -574,8 +585,9 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
                             f"pass --env {checkpoint.get('env')} or use a checkpoint of {config.env!r}")
     expected = _space_signature(binding)
     if checkpoint.get("spaces") != expected:
-        raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained on spaces "
-                            f"{checkpoint.get('spaces')}, this env has {expected}")
+        describe = lambda spaces: ", ".join(f"{k} {v}" for k, v in (spaces or {}).items())  # noqa: E731
+        raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
+                            f"{describe(checkpoint.get('spaces'))}; this env has {describe(expected)}")
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:

@@ -1,0 +1,195 @@
+"""The ``shoal`` command: ``train``, ``eval`` and ``plot``.
+
+    shoal train                                  # CartPole to solved, with the live dashboard
+    shoal train --env atari:Breakout             # CleanRL's Atari settings
+    shoal train --env gym:Acrobot-v1 --backend multiprocessing --num-envs 8
+    shoal train --resume runs/cartpole__1__20250101-120000 [--total-timesteps 200000]
+    shoal eval runs/cartpole__1__20250101-120000 --episodes 20
+    shoal plot runs/a runs/b --out curves.png
+
+``shoal train``'s flags are generated from :class:`shoal.ppo.PPOConfig`; their defaults are the
+env's preset (``shoal.envs.preset``), so ``--help`` after ``--env`` shows what will run.
+Bad input gets one message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Sequence
+
+import tyro
+
+from shoal.errors import ShoalError
+from shoal.ppo import PPOConfig
+
+USAGE = """usage: shoal {train,eval,plot} [options]
+
+  train   train a policy with PPO (default: CartPole until solved)
+  eval    play episodes with a checkpoint and print return statistics
+  plot    draw learning curves of runs into a PNG
+
+`shoal <command> --help` lists each command's options."""
+
+
+class UsageError(ShoalError):
+    """Bad command-line input."""
+
+
+@dataclass
+class TrainArgs:
+    """Train a policy with PPO. Defaults come from the env's preset (see shoal.envs.PRESETS)."""
+
+    config: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes]
+    resume: str | None = None
+    """continue the run in this directory (its config, unless flags override it)"""
+
+
+@dataclass
+class EvalArgs:
+    """Play episodes with a trained policy and print return statistics."""
+
+    checkpoint: tyro.conf.Positional[str]
+    """a checkpoint file, or a run directory (its newest checkpoint)"""
+    episodes: int = 10
+    """episodes to play"""
+    deterministic: bool = False
+    """take the most likely action instead of sampling"""
+    env: str | None = None
+    """evaluate on this env instead of the one trained on (its spaces must match)"""
+    seed: int = 0
+    """seed of the env and the action sampling"""
+    device: str = "cpu"
+    """torch device"""
+
+
+@dataclass
+class PlotArgs:
+    """Draw learning curves (one line per run) into a PNG."""
+
+    run_dirs: tyro.conf.Positional[tuple[str, ...]]
+    """run directories written by `shoal train`"""
+    out: str = "learning_curves.png"
+    """the PNG to write"""
+    metric: str = "episode/return_mean20"
+    """a progress.csv column to plot against global_step"""
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in argv (the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _default_run_dir(env: str, seed: int) -> str:
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in env)
+    return str(Path("runs") / f"{slug}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _train(argv: list[str]) -> int:
+    from shoal.checkpoint import latest_checkpoint, load_checkpoint
+    from shoal.envs import check_env_name, make_binding, preset
+    from shoal.ppo import config_from_checkpoint, train
+
+    resume = _flag_value(argv, "--resume")
+    checkpoint = None
+    if resume is not None:
+        checkpoint = load_checkpoint(latest_checkpoint(resume))
+        default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=str(resume))
+    else:
+        env = _flag_value(argv, "--env") or PPOConfig.env
+        check_env_name(env)
+        default = PPOConfig(env=env, **preset(env))
+    args = tyro.cli(TrainArgs, default=TrainArgs(config=default), args=argv, prog="shoal train")
+    config = args.config
+    if checkpoint is not None and config.env != checkpoint["env"]:
+        raise UsageError(f"--resume {resume}: that run trained on env {checkpoint['env']!r}, not {config.env!r}; "
+                         f"drop --env or start a new run")
+    if checkpoint is not None and checkpoint["global_step"] >= config.total_timesteps:
+        raise UsageError(f"--resume {resume}: the run is already at step {checkpoint['global_step']:,} of "
+                         f"total_timesteps {config.total_timesteps:,}: pass a larger --total-timesteps to go on")
+    if config.run_dir is None:
+        config.run_dir = _default_run_dir(config.env, config.seed)
+    config.validate()
+    binding = make_binding(config.env)
+    result = train(config, binding, resume_from=checkpoint["path"] if checkpoint else None)
+    reached = result.first_reached(475.0) if config.env == "cartpole" else None
+    print(f"trained {result.global_step:,} steps in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
+          f"mean return of the last 20 episodes: {result.mean_return():.1f}"
+          + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
+    print(f"run directory: {config.run_dir}   (shoal eval {config.run_dir} · shoal plot {config.run_dir} · "
+          f"tensorboard --logdir {Path(config.run_dir).parent})")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    import numpy as np
+
+    from shoal.checkpoint import load_checkpoint
+    from shoal.envs import make_binding
+    from shoal.ppo import check_compatible, config_from_checkpoint, evaluate, make_policy
+
+    args = tyro.cli(EvalArgs, args=argv, prog="shoal eval")
+    if args.episodes <= 0:
+        raise UsageError(f"--episodes must be a positive integer, got {args.episodes}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = config_from_checkpoint(checkpoint)
+    binding = make_binding(args.env or checkpoint["env"])
+    check_compatible(checkpoint, binding)
+    policy = make_policy(config, binding)
+    policy.load_state_dict(checkpoint["model"])
+    returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
+                       device=args.device)
+    if not returns:
+        raise UsageError(f"no episode finished: {binding.env_name} gave no episode statistics")
+    values = np.asarray(returns)
+    print(f"{binding.env_name}: {len(values)} episodes, return {values.mean():.2f} ± {values.std():.2f} "
+          f"(min {values.min():.2f}, max {values.max():.2f}) · checkpoint {checkpoint['path']} "
+          f"(step {checkpoint['global_step']:,})")
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    from shoal.logging import plot_runs
+
+    args = tyro.cli(PlotArgs, args=argv, prog="shoal plot")
+    if not args.run_dirs:
+        raise UsageError("shoal plot needs at least one run directory")
+    out = plot_runs(args.run_dirs, args.out, metric=args.metric)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shoal`` command; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"shoal: error: unknown command {command!r}: expected train, eval or plot\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except ShoalError as error:  # every error a user can cause: one message, no traceback
+        print(f"shoal {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"shoal {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
