@@ -17,7 +17,7 @@ from typing import Any
 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError
-from shoal.vector.base import AsyncState, Batch, VecEnv
+from shoal.vector.base import AsyncState, Batch, VecEnv, default_num_workers
 from shoal.vector.multiprocessing import Multiprocessing
 from shoal.vector.ray import Ray
 from shoal.vector.serial import Serial
@@ -48,4 +48,4 @@ def make(binding: Binding, backend: str | type[VecEnv] = "serial", num_workers: 
     return cls(binding, envs_per_worker=envs_per_worker, batch_size=batch_size, **options)
 
 
-__all__ = ["make", "BACKENDS", "VecEnv", "Batch", "AsyncState", "Serial", "Multiprocessing", "Ray"]
+__all__ = ["make", "BACKENDS", "default_num_workers", "VecEnv", "Batch", "AsyncState", "Serial", "Multiprocessing", "Ray"]

@@ -103,11 +103,14 @@ class EnvGroup:
     Never raises: :meth:`handle` turns every exception into a :class:`Failure` reply.
     """
 
-    def __init__(self, binding: Binding, env_ids: range, buffers: Buffers, actions: np.ndarray):
+    def __init__(self, binding: Binding, env_ids: range, buffers: Buffers, actions: np.ndarray,
+                 progress: np.ndarray | None = None):
         self.binding = binding
         self.env_ids = env_ids
         self.steps = 0
         self.current: int | None = None  # the env being run, for failure reports
+        # progress[0]: the env being reset or stepped; in shared memory the parent can name a hung env
+        self.progress = np.zeros(1, np.int64) if progress is None else progress
         self.exception: BaseException | None = None  # the last failure's exception (Serial chains it)
         agents = binding.max_agents
         self._rows = [slice(i * agents, (i + 1) * agents) for i in range(len(env_ids))]
@@ -119,7 +122,7 @@ class EnvGroup:
         """Build the envs; (Status.OK, None) or (Status.FAILED, Failure)."""
         try:
             for env_id, rows in zip(self.env_ids, self._rows):
-                self.current = env_id
+                self.current = self.progress[0] = env_id
                 self.envs.append(self.binding.make_env(buffers=Buffers(*(array[rows] for array in self._buffers))))
             self.current = None
             return Status.OK, None
@@ -133,13 +136,13 @@ class EnvGroup:
                 self.steps += 1
                 infos = []
                 for env_id, env, actions in zip(self.env_ids, self.envs, self._actions):
-                    self.current = env_id
+                    self.current = self.progress[0] = env_id
                     infos.append(env.step(actions)[4])
                 return Status.OK, infos
             if command is Command.RESET:
                 infos = []
                 for env_id, env, seed in zip(self.env_ids, self.envs, payload):
-                    self.current = env_id
+                    self.current = self.progress[0] = env_id
                     infos.append(env.reset(seed=seed)[1])
                 return Status.OK, infos
             return Status.OK, self._access(command, payload)
@@ -154,6 +157,7 @@ class EnvGroup:
         values = []
         for index in indices:
             self.current, env = self.env_ids[index], self.envs[index]
+            self.progress[0] = self.current
             owner, value = _lookup(env, name)
             if owner is None:
                 if command is not Command.SET_ATTR:
@@ -300,11 +304,16 @@ class VecEnv(abc.ABC):
             f"{failure.error}", failure.traceback, failure.env_id)
 
     def _timeout_error(self, workers: set[int], what: str, timeout: float) -> WorkerError:
-        first = min(workers)
+        running = {worker: self._running_env(worker) for worker in sorted(workers)}
+        names = [self._describe(w) + ("" if env is None else f", running env {env}") for w, env in running.items()]
+        first, env = next(iter(running.items()))
         return WorkerError(
-            f"{', '.join(self._describe(w) for w in sorted(workers))} did not answer {what} within "
-            f"{timeout} s: an env hangs or is too slow (raise the timeout if it is only slow)",
-            env_id=self._envs_of(first).start)
+            f"{'; '.join(names)}: did not answer {what} within {timeout} s: an env hangs or is too slow "
+            f"(raise the timeout if it is only slow)", env_id=self._envs_of(first).start if env is None else env)
+
+    def _running_env(self, worker: int) -> int | None:
+        """The env a worker is running now, for backends that can see into their workers; else None."""
+        return None
 
     def _collect(self, workers: set[int], what: str, need: int | None = None,
                  timeout: float | None = None) -> list[tuple[int, Status, Any]]:
@@ -444,6 +453,8 @@ class VecEnv(abc.ABC):
             raise APIUsageError(f"send(actions): {layout.flat_space} takes numeric actions, got dtype {array.dtype}")
         space = layout.flat_space
         if layout.is_discrete:
+            if array.min() >= 0 and (array < space.nvec).all():  # the usual case: two reductions
+                return array
             bad = (array < 0) | (array >= space.nvec)
         else:
             bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN

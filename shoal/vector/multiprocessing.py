@@ -81,8 +81,10 @@ def _worker_main(binding: Binding, worker: int, env_ids: range, rows: slice, sha
     """A worker process: build the envs, then answer commands until CLOSE, a failure, or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     _exit_with_parent()
-    buffers, actions = _split(shared.arrays())
-    group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows])
+    arrays = shared.arrays()
+    buffers, actions = _split(arrays)
+    group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
+                     progress=arrays["progress"][worker:worker + 1])
     status, answer = group.start()
     try:
         conn.send((status, answer))
@@ -158,7 +160,9 @@ class Multiprocessing(VecEnv):
             "obs": (shape + self.single_observation_space.shape, self.single_observation_space.dtype),
             "rewards": (shape, np.float32), "terminals": (shape, bool), "truncations": (shape, bool),
             "masks": (shape, bool), "actions": ((self.num_agents, self._atn_size), self.single_action_space.dtype),
+            "progress": ((self.num_workers,), np.int64),  # the env each worker is running, to name a hung one
         })
+        self._progress = self._shared.arrays()["progress"]
         buffers, actions = _split(self._shared.arrays())
         try:
             for worker in range(self.num_workers):
@@ -214,6 +218,9 @@ class Multiprocessing(VecEnv):
                     raise self._death_error(worker)
                 answers.append((worker, *last))
         return answers
+
+    def _running_env(self, worker: int) -> int | None:
+        return int(self._progress[worker])
 
     def _last_words(self, worker: int) -> tuple[Status, Any] | None:
         """A dead worker's unread failure report, if it sent one before exiting."""

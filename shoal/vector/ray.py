@@ -104,11 +104,15 @@ class Ray(VecEnv):
         if done and rest:  # take whatever else is finished too
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             done += more
+        try:
+            results = ray.get(done)  # one round trip for all of them
+        except ray.exceptions.RayError:
+            results = [None] * len(done)  # find out which one failed, below
         answers = []
-        for ref in done:
+        for ref, result in zip(done, results):
             worker, command = self._refs.pop(ref)
             try:
-                status, payload = ray.get(ref)
+                status, payload = ray.get(ref) if result is None else result
             except ray.exceptions.RayActorError as error:
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}: "
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
