@@ -316,7 +316,7 @@ def _(space: spaces.Discrete, value: torch.Tensor) -> torch.Tensor:
 @leaf_features.register(spaces.MultiDiscrete)
 def _(space: spaces.MultiDiscrete, value: torch.Tensor) -> torch.Tensor:
     nvec = torch.as_tensor(space.nvec.ravel(), device=value.device)
-    start = torch.as_tensor(np.broadcast_to(space.start, space.shape).ravel(), device=value.device)
+    start = torch.as_tensor(np.broadcast_to(space.start, space.shape).ravel().copy(), device=value.device)
     offsets = torch.cumsum(nvec, 0) - nvec  # where each dimension's one-hot block begins
     index = torch.minimum((value.reshape(len(value), -1).long() - start).clamp(min=0), nvec - 1) + offsets
     out = torch.zeros(len(value), int(nvec.sum()), device=value.device)

@@ -386,15 +386,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             # A transition counts iff the masks that came with its obs and with its reward are both True.
             # Advantages never propagate across an episode end or into a transition that does not count.
             valid = masks[:T] & next_masks[:T]  # (T, N)
-            done = terminals[:T] | truncations[:T]
-            advantages = np.zeros((T, N), np.float32)
-            next_advantage = np.zeros(N, np.float32)
-            for t in reversed(range(T)):
-                next_value = np.where(done[t], 0, values[t + 1])
-                delta = rewards[t] + gamma * next_value - values[t]
-                carry = ~done[t] & (valid[t + 1] if t + 1 < T else True)
-                next_advantage = np.where(valid[t], delta + gamma * gae_lambda * np.where(carry, next_advantage, 0), 0)
-                advantages[t] = next_advantage
+            advantages = gae(rewards[:T], values, terminals[:T] | truncations[:T], valid, gamma, gae_lambda)
             returns = advantages + values[:T]
             variance = float(returns[valid].var()) if valid.sum() > 1 else math.nan
             explained = 1 - float((returns - values[:T])[valid].var()) / variance if variance > 0 else math.nan
@@ -518,6 +510,30 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     result.global_step, result.updates = global_step, update
     result.wall_time = time.perf_counter() - started
     return result
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, valid: np.ndarray, gamma: float,
+        gae_lambda: float) -> np.ndarray:
+    """Generalized advantage estimates ``(T, N)`` that respect masks.
+
+    Args:
+        rewards, dones, valid: ``(T, N)``; ``dones`` = terminal or truncated (a truncated transition's
+            reward already includes ``gamma * V(final observation)``).
+        values: ``(T + 1, N)``; row T is the value of the observation after the rollout.
+
+    A transition that is not ``valid`` gets advantage 0 and cuts the recursion: nothing flows into or
+    out of it (``np.where``, not a product, so garbage there, even NaN, never leaks).
+    """
+    steps = len(rewards)
+    advantages = np.zeros(rewards.shape, np.float32)
+    next_advantage = np.zeros(rewards.shape[1:], np.float32)
+    for t in reversed(range(steps)):
+        next_value = np.where(dones[t], 0, values[t + 1])
+        delta = rewards[t] + gamma * next_value - values[t]
+        carry = ~dones[t] & (valid[t + 1] if t + 1 < steps else True)
+        next_advantage = np.where(valid[t], delta + gamma * gae_lambda * np.where(carry, next_advantage, 0), 0)
+        advantages[t] = next_advantage
+    return advantages
 
 
 class _SlotRows:

@@ -216,3 +216,61 @@ class ReseedingNestedMultiAgentEnv(NestedMultiAgentEnv):
         if seed is not None or not hasattr(self, "_seeds"):
             self._seeds = np.random.default_rng(seed)
         return super().reset(seed=int(self._seeds.integers(2**31)), options=options)
+
+
+# ---------------------------------------------------------------- envs for the trainer's tests (test_ppo.py)
+
+
+class PaddedCartPole(ParallelEnv):
+    """CartPole played by agent ``"cart"``, listed among ghost agents that never appear.
+
+    Its ghosts sort before and after the cart, so the cart lives in slot 1 of 3 and the others are
+    padding (mask False) for the whole run: it must train exactly like plain CartPole.
+    """
+
+    metadata = {"name": "padded_cartpole_v0"}
+
+    def __init__(self):
+        self.possible_agents = ["z_ghost", "cart", "a_ghost"]
+        self.env = gymnasium.make("CartPole-v1")
+        self.agents = []
+
+    def observation_space(self, agent):
+        return self.env.observation_space
+
+    def action_space(self, agent):
+        return self.env.action_space
+
+    def reset(self, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed)
+        self.agents = ["cart"]
+        return {"cart": obs}, {}
+
+    def step(self, actions):
+        obs, reward, terminal, truncation, _ = self.env.step(actions["cart"])
+        if terminal or truncation:
+            self.agents = []
+        return {"cart": obs}, {"cart": reward}, {"cart": terminal}, {"cart": truncation}, {}
+
+
+class ConstantRewardEnv(gymnasium.Env):
+    """Reward 1 at every step, the same observation always, truncated (never terminated) every ``horizon`` steps.
+
+    Bootstrapping truncations makes the true value ``1 / (1 - gamma)``; treating them as terminal
+    would teach about ``horizon / 2``.
+    """
+
+    observation_space = spaces.Box(0, 2, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+
+    def __init__(self, horizon: int = 4):
+        self.horizon = horizon
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.ones(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.ones(1, np.float32), 1.0, False, self.t >= self.horizon, {}

@@ -1,0 +1,350 @@
+"""The trainer: masks, truncation bootstrapping, recurrent state, checkpoints, resume, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+
+import envs
+from shoal import Binding
+from shoal import vector
+from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
+from shoal.envs import make_binding, preset
+from shoal.errors import APIUsageError
+from shoal.logging import read_progress
+from shoal.policy import LSTMPolicy, MLPPolicy
+from shoal.ppo import PPOConfig, gae, train
+from shoal.vector import Batch
+
+QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
+             dashboard=False, tensorboard=False)
+
+LOSSES = ["loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clipfrac", "loss/explained_variance",
+          "episode/return", "global_step"]
+
+
+class GarbageInDeadSlots:
+    """A vec env that fills every slot with mask False with garbage: NaN and huge observations,
+    NaN rewards, random flags. The data contract says such slots carry nothing; the trainer must agree."""
+
+    def __init__(self, vecenv, seed: int = 0):
+        self.vecenv = vecenv
+        self.rng = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return getattr(self.vecenv, name)
+
+    def recv(self) -> Batch:
+        batch = self.vecenv.recv()
+        dead = ~batch.masks
+        obs = batch.obs.copy()
+        obs[dead] = self.rng.choice(np.array([np.nan, 1e30, -7.0], np.float32), size=obs[dead].shape)
+        rewards = batch.rewards.copy()
+        rewards[dead] = np.nan
+        terminals, truncations = batch.terminals.copy(), batch.truncations.copy()
+        terminals[dead] = self.rng.random(dead.sum()) < 0.5
+        truncations[dead] = self.rng.random(dead.sum()) < 0.5
+        return batch._replace(obs=obs, rewards=rewards, terminals=terminals, truncations=truncations)
+
+
+def _history(result, keys=LOSSES):
+    return [[row[key] for key in keys] for row in result.history]
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
+def test_padded_env_with_garbage_in_dead_slots_trains_exactly_like_the_plain_env(lstm):
+    config = PPOConfig(**QUICK, seed=3, lstm=lstm)
+    plain = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    padded = Binding(env_cls=envs.PaddedCartPole)
+    assert padded.max_agents == 3 and padded.agent_slots["cart"] == 1
+
+    expected = train(config, plain)
+    with vector.make(padded, "serial", envs_per_worker=config.num_envs) as vecenv:
+        got = train(config, padded, vecenv=GarbageInDeadSlots(vecenv))
+
+    assert expected.global_step == got.global_step == 320  # dead slots are not steps
+    assert np.isfinite(np.array(_history(got), dtype=float)[:, :5]).all()
+    assert _history(got) == _history(expected)  # bit for bit: same losses, same returns
+    for a, b in zip(expected.policy.state_dict().values(), got.policy.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_gae_cuts_at_invalid_transitions_and_episode_ends():
+    gamma, lam = 0.9, 0.8
+    # One slot, 4 transitions: t=1 ends an episode, t=2 is invalid (an agent's dead slot: NaN reward).
+    rewards = np.array([[1.0], [2.0], [np.nan], [4.0]], np.float32)
+    values = np.array([[0.5], [0.25], [np.nan], [1.0], [2.0]], np.float32)
+    dones = np.array([[False], [True], [True], [False]])
+    valid = np.array([[True], [True], [False], [True]])
+    advantages = gae(rewards, values, dones, valid, gamma, lam)
+
+    a3 = 4.0 + gamma * 2.0 - 1.0
+    a2 = 0.0
+    a1 = 2.0 - 0.25  # done: no bootstrap, no propagation
+    a0 = 1.0 + gamma * 0.25 - 0.5 + gamma * lam * a1
+    np.testing.assert_allclose(advantages[:, 0], [a0, a1, a2, a3], rtol=1e-6)
+
+
+def test_gae_never_propagates_into_a_transition_that_does_not_count():
+    # Transition 0 is valid and not done, transition 1 does not count: 0 bootstraps from V(obs_1) only.
+    rewards = np.array([[1.0], [100.0]], np.float32)
+    values = np.array([[0.0], [3.0], [50.0]], np.float32)
+    advantages = gae(rewards, values, np.zeros((2, 1), bool), np.array([[True], [False]]), 0.5, 1.0)
+    np.testing.assert_allclose(advantages[:, 0], [1.0 + 0.5 * 3.0, 0.0])
+
+
+def test_nested_multiagent_env_with_deaths_and_spawns_trains():
+    binding = Binding(env_cls=envs.NestedMultiAgentEnv, env_kwargs=dict(num_agents=3, max_steps=12))
+    result = train(PPOConfig(**{**QUICK, "total_timesteps": 600}, seed=0), binding)
+    # Agents die early and "late" spawns at step 3: fewer counted steps than slots x steps.
+    assert 600 <= result.global_step < result.updates * 4 * 16 * binding.max_agents
+    assert all(np.isfinite(row["loss/value"]) for row in result.history)
+    assert type(result.policy).__name__ == "MixedPolicy"  # the default for nested observations
+
+
+# ---------------------------------------------------------------- episode ends
+
+
+def _fit_constant_value(**overrides) -> float:
+    binding = Binding(env_cls=envs.ConstantRewardEnv)
+    config = PPOConfig(num_envs=2, num_steps=32, total_timesteps=2 * 32 * 150, gamma=0.9, learning_rate=3e-3,
+                       anneal_lr=False, clip_vloss=False, update_epochs=8, num_minibatches=1, ent_coef=0.0,
+                       dashboard=False, tensorboard=False, **overrides)
+    result = train(config, binding)
+    with torch.no_grad():
+        return float(result.policy(torch.ones(1, 1))[1])
+
+
+def test_truncated_episodes_bootstrap_from_the_final_observation():
+    # Truncated every 4 steps, reward 1: bootstrapping learns V = 1 / (1 - 0.9) = 10; treating the
+    # truncation as terminal would learn the mean discounted return to the cut, about 2.8.
+    assert _fit_constant_value() == pytest.approx(10.0, abs=1.5)
+
+
+class _AlwaysDoneReplay:
+    """Makes the env's truncations look terminal: the control experiment for the test above."""
+
+    def __init__(self, vecenv):
+        self.vecenv = vecenv
+
+    def __getattr__(self, name):
+        return getattr(self.vecenv, name)
+
+    def recv(self) -> Batch:
+        batch = self.vecenv.recv()
+        return batch._replace(terminals=batch.terminals | batch.truncations)
+
+
+def test_treating_truncation_as_terminal_would_learn_a_different_value():
+    binding = Binding(env_cls=envs.ConstantRewardEnv)
+    config = PPOConfig(num_envs=2, num_steps=32, total_timesteps=2 * 32 * 150, gamma=0.9, learning_rate=3e-3,
+                       anneal_lr=False, clip_vloss=False, update_epochs=8, num_minibatches=1, ent_coef=0.0,
+                       dashboard=False, tensorboard=False)
+    with vector.make(binding, "serial", envs_per_worker=2) as vecenv:
+        result = train(config, binding, vecenv=_AlwaysDoneReplay(vecenv))
+    with torch.no_grad():
+        value = float(result.policy(torch.ones(1, 1))[1])
+    assert value < 4.0
+
+
+@pytest.mark.parametrize("backend,envs_per_batch", [("serial", 0), ("serial", 2), ("multiprocessing", 2)])
+def test_recurrent_replay_matches_the_rollout(backend, envs_per_batch):
+    # With a frozen policy (lr ~ 0) every update's recomputed log-probabilities must equal the ones
+    # taken while acting: the replay resets the LSTM state exactly where the rollout did (episode
+    # starts mid-rollout, state carried across rollouts, batches arriving in any order).
+    config = PPOConfig(num_envs=4, num_steps=24, total_timesteps=4 * 24 * 6, learning_rate=1e-30, lstm=True,
+                       update_epochs=1, num_minibatches=2, backend=backend, envs_per_batch=envs_per_batch,
+                       num_workers=2 if backend != "serial" else 0, dashboard=False, tensorboard=False)
+    result = train(config, make_binding("cartpole"))
+    assert result.episodes, "episodes must end inside rollouts for this test to mean anything"
+    assert max(abs(row["loss/approx_kl"]) for row in result.history) < 1e-9
+    assert all(row["loss/clipfrac"] == 0 for row in result.history)
+
+
+def test_lstm_state_resets_where_an_episode_starts():
+    torch.manual_seed(0)
+    policy = LSTMPolicy(MLPPolicy(make_binding("cartpole"), hidden_size=8))
+    obs = torch.randn(6, 3, 4)
+    starts = torch.zeros(6, 3, dtype=torch.bool)
+    starts[3, 1] = True
+    state = tuple(torch.randn(3, 16) for _ in range(2))
+    params, values, _ = policy(obs, state, starts)
+    # Slot 1 from step 3 on must equal a fresh run from a zero state.
+    fresh_params, fresh_values, _ = policy(obs[3:, 1:2], None, None)
+    np.testing.assert_allclose(params.view(6, 3, -1)[3:, 1].detach(), fresh_params.detach(), rtol=1e-5, atol=1e-6)
+    # ... and before step 3 it depended on the given state.
+    stateless, _, _ = policy(obs[:3, 1:2], None, None)
+    assert not torch.allclose(params.view(6, 3, -1)[:3, 1], stateless)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one():
+    binding = make_binding("cartpole")
+    sync = train(PPOConfig(**QUICK, seed=5), binding)
+    halves = train(PPOConfig(**QUICK, seed=5, envs_per_batch=2), binding)
+    # Same envs, same random numbers in the same order; only float rounding of smaller matmuls differs.
+    np.testing.assert_allclose(np.array(_history(halves), float), np.array(_history(sync), float), rtol=1e-4, atol=1e-5)
+
+
+def test_multiprocessing_double_buffering_trains():
+    config = PPOConfig(**{**QUICK, "total_timesteps": 2000}, backend="multiprocessing", num_workers=2,
+                       envs_per_batch=2, seed=1)
+    result = train(config, make_binding("cartpole"))
+    assert result.global_step >= 2000
+    assert all(np.isfinite(row["loss/value"]) for row in result.history)
+
+
+def test_box_actions_are_clipped_before_the_env_sees_them():
+    result = train(PPOConfig(**{**QUICK, "total_timesteps": 500}), make_binding("gym:Pendulum-v1"))
+    assert type(result.policy.action_head).__name__ == "GaussianHead"
+    assert result.global_step >= 500
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_checkpoints_are_written_every_n_updates_and_at_the_end(tmp_path):
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=2, keep_checkpoints=0)
+    train(config, make_binding("cartpole"))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["update_000002.pt", "update_000004.pt", "update_000005.pt"]
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["update"] == 5 and checkpoint["global_step"] == 320
+    assert set(checkpoint) >= {"model", "optimizer", "config", "rng", "global_step", "update", "env", "spaces"}
+    assert checkpoint["config"]["num_steps"] == 16
+
+
+_SLOW_WRITER = textwrap.dedent("""
+    import sys, torch
+    from shoal.checkpoint import save_checkpoint
+    payload = {"model": {"w": torch.full((64, 1024, 1024), 2.0)}, "update": 2}  # 256 MB: a slow write
+    print("writing", flush=True)
+    save_checkpoint(sys.argv[1], 2, payload, keep=0)
+    save_checkpoint(sys.argv[1], 1, payload, keep=0)  # overwrite the good one, if it gets that far
+""")
+
+
+def test_a_run_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(3)}, "update": 1}, keep=0)
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(tmp_path)], stdout=subprocess.PIPE)
+    assert writer.stdout.readline().strip() == b"writing"
+    directory = tmp_path / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") and p.stat().st_size > 0 for p in directory.iterdir()):
+        assert time.monotonic() < deadline and writer.poll() is None, "the writer never started writing"
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["update_000001.pt"]  # half files are not checkpoints
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["update"] == 1 and torch.equal(checkpoint["model"]["w"], torch.ones(3))
+
+
+def test_save_atomic_replaces_the_old_file_in_one_step(tmp_path):
+    path = tmp_path / "x.pt"
+    save_atomic({"a": 1}, path)
+    save_atomic({"a": 2}, path)
+    assert torch.load(path)["a"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
+    with pytest.raises(APIUsageError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(APIUsageError, match="no checkpoint in"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(APIUsageError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(APIUsageError, match="not a shoal checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_resume_continues_step_count_schedule_optimizer_and_csv(tmp_path):
+    binding = make_binding("cartpole")
+    straight = PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}, run_dir=str(tmp_path / "a"),
+                         checkpoint_interval=3, keep_checkpoints=0)
+    full = train(straight, binding)
+    first_half = tmp_path / "a" / "checkpoints" / "update_000003.pt"
+    checkpoint = load_checkpoint(first_half)
+
+    resumed_dir = tmp_path / "b"
+    resumed_dir.mkdir()
+    (resumed_dir / "checkpoints").mkdir()
+    (resumed_dir / "checkpoints" / first_half.name).write_bytes(first_half.read_bytes())
+    rows_before = read_progress(tmp_path / "a")[:3]
+    (resumed_dir / "progress.csv").write_text((tmp_path / "a" / "progress.csv").read_text())  # incl. rows after 3
+    resumed = train(dataclasses.replace(straight, run_dir=str(resumed_dir)), binding, resume_from=resumed_dir)
+
+    assert resumed.start_step == checkpoint["global_step"] == 3 * 64
+    assert resumed.global_step == full.global_step and resumed.updates == full.updates == 6
+    assert [row["lr"] for row in resumed.history] == [row["lr"] for row in full.history[3:]]
+    assert [row["update"] for row in resumed.history] == [4, 5, 6]
+    rows = read_progress(resumed_dir)
+    assert [row["update"] for row in rows] == [1, 2, 3, 4, 5, 6]  # old rows past the checkpoint were dropped
+    assert rows[:3] == rows_before
+    state = load_checkpoint(resumed_dir)["optimizer"]["state"][0]["step"]
+    assert float(state) == 6 * 2 * 2  # Adam's step count went on from the checkpoint
+
+
+def test_resume_from_another_env_is_refused(tmp_path):
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    config = PPOConfig(**QUICK, env="gym:Acrobot-v1")
+    with pytest.raises(APIUsageError, match="trained on env 'cartpole', not 'gym:Acrobot-v1'"):
+        train(config, make_binding("gym:Acrobot-v1"), resume_from=tmp_path)
+
+
+# ---------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_envs", 0, "num_envs must be a positive integer, got 0"),
+    ("num_steps", -5, "num_steps must be a positive integer, got -5"),
+    ("envs_per_batch", 3, r"envs_per_batch \(3\) must divide num_envs \(4\)"),
+    ("num_workers", 3, r"num_envs \(4\) must divide evenly among num_workers \(3\)"),
+    ("learning_rate", 0.0, "learning_rate must be > 0"),
+    ("gamma", 1.5, r"gamma and gae_lambda must lie in \[0, 1\]"),
+    ("backend", "threads", "backend must be serial, multiprocessing or ray, got 'threads'"),
+])
+def test_bad_config_values_are_named(field, value, message):
+    with pytest.raises(APIUsageError, match=message):
+        train(PPOConfig(**{**QUICK, field: value}), make_binding("cartpole"))
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_default_cartpole_preset_solves_cartpole():
+    # The config `shoal train` runs: a 20-episode mean return of 475 well within its step budget.
+    config = PPOConfig(**{**preset("cartpole"), "dashboard": False, "tensorboard": False})
+    result = train(config, make_binding("cartpole"))
+    reached = result.first_reached(475)
+    assert reached is not None, f"mean return of the last 20 episodes: {result.mean_return():.1f}"
+    assert reached[0] <= config.total_timesteps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cartpole_reaches_475_within_500k_steps(seed):
+    config = PPOConfig(**{**preset("cartpole"), "seed": seed, "total_timesteps": 500_000, "dashboard": False,
+                          "tensorboard": False})
+    result = train(config, make_binding("cartpole"))
+    assert result.first_reached(475) is not None, f"seed {seed}: {result.mean_return():.1f}"
