@@ -1,0 +1,121 @@
+"""The `shoal` command: train / eval / plot, resume, and one clear message for every bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.checkpoint import list_checkpoints, load_checkpoint
+from shoal.cli import main
+from shoal.logging import read_progress
+
+FAST = ["--num-envs", "2", "--num-steps", "16", "--no-dashboard", "--no-tensorboard"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # tyro's own parse errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def test_train_eval_plot_and_resume(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    code, out, _ = run(capsys, "train", *FAST, "--total-timesteps", "256", "--run-dir", run_dir,
+                       "--checkpoint-interval", "4")
+    assert code == 0 and "trained 256 steps" in out and f"run directory: {run_dir}" in out
+    assert [p.name for p in list_checkpoints(run_dir)] == ["update_000004.pt", "update_000008.pt"]
+    assert (Path(run_dir) / "config.json").exists()
+
+    code, out, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "512")
+    assert code == 0 and "trained 512 steps" in out
+    assert load_checkpoint(run_dir)["global_step"] == 512
+    assert load_checkpoint(run_dir)["config"]["num_envs"] == 2  # the run's own config, not the preset's
+    assert [row["update"] for row in read_progress(run_dir)] == list(range(1, 17))
+
+    code, out, _ = run(capsys, "eval", run_dir, "--episodes", "3")
+    assert code == 0 and "CartPole-v1: 3 episodes, return" in out
+
+    png = tmp_path / "curves.png"
+    code, out, _ = run(capsys, "plot", run_dir, run_dir, "--out", str(png), "--metric", "loss/value")
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--env", "mujoco"], "unknown env 'mujoco'"),
+    (["train", "--env", "atari:Breakou"], "did you mean Breakout"),
+    (["train", "--env", "gym:NoSuchEnv-v0"], "unknown Gymnasium env id 'NoSuchEnv-v0'"),
+    (["train", "--num-envs", "-4"], "num_envs must be a positive integer, got -4"),
+    (["train", "--num-steps", "0"], "num_steps must be a positive integer, got 0"),
+    (["train", "--total-timesteps", "-1"], "total_timesteps must be a positive integer"),
+    (["train", "--num-envs", "8", "--envs-per-batch", "3"], r"envs_per_batch \(3\) must divide num_envs \(8\)"),
+    (["train", "--learning-rate", "-0.1"], "learning_rate must be > 0"),
+    (["train", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
+    (["train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
+    (["eval", "/nonexistent/ckpt.pt"], "checkpoint '/nonexistent/ckpt.pt' does not exist"),
+    (["eval", "x.pt", "--episodes", "0"], "--episodes must be a positive integer"),
+    (["plot", "/nonexistent/run"], "progress.csv' does not exist"),
+    (["fly"], "unknown command 'fly': expected train, eval or plot"),
+])
+def test_bad_input_gets_one_clear_message(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("error:") == 1
+    import re
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--backend", "threads"], "invalid choice 'threads' for argument '--backend'"),
+    (["train", "--num-envs", "four"], "--num-envs"),
+    (["train", "--no-such-flag"], "Unrecognized options"),
+])
+def test_bad_flags_are_reported_by_the_parser(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in " ".join((out + err).split()).replace("│", "").replace("  ", " ")
+
+
+def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", run_dir)[0] == 0
+    code, _, err = run(capsys, "eval", run_dir, "--env", "gym:Acrobot-v1")
+    assert code == 2 and "does not fit env 'Acrobot-v1'" in err and "MultiDiscrete([2])" in err
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--env", "gym:Acrobot-v1", "--total-timesteps", "999")
+    assert code == 2 and "that run trained on env 'cartpole', not 'gym:Acrobot-v1'" in err
+    code, _, err = run(capsys, "train", "--resume", run_dir)
+    assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path))
+    assert code == 2 and "no checkpoint in" in err
+
+
+def test_usage():
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+
+
+def test_the_installed_command_exits_2_without_a_traceback():
+    shoal = Path(sys.executable).parent / "shoal"
+    done = subprocess.run([str(shoal), "train", "--env", "nope"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("shoal train: error: unknown env 'nope'")
+
+
+def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):
+    run_dir = str(tmp_path / "breakout")
+    small = ["--num-envs", "4", "--num-steps", "64", "--no-dashboard", "--no-tensorboard", "--update-epochs", "1"]
+    code, out, _ = run(capsys, "train", "--env", "atari:Breakout", *small, "--total-timesteps", "1024",
+                       "--run-dir", run_dir, "--checkpoint-interval", "2")
+    assert code == 0, out
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint["global_step"] == 1024 and checkpoint["env"] == "atari:Breakout"
+    assert checkpoint["config"]["clip_coef"] == 0.1  # the Atari preset
+    code, out, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "2048")
+    assert code == 0 and load_checkpoint(run_dir)["global_step"] == 2048
+    code, out, _ = run(capsys, "eval", run_dir, "--episodes", "1")
+    assert code == 0 and "Breakout (Atari): 1 episodes, return" in out

@@ -1,0 +1,113 @@
+"""Built-in bindings: names, errors, and the Atari preprocessing conventions."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from shoal.envs import make_binding, preset
+from shoal.envs.atari import EpisodicLife, FireReset, GameStatistics, make_atari_env
+from shoal.errors import APIUsageError
+
+
+def test_cartpole():
+    binding = make_binding("cartpole")
+    assert binding.env_name == "CartPole-v1"
+    assert binding.single_observation_space.shape == (4,)
+    assert binding.single_action_space.nvec.tolist() == [2]
+    pickle.loads(pickle.dumps(binding))
+
+
+def test_any_gymnasium_id():
+    binding = make_binding("gym:Acrobot-v1")
+    assert binding.env_name == "Acrobot-v1" and binding.single_action_space.nvec.tolist() == [3]
+    pendulum = make_binding("gym:Pendulum-v1")
+    assert pendulum.single_action_space.shape == (1,)  # a Box: Gaussian policies
+
+
+@pytest.mark.parametrize("name,message", [
+    ("mujoco", "unknown env 'mujoco': expected one of cartpole, atari:<...>, gym:<...>"),
+    ("CartPole", "unknown env 'CartPole'"),
+    ("atari:", "names no atari env: expected atari:<name>, e.g. atari:Breakout"),
+    ("gym:", "names no gym env"),
+    ("atari:Breakou", "unknown Atari game 'Breakou'.*did you mean Breakout"),
+    ("gym:CartPol-v1", "unknown Gymnasium env id 'CartPol-v1'.*did you mean CartPole-v1"),
+    ("", "env name must be a non-empty string"),
+])
+def test_unknown_envs_get_a_clear_error(name, message):
+    with pytest.raises(APIUsageError, match=message):
+        make_binding(name)
+
+
+def test_presets():
+    assert preset("cartpole")["stop_at_return"] == 475
+    assert preset("atari:Pong")["clip_coef"] == 0.1  # CleanRL's ppo_atari.py
+    assert preset("gym:Acrobot-v1") == {}
+    preset("cartpole")["num_envs"] = 99
+    assert preset("cartpole")["num_envs"] != 99  # a copy
+
+
+def test_atari_binding_has_stacked_84x84_gray_frames():
+    binding = make_binding("atari:Breakout")
+    assert binding.raw_single_observation_space.shape == (4, 84, 84)
+    assert binding.single_observation_space.dtype == np.uint8
+    assert binding.single_action_space.nvec.tolist() == [4]
+    assert not binding.record_episode_statistics  # GameStatistics reports the real score
+    pickle.loads(pickle.dumps(binding))
+
+
+def _wrappers(env) -> list[type]:
+    found = []
+    while hasattr(env, "env"):
+        found.append(type(env))
+        env = env.env
+    return found
+
+
+def test_atari_wrapper_chain():
+    chain = [cls.__name__ for cls in _wrappers(make_atari_env("Breakout"))]
+    assert chain[:5] == ["FrameStackObservation", "TransformReward", "FireReset", "EpisodicLife", "GameStatistics"]
+    assert "AtariPreprocessing" in chain
+    assert FireReset not in _wrappers(make_atari_env("Freeway"))  # no FIRE action: nothing to press
+    assert EpisodicLife not in _wrappers(make_atari_env("Breakout", episodic_life=False))
+
+
+def test_episodic_life_ends_the_episode_but_not_the_game():
+    env = make_atari_env("Breakout")
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    rewards, steps = [], 0
+    while True:
+        obs, reward, terminated, truncated, info = env.step(int(rng.integers(4)))
+        rewards.append(reward)
+        steps += 1
+        if terminated or truncated:
+            break
+    assert obs.shape == (4, 84, 84) and obs.dtype == np.uint8
+    assert info["lives"] == 4 and "episode" not in info  # a life lost, the game goes on
+    frame = info["episode_frame_number"]
+    obs, info = env.reset()
+    lives = env.unwrapped.ale.lives()
+    assert lives == 4 and env.unwrapped.ale.getEpisodeFrameNumber() > frame  # not a real reset
+    assert set(rewards) <= {0.0, 1.0}  # clipped
+
+
+def test_game_statistics_report_the_unclipped_score_over_all_lives():
+    env = make_atari_env("Breakout")
+    env.reset(seed=1)
+    rng = np.random.default_rng(1)
+    clipped_total, episode = 0.0, None
+    for _ in range(20_000):
+        _, reward, terminated, truncated, info = env.step(int(rng.integers(4)))
+        clipped_total += reward
+        if "episode" in info:
+            episode = info["episode"]
+            break
+        if terminated or truncated:
+            env.reset()
+    assert episode is not None, "the game never ended"
+    assert env.unwrapped.ale.lives() == 0
+    assert episode["return"] >= clipped_total and episode["length"] > 100
+    assert GameStatistics in _wrappers(env)

@@ -1,0 +1,71 @@
+"""Logging sinks: the dashboard, CSV, TensorBoard, W&B (offline) and plots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from rich.console import Console
+
+from shoal.envs import make_binding
+from shoal.logging import CSV_FIELDS, Logger, plot_runs, read_progress
+from shoal.ppo import PPOConfig, train
+
+METRICS = {"update": 3, "episode/return": 21.5, "episode/return_mean20": 30.25, "episode/length": 21.5,
+           "episode/total": 40, "loss/policy": -0.01, "loss/value": 5.5, "loss/entropy": 0.69, "lr": 2.5e-4,
+           "perf/steps_per_second": 12345.0, "perf/sim_fraction": 0.5, "perf/inference_fraction": 0.2,
+           "perf/learn_fraction": 0.3, "loss/approx_kl": math.nan}
+
+
+def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split():
+    logger = Logger(None, total_steps=1000, title="shoal PPO · CartPole-v1", dashboard=True)
+    logger._console = Console(record=True, force_terminal=True, width=130)
+    logger._start_dashboard()
+    logger.log(640, METRICS)
+    logger.close()
+    text = logger._console.export_text()
+    for expected in ["shoal PPO · CartPole-v1", "640/1000", "12,345", "30.2", "21.5", "value loss", "5.5",
+                     "entropy", "0.69", "50% / 20% / 30%", "eta"]:
+        assert expected in text, expected
+
+
+def test_csv_tensorboard_and_resume_trimming(tmp_path):
+    with Logger(tmp_path, dashboard=False) as logger:
+        for step in (100, 200, 300):
+            logger.log(step, {**METRICS, "global_step": step})
+    rows = read_progress(tmp_path)
+    assert [row["global_step"] for row in rows] == [100, 200, 300]
+    assert "loss/approx_kl" not in rows[0]  # NaN is an empty cell
+    assert list(open(tmp_path / "progress.csv").readline().strip().split(",")) == CSV_FIELDS
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+    with Logger(tmp_path, dashboard=False, start_step=200) as logger:  # resumed from a checkpoint at 200
+        logger.log(250, METRICS)
+    assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 250]
+
+
+def test_plain_lines_off_a_terminal(capsys):
+    logger = Logger(None, total_steps=1000, dashboard=True, print_interval=0)
+    logger.log(640, METRICS)
+    logger.close()
+    out = capsys.readouterr().out
+    assert "step 640/1,000" in out and "return(20) 30.2" in out
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = PPOConfig(num_envs=2, num_steps=16, total_timesteps=64, dashboard=False, run_dir=str(tmp_path),
+                       wandb=True, wandb_project="shoal-test")
+    train(config, make_binding("cartpole"))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_plot_one_line_per_run(tmp_path):
+    for name, scale in (("a", 1), ("b", 2)):
+        with Logger(tmp_path / name, dashboard=False, tensorboard=False) as logger:
+            for step in range(1, 6):
+                logger.log(step * 100, {"episode/return_mean20": step * scale})
+    out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "plots" / "curves.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
