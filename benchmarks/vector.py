@@ -1,11 +1,12 @@
 """How fast shoal.vector steps envs, against Gymnasium's vector envs and against the machine's limit.
 
     python benchmarks/vector.py                      # the table in docs/vector.md, a few minutes
-    python benchmarks/vector.py --seconds 1 --envs cartpole
+    python benchmarks/vector.py --envs cartpole --rounds 1
 
 Every number comes from this one run on this machine. For each env, every runner steps the same number
-of envs with fixed random actions (their cost is not measured) for ``--seconds``, and the table gives env
-steps per second and ratios against:
+of envs with fixed random actions (their cost is not measured). All runners are built first, then timed
+in turn for ``--seconds``, ``--rounds`` times (so a busy machine slows all of them alike); each keeps its
+best round. The table gives env steps per second and ratios against:
   - the limit: one independent process per core, each stepping the raw env in a loop, no communication;
   - the emulated limit: the same with shoal's emulated env (the ceiling for any vectorization of it,
     so "x emulated" is the vectorization layer's own efficiency);
@@ -17,6 +18,7 @@ emulated env behind a small gymnasium.Env adapter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 import sys
@@ -37,8 +39,10 @@ from tests.envs import ReseedingNestedMultiAgentEnv  # noqa: E402
 
 @dataclasses.dataclass
 class Config:
-    seconds: float = 3.0
-    """How long each runner is timed (after a short warm-up)."""
+    seconds: float = 1.0
+    """How long each runner is timed in each round."""
+    rounds: int = 3
+    """Rounds; every runner is timed once per round, and its best round counts."""
     envs: tuple[str, ...] = ("cartpole", "breakout", "nested")
     """Which envs to run: cartpole, breakout, nested."""
     cores: int = 0
@@ -98,11 +102,21 @@ class EmulatedAsGymnasium(gymnasium.Env):
         return obs.copy(), float(rewards.sum()), False, False, {}
 
 
-# ---------------------------------------------------------------- the limit
+# ---------------------------------------------------------------- runners
+# A runner is built once, then asked to run for a while in every round: (measure(seconds) -> env steps/s, close).
 
 
-def _limit_process(creator: Callable, emulated: bool, num_envs: int, seconds: float, results) -> None:
-    """Step envs in a loop, alone; put env steps per second in ``results``."""
+def _timed(step: Callable[[], int], seconds: float) -> float:
+    """Env steps per second of ``step()`` (which returns how many env steps it made)."""
+    count, start = 0, time.perf_counter()
+    end = start + seconds
+    while (now := time.perf_counter()) < end:
+        count += step()
+    return count / (now - start)
+
+
+def _limit_process(creator: Callable, emulated: bool, num_envs: int, conn) -> None:
+    """Step envs alone, with no communication while timed; answer each request with env steps/s."""
     if emulated:
         vecenv = Serial(shoal.Binding(env_creator=creator), envs_per_worker=num_envs)
         vecenv.reset(seed=0)
@@ -128,35 +142,34 @@ def _limit_process(creator: Callable, emulated: bool, num_envs: int, seconds: fl
                 if terminal or truncation:
                     env.reset()
             return 1
-    results.put(_timed(step, seconds))
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        conn.send(_timed(step, seconds))
 
 
-def limit(bench: Bench, cores: int, seconds: float, emulated: bool) -> float:
+def limit_runner(bench: Bench, cores: int, emulated: bool):
+    """One process per core, each stepping its envs in a loop; their rates add up."""
     ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    processes = [ctx.Process(target=_limit_process, args=(bench.creator, emulated, bench.num_envs // cores,
-                                                           seconds, results)) for _ in range(cores)]
-    for process in processes:
-        process.start()
-    rates = [results.get() for _ in processes]
-    for process in processes:
-        process.join()
-    return sum(rates)
+    pipes, processes = [], []
+    for _ in range(cores):
+        mine, theirs = ctx.Pipe()
+        processes.append(ctx.Process(target=_limit_process, args=(
+            bench.creator, emulated, 1 if not emulated else bench.num_envs // cores, theirs), daemon=True))
+        processes[-1].start()
+        pipes.append(mine)
+    for pipe in pipes:
+        pipe.recv()
 
+    def measure(seconds: float) -> float:
+        for pipe in pipes:
+            pipe.send(seconds)
+        return sum(pipe.recv() for pipe in pipes)
 
-# ---------------------------------------------------------------- runners
-
-
-def _timed(step: Callable[[], int], seconds: float) -> float:
-    """Env steps per second of ``step()`` (which returns how many env steps it made), after a warm-up."""
-    warm_until = time.perf_counter() + min(0.5, seconds / 4)
-    while time.perf_counter() < warm_until:
-        step()
-    count, start = 0, time.perf_counter()
-    end = start + seconds
-    while (now := time.perf_counter()) < end:
-        count += step()
-    return count / (now - start)
+    def close() -> None:
+        for pipe, process in zip(pipes, processes):
+            pipe.send(None)
+            process.join()
+    return measure, close
 
 
 def _actions(vecenv, batches: int) -> list[np.ndarray]:
@@ -166,103 +179,110 @@ def _actions(vecenv, batches: int) -> list[np.ndarray]:
     return [rng.integers(0, nvec, size=(rows, len(nvec))) for _ in range(batches)]
 
 
-def run_shoal(cls, bench: Bench, seconds: float, **kwargs) -> float:
-    with cls(shoal.Binding(env_creator=bench.creator), **kwargs) as vecenv:
-        actions = _actions(vecenv, 16)
-        turn = 0
-        vecenv.async_reset(seed=0)
+def shoal_runner(cls, bench: Bench, **kwargs):
+    vecenv = cls(shoal.Binding(env_creator=bench.creator), **kwargs)
+    actions = _actions(vecenv, 16)
+    turn = 0
+    vecenv.async_reset(seed=0)
 
-        def step() -> int:
-            nonlocal turn
-            vecenv.recv()
-            vecenv.send(actions[turn % 16])
-            turn += 1
-            return vecenv.batch_size
-        rate = _timed(step, seconds)
+    def step() -> int:
+        nonlocal turn
         vecenv.recv()
-    return rate
+        vecenv.send(actions[turn % 16])
+        turn += 1
+        return vecenv.batch_size
+    return (lambda seconds: _timed(step, seconds)), vecenv.close
 
 
-def run_gymnasium(vector_cls, bench: Bench, seconds: float, emulated: bool) -> float:
-    creator = (lambda: EmulatedAsGymnasium(bench.creator)) if emulated else bench.creator
-    vecenv = vector_cls([creator] * bench.num_envs)
-    try:
-        vecenv.reset(seed=0)
-        actions = [vecenv.action_space.sample() for _ in range(16)]
-        turn = 0
+def gymnasium_runner(vector_cls, bench: Bench, emulated: bool, **kwargs):
+    creator = functools.partial(EmulatedAsGymnasium, bench.creator) if emulated else bench.creator
+    vecenv = vector_cls([creator] * bench.num_envs, **kwargs)
+    vecenv.reset(seed=0)
+    actions = [vecenv.action_space.sample() for _ in range(16)]
+    turn = 0
 
-        def step() -> int:
-            nonlocal turn
-            vecenv.step(actions[turn % 16])
-            turn += 1
-            return bench.num_envs
-        return _timed(step, seconds)
-    finally:
-        vecenv.close()
+    def step() -> int:
+        nonlocal turn
+        vecenv.step(actions[turn % 16])
+        turn += 1
+        return bench.num_envs
+    return (lambda seconds: _timed(step, seconds)), vecenv.close
 
 
 # ---------------------------------------------------------------- the table
 
+RUNNERS = ["limit", "limit (emulated)", "gymnasium SyncVectorEnv", "gymnasium AsyncVectorEnv", "shoal Serial",
+           "shoal Multiprocessing", "shoal Multiprocessing async", "shoal Ray", "shoal Ray async"]
+
+
+def build_runners(bench: Bench, cores: int, with_ray: bool) -> dict[str, tuple[str, Callable, Callable]]:
+    """runner name -> (layout, measure, close), all for ``bench.num_envs`` envs."""
+    n, multiagent = bench.num_envs, bench.creator is make_nested
+    half = n // cores // 2
+    specs = {
+        "limit": (f"{cores} processes x 1 raw env", lambda: limit_runner(bench, cores, emulated=False)),
+        "limit (emulated)": (f"{cores} processes x {n // cores} envs",
+                             lambda: limit_runner(bench, cores, emulated=True)),
+        "gymnasium SyncVectorEnv": (f"{n} envs", lambda: gymnasium_runner(
+            gymnasium.vector.SyncVectorEnv, bench, multiagent)),
+        "gymnasium AsyncVectorEnv": (f"{n} processes x 1 env", lambda: gymnasium_runner(
+            gymnasium.vector.AsyncVectorEnv, bench, multiagent, context="forkserver")),
+        "shoal Serial": (f"1 x {n} envs", lambda: shoal_runner(Serial, bench, envs_per_worker=n)),
+        "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
+            Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
+        "shoal Multiprocessing async": (f"{2 * cores} workers x {half} envs, batch {n // 2}", lambda: shoal_runner(
+            Multiprocessing, bench, num_workers=2 * cores, envs_per_worker=half, batch_size=n // 2)),
+    }
+    if with_ray:
+        specs["shoal Ray"] = (f"{cores} actors x {n // cores} envs", lambda: shoal_runner(
+            Ray, bench, num_workers=cores, envs_per_worker=n // cores))
+        specs["shoal Ray async"] = (f"{2 * cores} actors x {half} envs, batch {n // 2}", lambda: shoal_runner(
+            Ray, bench, num_workers=2 * cores, envs_per_worker=half, batch_size=n // 2))
+    return {name: (layout, *build()) for name, (layout, build) in specs.items()}
+
 
 def main(config: Config) -> None:
     cores = config.cores or default_num_workers()
-    rows: list[tuple[str, str, str, float]] = []  # env, runner, layout, steps/s
-    rates: dict[tuple[str, str], float] = {}
-
-    def record(bench: Bench, runner: str, layout: str, rate: float) -> None:
-        rows.append((bench.label, runner, layout, rate))
-        rates[bench.label, runner] = rate
-        print(f"  {runner:<28} {layout:<34} {rate:>12,.0f} env steps/s", file=sys.stderr, flush=True)
-
-    for name in config.envs:
-        bench = BENCHES[name]
-        n, s = bench.num_envs, config.seconds
-        print(f"{bench.label}: {n} envs, {cores} cores", file=sys.stderr, flush=True)
-        multiagent = name == "nested"
-        per_core = f"{cores} processes x {n // cores} envs"
-        record(bench, "limit", f"{cores} processes x 1 raw env", limit(bench, cores, s, emulated=False))
-        record(bench, "limit (emulated)", per_core, limit(bench, cores, s, emulated=True))
-        record(bench, "gymnasium SyncVectorEnv", f"{n} envs", run_gymnasium(
-            gymnasium.vector.SyncVectorEnv, bench, s, multiagent))
-        record(bench, "gymnasium AsyncVectorEnv", f"{n} processes x 1 env", run_gymnasium(
-            gymnasium.vector.AsyncVectorEnv, bench, s, multiagent))
-        record(bench, "shoal Serial", f"1 x {n} envs", run_shoal(Serial, bench, s, envs_per_worker=n))
-        record(bench, "shoal Multiprocessing", f"{cores} workers x {n // cores} envs", run_shoal(
-            Multiprocessing, bench, s, num_workers=cores, envs_per_worker=n // cores))
-        record(bench, "shoal Multiprocessing async", f"{2 * cores} workers x {n // cores // 2} envs, batch {n // 2}",
-               run_shoal(Multiprocessing, bench, s, num_workers=2 * cores, envs_per_worker=n // cores // 2,
-                         batch_size=n // 2))
     if config.ray:
         import ray
 
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR",
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-        for name in config.envs:
-            bench = BENCHES[name]
-            n, s = bench.num_envs, config.seconds
-            print(f"{bench.label}: Ray", file=sys.stderr, flush=True)
-            record(bench, "shoal Ray", f"{cores} actors x {n // cores} envs", run_shoal(
-                Ray, bench, s, num_workers=cores, envs_per_worker=n // cores))
-            record(bench, "shoal Ray async", f"{2 * cores} actors x {n // cores // 2} envs, batch {n // 2}",
-                   run_shoal(Ray, bench, s, num_workers=2 * cores, envs_per_worker=n // cores // 2,
-                             batch_size=n // 2))
+    table = []  # (env, runner, layout, best env steps/s)
+    for name in config.envs:
+        bench = BENCHES[name]
+        print(f"{bench.label}: {bench.num_envs} envs, {cores} cores", file=sys.stderr, flush=True)
+        runners = build_runners(bench, cores, config.ray)
+        best = dict.fromkeys(runners, 0.0)
+        try:
+            for measure in [measure for _, measure, _ in runners.values()]:
+                measure(min(0.5, config.seconds))  # warm-up
+            for round_ in range(config.rounds):  # interleaved, so every runner sees the same machine load
+                for runner, (_, measure, _) in runners.items():
+                    best[runner] = max(best[runner], measure(config.seconds))
+                print(f"  round {round_ + 1}: " + ", ".join(f"{r} {v:,.0f}" for r, v in best.items()),
+                      file=sys.stderr, flush=True)
+        finally:
+            for _, _, close in runners.values():
+                close()
+        table += [(bench.label, runner, runners[runner][0], best[runner]) for runner in RUNNERS if runner in best]
+    if config.ray:
         ray.shutdown()
+    print_table(table, cores, config)
 
-    order = {runner: i for i, runner in enumerate([
-        "limit", "limit (emulated)", "gymnasium SyncVectorEnv", "gymnasium AsyncVectorEnv", "shoal Serial",
-        "shoal Multiprocessing", "shoal Multiprocessing async", "shoal Ray", "shoal Ray async"])}
-    rows.sort(key=lambda row: (list(BENCHES).index(next(k for k, b in BENCHES.items() if b.label == row[0])),
-                               order[row[1]]))
+
+def print_table(table: list, cores: int, config: Config) -> None:
+    rates = {(env, runner): rate for env, runner, _, rate in table}
 
     def ratio(env: str, rate: float, baseline: str) -> str:
         base = rates.get((env, baseline))
         return f"{rate / base:.2f}x" if base else "-"
 
-    print(f"\nshoal.vector benchmark: {cores} cores ({os.cpu_count()} visible), {config.seconds:g} s per runner, "
-          f"env steps per second (higher is better)\n")
+    print(f"\nshoal.vector: env steps per second (higher is better), best of {config.rounds} interleaved rounds of "
+          f"{config.seconds:g} s, {cores} cores ({os.cpu_count()} visible)\n")
     print("| env | runner | layout | steps/s | vs limit | vs emulated limit | vs gym Async | vs shoal Serial |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for env, runner, layout, rate in rows:
+    for env, runner, layout, rate in table:
         print(f"| {env} | {runner} | {layout} | {rate:,.0f} | {ratio(env, rate, 'limit')} | "
               f"{ratio(env, rate, 'limit (emulated)')} | {ratio(env, rate, 'gymnasium AsyncVectorEnv')} | "
               f"{ratio(env, rate, 'shoal Serial')} |")

@@ -65,16 +65,19 @@ def make(request, warm_forkserver):
         vecenv.close()
 
 
-def _children() -> set[int]:
-    """This process's descendants, without Ray's own processes (which come and go by themselves)."""
-    pids = set()
-    for child in psutil.Process().children(recursive=True):
+def _children() -> dict[int, str]:
+    """This process's descendants (pid: command line), without Ray's processes and theirs, which come and go."""
+    found = {}
+    for child in psutil.Process().children():
         try:
-            if "ray" not in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                pids.add(child.pid)
+            if "ray" in " ".join(child.cmdline()):
+                continue
+            for process in [child, *child.children(recursive=True)]:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    found[process.pid] = " ".join(process.cmdline())
         except psutil.Error:
             pass
-    return pids
+    return found
 
 
 def _ray_actors() -> int:
