@@ -307,6 +307,7 @@ class EmulatedEnv:
         self._check_buffers()
         self.obs, self.rewards, self.terminals, self.truncations, self.masks = self.buffers
         self._write_obs = binding.obs_layout.writer(self.obs)
+        self._out_of_bounds = binding.obs_layout.bounds_checker(self.obs)
         self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
@@ -392,7 +393,7 @@ class EmulatedEnv:
         return slot
 
     def _check_bounds(self) -> None:
-        bad = self.binding.obs_layout.out_of_bounds(self.obs)
+        bad = self._out_of_bounds()
         if bad is not None:
             path, (slot,) = bad
             leaf = "".join(f"[{key!r}]" for key in path)
@@ -442,7 +443,8 @@ class EmulatedEnv:
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True
-        for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
+        ended = episode_over or any(terminals.values()) or any(truncations.values())
+        for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)) if ended else ():
             agent = binding.possible_agents[slot]
             self._ended.add(agent)
             info = out_infos.setdefault(agent, {})
@@ -502,6 +504,8 @@ class EmulatedEnv:
             bad = (array < 0) | (array >= space.nvec)
         else:
             bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN
+        if not bad.any():  # the common case; else find a live agent's bad row (dead agents' rows may hold anything)
+            return array
         live_slots = [binding.agent_slots[agent] for agent in live]
         bad_rows = np.flatnonzero(bad[live_slots].any(axis=1)) if live_slots else []
         if len(bad_rows):

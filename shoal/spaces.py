@@ -12,7 +12,7 @@ Dict keys are visited in sorted order by :func:`children`, the one function that
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 from gymnasium import spaces
@@ -82,6 +82,12 @@ def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple
                 f"got {type(value).__name__} {_short(value)}"
             ) from None
         yield from _values(sub, item, path + (key,))
+
+
+def _get(value: Any, path: tuple) -> Any:
+    for key in path:
+        value = value[key]
+    return value
 
 
 def _nest(space: spaces.Space, items: Iterator[Any]) -> Any:
@@ -270,7 +276,13 @@ class ObservationLayout:
             return write_single
 
         def write(row: int, value: Any) -> None:
-            for (path, item), (field, view) in zip(_values(self.space, value), targets):
+            # Leaf paths are walked directly: the structure is known, only a bad value needs _values.
+            try:
+                items = [_get(value, field.path) for field, _ in targets]
+            except (KeyError, IndexError, TypeError):
+                list(_values(self.space, value))  # raises the SpaceError that names the missing entry
+                raise
+            for item, (field, view) in zip(items, targets):
                 view[row] = self._checked(field, item, ())
         return write
 
@@ -335,22 +347,37 @@ class ObservationLayout:
 
     def out_of_bounds(self, flat: np.ndarray) -> tuple[tuple, tuple] | None:
         """The first (leaf path, batch index) whose value lies outside its space, or None."""
+        return self.bounds_checker(flat)()
+
+    def bounds_checker(self, flat: np.ndarray) -> Callable[[], tuple[tuple, tuple] | None]:
+        """A function ``check()`` that returns :meth:`out_of_bounds` of ``flat`` as it is now.
+
+        The typed views of ``flat`` are made once (a structured view costs more than the check).
+        """
         records = flat.view(self.struct)[..., 0]
+        checks = []
         for field in self.fields:
-            if field.low is None and field.high is None and field.dtype.kind != "f":
+            low, high = field.low, field.high
+            if field.dtype.kind == "f":  # unbounded sides become +-inf: the comparisons then also catch NaN
+                low = np.asarray(-np.inf if low is None else low, field.dtype)
+                high = np.asarray(np.inf if high is None else high, field.dtype)
+            elif low is None and high is None:
                 continue
-            values = records[field.name]
-            bad = np.zeros(values.shape, bool)
-            if field.low is not None:
-                bad |= values < field.low
-            if field.high is not None:
-                bad |= values > field.high
-            if field.dtype.kind == "f":
-                bad |= np.isnan(values)
-            if bad.any():
-                index = np.argwhere(bad)[0]
-                return field.path, tuple(int(i) for i in index[: values.ndim - len(field.shape)])
-        return None
+            checks.append((field, records[field.name], low, high))
+
+        def check() -> tuple[tuple, tuple] | None:
+            for field, values, low, high in checks:
+                if low is None:
+                    inside = values <= high
+                elif high is None:
+                    inside = values >= low
+                else:
+                    inside = (values >= low) & (values <= high)
+                if not inside.all():
+                    index = np.argwhere(~inside)[0]
+                    return field.path, tuple(int(i) for i in index[: values.ndim - len(field.shape)])
+            return None
+        return check
 
 
 # ---------------------------------------------------------------- actions
