@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 from shoal import Binding
 from shoal.errors import SpaceError
 from shoal.spaces import ActionLayout, ObservationLayout, children, leaves
-from tests.envs import NestedSingleAgentEnv
+from envs import NestedSingleAgentEnv
 
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
