@@ -132,15 +132,15 @@ class Logger:
                 table.add_row(name, value if isinstance(value, str) else _fmt(value))
             return Panel(table, title=title, title_align="left", border_style="blue")
 
-        split = " / ".join(f"{100 * m.get(f'perf/{k}_fraction', 0):.0f}%" for k in ("sim", "inference", "learn"))
+        split = "/".join(f"{100 * m.get(f'perf/{k}_fraction', 0):.0f}" for k in ("sim", "inference", "learn")) + "%"
         grid = Table.grid(expand=True)
         for _ in range(3):
             grid.add_column(ratio=1)
         grid.add_row(
             box("throughput", [("steps/s", m.get("perf/steps_per_second")), ("update", m.get("update")),
-                               ("sim/infer/learn", split)]),
+                               ("sim/act/learn", split)]),
             box("episodes", [("return (last 20)", m.get("episode/return_mean20")),
-                             ("return (this update)", m.get("episode/return")),
+                             ("return (update)", m.get("episode/return")),
                              ("length", m.get("episode/length")), ("episodes", m.get("episode/total"))]),
             box("learning", [("policy loss", m.get("loss/policy")), ("value loss", m.get("loss/value")),
                              ("entropy", m.get("loss/entropy")), ("approx kl", m.get("loss/approx_kl")),

@@ -196,6 +196,14 @@ def make_vecenv(config: PPOConfig, binding):
                        envs_per_worker=config.num_envs // workers, batch_size=batch)
 
 
+def _adam(policy: Policy, lr: float) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch has one for the device (one kernel, not one per tensor)."""
+    try:
+        return torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if name == "auto":
@@ -237,7 +245,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     policy = (policy or make_policy(config, binding)).to(device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=config.learning_rate, eps=1e-5)
+    optimizer = _adam(policy, config.learning_rate)
     global_step = update = 0
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from, map_location=device)

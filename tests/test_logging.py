@@ -25,7 +25,7 @@ def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split():
     logger.close()
     text = logger._console.export_text()
     for expected in ["shoal PPO · CartPole-v1", "640/1000", "12,345", "30.2", "21.5", "value loss", "5.5",
-                     "entropy", "0.69", "50% / 20% / 30%", "eta"]:
+                     "entropy", "0.69", "50/20/30%", "eta"]:
         assert expected in text, expected
 
 

@@ -1,0 +1,180 @@
+"""shoal PPO against Stable-Baselines3 PPO on CartPole-v1: one run, one table.
+
+    python benchmarks/ppo.py                      # everything (about 5 minutes on 2 cores)
+    python benchmarks/ppo.py --throughput-steps 20000 --skip ray
+
+Rows:
+  (a) throughput with matched hyper-parameters (same envs, rollout length, minibatch size, epochs,
+      64x64 tanh actor and critic), a fixed step budget, no early stop;
+  (b) steps and wall time until the mean return of the last 20 training episodes first reaches 475,
+      each library with its best settings (shoal: its CartPole preset; SB3: rl-zoo's tuned CartPole);
+  (c) shoal's CartPole preset on each vectorization backend.
+Each measurement runs in a fresh process with torch limited to one thread (both libraries), and
+every result is stated as a ratio to the SB3 row measured in the same run.
+Needs `pip install -c constraints.txt stable-baselines3` (the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import time
+from collections import deque
+
+TARGET = 475.0
+WINDOW = 20
+
+# The matched setting: rl-zoo's CartPole rollout/update shape, the same for both libraries.
+MATCHED = dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, gamma=0.98,
+               gae_lambda=0.8, ent_coef=0.0, clip=0.2)
+
+
+# ---------------------------------------------------------------- one measurement per process
+
+
+def _shoal(kind: str, seed: int, steps: int, backend: str, envs_per_batch: int) -> dict:
+    import torch
+
+    from shoal.envs import make_binding, preset
+    from shoal.ppo import PPOConfig, train
+
+    torch.set_num_threads(1)
+    common = dict(seed=seed, dashboard=False, tensorboard=False, backend=backend, envs_per_batch=envs_per_batch)
+    if kind == "matched":
+        m = MATCHED
+        config = PPOConfig(**common, num_envs=m["num_envs"], num_steps=m["num_steps"], update_epochs=m["epochs"],
+                           num_minibatches=m["num_envs"] * m["num_steps"] // m["minibatch_size"],
+                           learning_rate=m["learning_rate"], gamma=m["gamma"], gae_lambda=m["gae_lambda"],
+                           ent_coef=m["ent_coef"], clip_coef=m["clip"], total_timesteps=steps)
+    else:  # best settings: the preset `shoal train` uses, stopping at the target
+        config = PPOConfig(**{**preset("cartpole"), **common, "total_timesteps": steps})
+    started = time.perf_counter()
+    result = train(config, make_binding("cartpole"))
+    elapsed = time.perf_counter() - started
+    reached = result.first_reached(TARGET, WINDOW)
+    return dict(steps=result.global_step, seconds=elapsed, sps=result.global_step / elapsed,
+                reached=reached and [reached[0], reached[1]])
+
+
+def _sb3(kind: str, seed: int, steps: int) -> dict:
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    torch.set_num_threads(1)
+
+    class Target(BaseCallback):
+        """Stops when the mean return of the last 20 finished training episodes reaches the target."""
+
+        def __init__(self, stop: bool):
+            super().__init__()
+            self.returns: deque = deque(maxlen=WINDOW)
+            self.reached = None
+            self.stop = stop
+            self.started = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    self.returns.append(info["episode"]["r"])
+                    if self.reached is None and len(self.returns) == WINDOW and sum(self.returns) / WINDOW >= TARGET:
+                        self.reached = [self.num_timesteps, time.perf_counter() - self.started]
+            return not (self.stop and self.reached)
+
+    def linear(start: float):
+        return lambda progress_remaining: progress_remaining * start
+
+    m = MATCHED
+    kwargs = dict(n_steps=m["num_steps"], batch_size=m["minibatch_size"], n_epochs=m["epochs"], gamma=m["gamma"],
+                  gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], seed=seed, device="cpu", verbose=0)
+    if kind == "matched":
+        kwargs.update(learning_rate=linear(m["learning_rate"]), clip_range=m["clip"])
+    else:  # rl-zoo's tuned CartPole-v1 (hyperparams/ppo.yml): the above plus linear clip-range decay
+        kwargs.update(learning_rate=linear(1e-3), clip_range=linear(0.2))
+    started = time.perf_counter()
+    env = make_vec_env("CartPole-v1", n_envs=m["num_envs"], seed=seed)
+    model = PPO("MlpPolicy", env, **kwargs)
+    callback = Target(stop=kind == "best")
+    callback.started = started
+    model.learn(total_timesteps=steps, callback=callback)
+    elapsed = time.perf_counter() - started
+    return dict(steps=model.num_timesteps, seconds=elapsed, sps=model.num_timesteps / elapsed, reached=callback.reached)
+
+
+def _run(job: tuple) -> dict:
+    library, *args = job
+    return _shoal(*args) if library == "shoal" else _sb3(*args)
+
+
+def measure(job: tuple) -> dict:
+    """Run one measurement in a fresh process (clean imports, thread settings, memory)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run, (job,))
+
+
+# ---------------------------------------------------------------- the table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--throughput-steps", type=int, default=50_000, help="steps per throughput row (a)")
+    parser.add_argument("--solve-budget", type=int, default=200_000, help="step budget of the time-to-475 rows")
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds for the time-to-475 rows")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip: sb3, multiprocessing, ray")
+    args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    rows: list[tuple[str, str, dict]] = []
+
+    def add(section: str, name: str, job: tuple, repeat: list[int] | None = None) -> dict:
+        results = [measure((*job[:2], seed, *job[3:])) for seed in (repeat or [job[2]])]
+        merged = _merge(results)
+        rows.append((section, name, merged))
+        print(json.dumps({"row": name, **merged}), flush=True)
+        return merged
+
+    # (a) matched hyper-parameters, fixed budget
+    sb3_matched = None if "sb3" in skip else add("a", "SB3 PPO, DummyVecEnv", ("sb3", "matched", 1, args.throughput_steps))
+    add("a", "shoal PPO, serial", ("shoal", "matched", 1, args.throughput_steps, "serial", 0))
+    if "multiprocessing" not in skip:
+        add("a", "shoal PPO, multiprocessing x2, double-buffered",
+            ("shoal", "matched", 1, args.throughput_steps, "multiprocessing", 4))
+    # (b) best settings, until the target
+    sb3_best = None if "sb3" in skip else add("b", "SB3 PPO, rl-zoo tuned", ("sb3", "best", 1, args.solve_budget), seeds)
+    add("b", "shoal PPO, `shoal train` preset", ("shoal", "best", 1, args.solve_budget, "serial", 0), seeds)
+    # (c) each backend, shoal's preset
+    for backend, envs_per_batch, name in [("serial", 4, "serial, double-buffered"),
+                                          ("multiprocessing", 0, "multiprocessing x2"),
+                                          ("multiprocessing", 4, "multiprocessing x2, double-buffered"),
+                                          ("ray", 0, "ray x2")]:
+        if backend not in skip:
+            add("c", f"shoal PPO, {name}", ("shoal", "best", 1, args.solve_budget, backend, envs_per_batch), seeds)
+
+    print()
+    print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}; matched setting: {json.dumps(MATCHED)}")
+    print("| row | run | steps/s | vs SB3 | steps to 475 | seconds to 475 | vs SB3 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for section, name, r in rows:
+        base = sb3_matched if section == "a" else sb3_best
+        ratio_sps = f"{r['sps'] / base['sps']:.2f}x" if base else "–"
+        steps_to, seconds_to = r.get("reached_steps"), r.get("reached_seconds")
+        ratio_time = (f"{base['reached_seconds'] / seconds_to:.2f}x faster" if base and seconds_to
+                      and base.get("reached_seconds") and section != "a" else "–")
+        print(f"| {section} | {name} | {r['sps']:,.0f} | {ratio_sps} | "
+              f"{f'{steps_to:,.0f}' if steps_to else '–'} | {f'{seconds_to:.1f}' if seconds_to else '–'} | {ratio_time} |")
+
+
+def _merge(results: list[dict]) -> dict:
+    """Means over seeds; a seed that never reached the target makes the time-to-target missing."""
+    merged = {key: sum(r[key] for r in results) / len(results) for key in ("steps", "seconds", "sps")}
+    if all(r["reached"] for r in results):
+        merged["reached_steps"] = sum(r["reached"][0] for r in results) / len(results)
+        merged["reached_seconds"] = sum(r["reached"][1] for r in results) / len(results)
+    merged["seeds_reached"] = sum(bool(r["reached"]) for r in results)
+    return merged
+
+
+if __name__ == "__main__":
+    main()
