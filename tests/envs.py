@@ -207,6 +207,12 @@ class ProbeEnv(CrashingEnv):
     def scaled(self, value, factor=1):
         return value * factor
 
+    def lock(self):
+        """Something that does not pickle."""
+        import threading
+
+        return threading.Lock()
+
 
 class ReseedingNestedMultiAgentEnv(NestedMultiAgentEnv):
     """NestedMultiAgentEnv whose autoresets (``reset(seed=None)``) draw their seeds from the first seed,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,8 +227,17 @@ def test_call_get_attr_set_attr(make, backend):
     with pytest.raises(APIUsageError, match="env 0 \\(ProbeEnv\\) has no attribute 'nope': looked up on the "
                                             "emulated env, then on the env it wraps"):
         vecenv.call("nope")
+    with pytest.raises(APIUsageError, match="call\\(\\): env 0 \\(ProbeEnv\\): 'crash_step' is a int, not a method: use "
+                                            "get_attr"):
+        vecenv.call("crash_step")
     with pytest.raises(APIUsageError, match=r"env_ids must be ints in \[0, 4\), got 4"):
         vecenv.get_attr("tick", env_ids=[4])
+    if backend != "serial":
+        with pytest.raises(APIUsageError, match="call\\(\\): the result of call cannot be sent to the parent: .*lock.* "
+                                                "\\(results must pickle\\)"):
+            vecenv.call("lock", env_ids=[1])
+        with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers: .*lock"):
+            vecenv.call("scaled", threading.Lock())
     vecenv.step(np.zeros((4, 1), np.int64))  # still usable after a usage error
 
 
@@ -269,9 +279,14 @@ def test_bad_construction_arguments():
         shoal.vector.make(binding, "threads")
 
 
-def test_unpicklable_binding_is_a_clear_error(no_leaks):
-    binding = shoal.Binding(env_creator=lambda: gymnasium.make("CartPole-v1"))
-    with pytest.raises(APIUsageError, match="cannot be sent to a 'spawn' worker.*Define the env creator at module"):
+def test_local_creators_work_and_unpicklable_bindings_are_a_clear_error(no_leaks, make):
+    vecenv = make(shoal.Binding(env_creator=lambda: gymnasium.make("CartPole-v1")), "multiprocessing",
+                  num_workers=1, context="spawn")  # the binding travels with cloudpickle
+    assert vecenv.reset(seed=0)[0].shape == (1, 4)
+    lock = threading.Lock()
+    binding = shoal.Binding(env_creator=lambda: (lock, gymnasium.make("CartPole-v1"))[1])
+    with pytest.raises(APIUsageError, match="the binding of CartPole-v1 cannot be sent to a 'spawn' worker: TypeError: "
+                                            "cannot pickle '_thread.lock' object. Everything it holds .* must pickle"):
         Multiprocessing(binding, num_workers=1, context="spawn")
 
 

@@ -67,7 +67,7 @@ class Command(enum.Enum):
 class Status(enum.Enum):
     OK = "ok"  # payload: infos per env (reset/step) or values per env (call/get_attr/set_attr)
     FAILED = "failed"  # payload: a Failure; the worker has stopped
-    NO_ATTRIBUTE = "no attribute"  # payload: a message; the worker goes on
+    USAGE_ERROR = "usage error"  # payload: a message about the caller's mistake (no such name); the worker goes on
 
 
 class Failure(NamedTuple):
@@ -83,8 +83,8 @@ class Failure(NamedTuple):
 _MISSING = object()
 
 
-class _NoAttribute(Exception):
-    """A name that neither the emulated env nor its raw env has: the caller's mistake, not the env's."""
+class _UsageError(Exception):
+    """The caller's mistake in call/get_attr/set_attr (a name no env has), not the env's: nothing is broken."""
 
 
 def _lookup(env, name: str) -> tuple[Any, Any]:
@@ -146,9 +146,9 @@ class EnvGroup:
                     infos.append(env.reset(seed=seed)[1])
                 return Status.OK, infos
             return Status.OK, self._access(command, payload)
-        except _NoAttribute as missing:
+        except _UsageError as mistake:
             self.current = None
-            return Status.NO_ATTRIBUTE, str(missing)
+            return Status.USAGE_ERROR, str(mistake)
         except Exception as error:
             return Status.FAILED, self._failure(command.value, error)
 
@@ -161,14 +161,15 @@ class EnvGroup:
             owner, value = _lookup(env, name)
             if owner is None:
                 if command is not Command.SET_ATTR:
-                    raise _NoAttribute(
+                    raise _UsageError(
                         f"env {self.current} ({self.binding.env_name}) has no attribute {name!r}: looked up on the "
                         f"emulated env, then on the env it wraps (.env)")
                 owner = env.env  # a new attribute goes to the raw env: passthrough is the point
             if command is Command.CALL:
                 args, kwargs = rest
                 if not callable(value):
-                    raise TypeError(f"{name!r} is a {type(value).__name__}, not a method: use get_attr")
+                    raise _UsageError(f"env {self.current} ({self.binding.env_name}): {name!r} is a "
+                                      f"{type(value).__name__}, not a method: use get_attr")
                 values.append(value(*args, **kwargs))
             elif command is Command.GET_ATTR:
                 values.append(value)
@@ -258,6 +259,7 @@ class VecEnv(abc.ABC):
         self._batch_workers: list[int] = []  # the workers of the batch recv() returned last
         self._batch_rows: slice | np.ndarray = slice(0, 0)
         self._steps = 0
+        self._owner_pid = os.getpid()
         self._closed = False  # from here on the backend may own processes or memory: close() releases them
 
     # -------------------------------------------------------------- backend primitives
@@ -310,6 +312,9 @@ class VecEnv(abc.ABC):
         return WorkerError(
             f"{'; '.join(names)}: did not answer {what} within {timeout} s: an env hangs or is too slow "
             f"(raise the timeout if it is only slow)", env_id=self._envs_of(first).start if env is None else env)
+
+    def _check_sendable(self, value: Any) -> None:
+        """Raise if ``value`` cannot travel to the workers (backends that pickle check it here)."""
 
     def _running_env(self, worker: int) -> int | None:
         """The env a worker is running now, for backends that can see into their workers; else None."""
@@ -520,18 +525,23 @@ class VecEnv(abc.ABC):
         by_worker: dict[int, list[int]] = {}
         for env_id in ids:
             by_worker.setdefault(int(env_id) // self.envs_per_worker, []).append(int(env_id) % self.envs_per_worker)
+        try:
+            self._check_sendable(rest)
+        except Exception as error:
+            raise APIUsageError(f"{command.value}(): the arguments cannot be sent to the workers: "
+                                f"{type(error).__name__}: {error}") from error
         self._settle(by_worker)  # a worker answers in order: its step comes first
         for worker, indices in by_worker.items():
             self._send_or_close(worker, command, (indices, name, *rest))
-        values, missing = {}, {}
+        values, mistakes = {}, {}
         for worker, status, payload in self._collect(set(by_worker), f"{command.value}({name!r})"):
-            if status is Status.NO_ATTRIBUTE:
-                missing[worker] = payload
+            if status is Status.USAGE_ERROR:
+                mistakes[worker] = payload
                 continue
             base = worker * self.envs_per_worker
             values.update({base + index: value for index, value in zip(by_worker[worker], payload)})
-        if missing:
-            raise APIUsageError(f"{command.value}(): {missing[min(missing)]}")
+        if mistakes:
+            raise APIUsageError(f"{command.value}(): {mistakes[min(mistakes)]}")
         return [values[int(env_id)] for env_id in ids]
 
     # -------------------------------------------------------------- lifetime
@@ -542,7 +552,8 @@ class VecEnv(abc.ABC):
             return
         self._closed = True
         self._state = AsyncState.CLOSED
-        self._shutdown()
+        if os.getpid() == self._owner_pid:  # not a copy inherited by a forked child: the workers are ours
+            self._shutdown()
 
     def __enter__(self) -> "VecEnv":
         return self

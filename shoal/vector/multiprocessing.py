@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from multiprocessing import connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -76,11 +77,16 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="shoal-parent-watch", daemon=True).start()
 
 
-def _worker_main(binding: Binding, worker: int, env_ids: range, rows: slice, shared: SharedArrays,
+def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: slice, shared: SharedArrays,
                  conn: connection.Connection) -> None:
-    """A worker process: build the envs, then answer commands until CLOSE, a failure, or EOF."""
+    """A worker process: build the envs, then answer commands until CLOSE, a failure, or EOF.
+
+    ``binding`` comes as cloudpickle bytes unless the worker was forked.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     _exit_with_parent()
+    if isinstance(binding, bytes):
+        binding = pickle.loads(binding)
     arrays = shared.arrays()
     buffers, actions = _split(arrays)
     group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
@@ -98,15 +104,21 @@ def _worker_main(binding: Binding, worker: int, env_ids: range, rows: slice, sha
             except (EOFError, OSError):
                 raise
             except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
-                status = Status.FAILED
-                conn.send((status, Failure(None, group.steps, command.value,
-                                           f"its answer to {command.value} cannot be sent to the parent: "
-                                           f"{type(error).__name__}: {error}", traceback.format_exc())))
+                status, answer = _unpicklable(command, error, group.steps)
+                conn.send((status, answer))
     except (EOFError, OSError):  # the parent closed our pipe or went away
         pass
     finally:
         group.close()
         conn.close()
+
+
+def _unpicklable(command: Command, error: Exception, step: int) -> tuple[Status, Any]:
+    """The answer for a result that cannot be sent: the caller's mistake for call/get_attr, else the env's."""
+    problem = f"the result of {command.value} cannot be sent to the parent: {type(error).__name__}: {error}"
+    if command in (Command.CALL, Command.GET_ATTR):
+        return Status.USAGE_ERROR, problem + " (results must pickle)"
+    return Status.FAILED, Failure(None, step, command.value, problem, traceback.format_exc())
 
 
 def _default_context() -> str:
@@ -125,8 +137,9 @@ class Multiprocessing(VecEnv):
             None waits forever (a dead worker is still noticed at once).
         startup_timeout: seconds each worker may take to start and build its envs.
         context: multiprocessing start method, "forkserver" (default on Linux), "spawn" or "fork".
-            "fork" starts fastest but is unsafe in a parent that runs threads (torch, Ray); with the
-            others the :class:`~shoal.Binding` is pickled, so its env creator must be importable.
+            "fork" starts fastest but is unsafe in a parent that runs threads (torch, Ray). With the
+            others the :class:`~shoal.Binding` is sent to the workers with cloudpickle (lambdas and local
+            functions are fine; locks, open files and the like are not).
 
     >>> import gymnasium, shoal, numpy as np
     >>> binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
@@ -164,12 +177,13 @@ class Multiprocessing(VecEnv):
         })
         self._progress = self._shared.arrays()["progress"]
         buffers, actions = _split(self._shared.arrays())
+        sent = binding if method == "fork" else self._pickled(binding, method)
         try:
             for worker in range(self.num_workers):
                 parent_end, child_end = ctx.Pipe()
                 process = ctx.Process(
                     target=_worker_main, name=f"shoal-worker-{worker}", daemon=True,
-                    args=(binding, worker, self._envs_of(worker), self._worker_rows(worker), self._shared, child_end))
+                    args=(sent, worker, self._envs_of(worker), self._worker_rows(worker), self._shared, child_end))
                 self._conns.append(parent_end)
                 self._processes.append(process)
                 try:
@@ -177,18 +191,24 @@ class Multiprocessing(VecEnv):
                 finally:
                     child_end.close()
                 self._sentinels[process.sentinel] = worker
-        except (pickle.PicklingError, AttributeError, TypeError) as error:  # spawn/forkserver pickle the binding
-            self.close()
-            raise APIUsageError(
-                f"Multiprocessing: the binding of {binding.env_name} cannot be sent to a {method!r} worker: "
-                f"{type(error).__name__}: {error}. Define the env creator at module level (not a lambda or a "
-                f"local function), or use context='fork'") from error
         except BaseException:
             self.close()
             raise
         self._buffers = buffers  # _wait may need them before _start
         self._collect(set(range(self.num_workers)), "startup (building its envs)", timeout=startup_timeout)
         self._start(buffers, actions)
+
+    def _pickled(self, binding: Binding, method: str) -> bytes:
+        import cloudpickle  # a dependency of gymnasium
+
+        try:
+            return cloudpickle.dumps(binding)
+        except Exception as error:
+            self.close()
+            raise APIUsageError(
+                f"Multiprocessing: the binding of {binding.env_name} cannot be sent to a {method!r} worker: "
+                f"{type(error).__name__}: {error}. Everything it holds (env creator, env_args, env_kwargs, hooks) "
+                f"must pickle with cloudpickle; or use context='fork'") from error
 
     # -------------------------------------------------------------- backend primitives
 
@@ -218,6 +238,9 @@ class Multiprocessing(VecEnv):
                     raise self._death_error(worker)
                 answers.append((worker, *last))
         return answers
+
+    def _check_sendable(self, value: Any) -> None:
+        ForkingPickler.dumps(value)
 
     def _running_env(self, worker: int) -> int | None:
         return int(self._progress[worker])

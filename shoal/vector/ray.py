@@ -45,6 +45,14 @@ class RayWorker:
         status, answer = self.group.handle(command, payload)
         if status is Status.OK and command in (Command.RESET, Command.STEP):
             return status, (self.buffers, answer)  # serialized right here, so reusing the buffers is safe
+        if status is Status.OK and command in (Command.CALL, Command.GET_ATTR):
+            from ray import cloudpickle
+
+            try:  # an unpicklable result is the caller's mistake: say so, and keep the actor
+                cloudpickle.dumps(answer)
+            except Exception as error:
+                return Status.USAGE_ERROR, (f"the result of {command.value} cannot be sent to the parent: "
+                                            f"{type(error).__name__}: {error} (results must pickle)")
         return status, answer
 
     def close(self) -> None:
@@ -126,6 +134,11 @@ class Ray(VecEnv):
                     mine[rows] = theirs
             answers.append((worker, status, payload))
         return answers
+
+    def _check_sendable(self, value: Any) -> None:
+        from ray import cloudpickle
+
+        cloudpickle.dumps(value)
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
