@@ -223,6 +223,10 @@ class MLPPolicy(Policy):
         actor, critic = features.split(self.hidden_size, dim=-1)
         return self.action_head(actor), self.value_head(critic).squeeze(-1)
 
+    def forward(self, obs: torch.Tensor, state=None, starts=None):
+        x = obs.float()  # the same as decode(encode(obs)), without joining and splitting the towers
+        return self.action_head(self.actor(x)), self.value_head(self.critic(x)).squeeze(-1), None
+
 
 class NatureCNN(Policy):
     """The Nature-DQN convolutional network for stacked frames, ``uint8`` scaled to [0, 1].

@@ -227,7 +227,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         config: hyper-parameters and run settings.
         binding: the env (see ``shoal.envs.make_binding``).
         policy: a :class:`~shoal.policy.Policy`; built from the binding's spaces when None.
-        logger: a :class:`~shoal.logging.Logger`; built from the config when None.
+        logger: a :class:`~shoal.logging.Logger` (closed at the end); built from the config when None.
         vecenv: an already made vector env (it is not closed here); made from the config when None.
         resume_from: a checkpoint file or run directory to continue from (model, optimizer,
             global step, update count and RNG states).
@@ -244,27 +244,31 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
-    policy = (policy or make_policy(config, binding)).to(device)
+    policy = (policy if policy is not None else make_policy(config, binding)).to(device)
     optimizer = _adam(policy, config.learning_rate)
     global_step = update = 0
     if resume_from is not None:
-        checkpoint = load_checkpoint(resume_from, map_location=device)
+        checkpoint = load_checkpoint(resume_from)  # on the CPU: RNG states must stay CPU tensors
         check_compatible(checkpoint, binding, config)
         policy.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, update = checkpoint["global_step"], checkpoint["update"]
         set_rng_states(checkpoint["rng"])
-    own_vecenv = vecenv is None
-    vecenv = vecenv if vecenv is not None else make_vecenv(config, binding)
+    if config.run_dir is not None:
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     if logger is None:
         from shoal.logging import Logger
 
         logger = Logger(config.run_dir, total_steps=config.total_timesteps, title=_title(config, binding, device),
                         dashboard=config.dashboard, tensorboard=config.tensorboard, wandb=config.wandb,
                         wandb_project=config.wandb_project, config=dataclasses.asdict(config), start_step=global_step)
-    if config.run_dir is not None:
-        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
+    own_vecenv = vecenv is None
+    try:
+        vecenv = vecenv if vecenv is not None else make_vecenv(config, binding)
+    except BaseException:
+        logger.close()
+        raise
 
     T, N = config.num_steps, vecenv.num_agents
     max_agents = binding.max_agents
@@ -330,7 +334,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                             final_rows.append(row)
                             final_obs.append(info["final_observation"])
                 if final_rows:
-                    with torch.no_grad():
+                    with torch.inference_mode():
                         flat = torch.as_tensor(np.stack(final_obs), device=device)
                         if policy.is_recurrent:
                             slots = torch.as_tensor(rows[final_rows], device=device)
@@ -364,7 +368,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
                 if live is not None:
                     obs[t[~mask], rows[~mask]] = 0
-                with torch.no_grad():
+                with torch.inference_mode():
                     ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
                     if policy.is_recurrent:
                         acting = torch.as_tensor(rows if live is None else rows[live], device=device)
@@ -511,7 +515,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 logger.message(f"solved: mean return of the last 20 episodes {np.mean(recent_returns):.1f} "
                                f">= {config.stop_at_return} at step {global_step:,}")
                 break
-    finally:
+    finally:  # the logger is closed even if it was passed in: its files are complete only then
         logger.close()
         if own_vecenv:
             vecenv.close()
