@@ -480,9 +480,8 @@ class EmulatedEnv:
                 return {agent: actions[agent] for agent in live if agent in actions}
             return {SINGLE_AGENT_ID: actions}
         array = self._checked_actions(actions, live)
-        nested = binding.atn_layout.unflatten(array)
         slots = binding.agent_slots
-        return {agent: _index(nested, slots[agent]) for agent in live}
+        return dict(zip(live, binding.atn_layout.unflatten_rows(array, [slots[agent] for agent in live])))
 
     def _checked_actions(self, actions, live: list) -> np.ndarray:
         binding = self.binding

@@ -12,6 +12,8 @@ Dict keys are visited in sorted order by :func:`children`, the one function that
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -90,13 +92,37 @@ def _get(value: Any, path: tuple) -> Any:
     return value
 
 
-def _nest(space: spaces.Space, items: Iterator[Any]) -> Any:
+def nester(space: spaces.Space) -> Callable[[list], Any]:
+    """A function ``build(items)`` that nests leaf values, given in :func:`leaves` order, like ``space``.
+
+    Made once per space, so a call does not walk the space again (no dispatch, no sorting).
+    """
+    return _nester(space, itertools.count())
+
+
+def _nester(space: spaces.Space, counter: Iterator[int]) -> Callable[[list], Any]:
     kids = children(space)
     if kids is None:
-        return next(items)
-    if isinstance(space, spaces.Dict):
-        return {key: _nest(sub, items) for key, sub in kids}
-    return tuple(_nest(sub, items) for _, sub in kids)
+        return operator.itemgetter(next(counter))
+    parts = [(key, _nester(sub, counter)) for key, sub in kids]
+    return _DictNester(parts) if isinstance(space, spaces.Dict) else _TupleNester(parts)
+
+
+class _DictNester:  # classes, not closures: layouts travel to worker processes by pickle
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __call__(self, items: list) -> dict:
+        return {key: part(items) for key, part in self.parts}
+
+
+class _TupleNester(_DictNester):
+    __slots__ = ()
+
+    def __call__(self, items: list) -> tuple:
+        return tuple(part(items) for _, part in self.parts)
 
 
 def _path_str(path: tuple) -> str:
@@ -230,6 +256,8 @@ class ObservationLayout:
         })
         self.fields = fields
         self._by_path = {field.path: field for field in fields}
+        self._canonical = [self._by_path[leaf.path] for leaf in leaves(space)]  # fields in leaves() order
+        self._build = nester(space)
         self.size = itemsize // self.dtype.itemsize
         self.flat_space = self._make_flat_space({path: (low, high) for path, _, _, low, high in specs})
 
@@ -266,8 +294,7 @@ class ObservationLayout:
         The typed views of ``flat`` are made once, so each write is one copy per leaf.
         """
         records = flat.view(self.struct)[..., 0]
-        targets = [(self._by_path[leaf.path], records[self._by_path[leaf.path].name])
-                   for leaf in leaves(self.space)]
+        targets = [(field, records[field.name]) for field in self._canonical]
         if len(targets) == 1 and not targets[0][0].path:
             (field, view), = targets
 
@@ -314,15 +341,12 @@ class ObservationLayout:
         if flat.shape[-1:] != (self.size,):
             raise SpaceError(f"flat observation: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
         if _is_torch(flat):
-            return _nest(self.space, iter([self._torch_leaf(flat, f) for f in self._in_canonical_order()]))
+            return self._build([self._torch_leaf(flat, field) for field in self._canonical])
         flat = np.asarray(flat)
         if flat.dtype != self.dtype:
             raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
         records = np.ascontiguousarray(flat).view(self.struct)[..., 0]
-        return _nest(self.space, iter([records[f.name] for f in self._in_canonical_order()]))
-
-    def _in_canonical_order(self) -> list[_Field]:
-        return [self._by_path[leaf.path] for leaf in leaves(self.space)]
+        return self._build([records[field.name] for field in self._canonical])
 
     def _torch_leaf(self, flat, field: _Field):
         import torch
@@ -389,7 +413,7 @@ class _ActionField(NamedTuple):
     shape: tuple
     start: int  # offset in the flat action
     size: int
-    offset: Any  # added on unflatten: the leaf's `start` for discrete leaves; None for Box (keeps -0.0)
+    offset: Any  # added on unflatten: a discrete leaf's `start`; None for Box (keeps -0.0) and for start 0
 
 
 @functools.singledispatch
@@ -442,6 +466,7 @@ class ActionLayout:
         fields, start = [], 0
         for leaf, _, bounds, offset in described:
             size = len(bounds) if self.is_discrete else len(bounds[0])
+            offset = offset if offset is not None and np.any(offset) else None  # adding 0 is a wasted copy
             fields.append(_ActionField(leaf.path, leaf.space.dtype, leaf.space.shape, start, size, offset))
             start += size
         self.fields = fields
@@ -457,6 +482,7 @@ class ActionLayout:
                 dtype=dtype,
             )
         self.dtype = self.flat_space.dtype
+        self._build = nester(space)
 
     def flatten(self, value: Any) -> np.ndarray:
         """Flatten one action (or a batch: every leaf with the same leading dims)."""
@@ -470,20 +496,27 @@ class ActionLayout:
             if array.dtype.kind not in ("iub" if self.is_discrete else "iufb"):
                 raise SpaceError(f"action leaf {_path_str(path)}: expected "
                                  f"{'integers' if self.is_discrete else 'numbers'}, got {array.dtype}")
-            if field.offset is None:
-                parts.append(array.reshape(batch + (field.size,)))
-                continue
-            shifted = (array - field.offset).reshape(batch + (field.size,))
-            nvec = self.flat_space.nvec[field.start:field.start + field.size]
-            if np.any((shifted < 0) | (shifted >= nvec)):
-                low = field.offset.ravel()
-                raise SpaceError(f"action leaf {_path_str(path)}: expected values from {low} to {low + nvec - 1}, "
-                                 f"got {_short(array.tolist())}")
+            shifted = (array if field.offset is None else array - field.offset).reshape(batch + (field.size,))
+            if self.is_discrete:
+                nvec = self.flat_space.nvec[field.start:field.start + field.size]
+                if np.any((shifted < 0) | (shifted >= nvec)):
+                    low = np.zeros(field.size, np.int64) if field.offset is None else field.offset.ravel()
+                    raise SpaceError(f"action leaf {_path_str(path)}: expected values from {low} to "
+                                     f"{low + nvec - 1}, got {_short(array.tolist())}")
             parts.append(shifted)
         return np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
 
     def unflatten(self, flat):
         """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims)."""
+        return self._build(self._leaf_values(flat))
+
+    def unflatten_rows(self, flat: np.ndarray, rows: list[int]) -> list:
+        """``[unflatten(flat[row]) for row in rows]`` for a numpy ``(n, size)`` array, one pass per leaf."""
+        pieces = self._leaf_values(flat)
+        build = self._build
+        return [build([piece[row] for piece in pieces]) for row in rows]
+
+    def _leaf_values(self, flat) -> list:
         if tuple(flat.shape[-1:]) != (self.size,):
             raise SpaceError(f"flat action: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
         batch = tuple(flat.shape[:-1])
@@ -501,4 +534,4 @@ class ActionLayout:
                     piece = piece + field.offset
                 piece = piece.astype(field.dtype)[()]
             values.append(piece)
-        return _nest(self.space, iter(values))
+        return values
