@@ -193,6 +193,36 @@ class EnvGroup:
         self.envs = []
 
 
+class ArrayLayout:
+    """Where each named array lies in one block of bytes, so processes can share the block.
+
+    >>> layout = ArrayLayout({"rewards": ((4,), np.float32), "masks": ((4,), bool)})
+    >>> layout.nbytes, layout.arrays(np.zeros(layout.nbytes, np.uint8))["masks"].shape
+    (128, (4,))
+    """
+
+    ALIGN = 64  # bytes: each array starts on its own cache line
+
+    def __init__(self, specs: dict[str, tuple[tuple, Any]]):
+        self.specs, offset = {}, 0
+        for name, (shape, dtype) in specs.items():
+            dtype = np.dtype(dtype)
+            self.specs[name] = (offset, tuple(shape), dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            offset += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.nbytes = max(offset, 1)
+
+    def arrays(self, memory: np.ndarray) -> dict[str, np.ndarray]:
+        """Views of ``memory`` (a uint8 array of ``nbytes``), one per name."""
+        return {name: memory[offset:offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+                .view(dtype).reshape(shape) for name, (offset, shape, dtype) in self.specs.items()}
+
+
+def split_arrays(arrays: dict[str, np.ndarray]) -> tuple[Buffers, np.ndarray]:
+    """(buffers, actions) from the arrays of :meth:`VecEnv._array_layout`."""
+    return Buffers(*(arrays[name] for name in Buffers._fields)), arrays["actions"]
+
+
 def default_num_workers() -> int:
     """One worker per core this process may run on."""
     try:
@@ -287,6 +317,16 @@ class VecEnv(abc.ABC):
         self._buffers = buffers  # (num_agents, ...) each
         self._actions = actions  # (num_agents, atn_size)
         self._state = AsyncState.NEEDS_RESET
+
+    def _array_layout(self) -> ArrayLayout:
+        """The buffers, the actions and each worker's progress (the env it runs) in one block of bytes."""
+        rows = (self.num_agents,)
+        return ArrayLayout({
+            "obs": (rows + self.single_observation_space.shape, self.single_observation_space.dtype),
+            "rewards": (rows, np.float32), "terminals": (rows, bool), "truncations": (rows, bool), "masks": (rows, bool),
+            "actions": ((self.num_agents, self._atn_size), self.single_action_space.dtype),
+            "progress": ((self.num_workers,), np.int64),
+        })
 
     def _envs_of(self, worker: int) -> range:
         return range(worker * self.envs_per_worker, (worker + 1) * self.envs_per_worker)

@@ -32,36 +32,21 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import Command, EnvGroup, Failure, Status, VecEnv, default_num_workers
-
-_ALIGN = 64  # bytes: each array starts on its own cache line
-
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Status, VecEnv, default_num_workers,
+                               split_arrays)
 
 class SharedArrays:
-    """Named numpy arrays in one block of shared memory that child processes map too.
+    """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
 
     Pass it to a child as a ``Process`` argument (it pickles only while a process is being started).
     """
 
-    def __init__(self, ctx, specs: dict[str, tuple[tuple, np.dtype]]):
-        self.layout, offset = {}, 0
-        for name, (shape, dtype) in specs.items():
-            dtype = np.dtype(dtype)
-            self.layout[name] = (offset, tuple(shape), dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            offset += -(-nbytes // _ALIGN) * _ALIGN
-        self.raw = ctx.RawArray(ctypes.c_uint8, max(offset, 1))
+    def __init__(self, ctx, layout: ArrayLayout):
+        self.layout = layout
+        self.raw = ctx.RawArray(ctypes.c_uint8, layout.nbytes)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        memory = np.frombuffer(self.raw, np.uint8)
-        return {
-            name: memory[offset:offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype).reshape(shape)
-            for name, (offset, shape, dtype) in self.layout.items()
-        }
-
-
-def _split(arrays: dict[str, np.ndarray]) -> tuple[Buffers, np.ndarray]:
-    return Buffers(*(arrays[name] for name in Buffers._fields)), arrays["actions"]
+        return self.layout.arrays(np.frombuffer(self.raw, np.uint8))
 
 
 def _exit_with_parent() -> None:
@@ -88,7 +73,7 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     if isinstance(binding, bytes):
         binding = pickle.loads(binding)
     arrays = shared.arrays()
-    buffers, actions = _split(arrays)
+    buffers, actions = split_arrays(arrays)
     group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
                      progress=arrays["progress"][worker:worker + 1])
     status, answer = group.start()
@@ -168,15 +153,10 @@ class Multiprocessing(VecEnv):
         self._processes: list = []
         self._conns: list = []
         self._sentinels: dict[int, int] = {}  # process sentinel -> worker
-        shape = (self.num_agents,)
-        self._shared = SharedArrays(ctx, {
-            "obs": (shape + self.single_observation_space.shape, self.single_observation_space.dtype),
-            "rewards": (shape, np.float32), "terminals": (shape, bool), "truncations": (shape, bool),
-            "masks": (shape, bool), "actions": ((self.num_agents, self._atn_size), self.single_action_space.dtype),
-            "progress": ((self.num_workers,), np.int64),  # the env each worker is running, to name a hung one
-        })
-        self._progress = self._shared.arrays()["progress"]
-        buffers, actions = _split(self._shared.arrays())
+        self._shared = SharedArrays(ctx, self._array_layout())
+        arrays = self._shared.arrays()
+        buffers, actions = split_arrays(arrays)
+        self._progress = arrays["progress"]  # the env each worker runs, to name a hung one
         sent = binding if method == "fork" else self._pickled(binding, method)
         try:
             for worker in range(self.num_workers):

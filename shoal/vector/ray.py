@@ -1,19 +1,27 @@
 """Ray backend: one actor per worker, each holding ``envs_per_worker`` envs, on this machine or a cluster.
 
-Each reset/step is one remote call per worker (never per env). The actor steps its envs into its own
-buffers and returns them; the parent copies them into its buffers when :meth:`recv` collects them.
+Each reset/step is one remote call per worker (never per env). Two data paths:
+
+- An actor on the driver's own node maps the driver's buffers (a file in ``/dev/shm``, unlinked as soon
+  as every actor has opened it) and writes results straight into them, as the multiprocessing backend
+  does; its calls carry only infos. Ray's object store is slow for observation-sized payloads.
+- An actor on another node steps into its own buffers and returns them; the driver copies them in.
+
 ``ray`` is imported only when a :class:`Ray` vec env is built.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import Command, EnvGroup, Status, VecEnv, default_num_workers
+from shoal.vector.base import ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, split_arrays
 
 
 def import_ray():
@@ -26,25 +34,55 @@ def import_ray():
     return ray
 
 
-class RayWorker:
-    """The body of one Ray actor (wrapped with ``ray.remote`` when a vec env is built)."""
+def _map(path: str, layout: ArrayLayout) -> dict[str, np.ndarray]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        memory = mmap.mmap(fd, layout.nbytes)
+    finally:
+        os.close(fd)  # the mapping keeps the memory
+    return layout.arrays(np.frombuffer(memory, np.uint8))
 
-    def __init__(self, binding: Binding, env_ids: range):
-        self.buffers = Buffers.allocate(binding, len(env_ids))
-        self.actions = np.zeros((len(self.buffers.masks), binding.atn_layout.size), binding.atn_layout.dtype)
-        self.group = EnvGroup(binding, env_ids, self.buffers, self.actions)
+
+class RayWorker:
+    """The body of one Ray actor (wrapped with ``ray.remote`` when a vec env is built).
+
+    ``shared``: (node id, path, layout, worker) of the driver's buffers, used when this actor runs on
+    that node.
+    """
+
+    def __init__(self, binding: Binding, env_ids: range, shared: tuple | None):
+        self.shared = False
+        if shared is not None:
+            import ray
+
+            node, path, layout, worker = shared
+            if ray.get_runtime_context().get_node_id() == node and os.path.exists(path):
+                arrays = _map(path, layout)
+                buffers, actions = split_arrays(arrays)
+                rows = slice(env_ids.start * binding.max_agents, env_ids.stop * binding.max_agents)
+                self.buffers, self.actions = Buffers(*(a[rows] for a in buffers)), actions[rows]
+                self.progress = arrays["progress"][worker:worker + 1]
+                self.shared = True
+        if not self.shared:
+            self.buffers = Buffers.allocate(binding, len(env_ids))
+            self.actions = np.zeros((len(self.buffers.masks), binding.atn_layout.size), binding.atn_layout.dtype)
+            self.progress = None
+        self.group = EnvGroup(binding, env_ids, self.buffers, self.actions, self.progress)
         self.started = self.group.start()
 
     def ready(self) -> tuple[Status, Any]:
-        return self.started
+        """How building the envs went, and whether this actor writes into the driver's memory."""
+        status, failure = self.started
+        return status, (failure if status is Status.FAILED else self.shared)
 
     def run(self, command: Command, payload: Any) -> tuple[Status, Any]:
-        """Answer one command; reset/step answers carry the buffers: ``(Buffers, infos)``."""
-        if command is Command.STEP:
+        """Answer one command; reset/step answers are ``(buffers or None when shared, infos)``."""
+        if command is Command.STEP and payload is not None:
             self.actions[:] = payload
         status, answer = self.group.handle(command, payload)
         if status is Status.OK and command in (Command.RESET, Command.STEP):
-            return status, (self.buffers, answer)  # serialized right here, so reusing the buffers is safe
+            # Serialized right here, so reusing the buffers for the next step is safe.
+            return status, (None if self.shared else self.buffers, answer)
         if status is Status.OK and command in (Command.CALL, Command.GET_ATTR):
             from ray import cloudpickle
 
@@ -71,37 +109,62 @@ class Ray(VecEnv):
         address: the Ray cluster to join when Ray is not initialized yet (None starts a local one).
             shoal leaves a Ray it started running; call ``ray.shutdown()`` when done with it.
         actor_options: passed to ``ray.remote`` for each actor, e.g. ``{"num_cpus": 1}``.
+        shared_memory: let actors on this node write into this process's memory (default True).
     """
 
     backend = "ray"
 
     def __init__(self, binding: Binding, num_workers: int | None = None, envs_per_worker: int = 1,
                  batch_size: int | None = None, *, timeout: float | None = None, startup_timeout: float = 120.0,
-                 address: str | None = None, actor_options: dict | None = None):
+                 address: str | None = None, actor_options: dict | None = None, shared_memory: bool = True):
         ray = import_ray()
         super().__init__(binding, default_num_workers() if num_workers is None else num_workers,
                          envs_per_worker, batch_size, timeout)
         self._ray = ray
         self._actors: list = []
         self._refs: dict = {}  # ObjectRef -> (worker, command) of every call still out
+        self._shared_path: str | None = None
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        actor_class = ray.remote(**(actor_options or {}))(RayWorker) if actor_options else ray.remote(RayWorker)
+            ray.init(address=address, include_dashboard=False)
+        layout = self._array_layout()
+        if shared_memory:
+            fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir="/dev/shm" if os.path.isdir(
+                "/dev/shm") else None)
+            os.ftruncate(fd, layout.nbytes)
+            os.close(fd)
+            arrays = _map(self._shared_path, layout)
+        else:
+            arrays = layout.arrays(np.zeros(layout.nbytes, np.uint8))
+        buffers, actions = split_arrays(arrays)
+        self._progress = arrays["progress"]
+        self._buffers = buffers
+        self._shared = [False] * self.num_workers  # which actors write into our memory
+        node = ray.get_runtime_context().get_node_id()
+        actor_class = ray.remote(**actor_options)(RayWorker) if actor_options else ray.remote(RayWorker)
         try:
             for worker in range(self.num_workers):
-                self._actors.append(actor_class.remote(binding, self._envs_of(worker)))
+                shared = (node, self._shared_path, layout, worker) if shared_memory else None
+                self._actors.append(actor_class.remote(binding, self._envs_of(worker), shared))
+                self._refs[self._actors[-1].ready.remote()] = (worker, None)
         except BaseException:
             self.close()
             raise
-        self._buffers = Buffers.allocate(binding, self.num_envs)
-        actions = np.zeros((self.num_agents, self._atn_size), self.single_action_space.dtype)
-        for worker, actor in enumerate(self._actors):
-            self._refs[actor.ready.remote()] = (worker, None)
-        self._collect(set(range(self.num_workers)), "startup (building its envs)", timeout=startup_timeout)
-        self._start(self._buffers, actions)
+        for worker, _, shared in self._collect(set(range(self.num_workers)), "startup (building its envs)",
+                                               timeout=startup_timeout):
+            self._shared[worker] = shared
+        self._unlink()  # every actor that maps it has: nothing left to leak
+        self._start(buffers, actions)
+
+    def _unlink(self) -> None:
+        if self._shared_path is not None:
+            try:
+                os.unlink(self._shared_path)
+            except FileNotFoundError:
+                pass
+            self._shared_path = None
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
-        if command is Command.STEP:
+        if command is Command.STEP and not self._shared[worker]:
             payload = self._actions[self._worker_rows(worker)]
         self._refs[self._actors[worker].run.remote(command, payload)] = (worker, command)
 
@@ -129,9 +192,10 @@ class Ray(VecEnv):
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
             if status is Status.OK and command in (Command.RESET, Command.STEP):
                 buffers, payload = payload
-                rows = self._worker_rows(worker)
-                for mine, theirs in zip(self._buffers, buffers):
-                    mine[rows] = theirs
+                if buffers is not None:  # an actor on another node: copy its results in
+                    rows = self._worker_rows(worker)
+                    for mine, theirs in zip(self._buffers, buffers):
+                        mine[rows] = theirs
             answers.append((worker, status, payload))
         return answers
 
@@ -139,6 +203,9 @@ class Ray(VecEnv):
         from ray import cloudpickle
 
         cloudpickle.dumps(value)
+
+    def _running_env(self, worker: int) -> int | None:
+        return int(self._progress[worker]) if self._shared[worker] else None
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
@@ -153,3 +220,5 @@ class Ray(VecEnv):
                 except Exception:  # already dead
                     pass
         self._actors, self._refs = [], {}
+        if getattr(self, "_shared_path", None) is not None:
+            self._unlink()
