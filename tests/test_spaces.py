@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 import re
 from collections import OrderedDict
 from typing import Any
@@ -345,6 +346,16 @@ def test_discrete_action_round_trip(data, space, batch):
 
     assert_round_trip(space, value, layout.unflatten(flat))
     assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+    assert_rows_match(layout, flat, value, batch)
+
+
+def assert_rows_match(layout: ActionLayout, flat: np.ndarray, value: Any, batch: tuple) -> None:
+    """unflatten_rows (what the emulated env uses, one action per agent) agrees with unflatten of each row."""
+    if len(batch) != 1:
+        return
+    rows = list(reversed(range(batch[0])))
+    for row, result in zip(rows, layout.unflatten_rows(flat, rows)):
+        assert_round_trip(layout.space, _index(value, (row,)), result)
 
 
 @PROPERTY
@@ -362,6 +373,7 @@ def test_box_action_round_trip(data, space, batch):
 
     assert_round_trip(space, value, layout.unflatten(flat))
     assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+    assert_rows_match(layout, flat, value, batch)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -381,6 +393,16 @@ def test_mixed_action_space_raises(space, box, random):
         parent.spaces = parent.spaces + (box,)
     with pytest.raises(SpaceError, match=r"mixes discrete and continuous leaves.*emulate_flat_atn=False"):
         ActionLayout(space)
+
+
+def test_layouts_survive_pickling():
+    """Bindings (and their layouts) travel to vectorization workers by pickle."""
+    obs_layout = pickle.loads(pickle.dumps(ObservationLayout(NESTED)))
+    assert_round_trip(NESTED, _good_value(), obs_layout.unflatten(obs_layout.flatten(_good_value())))
+    space = _reversed_action_space()
+    action = {"z_move": 6, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
+    atn_layout = pickle.loads(pickle.dumps(ActionLayout(space)))
+    assert_round_trip(space, action, atn_layout.unflatten(atn_layout.flatten(action)))
 
 
 # ---------------------------------------------------------------- sorted Dict keys
