@@ -5,7 +5,9 @@
 
 Rows:
   (a) throughput with matched hyper-parameters (same envs, rollout length, minibatch size, epochs,
-      64x64 tanh actor and critic), a fixed step budget, no early stop;
+      64x64 tanh actor and critic), a fixed step budget, no early stop, in two settings: CleanRL's
+      defaults (4 envs x 128 steps, 4 epochs: the rollout dominates) and rl-zoo's CartPole shape
+      (8 envs x 32 steps, 20 epochs: the update dominates);
   (b) steps and wall time until the mean return of the last 20 training episodes first reaches 475,
       each library with its best settings (shoal: its CartPole preset; SB3: rl-zoo's tuned CartPole);
   (c) shoal's CartPole preset on each vectorization backend.
@@ -18,22 +20,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
+import subprocess
+import sys
 import time
 from collections import deque
 
 TARGET = 475.0
 WINDOW = 20
 
-# The matched setting: rl-zoo's CartPole rollout/update shape, the same for both libraries.
-MATCHED = dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, gamma=0.98,
-               gae_lambda=0.8, ent_coef=0.0, clip=0.2)
+# Matched settings, the same for both libraries: CleanRL's ppo.py defaults (a light update: the
+# rollout dominates) and rl-zoo's tuned CartPole shape (a heavy update: 20 epochs dominate).
+MATCHED = {
+    "cleanrl": dict(num_envs=4, num_steps=128, minibatch_size=128, epochs=4, learning_rate=2.5e-4, gamma=0.99,
+                    gae_lambda=0.95, ent_coef=0.01, clip=0.2),
+    "rl-zoo": dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, gamma=0.98,
+                   gae_lambda=0.8, ent_coef=0.0, clip=0.2),
+}
 
 
 # ---------------------------------------------------------------- one measurement per process
 
 
-def _shoal(kind: str, seed: int, steps: int, backend: str, envs_per_batch: int) -> dict:
+def _shoal(kind: str, seed: int, steps: int, backend: str = "serial", envs_per_batch: int = 0) -> dict:
     import torch
 
     from shoal.envs import make_binding, preset
@@ -41,8 +49,8 @@ def _shoal(kind: str, seed: int, steps: int, backend: str, envs_per_batch: int) 
 
     torch.set_num_threads(1)
     common = dict(seed=seed, dashboard=False, tensorboard=False, backend=backend, envs_per_batch=envs_per_batch)
-    if kind == "matched":
-        m = MATCHED
+    if kind in MATCHED:
+        m = MATCHED[kind]
         config = PPOConfig(**common, num_envs=m["num_envs"], num_steps=m["num_steps"], update_epochs=m["epochs"],
                            num_minibatches=m["num_envs"] * m["num_steps"] // m["minibatch_size"],
                            learning_rate=m["learning_rate"], gamma=m["gamma"], gae_lambda=m["gae_lambda"],
@@ -86,10 +94,10 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
     def linear(start: float):
         return lambda progress_remaining: progress_remaining * start
 
-    m = MATCHED
+    m = MATCHED.get(kind, MATCHED["rl-zoo"])
     kwargs = dict(n_steps=m["num_steps"], batch_size=m["minibatch_size"], n_epochs=m["epochs"], gamma=m["gamma"],
                   gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], seed=seed, device="cpu", verbose=0)
-    if kind == "matched":
+    if kind in MATCHED:
         kwargs.update(learning_rate=linear(m["learning_rate"]), clip_range=m["clip"])
     else:  # rl-zoo's tuned CartPole-v1 (hyperparams/ppo.yml): the above plus linear clip-range decay
         kwargs.update(learning_rate=linear(1e-3), clip_range=linear(0.2))
@@ -103,15 +111,12 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
     return dict(steps=model.num_timesteps, seconds=elapsed, sps=model.num_timesteps / elapsed, reached=callback.reached)
 
 
-def _run(job: tuple) -> dict:
-    library, *args = job
-    return _shoal(*args) if library == "shoal" else _sb3(*args)
-
-
 def measure(job: tuple) -> dict:
-    """Run one measurement in a fresh process (clean imports, thread settings, memory)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_run, (job,))
+    """Run one measurement in a fresh Python process (clean imports, thread settings, memory)."""
+    done = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement {job} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- the table
@@ -123,41 +128,50 @@ def main() -> None:
     parser.add_argument("--solve-budget", type=int, default=200_000, help="step budget of the time-to-475 rows")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds for the time-to-475 rows")
     parser.add_argument("--skip", default="", help="comma-separated rows to skip: sb3, multiprocessing, ray")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one measurement, print its JSON
     args = parser.parse_args()
+    if args.job:
+        library, *job = json.loads(args.job)
+        print(json.dumps(_shoal(*job) if library == "shoal" else _sb3(*job)))
+        return
     seeds = [int(seed) for seed in args.seeds.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    rows: list[tuple[str, str, dict]] = []
+    rows: list[tuple[str, str, dict, dict | None]] = []
 
-    def add(section: str, name: str, job: tuple, repeat: list[int] | None = None) -> dict:
-        results = [measure((*job[:2], seed, *job[3:])) for seed in (repeat or [job[2]])]
+    def add(section: str, name: str, job: list, baseline: dict | None = None, repeat: list[int] | None = None) -> dict:
+        results = [measure([*job[:2], seed, *job[3:]]) for seed in (repeat or [job[2]])]
         merged = _merge(results)
-        rows.append((section, name, merged))
+        rows.append((section, name, merged, baseline))
         print(json.dumps({"row": name, **merged}), flush=True)
         return merged
 
     # (a) matched hyper-parameters, fixed budget
-    sb3_matched = None if "sb3" in skip else add("a", "SB3 PPO, DummyVecEnv", ("sb3", "matched", 1, args.throughput_steps))
-    add("a", "shoal PPO, serial", ("shoal", "matched", 1, args.throughput_steps, "serial", 0))
-    if "multiprocessing" not in skip:
-        add("a", "shoal PPO, multiprocessing x2, double-buffered",
-            ("shoal", "matched", 1, args.throughput_steps, "multiprocessing", 4))
+    for setting in MATCHED:
+        sb3 = None if "sb3" in skip else add("a", f"SB3 PPO, DummyVecEnv [{setting}]",
+                                             ["sb3", setting, 1, args.throughput_steps])
+        add("a", f"shoal PPO, serial [{setting}]", ["shoal", setting, 1, args.throughput_steps, "serial", 0], sb3)
+        if "multiprocessing" not in skip:
+            half = MATCHED[setting]["num_envs"] // 2
+            add("a", f"shoal PPO, multiprocessing x2, double-buffered [{setting}]",
+                ["shoal", setting, 1, args.throughput_steps, "multiprocessing", half], sb3)
     # (b) best settings, until the target
-    sb3_best = None if "sb3" in skip else add("b", "SB3 PPO, rl-zoo tuned", ("sb3", "best", 1, args.solve_budget), seeds)
-    add("b", "shoal PPO, `shoal train` preset", ("shoal", "best", 1, args.solve_budget, "serial", 0), seeds)
+    sb3 = None if "sb3" in skip else add("b", "SB3 PPO, rl-zoo tuned", ["sb3", "best", 1, args.solve_budget],
+                                         repeat=seeds)
+    add("b", "shoal PPO, `shoal train` preset", ["shoal", "best", 1, args.solve_budget, "serial", 0], sb3, seeds)
     # (c) each backend, shoal's preset
     for backend, envs_per_batch, name in [("serial", 4, "serial, double-buffered"),
                                           ("multiprocessing", 0, "multiprocessing x2"),
                                           ("multiprocessing", 4, "multiprocessing x2, double-buffered"),
                                           ("ray", 0, "ray x2")]:
         if backend not in skip:
-            add("c", f"shoal PPO, {name}", ("shoal", "best", 1, args.solve_budget, backend, envs_per_batch), seeds)
+            add("c", f"shoal PPO, {name}", ["shoal", "best", 1, args.solve_budget, backend, envs_per_batch], sb3, seeds)
 
     print()
-    print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}; matched setting: {json.dumps(MATCHED)}")
+    print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}. Matched settings: "
+          + "; ".join(f"{name} {json.dumps(m)}" for name, m in MATCHED.items()))
     print("| row | run | steps/s | vs SB3 | steps to 475 | seconds to 475 | vs SB3 |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for section, name, r in rows:
-        base = sb3_matched if section == "a" else sb3_best
+    for section, name, r, base in rows:
         ratio_sps = f"{r['sps'] / base['sps']:.2f}x" if base else "–"
         steps_to, seconds_to = r.get("reached_steps"), r.get("reached_seconds")
         ratio_time = (f"{base['reached_seconds'] / seconds_to:.2f}x faster" if base and seconds_to
