@@ -7,9 +7,10 @@ Every number comes from this one run on this machine. For each env, every runner
 of envs with fixed random actions (their cost is not measured). All runners are built first, then timed
 in turn for ``--seconds``, ``--rounds`` times (so a busy machine slows all of them alike); each keeps its
 best round. The table gives env steps per second and ratios against:
-  - the limit: one independent process per core, each stepping the raw env in a loop, no communication;
-  - the emulated limit: the same with shoal's emulated env (the ceiling for any vectorization of it,
-    so "x emulated" is the vectorization layer's own efficiency);
+  - the limit: one independent process per core, each stepping its share of the raw envs in a loop
+    (as many per process as a Multiprocessing worker has), with no communication;
+  - the emulated limit: the same with shoal's emulated envs (``EmulatedEnv.step`` in a loop): the ceiling
+    for any vectorization of them, so "vs emulated limit" is the vectorization layer's own efficiency;
   - Gymnasium's ``AsyncVectorEnv`` (one process per env, its design) and shoal's ``Serial``.
 Gymnasium cannot vectorize a PettingZoo env, so for the multi-agent env its vector envs run shoal's
 emulated env behind a small gymnasium.Env adapter.
@@ -116,32 +117,39 @@ def _timed(step: Callable[[], int], seconds: float) -> float:
 
 
 def _limit_process(creator: Callable, emulated: bool, num_envs: int, conn) -> None:
-    """Step envs alone, with no communication while timed; answer each request with env steps/s."""
+    """Step ``num_envs`` envs in turn, alone, with no communication while timed; answer each request with
+    env steps per second."""
     if emulated:
-        vecenv = Serial(shoal.Binding(env_creator=creator), envs_per_worker=num_envs)
-        vecenv.reset(seed=0)
-        actions = _actions(vecenv, 1)[0]
+        binding = shoal.Binding(env_creator=creator)
+        envs = [binding.make_env() for _ in range(num_envs)]
+        for env in envs:
+            env.reset(seed=0)
+        nvec = binding.single_action_space.nvec
+        actions = np.random.default_rng(0).integers(0, nvec, size=(binding.max_agents, len(nvec)))
 
         def step() -> int:
-            vecenv.step(actions)
+            for env in envs:
+                env.step(actions)
             return num_envs
     else:
-        env = creator()
-        env.reset(seed=0)
-        multiagent = not isinstance(env, gymnasium.Env)
+        envs = [creator() for _ in range(num_envs)]
+        for env in envs:
+            env.reset(seed=0)
+        multiagent = not isinstance(envs[0], gymnasium.Env)
         if multiagent:
-            action = env.action_space(env.possible_agents[0]).sample()
+            action = envs[0].action_space(envs[0].possible_agents[0]).sample()
 
         def step() -> int:
-            if multiagent:
-                env.step({agent: action for agent in env.agents})
-                if not env.agents:
-                    env.reset()
-            else:
-                _, _, terminal, truncation, _ = env.step(0)
-                if terminal or truncation:
-                    env.reset()
-            return 1
+            for env in envs:
+                if multiagent:
+                    env.step({agent: action for agent in env.agents})
+                    if not env.agents:
+                        env.reset()
+                else:
+                    _, _, terminal, truncation, _ = env.step(0)
+                    if terminal or truncation:
+                        env.reset()
+            return num_envs
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
         conn.send(_timed(step, seconds))
@@ -154,7 +162,7 @@ def limit_runner(bench: Bench, cores: int, emulated: bool):
     for _ in range(cores):
         mine, theirs = ctx.Pipe()
         processes.append(ctx.Process(target=_limit_process, args=(
-            bench.creator, emulated, 1 if not emulated else bench.num_envs // cores, theirs), daemon=True))
+            bench.creator, emulated, bench.num_envs // cores, theirs), daemon=True))
         processes[-1].start()
         pipes.append(mine)
     for pipe in pipes:
@@ -218,9 +226,8 @@ RUNNERS = ["limit", "limit (emulated)", "gymnasium SyncVectorEnv", "gymnasium As
 def build_runners(bench: Bench, cores: int, with_ray: bool) -> dict[str, tuple[str, Callable, Callable]]:
     """runner name -> (layout, measure, close), all for ``bench.num_envs`` envs."""
     n, multiagent = bench.num_envs, bench.creator is make_nested
-    half = n // cores // 2
     specs = {
-        "limit": (f"{cores} processes x 1 raw env", lambda: limit_runner(bench, cores, emulated=False)),
+        "limit": (f"{cores} processes x {n // cores} raw envs", lambda: limit_runner(bench, cores, emulated=False)),
         "limit (emulated)": (f"{cores} processes x {n // cores} envs",
                              lambda: limit_runner(bench, cores, emulated=True)),
         "gymnasium SyncVectorEnv": (f"{n} envs", lambda: gymnasium_runner(
@@ -230,14 +237,14 @@ def build_runners(bench: Bench, cores: int, with_ray: bool) -> dict[str, tuple[s
         "shoal Serial": (f"1 x {n} envs", lambda: shoal_runner(Serial, bench, envs_per_worker=n)),
         "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
             Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
-        "shoal Multiprocessing async": (f"{2 * cores} workers x {half} envs, batch {n // 2}", lambda: shoal_runner(
-            Multiprocessing, bench, num_workers=2 * cores, envs_per_worker=half, batch_size=n // 2)),
+        "shoal Multiprocessing async": (f"{cores} workers x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
+            Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores, batch_size=n // 2)),
     }
     if with_ray:
         specs["shoal Ray"] = (f"{cores} actors x {n // cores} envs", lambda: shoal_runner(
             Ray, bench, num_workers=cores, envs_per_worker=n // cores))
-        specs["shoal Ray async"] = (f"{2 * cores} actors x {half} envs, batch {n // 2}", lambda: shoal_runner(
-            Ray, bench, num_workers=2 * cores, envs_per_worker=half, batch_size=n // 2))
+        specs["shoal Ray async"] = (f"{cores} actors x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
+            Ray, bench, num_workers=cores, envs_per_worker=n // cores, batch_size=n // 2))
     return {name: (layout, *build()) for name, (layout, build) in specs.items()}
 
 

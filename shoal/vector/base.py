@@ -299,8 +299,9 @@ class VecEnv(abc.ABC):
         """Start ``command`` on ``worker`` without waiting for its answer."""
 
     @abc.abstractmethod
-    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
-        """Block until at least one of ``workers`` answered or ``timeout`` passed; [] on timeout.
+    def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
+        """Block until ``workers`` answered (at least one; ``need`` is how many the caller waits for, a hint)
+        or ``timeout`` passed; [] on timeout.
 
         Raises WorkerError when any worker died. For reset/step answers the backend has already put the
         worker's results into ``self._buffers``.
@@ -370,7 +371,7 @@ class VecEnv(abc.ABC):
         try:
             while len(answers) < need:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                got = self._wait(pending, left)
+                got = self._wait(pending, left, need - len(answers))
                 if not got:
                     raise self._timeout_error(pending, what, timeout)
                 for worker, status, payload in got:

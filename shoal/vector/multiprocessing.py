@@ -198,7 +198,7 @@ class Multiprocessing(VecEnv):
         except (OSError, EOFError):  # broken pipe: the worker is gone
             raise self._death_error(worker) from None
 
-    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
+    def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         conns = {self._conns[worker]: worker for worker in workers}
         ready = connection.wait([*conns, *self._sentinels], timeout)
         answers = []

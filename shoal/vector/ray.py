@@ -168,15 +168,24 @@ class Ray(VecEnv):
             payload = self._actions[self._worker_rows(worker)]
         self._refs[self._actors[worker].run.remote(command, payload)] = (worker, command)
 
-    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
+    def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         ray = self._ray
         refs = [ref for ref, (worker, _) in self._refs.items() if worker in workers]
-        done, rest = ray.wait(refs, num_returns=1, timeout=timeout)
-        if done and rest:  # take whatever else is finished too
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-            done += more
+        if need >= len(refs):  # all of them (a full batch): no ray.wait
+            done = refs
+        else:
+            done, rest = ray.wait(refs, num_returns=need, timeout=timeout)
+            if done and rest:  # take whatever else is finished too
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                done += more
         try:
-            results = ray.get(done)  # one round trip for all of them
+            results = ray.get(done, timeout=timeout)  # one call for all of them
+        except ray.exceptions.GetTimeoutError:
+            if done is refs:  # some did answer: take those
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                results = [None] * len(done)
+            else:
+                raise
         except ray.exceptions.RayError:
             results = [None] * len(done)  # find out which one failed, below
         answers = []

@@ -57,7 +57,7 @@ class Serial(VecEnv):
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         self._answers.append((worker, *self._groups[worker].handle(command, payload)))
 
-    def _wait(self, workers: set[int], timeout: float | None) -> list[tuple[int, Status, Any]]:
+    def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         answers = [answer for answer in self._answers if answer[0] in workers]
         self._answers = deque(answer for answer in self._answers if answer[0] not in workers)
         return answers
