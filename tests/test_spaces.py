@@ -92,7 +92,11 @@ def boxes(draw, dtypes=BOX_DTYPES, int_limit: int | None = None) -> spaces.Box:
 @st.composite
 def discretes(draw) -> spaces.Discrete:
     n = draw(st.integers(1, 10))
-    start = draw(st.one_of(st.sampled_from([0, -1, -7, 3]), st.integers(-2**40, 2**40)))
+    int64 = np.iinfo(np.int64)
+    # start + n must fit int64: gymnasium's own Discrete.contains computes it (the largest value,
+    # start + n - 1 = int64 max, is checked in test_discrete_at_int64_max instead).
+    start = draw(st.one_of(st.sampled_from([0, -1, -7, 3, int64.min, int64.max - n]),
+                           st.integers(int64.min, int64.max - n)))
     return spaces.Discrete(n, start=start)
 
 
@@ -165,7 +169,7 @@ def _(space: spaces.Box):
 
 @values.register(spaces.Discrete)
 def _(space: spaces.Discrete):
-    value = st.integers(int(space.start), int(space.start + space.n - 1))
+    value = st.integers(int(space.start), int(space.start) + int(space.n) - 1)
     return st.one_of(value, value.map(np.int64))  # envs return both Python and numpy ints
 
 
@@ -589,6 +593,21 @@ def test_uint64_and_int64_extremes_survive_a_mixed_layout():
     assert flat.dtype == np.uint8
     assert_round_trip(space, value, layout.unflatten(flat))
     assert_round_trip(space, value, layout.unflatten(torch.from_numpy(flat)))
+
+
+def test_discrete_at_int64_max():
+    int64 = np.iinfo(np.int64)
+    space = spaces.Dict({"low": spaces.Discrete(2, start=int64.min), "high": spaces.Discrete(3, start=int64.max - 2)})
+    value = {"low": int64.min, "high": int64.max}
+    observations = ObservationLayout(space)
+    flat = observations.flatten(value)
+    assert observations.out_of_bounds(flat) is None
+    assert_round_trip(space, value, observations.unflatten(flat))
+    actions = ActionLayout(space)
+    flat = actions.flatten(value)
+    assert flat.tolist() == [2, 0]
+    assert_round_trip(space, value, actions.unflatten(flat))
+    assert_round_trip(space, value, actions.unflatten(torch.from_numpy(flat)))
 
 
 def test_missing_dict_entry_raises_naming_the_key():
