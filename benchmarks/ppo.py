@@ -57,11 +57,12 @@ def _shoal(kind: str, seed: int, steps: int, backend: str = "serial", envs_per_b
                            ent_coef=m["ent_coef"], clip_coef=m["clip"], total_timesteps=steps)
     else:  # best settings: the preset `shoal train` uses, stopping at the target
         config = PPOConfig(**{**preset("cartpole"), **common, "total_timesteps": steps})
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = train(config, make_binding("cartpole"))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     reached = result.first_reached(TARGET, WINDOW)
-    return dict(steps=result.global_step, seconds=elapsed, sps=result.global_step / elapsed,
+    loop_sps = result.history[-1]["perf/steps_per_second"]  # from the first rollout on: setup excluded
+    return dict(steps=result.global_step, seconds=elapsed, sps=loop_sps, cpu_seconds=cpu,
                 reached=reached and [reached[0], reached[1]])
 
 
@@ -81,7 +82,10 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
             self.returns: deque = deque(maxlen=WINDOW)
             self.reached = None
             self.stop = stop
-            self.started = time.perf_counter()
+            self.started = self.loop_started = time.perf_counter()
+
+        def _on_training_start(self) -> None:
+            self.loop_started = time.perf_counter()
 
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
@@ -101,14 +105,15 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
         kwargs.update(learning_rate=linear(m["learning_rate"]), clip_range=m["clip"])
     else:  # rl-zoo's tuned CartPole-v1 (hyperparams/ppo.yml): the above plus linear clip-range decay
         kwargs.update(learning_rate=linear(1e-3), clip_range=linear(0.2))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     env = make_vec_env("CartPole-v1", n_envs=m["num_envs"], seed=seed)
     model = PPO("MlpPolicy", env, **kwargs)
     callback = Target(stop=kind == "best")
     callback.started = started
     model.learn(total_timesteps=steps, callback=callback)
-    elapsed = time.perf_counter() - started
-    return dict(steps=model.num_timesteps, seconds=elapsed, sps=model.num_timesteps / elapsed, reached=callback.reached)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    loop_sps = model.num_timesteps / (time.perf_counter() - callback.loop_started)  # setup excluded
+    return dict(steps=model.num_timesteps, seconds=elapsed, sps=loop_sps, cpu_seconds=cpu, reached=callback.reached)
 
 
 def measure(job: tuple) -> dict:
@@ -128,6 +133,7 @@ def main() -> None:
     parser.add_argument("--solve-budget", type=int, default=200_000, help="step budget of the time-to-475 rows")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds for the time-to-475 rows")
     parser.add_argument("--skip", default="", help="comma-separated rows to skip: sb3, multiprocessing, ray")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each row keeps its best")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one measurement, print its JSON
     args = parser.parse_args()
     if args.job:
@@ -136,42 +142,54 @@ def main() -> None:
         return
     seeds = [int(seed) for seed in args.seeds.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    rows: list[tuple[str, str, dict, dict | None]] = []
 
-    def add(section: str, name: str, job: list, baseline: dict | None = None, repeat: list[int] | None = None) -> dict:
-        results = [measure([*job[:2], seed, *job[3:]]) for seed in (repeat or [job[2]])]
-        merged = _merge(results)
-        rows.append((section, name, merged, baseline))
-        print(json.dumps({"row": name, **merged}), flush=True)
-        return merged
-
-    # (a) matched hyper-parameters, fixed budget
-    for setting in MATCHED:
-        sb3 = None if "sb3" in skip else add("a", f"SB3 PPO, DummyVecEnv [{setting}]",
-                                             ["sb3", setting, 1, args.throughput_steps])
-        add("a", f"shoal PPO, serial [{setting}]", ["shoal", setting, 1, args.throughput_steps, "serial", 0], sb3)
+    # Every row: (section, name, job, the name of its SB3 baseline row or None).
+    plan: list[tuple[str, str, list, str | None]] = []
+    for setting in MATCHED:  # (a) matched hyper-parameters, fixed budget
+        base = None if "sb3" in skip else f"SB3 PPO, DummyVecEnv [{setting}]"
+        if base:
+            plan.append(("a", base, ["sb3", setting, None, args.throughput_steps], None))
+        plan.append(("a", f"shoal PPO, serial [{setting}]", ["shoal", setting, None, args.throughput_steps], base))
         if "multiprocessing" not in skip:
             half = MATCHED[setting]["num_envs"] // 2
-            add("a", f"shoal PPO, multiprocessing x2, double-buffered [{setting}]",
-                ["shoal", setting, 1, args.throughput_steps, "multiprocessing", half], sb3)
-    # (b) best settings, until the target
-    sb3 = None if "sb3" in skip else add("b", "SB3 PPO, rl-zoo tuned", ["sb3", "best", 1, args.solve_budget],
-                                         repeat=seeds)
-    add("b", "shoal PPO, `shoal train` preset", ["shoal", "best", 1, args.solve_budget, "serial", 0], sb3, seeds)
-    # (c) each backend, shoal's preset
-    for backend, envs_per_batch, name in [("serial", 4, "serial, double-buffered"),
+            plan.append(("a", f"shoal PPO, multiprocessing x2, double-buffered [{setting}]",
+                         ["shoal", setting, None, args.throughput_steps, "multiprocessing", half], base))
+    base = None if "sb3" in skip else "SB3 PPO, rl-zoo tuned"  # (b) best settings, until the target
+    if base:
+        plan.append(("b", base, ["sb3", "best", None, args.solve_budget], None))
+    plan.append(("b", "shoal PPO, `shoal train` preset", ["shoal", "best", None, args.solve_budget], base))
+    for backend, envs_per_batch, name in [("serial", 4, "serial, double-buffered"),  # (c) each backend
                                           ("multiprocessing", 0, "multiprocessing x2"),
                                           ("multiprocessing", 4, "multiprocessing x2, double-buffered"),
                                           ("ray", 0, "ray x2")]:
         if backend not in skip:
-            add("c", f"shoal PPO, {name}", ["shoal", "best", 1, args.solve_budget, backend, envs_per_batch], sb3, seeds)
+            plan.append(("c", f"shoal PPO, {name}", ["shoal", "best", None, args.solve_budget, backend, envs_per_batch],
+                         base))
+
+    # Rounds interleave the rows, so a burst of load from elsewhere hits all of them alike; each row
+    # keeps its best round (the least disturbed), seed by seed.
+    results: dict[str, dict[int, list[dict]]] = {name: {seed: [] for seed in seeds} for _, name, _, _ in plan}
+    for round_ in range(args.repeats):
+        for section, name, job, _ in plan:
+            for seed in (seeds if section != "a" else seeds[:1]):
+                result = measure([job[0], job[1], seed, *job[3:]])
+                results[name][seed].append(result)
+                print(json.dumps({"round": round_, "row": name, "seed": seed, **result}), flush=True)
+    rows = []
+    for section, name, _, base in plan:
+        best = [max(runs, key=lambda r: r["sps"]) if section == "a" else min(runs, key=lambda r: r["seconds"])
+                for runs in results[name].values() if runs]
+        rows.append((section, name, _merge(best), base))
+    by_name = {name: merged for _, name, merged, _ in rows}
 
     print()
-    print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}. Matched settings: "
+    print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}, best of {args.repeats} interleaved rounds. "
+          f"steps/s: the training loop (setup excluded); seconds to 475: from the call, setup included. Matched: "
           + "; ".join(f"{name} {json.dumps(m)}" for name, m in MATCHED.items()))
     print("| row | run | steps/s | vs SB3 | steps to 475 | seconds to 475 | vs SB3 |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for section, name, r, base in rows:
+    for section, name, r, base_name in rows:
+        base = by_name.get(base_name)
         ratio_sps = f"{r['sps'] / base['sps']:.2f}x" if base else "–"
         steps_to, seconds_to = r.get("reached_steps"), r.get("reached_seconds")
         ratio_time = (f"{base['reached_seconds'] / seconds_to:.2f}x faster" if base and seconds_to
