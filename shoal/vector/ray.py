@@ -43,6 +43,15 @@ def _map(path: str, layout: ArrayLayout) -> dict[str, np.ndarray]:
     return layout.arrays(np.frombuffer(memory, np.uint8))
 
 
+def _memory_dir(nbytes: int) -> str | None:
+    """/dev/shm when it has room (touching a page beyond a full tmpfs is a SIGBUS), else the temp dir."""
+    try:
+        stats = os.statvfs("/dev/shm")
+        return "/dev/shm" if stats.f_bavail * stats.f_frsize > 2 * nbytes else None
+    except OSError:
+        return None
+
+
 class RayWorker:
     """The body of one Ray actor (wrapped with ``ray.remote`` when a vec env is built).
 
@@ -128,8 +137,7 @@ class Ray(VecEnv):
             ray.init(address=address, include_dashboard=False)
         layout = self._array_layout()
         if shared_memory:
-            fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir="/dev/shm" if os.path.isdir(
-                "/dev/shm") else None)
+            fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir=_memory_dir(layout.nbytes))
             os.ftruncate(fd, layout.nbytes)
             os.close(fd)
             arrays = _map(self._shared_path, layout)
