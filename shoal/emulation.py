@@ -307,6 +307,11 @@ class EmulatedEnv:
         self._check_buffers()
         self.obs, self.rewards, self.terminals, self.truncations, self.masks = self.buffers
         self._write_obs = binding.obs_layout.writer(self.obs)
+        self._write_rows = binding.obs_layout.rows_writer(self.obs)
+        self._plain_outputs = binding.emulate_flat_obs and binding.emulate_const_num_agents
+        leaf = binding.raw_single_action_space
+        self._lone_discrete = ((int(leaf.n), leaf.start.item()) if binding.emulate_flat_atn
+                               and isinstance(leaf, spaces.Discrete) else None)
         self._out_of_bounds = binding.obs_layout.bounds_checker(self.obs)
         self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
         self._episode_return = np.zeros(binding.max_agents, np.float64)
@@ -333,15 +338,6 @@ class EmulatedEnv:
             return obs, infos or {}
         return {SINGLE_AGENT_ID: obs}, {SINGLE_AGENT_ID: infos} if infos else {}
 
-    def _raw_step(self, actions: dict) -> tuple[dict, dict, dict, dict, dict]:
-        with self.binding.quiet():
-            if self.binding.is_multiagent:
-                obs, rewards, terminals, truncations, infos = self.env.step(actions)
-                return obs, rewards, terminals, truncations, infos or {}
-            obs, reward, terminal, truncation, info = self.env.step(actions[SINGLE_AGENT_ID])
-        agent = SINGLE_AGENT_ID
-        return {agent: obs}, {agent: reward}, {agent: terminal}, {agent: truncation}, {agent: info} if info else {}
-
     def _live_agents(self) -> list:
         """Agents that act at the next step."""
         if self.binding.is_multiagent:
@@ -367,30 +363,46 @@ class EmulatedEnv:
         self._episode_length[:] = 0
         self.obs[:] = 0
         self.masks[:] = False
-        for agent, value in obs.items():
-            self._write(agent, value)
+        self._write_agents(list(obs), list(obs.values()))
         self._check_bounds()
         self._needs_reset = False
         return {agent: dict(info) for agent, info in infos.items() if info}
 
-    def _write(self, agent, value) -> int:
-        slot = self.binding.agent_slots.get(agent)
-        if slot is None:
+    def _write_agents(self, agents: list, values: list) -> list[int]:
+        """Write each agent's observation into its slot and mark it live. Returns the slots."""
+        binding = self.binding
+        try:
+            slots = [binding.agent_slots[agent] for agent in agents]
+        except KeyError:
+            unknown = next(agent for agent in agents if agent not in binding.agent_slots)
             raise EnvError(
-                f"{self.binding.env_name}, step {self.tick}: the env returned agent {agent!r}, which is not in "
-                f"possible_agents {list(self.binding.possible_agents)[:8]}"
-            )
-        if self.binding.feature_parser is not None:
-            value = self.binding.feature_parser(value)
+                f"{binding.env_name}, step {self.tick}: the env returned agent {unknown!r}, which is not in "
+                f"possible_agents {list(binding.possible_agents)[:8]}"
+            ) from None
+        if binding.feature_parser is not None:
+            values = [binding.feature_parser(value) for value in values]
+        try:
+            if len(slots) == 1:
+                self._write_obs(slots[0], values[0])
+            else:
+                self._write_rows(slots, values)
+        except SpaceError as error:
+            for agent, slot, value in zip(agents, slots, values):  # find the agent whose value is wrong
+                self._write_one(agent, slot, value)
+            raise self._misfit(agents, error) from None
+        self.masks[slots] = True
+        return slots
+
+    def _write_one(self, agent, slot: int, value) -> None:
         try:
             self._write_obs(slot, value)
         except SpaceError as error:
-            raise EnvError(
-                f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: observation does not fit "
-                f"{self.binding.raw_single_observation_space}: {error}"
-            ) from None
-        self.masks[slot] = True
-        return slot
+            raise self._misfit([agent], error) from None
+
+    def _misfit(self, agents: list, error: SpaceError) -> EnvError:
+        who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {agents[:8]}"
+        return EnvError(f"{self.binding.env_name}, {who}, step {self.tick}: observation does not fit "
+                        f"{self.binding.raw_single_observation_space}: {error}")
 
     def _check_bounds(self) -> None:
         bad = self._out_of_bounds()
@@ -411,10 +423,14 @@ class EmulatedEnv:
         binding = self.binding
         if self._needs_reset:
             raise APIUsageError(f"{binding.env_name}: step() called before reset()")
+        if not binding.is_multiagent:
+            return self._step_single(actions)
         live = self._live_agents()
         raw_actions = self._unflatten_actions(actions, live)
         self.tick += 1
-        obs, env_rewards, terminals, truncations, infos = self._raw_step(raw_actions)
+        with binding.quiet():
+            obs, env_rewards, terminals, truncations, infos = self.env.step(raw_actions)
+        infos = infos or {}
         rewards = env_rewards if binding.reward_shaper is None else binding.reward_shaper(env_rewards, infos)
 
         was_live = self.masks.copy()
@@ -422,20 +438,15 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
-        out_infos: dict = {}
-        for agent, value in obs.items():
-            if agent in self._ended:
-                continue
-            slot = self._write(agent, value)
-            self.rewards[slot] = rewards.get(agent, 0.0)
-            self.terminals[slot] = terminals.get(agent, False)
-            self.truncations[slot] = truncations.get(agent, False)
-            if was_live[slot]:  # an agent that just appeared has not acted yet
-                self._episode_return[slot] += float(env_rewards.get(agent, 0.0))
-                self._episode_length[slot] += 1
-            info = infos.get(agent)
-            if info:
-                out_infos[agent] = dict(info)
+        agents = [agent for agent in obs if agent not in self._ended] if self._ended else list(obs)
+        slots = self._write_agents(agents, [obs[agent] for agent in agents])
+        self.rewards[slots] = [rewards.get(agent, 0.0) for agent in agents]
+        self.terminals[slots] = [terminals.get(agent, False) for agent in agents]
+        self.truncations[slots] = [truncations.get(agent, False) for agent in agents]
+        acted = was_live[slots]  # an agent that just appeared has not acted yet
+        self._episode_return[slots] += np.where(acted, [env_rewards.get(agent, 0.0) for agent in agents], 0.0)
+        self._episode_length[slots] += acted
+        out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
         self.obs[was_live & ~self.masks] = 0
         self._check_bounds()
 
@@ -443,23 +454,72 @@ class EmulatedEnv:
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True
-        ended = episode_over or any(terminals.values()) or any(truncations.values())
-        for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)) if ended else ():
-            agent = binding.possible_agents[slot]
-            self._ended.add(agent)
-            info = out_infos.setdefault(agent, {})
-            info["final_observation"] = self.obs[slot].copy()
-            if binding.record_episode_statistics:
-                info["episode"] = {"return": float(self._episode_return[slot]),
-                                   "length": int(self._episode_length[slot])}
+        if episode_over or any(terminals.values()) or any(truncations.values()):
+            for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
+                agent = binding.possible_agents[slot]
+                self._ended.add(agent)
+                out_infos[agent] = self._final_info(slot, out_infos.get(agent))
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
             self.masks |= delivered
             for agent, info in reset_infos.items():
                 out_infos.setdefault(agent, {})["reset_info"] = info
-        return (self._output(self.obs), self._output(self.rewards), self._output(self.terminals),
-                self._output(self.truncations), out_infos)
+        return self._outputs(out_infos)
+
+    def _step_single(self, actions):
+        """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""
+        binding = self.binding
+        action = self._single_action(actions)
+        self.tick += 1
+        if binding.suppress_env_prints:
+            with _silenced():
+                obs, env_reward, terminal, truncation, info = self.env.step(action)
+        else:
+            obs, env_reward, terminal, truncation, info = self.env.step(action)
+        reward = env_reward
+        if binding.reward_shaper is not None:
+            reward = binding.reward_shaper({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})[SINGLE_AGENT_ID]
+        if binding.feature_parser is not None:
+            obs = binding.feature_parser(obs)
+        try:
+            self._write_obs(0, obs)
+        except SpaceError as error:
+            raise self._misfit([SINGLE_AGENT_ID], error) from None
+        if self._out_of_bounds() is not None:
+            self._check_bounds()
+        self.rewards[0] = reward
+        self.terminals[0] = terminal
+        self.truncations[0] = truncation
+        self._episode_return[0] += env_reward
+        self._episode_length[0] += 1
+        infos = {SINGLE_AGENT_ID: info} if info else {}
+        if terminal or truncation:
+            final = infos[SINGLE_AGENT_ID] = self._final_info(0, info)
+            reset_infos = self._begin_episode(None)
+            if reset_infos:
+                final["reset_info"] = reset_infos[SINGLE_AGENT_ID]
+        return self._outputs(infos)
+
+    def _single_action(self, actions):
+        """The raw action for a single-agent env; a lone Discrete skips the general checks when valid."""
+        if self._lone_discrete is not None:
+            array = actions if type(actions) is np.ndarray else np.asarray(actions)
+            if array.size == 1 and array.ndim in (1, 2) and array.dtype.kind in "iu":
+                value = array.item()
+                n, start = self._lone_discrete
+                if 0 <= value < n:
+                    return value + start
+        return self._unflatten_actions(actions, [SINGLE_AGENT_ID])[SINGLE_AGENT_ID]
+
+    def _final_info(self, slot: int, info: dict | None) -> dict:
+        """An ending agent's infos: its own (copied), its final observation and its episode statistics."""
+        final = dict(info) if info else {}
+        final["final_observation"] = self.obs[slot].copy()
+        if self.binding.record_episode_statistics:
+            final["episode"] = {"return": float(self._episode_return[slot]),
+                                "length": int(self._episode_length[slot])}
+        return final
 
     def _live_agents_after(self, terminals: dict, truncations: dict) -> list:
         ended = {agent for agent, flag in terminals.items() if flag}
@@ -513,6 +573,12 @@ class EmulatedEnv:
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
                                 f"{array[slot]} is out of range: expected {allowed}")
         return array
+
+    def _outputs(self, infos: dict) -> tuple:
+        if self._plain_outputs:
+            return self.obs, self.rewards, self.terminals, self.truncations, infos
+        return (self._output(self.obs), self._output(self.rewards), self._output(self.terminals),
+                self._output(self.truncations), infos)
 
     def _output(self, array: np.ndarray):
         """An output array in the form the emulate_* options ask for."""

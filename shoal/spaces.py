@@ -21,7 +21,7 @@ from gymnasium import spaces
 
 from shoal.errors import SpaceError
 
-LEAF_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+SMALL_LEAF = 16  # leaves with at most this many values (over all rows) are bounds-checked in Python
 
 
 @functools.singledispatch
@@ -313,6 +313,30 @@ class ObservationLayout:
                 view[row] = self._checked(field, item, ())
         return write
 
+    def rows_writer(self, flat: np.ndarray):
+        """A function ``write_rows(rows, values)``: flatten ``values[i]`` into ``flat[rows[i]]``.
+
+        One conversion and one copy per leaf for all rows, so many agents cost about as much as one.
+        Raises :class:`SpaceError` when a value does not fit; write rows one by one to find which.
+        """
+        records = flat.view(self.struct)[..., 0]
+        targets = [(field, records[field.name]) for field in self._canonical]
+
+        def write_rows(rows: list[int], values: list) -> None:
+            columns = {(): values}  # path prefix -> that entry of every value; leaves share their prefixes
+            for field, view in targets:
+                try:
+                    for depth in range(len(field.path)):
+                        prefix = field.path[:depth + 1]
+                        if prefix not in columns:
+                            key = prefix[-1]
+                            columns[prefix] = [value[key] for value in columns[prefix[:-1]]]
+                    array = np.asarray(columns[field.path])
+                except (KeyError, IndexError, TypeError, ValueError) as error:
+                    raise SpaceError(f"observation leaf {_path_str(field.path)}: {error!r}") from None
+                view[rows] = self._checked(field, array, (len(rows),))
+        return write_rows
+
     @staticmethod
     def _checked(field: _Field, item: Any, batch: tuple) -> np.ndarray:
         array = np.asarray(item)
@@ -387,10 +411,26 @@ class ObservationLayout:
                 high = np.asarray(np.inf if high is None else high, field.dtype)
             elif low is None and high is None:
                 continue
-            checks.append((field, records[field.name], low, high))
+            values = records[field.name]
+            bounds = None
+            if values.size <= SMALL_LEAF:
+                flat_values = values.reshape(-1)  # a view when the layout allows, else None below
+                bounds = [np.broadcast_to(-np.inf if low is None else low, values.shape).ravel().tolist(),
+                          np.broadcast_to(np.inf if high is None else high, values.shape).ravel().tolist(),
+                          flat_values if np.shares_memory(flat_values, values) else None]
+            checks.append((field, values, low, high, bounds))
 
         def check() -> tuple[tuple, tuple] | None:
-            for field, values, low, high in checks:
+            for field, values, low, high, bounds in checks:
+                if bounds is not None:  # a few values: plain Python beats three numpy calls
+                    for x, lo, hi in zip(bounds[2].tolist() if bounds[2] is not None else values.ravel().tolist(),
+                                         bounds[0], bounds[1]):
+                        if not lo <= x <= hi:
+                            break
+                    else:
+                        continue
+                    low = -np.inf if low is None else low
+                    high = np.inf if high is None else high
                 if low is None:
                     inside = values <= high
                 elif high is None:
