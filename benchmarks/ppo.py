@@ -186,13 +186,13 @@ def main() -> None:
     print(f"CartPole-v1, torch 1 thread per process, seeds {args.seeds}, best of {args.repeats} interleaved rounds. "
           f"steps/s: the training loop (setup excluded); seconds to 475: from the call, setup included. Matched: "
           + "; ".join(f"{name} {json.dumps(m)}" for name, m in MATCHED.items()))
-    print("| row | run | steps/s | vs SB3 | steps to 475 | seconds to 475 | vs SB3 |")
+    print("| row | run | steps/s | vs SB3 | steps to 475 | seconds to 475 | speed vs SB3 |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for section, name, r, base_name in rows:
         base = by_name.get(base_name)
         ratio_sps = f"{r['sps'] / base['sps']:.2f}x" if base else "–"
         steps_to, seconds_to = r.get("reached_steps"), r.get("reached_seconds")
-        ratio_time = (f"{base['reached_seconds'] / seconds_to:.2f}x faster" if base and seconds_to
+        ratio_time = (f"{base['reached_seconds'] / seconds_to:.2f}x" if base and seconds_to
                       and base.get("reached_seconds") and section != "a" else "–")
         print(f"| {section} | {name} | {r['sps']:,.0f} | {ratio_sps} | "
               f"{f'{steps_to:,.0f}' if steps_to else '–'} | {f'{seconds_to:.1f}' if seconds_to else '–'} | {ratio_time} |")

@@ -79,8 +79,9 @@ class DiscreteHead(nn.Module):
         for log_p in self._log_probs(logits):  # (B, n) or (B, D, n)
             if deterministic:
                 chosen = log_p.argmax(-1)
-            else:  # Gumbel-max: argmax(log p - log E), E ~ Exp(1); fewer ops than torch.multinomial
-                chosen = (log_p - torch.empty_like(log_p).exponential_().log()).argmax(-1)
+            else:  # Gumbel-max, argmax(log p - log E) with E ~ Exp(1): cheaper than torch.multinomial here
+                noise = torch.empty_like(log_p).exponential_().clamp_min_(torch.finfo(log_p.dtype).tiny)
+                chosen = (log_p - noise.log()).argmax(-1)
             logprob = logprob + log_p.gather(-1, chosen.unsqueeze(-1)).view(len(logits), -1).sum(-1)
             actions.append(chosen.view(len(logits), -1))
         return (actions[0] if len(actions) == 1 else torch.cat(actions, dim=-1)), logprob
