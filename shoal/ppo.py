@@ -33,8 +33,8 @@ from shoal.policy import Policy, default_policy
 
 @dataclass
 class PPOConfig:
-    """Everything a PPO run needs; the defaults are CleanRL's ``ppo.py`` (see ``shoal.envs.preset``
-    for per-env tuned settings, which ``shoal train`` starts from)."""
+    """Everything a PPO run needs. The defaults are CleanRL's ppo.py; `shoal train` starts from the
+    env's tuned preset instead (shoal.envs.PRESETS)."""
 
     # ---- experiment
     env: str = "cartpole"
@@ -48,7 +48,7 @@ class PPOConfig:
     torch_threads: int = 1
     """CPU threads torch may use (0: torch's default); 1 is fastest for small nets on few cores"""
     run_dir: str | None = None
-    """where logs and checkpoints go (None: write nothing)"""
+    """where logs and checkpoints go (shoal train: runs/<env>__<seed>__<time>; None in Python: no files)"""
     dashboard: bool = True
     """show the live console dashboard"""
     tensorboard: bool = True
