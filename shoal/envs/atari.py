@@ -92,6 +92,7 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     import ale_py
 
     gymnasium.register_envs(ale_py)
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every env copy
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
 
     env = gymnasium.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=repeat_action_probability,
