@@ -70,20 +70,22 @@ class DiscreteHead(nn.Module):
 
     def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
         if self.uniform:
-            return [torch.log_softmax(logits.view(len(logits), len(self.nvec), self.nvec[0]), dim=-1)]
+            return [torch.log_softmax(logits.view(logits.shape[0], len(self.nvec), self.nvec[0]), dim=-1)]
         return [torch.log_softmax(part, dim=-1) for part in logits.split(self.nvec, dim=-1)]
 
     def sample(self, logits: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(actions (B, D) int64, log-probability (B,))."""
-        actions, logprob = [], 0
-        for log_p in self._log_probs(logits):  # (B, n) or (B, D, n)
+        batch = logits.shape[0]
+        actions, logprob = [], None
+        for log_p in self._log_probs(logits):  # (B, D, n) when all dimensions have n choices, else (B, n) each
             if deterministic:
                 chosen = log_p.argmax(-1)
             else:  # Gumbel-max, argmax(log p - log E) with E ~ Exp(1): cheaper than torch.multinomial here
                 noise = torch.empty_like(log_p).exponential_().clamp_min_(torch.finfo(log_p.dtype).tiny)
                 chosen = (log_p - noise.log()).argmax(-1)
-            logprob = logprob + log_p.gather(-1, chosen.unsqueeze(-1)).view(len(logits), -1).sum(-1)
-            actions.append(chosen.view(len(logits), -1))
+            taken = log_p.gather(-1, chosen.unsqueeze(-1)).reshape(batch, -1).sum(-1)
+            logprob = taken if logprob is None else logprob + taken
+            actions.append(chosen.reshape(batch, -1))
         return (actions[0] if len(actions) == 1 else torch.cat(actions, dim=-1)), logprob
 
     def evaluate(self, logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +216,8 @@ class MLPPolicy(Policy):
 
         self.hidden_size = hidden_size
         self.actor, self.critic = tower(), tower()
+        # The (actor, critic) Linear pairs, layer by layer, for forward (a plain tuple: not registered twice).
+        self._layer_pairs = tuple(zip(self.actor[::2], self.critic[::2]))
         self.action_head = make_action_head(binding.single_action_space, hidden_size)
         self.value_head = layer_init(nn.Linear(hidden_size, 1), std=1.0)
 
@@ -229,7 +233,7 @@ class MLPPolicy(Policy):
         # decode(encode(obs)) without joining and splitting the towers, and with plain function calls:
         # at these sizes an nn.Module call costs more than its math, and this runs once per env step.
         actor = critic = obs.float()
-        for actor_layer, critic_layer in zip(self.actor[::2], self.critic[::2]):  # (Linear, Tanh) pairs
+        for actor_layer, critic_layer in self._layer_pairs:
             actor = torch.tanh(F.linear(actor, actor_layer.weight, actor_layer.bias))
             critic = torch.tanh(F.linear(critic, critic_layer.weight, critic_layer.bias))
         head, value = self.action_head.linear, self.value_head

@@ -316,6 +316,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 tock = time.perf_counter()
                 sim_time += tock - tick
                 rows, span = slot_rows(batch.env_ids)  # (B,) the batch's slots, env-major
+                batch_slots = span if span is not None else rows  # a slice where it can: views, not copies
                 mask = batch.masks.copy()
                 terminal, truncation = batch.terminals & mask, batch.truncations & mask
                 reward = np.where(mask, batch.rewards, 0).astype(np.float32)
@@ -337,18 +338,18 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     with torch.inference_mode():
                         flat = torch.as_tensor(np.stack(final_obs), device=device)
                         if policy.is_recurrent:
-                            slots = torch.as_tensor(rows[final_rows], device=device)
-                            _, final_values, _ = policy(flat, (state[0][slots], state[1][slots]))
+                            ended = torch.as_tensor(rows[final_rows], device=device)
+                            _, final_values, _ = policy(flat, (state[0][ended], state[1][ended]))
                         else:
                             _, final_values, _ = policy(flat)
                     reward[final_rows] += gamma * final_values.float().cpu().numpy()
 
                 # The in-flight transitions (obs_t, action_t) receive reward_t, their flags and mask_{t+1}.
-                t = length[rows]
+                t = length[batch_slots]
                 at = _step_index(t, rows, span)
                 rewards[at], terminals[at], truncations[at], next_masks[at] = reward, terminal, truncation, mask
-                acted = in_flight[rows]
-                global_step += int((acted & last_mask[rows] & mask).sum())
+                acted = in_flight[batch_slots]
+                global_step += int((acted & last_mask[batch_slots] & mask).sum())
                 ran_ahead = acted & (t == T)
                 if ran_ahead.any():
                     # This env finished its rollout while others lag and stepped again: its newest
@@ -359,11 +360,11 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     rewards[T - 1, cut] += np.where(open_, gamma * values[T, cut], 0)
                     truncations[T - 1, cut] = True
                 t = t + (acted & (t < T))
-                length[rows] = t
+                length[batch_slots] = t
                 at = _step_index(t, rows, span)
 
                 # The new observation: store it, act on it.
-                start = terminal | truncation | ~last_mask[rows]  # this obs begins an agent's episode
+                start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
                 obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
                 live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
                 if live is not None:
@@ -390,8 +391,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 inference_time += tick - tock
                 vecenv.send(sent)
                 sim_time += time.perf_counter() - tick
-                in_flight[rows] = True
-                last_mask[rows] = mask
+                in_flight[batch_slots] = True
+                last_mask[batch_slots] = mask
 
             learn_start = time.perf_counter()
             # ------------------------------------------------------------ GAE
