@@ -423,9 +423,10 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             per_minibatch = max(1, math.ceil(len(units) / config.num_minibatches))
             stats: dict[str, list[float]] = {"policy": [], "value": [], "entropy": [], "approx_kl": [], "clipfrac": []}
             for epoch in range(config.update_epochs):
-                order = torch.randperm(len(units), device=device)
+                # A single minibatch is the whole batch in any order: no shuffle, no gather.
+                order = torch.randperm(len(units), device=device) if per_minibatch < len(units) else None
                 for first in range(0, len(units), per_minibatch):
-                    mb = order[first:first + per_minibatch]
+                    mb = order[first:first + per_minibatch] if order is not None else slice(None)
                     if policy.is_recurrent:
                         slots = torch.as_tensor(units, device=device)[mb]
                         params, new_values, _ = policy(seq["obs"][:, slots], (rollout_state[0][slots],
