@@ -90,14 +90,16 @@ class DiscreteHead(nn.Module):
 
     def evaluate(self, logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
+        batch = logits.shape[0]
+        if self.uniform:  # the common case in as few ops as possible: this runs in every gradient step
+            log_p = self._log_probs(logits)[0]  # (B, D, n)
+            logprob = log_p.gather(-1, actions.long().unsqueeze(-1)).view(batch, -1).sum(-1)
+            entropy = -(log_p.exp() * log_p).sum((-1, -2))
+            return logprob, entropy
         logprob = entropy = 0
-        start = 0
-        for log_p in self._log_probs(logits):
-            width = 1 if log_p.dim() == 2 else log_p.shape[1]
-            chosen = actions[:, start:start + width].long().view(log_p.shape[:-1]).unsqueeze(-1)
-            start += width
-            logprob = logprob + log_p.gather(-1, chosen).squeeze(-1).view(len(logits), -1).sum(-1)
-            entropy = entropy - (log_p.exp() * log_p).sum(-1).view(len(logits), -1).sum(-1)
+        for dim, log_p in enumerate(self._log_probs(logits)):  # (B, n) per dimension
+            logprob = logprob + log_p.gather(-1, actions[:, dim:dim + 1].long()).squeeze(-1)
+            entropy = entropy - (log_p.exp() * log_p).sum(-1)
         return logprob, entropy
 
 

@@ -447,9 +447,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     mb_advantages = b["advantages"]
                     if config.norm_adv and len(mb_advantages) > 1:
                         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                    policy_loss = torch.max(
-                        -mb_advantages * ratio,
-                        -mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                    policy_loss = -torch.min(
+                        mb_advantages * ratio,
+                        mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
                     ).mean()
                     new_values = new_values.float()
                     if config.clip_vloss:
