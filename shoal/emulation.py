@@ -554,24 +554,18 @@ class EmulatedEnv:
         if array.shape != expected:
             raise APIUsageError(f"{where}: actions must have shape {expected} (max_agents, action size), "
                                 f"got {array.shape}")
-        if layout.is_discrete and array.dtype.kind not in "iub":
-            raise APIUsageError(f"{where}: discrete actions must be integers, got dtype {array.dtype}")
-        if not layout.is_discrete and array.dtype.kind not in "iuf":
-            raise APIUsageError(f"{where}: continuous actions must be numbers, got dtype {array.dtype}")
-        space = layout.flat_space
-        if layout.is_discrete:
-            bad = (array < 0) | (array >= space.nvec)
-        else:
-            bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN
-        if not bad.any():  # the common case; else find a live agent's bad row (dead agents' rows may hold anything)
+        try:
+            bad = layout.invalid_rows(array)
+        except SpaceError as error:
+            raise APIUsageError(f"{where}: {error}") from None
+        if bad is None:
             return array
-        live_slots = [binding.agent_slots[agent] for agent in live]
-        bad_rows = np.flatnonzero(bad[live_slots].any(axis=1)) if live_slots else []
+        live_slots = [binding.agent_slots[agent] for agent in live]  # dead agents' rows may hold anything
+        bad_rows = np.flatnonzero(bad[live_slots]) if live_slots else []
         if len(bad_rows):
             slot = live_slots[bad_rows[0]]
-            allowed = f"0 <= a < {space.nvec}" if layout.is_discrete else f"{space.low} <= a <= {space.high}"
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
-                                f"{array[slot]} is out of range: expected {allowed}")
+                                f"{array[slot]} is out of range: expected {layout.allowed()}")
         return array
 
     def _outputs(self, infos: dict) -> tuple:

@@ -524,6 +524,31 @@ class ActionLayout:
         self.dtype = self.flat_space.dtype
         self._build = nester(space)
 
+    def invalid_rows(self, flat: np.ndarray) -> np.ndarray | None:
+        """Which rows of a flat ``(rows, size)`` action array lie outside ``flat_space``; None when none do.
+
+        Raises :class:`SpaceError` for a dtype of the wrong kind (floats for discrete actions, ...).
+        """
+        space = self.flat_space
+        if self.is_discrete:
+            if flat.dtype.kind not in "iub":
+                raise SpaceError(f"{space} takes integer actions, got dtype {flat.dtype}")
+            if flat.min() >= 0 and (flat < space.nvec).all():  # the usual case: two reductions
+                return None
+            bad = (flat < 0) | (flat >= space.nvec)
+        else:
+            if flat.dtype.kind not in "iuf":
+                raise SpaceError(f"{space} takes numeric actions, got dtype {flat.dtype}")
+            bad = ~((flat >= space.low) & (flat <= space.high))  # also catches NaN
+            if not bad.any():
+                return None
+        return bad.any(axis=-1)
+
+    def allowed(self) -> str:
+        """The valid range of a flat action, for messages."""
+        space = self.flat_space
+        return f"0 <= a < {space.nvec}" if self.is_discrete else f"{space.low} <= a <= {space.high}"
+
     def flatten(self, value: Any) -> np.ndarray:
         """Flatten one action (or a batch: every leaf with the same leading dims)."""
         pairs = list(_values(self.space, value))

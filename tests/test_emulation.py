@@ -284,7 +284,7 @@ def test_action_errors_name_env_agent_and_step():
     env.reset(seed=0)
     with pytest.raises(APIUsageError, match=r"nested_multiagent_v0, step 1: actions must have shape \(4, 4\).*got \(3, 4\)"):
         env.step(flat_actions(binding)[:3])
-    with pytest.raises(APIUsageError, match="discrete actions must be integers, got dtype float64"):
+    with pytest.raises(APIUsageError, match=r"step 1: MultiDiscrete\(\[2 3 4 5\]\) takes integer actions, got dtype float64"):
         env.step(flat_actions(binding).astype(np.float64))
     bad = flat_actions(binding)
     bad[1, 3] = 5

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, WorkerError
+from shoal.errors import APIUsageError, SpaceError, WorkerError
 
 
 class Batch(NamedTuple):
@@ -493,22 +493,17 @@ class VecEnv(abc.ABC):
                 raise APIUsageError(
                     f"send(actions): expected shape {expected} (batch_size {self.batch_size} envs x max_agents "
                     f"{self.max_agents} slots, atn_size {self._atn_size}) for {layout.flat_space}, got {array.shape}")
-        if layout.is_discrete and array.dtype.kind not in "iub":
-            raise APIUsageError(f"send(actions): {layout.flat_space} takes integer actions, got dtype {array.dtype}")
-        if not layout.is_discrete and array.dtype.kind not in "iuf":
-            raise APIUsageError(f"send(actions): {layout.flat_space} takes numeric actions, got dtype {array.dtype}")
-        space = layout.flat_space
-        if layout.is_discrete:
-            if array.min() >= 0 and (array < space.nvec).all():  # the usual case: two reductions
-                return array
-            bad = (array < 0) | (array >= space.nvec)
-        else:
-            bad = ~((array >= space.low) & (array <= space.high))  # also catches NaN
-        bad = bad.any(axis=1) & self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
+        try:
+            bad = layout.invalid_rows(array)
+        except SpaceError as error:
+            raise APIUsageError(f"send(actions): {error}") from None
+        if bad is None:
+            return array
+        bad &= self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             env = int(self._batch_env_ids()[row // self.max_agents])
-            allowed = f"0 <= a < {space.nvec}" if layout.is_discrete else f"{space.low} <= a <= {space.high}"
+            allowed = layout.allowed()
             raise APIUsageError(f"send(actions): row {row} (env {env}, slot {row % self.max_agents}) holds "
                                 f"{array[row]}: expected {allowed}")
         return array
