@@ -84,9 +84,11 @@ def _children() -> dict[int, str]:
 def _ray_actors() -> int:
     if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
         return 0
+    import ray
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, even if others run beside it
+    return len(list_actors(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
 
 
 def _resources() -> dict:
