@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import pickle
-import re
 from collections import OrderedDict
 from typing import Any
 
