@@ -4,9 +4,10 @@
     python benchmarks/vector.py --envs cartpole --rounds 1
 
 Every number comes from this one run on this machine. For each env, every runner steps the same number
-of envs with fixed random actions (their cost is not measured). All runners are built first, then timed
+of envs with fixed random actions (their cost is not measured). The runners are built first, then timed
 in turn for ``--seconds``, ``--rounds`` times (so a busy machine slows all of them alike); each keeps its
-best round. The table gives env steps per second and ratios against:
+best round. The Ray rows are timed in a second phase with Ray started only for them, since Ray's own
+processes use CPU while they run. The table gives env steps per second and ratios against:
   - the limit: one independent process per core, each stepping its share of the raw envs in a loop
     (as many per process as a Multiprocessing worker has), with no communication;
   - the emulated limit: the same with shoal's emulated envs (``EmulatedEnv.step`` in a loop): the ceiling
@@ -223,58 +224,73 @@ RUNNERS = ["limit", "limit (emulated)", "gymnasium SyncVectorEnv", "gymnasium As
            "shoal Multiprocessing", "shoal Multiprocessing async", "shoal Ray", "shoal Ray async"]
 
 
-def build_runners(bench: Bench, cores: int, with_ray: bool) -> dict[str, tuple[str, Callable, Callable]]:
-    """runner name -> (layout, measure, close), all for ``bench.num_envs`` envs."""
+def build_runners(bench: Bench, cores: int, ray_phase: bool) -> dict[str, tuple[str, Callable, Callable]]:
+    """runner name -> (layout, measure, close), all for ``bench.num_envs`` envs: the Ray runners, or all others."""
     n, multiagent = bench.num_envs, bench.creator is make_nested
-    specs = {
-        "limit": (f"{cores} processes x {n // cores} raw envs", lambda: limit_runner(bench, cores, emulated=False)),
-        "limit (emulated)": (f"{cores} processes x {n // cores} envs",
-                             lambda: limit_runner(bench, cores, emulated=True)),
-        "gymnasium SyncVectorEnv": (f"{n} envs", lambda: gymnasium_runner(
-            gymnasium.vector.SyncVectorEnv, bench, multiagent)),
-        "gymnasium AsyncVectorEnv": (f"{n} processes x 1 env", lambda: gymnasium_runner(
-            gymnasium.vector.AsyncVectorEnv, bench, multiagent, context="forkserver")),
-        "shoal Serial": (f"1 x {n} envs", lambda: shoal_runner(Serial, bench, envs_per_worker=n)),
-        "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
-            Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
-        "shoal Multiprocessing async": (f"{cores} workers x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
-            Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores, batch_size=n // 2)),
-    }
-    if with_ray:
-        specs["shoal Ray"] = (f"{cores} actors x {n // cores} envs", lambda: shoal_runner(
-            Ray, bench, num_workers=cores, envs_per_worker=n // cores))
-        specs["shoal Ray async"] = (f"{cores} actors x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
-            Ray, bench, num_workers=cores, envs_per_worker=n // cores, batch_size=n // 2))
+    if ray_phase:
+        specs = {
+            "shoal Ray": (f"{cores} actors x {n // cores} envs", lambda: shoal_runner(
+                Ray, bench, num_workers=cores, envs_per_worker=n // cores)),
+            "shoal Ray async": (f"{cores} actors x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
+                Ray, bench, num_workers=cores, envs_per_worker=n // cores, batch_size=n // 2)),
+        }
+    else:
+        specs = {
+            "limit": (f"{cores} processes x {n // cores} raw envs",
+                      lambda: limit_runner(bench, cores, emulated=False)),
+            "limit (emulated)": (f"{cores} processes x {n // cores} envs",
+                                 lambda: limit_runner(bench, cores, emulated=True)),
+            "gymnasium SyncVectorEnv": (f"{n} envs", lambda: gymnasium_runner(
+                gymnasium.vector.SyncVectorEnv, bench, multiagent)),
+            "gymnasium AsyncVectorEnv": (f"{n} processes x 1 env", lambda: gymnasium_runner(
+                gymnasium.vector.AsyncVectorEnv, bench, multiagent, context="forkserver")),
+            "shoal Serial": (f"1 x {n} envs", lambda: shoal_runner(Serial, bench, envs_per_worker=n)),
+            "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
+                Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
+            "shoal Multiprocessing async": (f"{cores} workers x {n // cores} envs, batch {n // 2}",
+                                            lambda: shoal_runner(Multiprocessing, bench, num_workers=cores,
+                                                                 envs_per_worker=n // cores, batch_size=n // 2)),
+        }
     return {name: (layout, *build()) for name, (layout, build) in specs.items()}
+
+
+def measure_phase(bench: Bench, cores: int, config: Config, ray_phase: bool) -> dict[str, tuple[str, float]]:
+    """runner name -> (layout, best env steps/s) for one phase's runners, timed in interleaved rounds."""
+    runners = build_runners(bench, cores, ray_phase)
+    best = dict.fromkeys(runners, 0.0)
+    try:
+        for measure in [measure for _, measure, _ in runners.values()]:
+            measure(min(0.5, config.seconds))  # warm-up
+        for round_ in range(config.rounds):  # interleaved, so every runner sees the same machine load
+            for runner, (_, measure, _) in runners.items():
+                best[runner] = max(best[runner], measure(config.seconds))
+            print(f"  round {round_ + 1}: " + ", ".join(f"{r} {v:,.0f}" for r, v in best.items()),
+                  file=sys.stderr, flush=True)
+    finally:
+        for _, _, close in runners.values():
+            close()
+    return {runner: (runners[runner][0], rate) for runner, rate in best.items()}
 
 
 def main(config: Config) -> None:
     cores = config.cores or default_num_workers()
-    if config.ray:
-        import ray
-
-        ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     table = []  # (env, runner, layout, best env steps/s)
     for name in config.envs:
         bench = BENCHES[name]
         print(f"{bench.label}: {bench.num_envs} envs, {cores} cores", file=sys.stderr, flush=True)
-        runners = build_runners(bench, cores, config.ray)
-        best = dict.fromkeys(runners, 0.0)
-        try:
-            for measure in [measure for _, measure, _ in runners.values()]:
-                measure(min(0.5, config.seconds))  # warm-up
-            for round_ in range(config.rounds):  # interleaved, so every runner sees the same machine load
-                for runner, (_, measure, _) in runners.items():
-                    best[runner] = max(best[runner], measure(config.seconds))
-                print(f"  round {round_ + 1}: " + ", ".join(f"{r} {v:,.0f}" for r, v in best.items()),
-                      file=sys.stderr, flush=True)
-        finally:
-            for _, _, close in runners.values():
-                close()
-        table += [(bench.label, runner, runners[runner][0], best[runner]) for runner in RUNNERS if runner in best]
-    if config.ray:
-        ray.shutdown()
+        results = measure_phase(bench, cores, config, ray_phase=False)
+        if config.ray:
+            # Ray's own processes (GCS, raylet) use CPU while they run: start Ray only for its rows, so
+            # they do not slow the other runners' rows on a small machine.
+            import ray
+
+            ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+            try:
+                results.update(measure_phase(bench, cores, config, ray_phase=True))
+            finally:
+                ray.shutdown()
+        table += [(bench.label, runner, *results[runner]) for runner in RUNNERS if runner in results]
     print_table(table, cores, config)
 
 
