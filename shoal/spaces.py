@@ -299,7 +299,10 @@ class ObservationLayout:
             (field, view), = targets
 
             def write_single(row: int, value: Any) -> None:
-                view[row] = self._checked(field, value, ())
+                if type(value) is np.ndarray and value.dtype == field.dtype and value.shape == field.shape:
+                    view[row] = value  # the usual case, checked without a call
+                else:
+                    view[row] = self._checked(field, value, ())
             return write_single
 
         def write(row: int, value: Any) -> None:
