@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError
-from shoal.spaces import ActionLayout, ObservationLayout
+from shoal.spaces import ActionLayout, ObservationLayout, index_leaves
 
 SINGLE_AGENT_ID = 0
 
@@ -580,7 +580,7 @@ class EmulatedEnv:
             array = binding.unflatten_observation(self.obs)
         if binding.emulate_const_num_agents:
             return array
-        return {agent: _index(array, binding.agent_slots[agent])
+        return {agent: index_leaves(array, binding.agent_slots[agent])
                 for agent in binding.possible_agents if self.masks[binding.agent_slots[agent]]}
 
     def render(self):
@@ -592,11 +592,3 @@ class EmulatedEnv:
         with self.binding.quiet():
             self.env.close()
 
-
-def _index(nested: Any, index: int) -> Any:
-    """``nested[index]`` for every leaf of a nested dict/tuple of arrays."""
-    if isinstance(nested, dict):
-        return {key: _index(value, index) for key, value in nested.items()}
-    if isinstance(nested, tuple):
-        return tuple(_index(value, index) for value in nested)
-    return nested[index]

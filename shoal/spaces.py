@@ -125,6 +125,15 @@ class _TupleNester(_DictNester):
         return tuple(part(items) for _, part in self.parts)
 
 
+def index_leaves(nested: Any, index: Any) -> Any:
+    """``leaf[index]`` for every leaf of a nested dict/tuple of arrays (e.g. one agent's slot of a batch)."""
+    if isinstance(nested, dict):
+        return {key: index_leaves(value, index) for key, value in nested.items()}
+    if isinstance(nested, tuple):
+        return tuple(index_leaves(value, index) for value in nested)
+    return nested[index]
+
+
 def _path_str(path: tuple) -> str:
     return "".join(f"[{key!r}]" for key in path) or "the root"
 

@@ -25,7 +25,7 @@ from hypothesis.extra import numpy as hnp
 
 from shoal import Binding
 from shoal.errors import SpaceError
-from shoal.spaces import ActionLayout, ObservationLayout, children, leaves
+from shoal.spaces import ActionLayout, ObservationLayout, children, index_leaves, leaves
 from envs import NestedSingleAgentEnv
 
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
@@ -304,7 +304,7 @@ def test_observation_round_trip_batched(data, space, batch):
 
     # Rows of a batch are independent observations: each row unflattens to its own values.
     row = (0,) * (len(batch) - 1) + (batch[-1] - 1,)
-    assert_round_trip(space, _index(value, row), layout.unflatten(flat[row]))
+    assert_round_trip(space, index_leaves(value, row), layout.unflatten(flat[row]))
 
 
 @PROPERTY
@@ -320,14 +320,6 @@ def test_observation_writer_matches_flatten(data, space):
     for index, row in enumerate(rows):
         assert flat[index].tobytes() == layout.flatten(row).tobytes()
         assert_round_trip(space, row, layout.unflatten(flat[index]))
-
-
-def _index(nested_value: Any, index: tuple) -> Any:
-    if isinstance(nested_value, dict):
-        return {key: _index(item, index) for key, item in nested_value.items()}
-    if isinstance(nested_value, tuple):
-        return tuple(_index(item, index) for item in nested_value)
-    return nested_value[index]
 
 
 # ---------------------------------------------------------------- actions: properties
@@ -358,7 +350,7 @@ def assert_rows_match(layout: ActionLayout, flat: np.ndarray, value: Any, batch:
         return
     rows = list(reversed(range(batch[0])))
     for row, result in zip(rows, layout.unflatten_rows(flat, rows)):
-        assert_round_trip(layout.space, _index(value, (row,)), result)
+        assert_round_trip(layout.space, index_leaves(value, (row,)), result)
 
 
 @PROPERTY
