@@ -37,14 +37,15 @@ class Buffers(NamedTuple):
     @classmethod
     def allocate(cls, binding: "Binding", num_envs: int = 1) -> "Buffers":
         """Zeroed buffers for ``num_envs`` envs of ``binding`` (``num_envs * max_agents`` slots)."""
+        return cls(*(np.zeros(shape, dtype) for shape, dtype in cls.specs(binding, num_envs)))
+
+    @staticmethod
+    def specs(binding: "Binding", num_envs: int = 1) -> list[tuple[tuple, np.dtype]]:
+        """(shape, dtype) of each buffer, in field order."""
         n = num_envs * binding.max_agents
-        return cls(
-            np.zeros((n, binding.obs_layout.size), binding.obs_layout.dtype),
-            np.zeros(n, np.float32),
-            np.zeros(n, bool),
-            np.zeros(n, bool),
-            np.zeros(n, bool),
-        )
+        flag = ((n,), np.dtype(bool))
+        return [((n, binding.obs_layout.size), binding.obs_layout.dtype), ((n,), np.dtype(np.float32)),
+                flag, flag, flag]
 
 
 def _agent_order(agent) -> tuple:
@@ -319,13 +320,12 @@ class EmulatedEnv:
         self._needs_reset = True
 
     def _check_buffers(self) -> None:
-        binding, buffers = self.binding, self.buffers
-        expected = Buffers.allocate(binding)
-        for name, want, got in zip(Buffers._fields, expected, buffers):
-            if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype != want.dtype:
+        binding = self.binding
+        for name, (shape, dtype), got in zip(Buffers._fields, Buffers.specs(binding), self.buffers):
+            if not isinstance(got, np.ndarray) or got.shape != shape or got.dtype != dtype:
                 raise APIUsageError(
-                    f"{binding.env_name}: buffers.{name} must be an array of shape {want.shape} and dtype "
-                    f"{want.dtype}, got {getattr(got, 'shape', type(got).__name__)} {getattr(got, 'dtype', '')}"
+                    f"{binding.env_name}: buffers.{name} must be an array of shape {shape} and dtype "
+                    f"{dtype}, got {getattr(got, 'shape', type(got).__name__)} {getattr(got, 'dtype', '')}"
                 )
 
     # -------------------------------------------------------------- env adapters

@@ -321,10 +321,8 @@ class VecEnv(abc.ABC):
 
     def _array_layout(self) -> ArrayLayout:
         """The buffers, the actions and each worker's progress (the env it runs) in one block of bytes."""
-        rows = (self.num_agents,)
         return ArrayLayout({
-            "obs": (rows + self.single_observation_space.shape, self.single_observation_space.dtype),
-            "rewards": (rows, np.float32), "terminals": (rows, bool), "truncations": (rows, bool), "masks": (rows, bool),
+            **dict(zip(Buffers._fields, Buffers.specs(self.binding, self.num_envs))),
             "actions": ((self.num_agents, self._atn_size), self.single_action_space.dtype),
             "progress": ((self.num_workers,), np.int64),
         })
