@@ -48,6 +48,14 @@ class Buffers(NamedTuple):
                 flag, flag, flag]
 
 
+def _per_agent(values: dict, agents: list, default) -> list:
+    """``[values.get(agent, default) for agent in agents]``, at C speed when every agent is there."""
+    try:
+        return list(map(values.__getitem__, agents))
+    except KeyError:
+        return [values.get(agent, default) for agent in agents]
+
+
 def _agent_order(agent) -> tuple:
     """Natural order: "piston_2" before "piston_10"; numbers before names."""
     if isinstance(agent, (int, np.integer)):
@@ -312,7 +320,6 @@ class EmulatedEnv:
         leaf = binding.raw_single_action_space
         self._lone_discrete = ((int(leaf.n), leaf.start.item()) if binding.emulate_flat_atn
                                and isinstance(leaf, spaces.Discrete) else None)
-        self._out_of_bounds = binding.obs_layout.bounds_checker(self.obs)
         self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
@@ -363,15 +370,14 @@ class EmulatedEnv:
         self.obs[:] = 0
         self.masks[:] = False
         self._write_agents(list(obs), list(obs.values()))
-        self._check_bounds()
         self._needs_reset = False
         return {agent: dict(info) for agent, info in infos.items() if info}
 
-    def _write_agents(self, agents: list, values: list) -> list[int]:
-        """Write each agent's observation into its slot and mark it live. Returns the slots."""
+    def _write_agents(self, agents: list, values: list) -> np.ndarray:
+        """Check each agent's observation, write it into its slot and mark the slot live. Returns the slots."""
         binding = self.binding
         try:
-            slots = [binding.agent_slots[agent] for agent in agents]
+            slots = np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
         except KeyError:
             unknown = next(agent for agent in agents if agent not in binding.agent_slots)
             raise EnvError(
@@ -381,41 +387,25 @@ class EmulatedEnv:
         if binding.feature_parser is not None:
             values = [binding.feature_parser(value) for value in values]
         try:
-            if len(slots) == 1:
+            if len(agents) == 1:
                 self._write_obs(slots[0], values[0])
             else:
                 self._write_rows(slots, values)
         except SpaceError as error:
             for agent, slot, value in zip(agents, slots, values):  # find the agent whose value is wrong
-                self._write_one(agent, slot, value)
+                try:
+                    self._write_obs(slot, value)
+                except SpaceError as own_error:
+                    error, agents = own_error, [agent]
+                    break
             raise self._misfit(agents, error) from None
         self.masks[slots] = True
         return slots
-
-    def _write_one(self, agent, slot: int, value) -> None:
-        try:
-            self._write_obs(slot, value)
-        except SpaceError as error:
-            raise self._misfit([agent], error) from None
 
     def _misfit(self, agents: list, error: SpaceError) -> EnvError:
         who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {agents[:8]}"
         return EnvError(f"{self.binding.env_name}, {who}, step {self.tick}: observation does not fit "
                         f"{self.binding.raw_single_observation_space}: {error}")
-
-    def _check_bounds(self) -> None:
-        bad = self._out_of_bounds()
-        if bad is not None:
-            path, (slot,) = bad
-            leaf = "".join(f"[{key!r}]" for key in path)
-            value = self.binding.unflatten_observation(self.obs[slot])
-            for key in path:
-                value = value[key]
-            raise EnvError(
-                f"{self.binding.env_name}, agent {self.binding.possible_agents[slot]!r}, step {self.tick}: "
-                f"observation{leaf} = {np.array2string(np.asarray(value), threshold=8)} lies outside its "
-                f"declared space {self.binding.raw_single_observation_space}"
-            )
 
     def step(self, actions):
         """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``."""
@@ -437,19 +427,25 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
-        agents = [agent for agent in obs if agent not in self._ended] if self._ended else list(obs)
-        slots = self._write_agents(agents, [obs[agent] for agent in agents])
-        self.rewards[slots] = [rewards.get(agent, 0.0) for agent in agents]
-        self.terminals[slots] = [terminals.get(agent, False) for agent in agents]
-        self.truncations[slots] = [truncations.get(agent, False) for agent in agents]
+        if self._ended:
+            agents = [agent for agent in obs if agent not in self._ended]
+            slots = self._write_agents(agents, [obs[agent] for agent in agents])
+        else:
+            agents = list(obs)
+            slots = self._write_agents(agents, list(obs.values()))
+        reward_values = self._rewards_of(env_rewards, agents)
+        self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
+        self.terminals[slots] = _per_agent(terminals, agents, False)
+        self.truncations[slots] = _per_agent(truncations, agents, False)
         acted = was_live[slots]  # an agent that just appeared has not acted yet
-        self._episode_return[slots] += np.where(acted, [env_rewards.get(agent, 0.0) for agent in agents], 0.0)
+        self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted
         out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
         self.obs[was_live & ~self.masks] = 0
-        self._check_bounds()
 
-        episode_over = not self._live_agents_after(terminals, truncations)
+        ended = self._ended
+        episode_over = not any(agent not in ended and not terminals.get(agent) and not truncations.get(agent)
+                               for agent in self.env.agents)
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True
@@ -485,8 +481,6 @@ class EmulatedEnv:
             self._write_obs(0, obs)
         except SpaceError as error:
             raise self._misfit([SINGLE_AGENT_ID], error) from None
-        if self._out_of_bounds() is not None:
-            self._check_bounds()
         self.rewards[0] = reward
         self.terminals[0] = terminal
         self.truncations[0] = truncation
@@ -520,10 +514,13 @@ class EmulatedEnv:
                                 "length": int(self._episode_length[slot])}
         return final
 
-    def _live_agents_after(self, terminals: dict, truncations: dict) -> list:
-        ended = {agent for agent, flag in terminals.items() if flag}
-        ended |= {agent for agent, flag in truncations.items() if flag}
-        return [agent for agent in self._live_agents() if agent not in ended]
+    def _rewards_of(self, rewards: dict, agents: list) -> np.ndarray:
+        try:
+            return np.asarray(_per_agent(rewards, agents, 0.0), np.float64)
+        except (TypeError, ValueError):
+            agent = next(agent for agent in agents if not isinstance(rewards.get(agent, 0.0), (int, float, np.number)))
+            raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward must be a number, "
+                           f"got {type(rewards[agent]).__name__} {rewards[agent]!r}") from None
 
     def _unflatten_actions(self, actions, live: list) -> dict:
         binding = self.binding
@@ -539,8 +536,8 @@ class EmulatedEnv:
                 return {agent: actions[agent] for agent in live if agent in actions}
             return {SINGLE_AGENT_ID: actions}
         array = self._checked_actions(actions, live)
-        slots = binding.agent_slots
-        return dict(zip(live, binding.atn_layout.unflatten_rows(array, [slots[agent] for agent in live])))
+        slots = np.fromiter(map(binding.agent_slots.__getitem__, live), np.intp, len(live))
+        return dict(zip(live, binding.atn_layout.unflatten_rows(array, slots)))
 
     def _checked_actions(self, actions, live: list) -> np.ndarray:
         binding = self.binding

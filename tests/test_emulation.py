@@ -6,6 +6,7 @@ import gymnasium
 import numpy as np
 import pytest
 from gymnasium import spaces
+from pettingzoo import ParallelEnv
 
 import shoal
 from shoal.emulation import Buffers
@@ -310,9 +311,50 @@ def test_env_returning_observation_outside_its_space():
     env = shoal.Binding(env_cls=BadObservationEnv).make_env()
     env.reset()
     env.step(np.array([[0]]))
-    with pytest.raises(EnvError, match=r"BadObservationEnv, agent 0, step 2: observation = \[0.5 7.  0.5\] lies "
-                                       r"outside its declared space Box\(0.0, 1.0, \(3,\), float32\)"):
+    with pytest.raises(EnvError, match=r"BadObservationEnv, agent 0, step 2: observation does not fit "
+                                       r"Box\(0.0, 1.0, \(3,\), float32\): .*\[0.5 7.  0.5\] lies outside its "
+                                       r"range \[0.0, 1.0\]"):
         env.step(np.array([[0]]))
+
+
+def test_multiagent_observation_outside_its_space_names_the_agent():
+    class OneBadAgent(NestedMultiAgentEnv):
+        def _obs(self, agent):
+            obs = super()._obs(agent)
+            if agent == "agent_2" and self.t == 1:
+                obs["self"]["pos"] = np.array([2, 500], np.float32)
+            return obs
+
+    binding = shoal.Binding(env_cls=OneBadAgent, env_kwargs=dict(num_agents=6))
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match=r"nested_multiagent_v0, agent 'agent_2', step 1: observation does not fit .*"
+                                       r"\['self'\]\['pos'\]: \[  2. 500.\] lies outside its range \[-100.0, 100.0\]"):
+        env.step(flat_actions(binding))
+
+
+def test_dark_slots_hold_zeros_even_where_zero_is_outside_the_space():
+    class PositiveObs(ParallelEnv):
+        metadata = {"name": "positive_v0"}
+        possible_agents = ["a", "b"]
+
+        def observation_space(self, agent):
+            return spaces.Box(1, 5, (2,), np.float32)
+
+        def action_space(self, agent):
+            return spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            self.agents = ["a"]
+            return {"a": np.ones(2, np.float32)}, {}
+
+        def step(self, actions):
+            return {"a": np.full(2, 3, np.float32)}, {"a": 1.0}, {"a": False}, {"a": False}, {}
+
+    env = shoal.Binding(env_cls=PositiveObs).make_env()
+    env.reset()
+    obs, *_ = env.step(np.zeros((2, 1), np.int64))
+    assert obs.tolist() == [[3, 3], [0, 0]] and env.masks.tolist() == [True, False]
 
 
 def test_env_returning_observation_of_wrong_shape_or_dtype():
