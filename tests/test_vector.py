@@ -401,10 +401,15 @@ def test_env_exception_while_building(no_leaks, backend):
         shoal.vector.make(binding, backend, num_workers=2, envs_per_worker=2)
 
 
+# Local Ray actors take commands on a socket; with shared_memory=False (as on another node) by Ray calls.
+WORKER_PATHS = [("multiprocessing", {}), ("ray", {}), ("ray", {"shared_memory": False})]
+WORKER_PATH_IDS = ["multiprocessing", "ray", "ray-calls"]
+
+
 @pytest.mark.parametrize("mid_step", [False, True], ids=["idle", "mid-step"])
-@pytest.mark.parametrize("backend", PARALLEL)
-def test_killed_worker_becomes_worker_error(no_leaks, backend, mid_step):
-    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2)
+@pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
+def test_killed_worker_becomes_worker_error(no_leaks, backend, options, mid_step):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2, **options)
     vecenv.reset(seed=0)
     pid = vecenv.call("pid", env_ids=[2])[0]
     if mid_step:
@@ -420,19 +425,19 @@ def test_killed_worker_becomes_worker_error(no_leaks, backend, mid_step):
     assert time.monotonic() - start < 10 and caught.value.env_id == 2
 
 
-@pytest.mark.parametrize("backend", PARALLEL)
-def test_hung_env_times_out(no_leaks, backend):
-    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2, timeout=1.0)
+@pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
+def test_hung_env_times_out(no_leaks, backend, options):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2, timeout=1.0, **options)
     vecenv.reset(seed=0)
     vecenv.set_attr("hang", True, env_ids=[1])
     vecenv.set_attr("crash_step", 1, env_ids=[1])
     start = time.monotonic()
-    running = ", running env 1"
+    running = "" if options else ", running env 1"  # without shared memory the driver cannot see inside
     with pytest.raises(WorkerError, match=f"worker 0 \\(envs 0-1 of ProbeEnv\\){running}: did not answer step 1 "
                                           f"within 1.0 s: an env hangs or is too slow") as caught:
         vecenv.step(np.zeros((4, 1), np.int64))
     assert time.monotonic() - start < 5
-    assert caught.value.env_id == 1
+    assert caught.value.env_id == (0 if options else 1)  # else the worker's first env
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -20,7 +20,7 @@ import os
 import time
 import traceback
 from collections import deque
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -191,6 +191,53 @@ class EnvGroup:
             except Exception:
                 pass
         self.envs = []
+
+
+def serve(group: EnvGroup, conn) -> None:
+    """Answer commands from ``conn`` (a multiprocessing Connection) until CLOSE, a failure or EOF; then close the envs.
+
+    The loop of every worker that talks over a pipe or socket: Multiprocessing workers and local Ray actors.
+    """
+    status = Status.OK
+    try:
+        while status is not Status.FAILED:
+            command, payload = conn.recv()
+            if command is Command.CLOSE:
+                break
+            status, answer = group.handle(command, payload)
+            try:
+                conn.send((status, answer))
+            except (EOFError, OSError):
+                raise
+            except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
+                status, answer = _unpicklable(command, error, group.steps)
+                conn.send((status, answer))
+    except (EOFError, OSError):  # the parent closed our connection or went away
+        pass
+    finally:
+        group.close()
+        conn.close()
+
+
+def _unpicklable(command: Command, error: Exception, step: int) -> tuple[Status, Any]:
+    """The answer for a result that cannot be sent: the caller's mistake for call/get_attr, else the env's."""
+    problem = f"the result of {command.value} cannot be sent to the parent: {type(error).__name__}: {error}"
+    if command in (Command.CALL, Command.GET_ATTR):
+        return Status.USAGE_ERROR, problem + " (results must pickle)"
+    return Status.FAILED, Failure(None, step, command.value, problem, traceback.format_exc())
+
+
+def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception]) -> list[tuple[int, Status, Any]]:
+    """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker); a closed one is a death."""
+    answers = []
+    for item in ready:
+        worker = conns.get(item)
+        if worker is not None:
+            try:
+                answers.append((worker, *item.recv()))
+            except (EOFError, OSError):
+                raise death_error(worker) from None
+    return answers
 
 
 class ArrayLayout:

@@ -23,7 +23,6 @@ import pickle
 import signal
 import threading
 import time
-import traceback
 from multiprocessing import connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
@@ -32,8 +31,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Status, VecEnv, default_num_workers,
-                               split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, receive_answers,
+                               serve, split_arrays)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -64,7 +63,7 @@ def _exit_with_parent() -> None:
 
 def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: slice, shared: SharedArrays,
                  conn: connection.Connection) -> None:
-    """A worker process: build the envs, then answer commands until CLOSE, a failure, or EOF.
+    """A worker process: build the envs, report how that went, then serve commands.
 
     ``binding`` comes as cloudpickle bytes unless the worker was forked.
     """
@@ -76,34 +75,16 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     buffers, actions = split_arrays(arrays)
     group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
                      progress=arrays["progress"][worker:worker + 1])
-    status, answer = group.start()
+    started = group.start()
     try:
-        conn.send((status, answer))
-        while status is not Status.FAILED:
-            command, payload = conn.recv()
-            if command is Command.CLOSE:
-                break
-            status, answer = group.handle(command, payload)
-            try:
-                conn.send((status, answer))
-            except (EOFError, OSError):
-                raise
-            except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
-                status, answer = _unpicklable(command, error, group.steps)
-                conn.send((status, answer))
-    except (EOFError, OSError):  # the parent closed our pipe or went away
-        pass
-    finally:
+        conn.send(started)
+    except (EOFError, OSError):  # the parent is gone already
+        started = Status.FAILED, None
+    if started[0] is Status.FAILED:
         group.close()
         conn.close()
-
-
-def _unpicklable(command: Command, error: Exception, step: int) -> tuple[Status, Any]:
-    """The answer for a result that cannot be sent: the caller's mistake for call/get_attr, else the env's."""
-    problem = f"the result of {command.value} cannot be sent to the parent: {type(error).__name__}: {error}"
-    if command in (Command.CALL, Command.GET_ATTR):
-        return Status.USAGE_ERROR, problem + " (results must pickle)"
-    return Status.FAILED, Failure(None, step, command.value, problem, traceback.format_exc())
+    else:
+        serve(group, conn)
 
 
 def _default_context() -> str:
@@ -201,14 +182,7 @@ class Multiprocessing(VecEnv):
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         conns = {self._conns[worker]: worker for worker in workers}
         ready = connection.wait([*conns, *self._sentinels], timeout)
-        answers = []
-        for item in ready:
-            worker = conns.get(item)
-            if worker is not None:
-                try:
-                    answers.append((worker, *item.recv()))
-                except (EOFError, OSError):
-                    raise self._death_error(worker) from None
+        answers = receive_answers(conns, ready, self._death_error)
         answered = {worker for worker, _, _ in answers}
         for item in ready:
             worker = self._sentinels.get(item)

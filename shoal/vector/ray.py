@@ -1,11 +1,15 @@
 """Ray backend: one actor per worker, each holding ``envs_per_worker`` envs, on this machine or a cluster.
 
-Each reset/step is one remote call per worker (never per env). Two data paths:
+Ray places the actors and owns their lifetime; how commands reach them depends on where they run:
 
-- An actor on the driver's own node maps the driver's buffers (a file in ``/dev/shm``, unlinked as soon
-  as every actor has opened it) and writes results straight into them, as the multiprocessing backend
-  does; its calls carry only infos. Ray's object store is slow for observation-sized payloads.
-- An actor on another node steps into its own buffers and returns them; the driver copies them in.
+- Actors on the driver's own node map the driver's buffers (a file in ``/dev/shm``, unlinked as soon
+  as every actor has opened it) and write results straight into them, as the multiprocessing backend
+  does. When every actor is local, commands skip Ray too: each actor serves a Unix socket (abstract
+  namespace, so no file to leak) from a thread, with the multiprocessing workers' own loop, because a
+  Ray call costs about a millisecond of CPU, as much as several Atari steps. A dead actor closes its
+  socket, which the driver notices at once.
+- Otherwise each reset/step is one remote call per actor (never per env); an actor on another node
+  steps into its own buffers and returns them, and the driver copies them in.
 
 ``ray`` is imported only when a :class:`Ray` vec env is built.
 """
@@ -15,13 +19,17 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
+import threading
+import uuid
+from multiprocessing import connection
 from typing import Any
 
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, split_arrays
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, receive_answers,
+                               serve, split_arrays)
 
 
 def import_ray():
@@ -55,8 +63,8 @@ def _memory_dir(nbytes: int) -> str | None:
 class RayWorker:
     """The body of one Ray actor (wrapped with ``ray.remote`` when a vec env is built).
 
-    ``shared``: (node id, path, layout, worker) of the driver's buffers, used when this actor runs on
-    that node.
+    ``shared``: (node id, path, layout, worker, authkey) of the driver's buffers, used when this actor
+    runs on that node; it then also serves commands on a socket that only ``authkey`` opens.
     """
 
     def __init__(self, binding: Binding, env_ids: range, shared: tuple | None):
@@ -64,7 +72,7 @@ class RayWorker:
         if shared is not None:
             import ray
 
-            node, path, layout, worker = shared
+            node, path, layout, worker, authkey = shared
             if ray.get_runtime_context().get_node_id() == node and os.path.exists(path):
                 arrays = _map(path, layout)
                 buffers, actions = split_arrays(arrays)
@@ -78,11 +86,22 @@ class RayWorker:
             self.progress = None
         self.group = EnvGroup(binding, env_ids, self.buffers, self.actions, self.progress)
         self.started = self.group.start()
+        self.address, self.server = None, None
+        if self.shared and self.started[0] is Status.OK:
+            listener = connection.Listener(f"\0shoal-ray-{uuid.uuid4().hex}", "AF_UNIX", authkey=authkey)
+            self.address = listener.address
+            self.server = threading.Thread(target=self._serve, args=(listener,), name="shoal-serve", daemon=True)
+            self.server.start()
+
+    def _serve(self, listener: connection.Listener) -> None:
+        with listener:
+            conn = listener.accept()
+        serve(self.group, conn)
 
     def ready(self) -> tuple[Status, Any]:
-        """How building the envs went, and whether this actor writes into the driver's memory."""
+        """How building the envs went, and where this actor serves commands (None: by Ray calls only)."""
         status, failure = self.started
-        return status, (failure if status is Status.FAILED else self.shared)
+        return status, (failure if status is Status.FAILED else (self.shared, self.address))
 
     def run(self, command: Command, payload: Any) -> tuple[Status, Any]:
         """Answer one command; reset/step answers are ``(buffers or None when shared, infos)``."""
@@ -103,6 +122,8 @@ class RayWorker:
         return status, answer
 
     def close(self) -> None:
+        if self.server is not None:  # the driver sent CLOSE on the socket: let the server close its envs
+            self.server.join(1.0)
         self.group.close()
 
 
@@ -133,6 +154,7 @@ class Ray(VecEnv):
         self._actors: list = []
         self._refs: dict = {}  # ObjectRef -> (worker, command) of every call still out
         self._shared_path: str | None = None
+        self._conns: list = []  # one socket per actor when every actor is local; else commands go by Ray calls
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
         layout = self._array_layout()
@@ -148,19 +170,28 @@ class Ray(VecEnv):
         self._buffers = buffers
         self._shared = [False] * self.num_workers  # which actors write into our memory
         node = ray.get_runtime_context().get_node_id()
+        authkey = os.urandom(32)
         actor_class = ray.remote(**actor_options)(RayWorker) if actor_options else ray.remote(RayWorker)
         try:
             for worker in range(self.num_workers):
-                shared = (node, self._shared_path, layout, worker) if shared_memory else None
+                shared = (node, self._shared_path, layout, worker, authkey) if shared_memory else None
                 self._actors.append(actor_class.remote(binding, self._envs_of(worker), shared))
                 self._refs[self._actors[-1].ready.remote()] = (worker, None)
         except BaseException:
             self.close()
             raise
-        for worker, _, shared in self._collect(set(range(self.num_workers)), "startup (building its envs)",
-                                               timeout=startup_timeout):
-            self._shared[worker] = shared
+        addresses = {}
+        for worker, _, (shared, address) in self._collect(set(range(self.num_workers)), "startup (building its envs)",
+                                                          timeout=startup_timeout):
+            self._shared[worker], addresses[worker] = shared, address
         self._unlink()  # every actor that maps it has: nothing left to leak
+        if all(addresses.values()):
+            try:
+                self._conns = [connection.Client(addresses[worker], "AF_UNIX", authkey=authkey)
+                               for worker in range(self.num_workers)]
+            except BaseException:
+                self.close()
+                raise
         self._start(buffers, actions)
 
     def _unlink(self) -> None:
@@ -172,11 +203,20 @@ class Ray(VecEnv):
             self._shared_path = None
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
+        if self._conns:
+            try:
+                self._conns[worker].send((command, payload))
+            except (OSError, EOFError):  # the actor's end is closed: it died
+                raise self._death_error(worker) from None
+            return
         if command is Command.STEP and not self._shared[worker]:
             payload = self._actions[self._worker_rows(worker)]
         self._refs[self._actors[worker].run.remote(command, payload)] = (worker, command)
 
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
+        if self._conns:
+            conns = {self._conns[worker]: worker for worker in workers}
+            return receive_answers(conns, connection.wait(list(conns), timeout), self._death_error)
         ray = self._ray
         refs = [ref for ref, (worker, _) in self._refs.items() if worker in workers]
         if need >= len(refs):  # all of them (a full batch): no ray.wait
@@ -216,6 +256,11 @@ class Ray(VecEnv):
             answers.append((worker, status, payload))
         return answers
 
+    def _death_error(self, worker: int) -> WorkerError:
+        return WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}: it closed its "
+                           f"connection without a Python error (out of memory? killed? a crash in C code?)",
+                           env_id=self._envs_of(worker).start)
+
     def _check_sendable(self, value: Any) -> None:
         from ray import cloudpickle
 
@@ -226,6 +271,13 @@ class Ray(VecEnv):
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
+        for conn in getattr(self, "_conns", []):
+            try:
+                conn.send((Command.CLOSE, None))
+            except (OSError, EOFError):
+                pass
+            conn.close()
+        self._conns = []
         if actors and ray.is_initialized():
             try:  # let the envs close, but do not wait for a hung one
                 ray.wait([actor.close.remote() for actor in actors], num_returns=len(actors), timeout=1.0)
