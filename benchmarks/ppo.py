@@ -2,12 +2,15 @@
 
     python benchmarks/ppo.py                      # everything (about 5 minutes on 2 cores)
     python benchmarks/ppo.py --throughput-steps 20000 --skip ray
+    python benchmarks/ppo.py --sections a         # only the matched throughput rows
 
 Rows:
   (a) throughput with matched hyper-parameters (same envs, rollout length, minibatch size, epochs,
-      64x64 tanh actor and critic), a fixed step budget, no early stop, in two settings: CleanRL's
-      defaults (4 envs x 128 steps, 4 epochs: the rollout dominates) and rl-zoo's CartPole shape
-      (8 envs x 32 steps, 20 epochs: the update dominates);
+      64x64 tanh actor and critic), a fixed step budget, no early stop, in three settings: CleanRL's
+      defaults (4 envs x 128 steps, 4 epochs: the rollout dominates), rl-zoo's CartPole shape
+      (8 envs x 32 steps, 20 epochs: the update dominates) and SB3's own PPO defaults on 4 envs
+      (2048 steps, minibatch 64, 10 epochs, constant learning rate: 160 small gradient steps per
+      1,000 env steps, the heaviest update);
   (b) steps and wall time until the mean return of the last 20 training episodes first reaches 475,
       each library with its best settings (shoal: its CartPole preset; SB3: rl-zoo's tuned CartPole);
   (c) shoal's CartPole preset on each vectorization backend.
@@ -29,12 +32,15 @@ TARGET = 475.0
 WINDOW = 20
 
 # Matched settings, the same for both libraries: CleanRL's ppo.py defaults (a light update: the
-# rollout dominates) and rl-zoo's tuned CartPole shape (a heavy update: 20 epochs dominate).
+# rollout dominates), rl-zoo's tuned CartPole shape (a heavy update: 20 epochs dominate) and SB3's
+# PPO defaults on 4 envs (the heaviest update: many minibatches of 64).
 MATCHED = {
-    "cleanrl": dict(num_envs=4, num_steps=128, minibatch_size=128, epochs=4, learning_rate=2.5e-4, gamma=0.99,
-                    gae_lambda=0.95, ent_coef=0.01, clip=0.2),
-    "rl-zoo": dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, gamma=0.98,
-                   gae_lambda=0.8, ent_coef=0.0, clip=0.2),
+    "cleanrl": dict(num_envs=4, num_steps=128, minibatch_size=128, epochs=4, learning_rate=2.5e-4, anneal_lr=True,
+                    gamma=0.99, gae_lambda=0.95, ent_coef=0.01, clip=0.2),
+    "rl-zoo": dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, anneal_lr=True,
+                   gamma=0.98, gae_lambda=0.8, ent_coef=0.0, clip=0.2),
+    "sb3-defaults": dict(num_envs=4, num_steps=2048, minibatch_size=64, epochs=10, learning_rate=3e-4,
+                         anneal_lr=False, gamma=0.99, gae_lambda=0.95, ent_coef=0.0, clip=0.2),
 }
 
 
@@ -53,8 +59,9 @@ def _shoal(kind: str, seed: int, steps: int, backend: str = "serial", envs_per_b
         m = MATCHED[kind]
         config = PPOConfig(**common, num_envs=m["num_envs"], num_steps=m["num_steps"], update_epochs=m["epochs"],
                            num_minibatches=m["num_envs"] * m["num_steps"] // m["minibatch_size"],
-                           learning_rate=m["learning_rate"], gamma=m["gamma"], gae_lambda=m["gae_lambda"],
-                           ent_coef=m["ent_coef"], clip_coef=m["clip"], total_timesteps=steps)
+                           learning_rate=m["learning_rate"], anneal_lr=m["anneal_lr"], gamma=m["gamma"],
+                           gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], clip_coef=m["clip"],
+                           total_timesteps=steps)
     else:  # best settings: the preset `shoal train` uses, stopping at the target
         config = PPOConfig(**{**preset("cartpole"), **common, "total_timesteps": steps})
     started, cpu = time.perf_counter(), time.process_time()
@@ -102,7 +109,8 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
     kwargs = dict(n_steps=m["num_steps"], batch_size=m["minibatch_size"], n_epochs=m["epochs"], gamma=m["gamma"],
                   gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], seed=seed, device="cpu", verbose=0)
     if kind in MATCHED:
-        kwargs.update(learning_rate=linear(m["learning_rate"]), clip_range=m["clip"])
+        kwargs.update(learning_rate=linear(m["learning_rate"]) if m["anneal_lr"] else m["learning_rate"],
+                      clip_range=m["clip"])
     else:  # rl-zoo's tuned CartPole-v1 (hyperparams/ppo.yml): the above plus linear clip-range decay
         kwargs.update(learning_rate=linear(1e-3), clip_range=linear(0.2))
     started, cpu = time.perf_counter(), time.process_time()
@@ -133,6 +141,7 @@ def main() -> None:
     parser.add_argument("--solve-budget", type=int, default=200_000, help="step budget of the time-to-475 rows")
     parser.add_argument("--seeds", default="1", help="comma-separated seeds for the time-to-475 rows")
     parser.add_argument("--skip", default="", help="comma-separated rows to skip: sb3, multiprocessing, ray")
+    parser.add_argument("--sections", default="abc", help="which sections to run: any of a, b, c")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each row keeps its best")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one measurement, print its JSON
     args = parser.parse_args()
@@ -145,7 +154,7 @@ def main() -> None:
 
     # Every row: (section, name, job, the name of its SB3 baseline row or None).
     plan: list[tuple[str, str, list, str | None]] = []
-    for setting in MATCHED:  # (a) matched hyper-parameters, fixed budget
+    for setting in MATCHED if "a" in args.sections else []:  # (a) matched hyper-parameters, fixed budget
         base = None if "sb3" in skip else f"SB3 PPO, DummyVecEnv [{setting}]"
         if base:
             plan.append(("a", base, ["sb3", setting, None, args.throughput_steps], None))
@@ -154,15 +163,16 @@ def main() -> None:
             half = MATCHED[setting]["num_envs"] // 2
             plan.append(("a", f"shoal PPO, multiprocessing x2, double-buffered [{setting}]",
                          ["shoal", setting, None, args.throughput_steps, "multiprocessing", half], base))
-    base = None if "sb3" in skip else "SB3 PPO, rl-zoo tuned"  # (b) best settings, until the target
+    base = None if "sb3" in skip or "b" not in args.sections else "SB3 PPO, rl-zoo tuned"  # (b) best settings
     if base:
         plan.append(("b", base, ["sb3", "best", None, args.solve_budget], None))
-    plan.append(("b", "shoal PPO, `shoal train` preset", ["shoal", "best", None, args.solve_budget], base))
+    if "b" in args.sections:
+        plan.append(("b", "shoal PPO, `shoal train` preset", ["shoal", "best", None, args.solve_budget], base))
     for backend, envs_per_batch, name in [("serial", 4, "serial, double-buffered"),  # (c) each backend
                                           ("multiprocessing", 0, "multiprocessing x2"),
                                           ("multiprocessing", 4, "multiprocessing x2, double-buffered"),
                                           ("ray", 0, "ray x2")]:
-        if backend not in skip:
+        if backend not in skip and "c" in args.sections:
             plan.append(("c", f"shoal PPO, {name}", ["shoal", "best", None, args.solve_budget, backend, envs_per_batch],
                          base))
 

@@ -337,9 +337,15 @@ class EmulatedEnv:
 
     # -------------------------------------------------------------- env adapters
 
+    def _quietly(self, method: Callable, *args, **kwargs):
+        """``method(*args, **kwargs)``, silenced when the binding asks for it (no context to enter otherwise)."""
+        if self.binding.suppress_env_prints:
+            with _silenced():
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+
     def _raw_reset(self, seed: int | None) -> tuple[dict, dict]:
-        with self.binding.quiet():
-            obs, infos = self.env.reset(seed=seed)
+        obs, infos = self._quietly(self.env.reset, seed=seed)
         if self.binding.is_multiagent:
             return obs, infos or {}
         return {SINGLE_AGENT_ID: obs}, {SINGLE_AGENT_ID: infos} if infos else {}
@@ -373,11 +379,14 @@ class EmulatedEnv:
         self._needs_reset = False
         return {agent: dict(info) for agent, info in infos.items() if info}
 
-    def _write_agents(self, agents: list, values: list) -> np.ndarray:
+    def _write_agents(self, agents: list, values: list) -> np.ndarray | list[int]:
         """Check each agent's observation, write it into its slot and mark the slot live. Returns the slots."""
         binding = self.binding
         try:
-            slots = np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
+            if len(agents) == 1:  # a plain int indexes faster than an array
+                slots = [binding.agent_slots[agents[0]]]
+            else:
+                slots = np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
         except KeyError:
             unknown = next(agent for agent in agents if agent not in binding.agent_slots)
             raise EnvError(
@@ -417,8 +426,7 @@ class EmulatedEnv:
         live = self._live_agents()
         raw_actions = self._unflatten_actions(actions, live)
         self.tick += 1
-        with binding.quiet():
-            obs, env_rewards, terminals, truncations, infos = self.env.step(raw_actions)
+        obs, env_rewards, terminals, truncations, infos = self._quietly(self.env.step, raw_actions)
         infos = infos or {}
         rewards = env_rewards if binding.reward_shaper is None else binding.reward_shaper(env_rewards, infos)
 
@@ -467,11 +475,7 @@ class EmulatedEnv:
         binding = self.binding
         action = self._single_action(actions)
         self.tick += 1
-        if binding.suppress_env_prints:
-            with _silenced():
-                obs, env_reward, terminal, truncation, info = self.env.step(action)
-        else:
-            obs, env_reward, terminal, truncation, info = self.env.step(action)
+        obs, env_reward, terminal, truncation, info = self._quietly(self.env.step, action)
         reward = env_reward
         if binding.reward_shaper is not None:
             reward = binding.reward_shaper({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})[SINGLE_AGENT_ID]

@@ -21,7 +21,7 @@ from gymnasium import spaces
 
 from shoal.errors import SpaceError
 
-SMALL_LEAF = 16  # leaves with at most this many values (over all rows) are bounds-checked in Python
+SMALL_LEAF = 16  # a leaf's values (over all rows written at once) up to this many are range-checked in Python
 
 
 @functools.singledispatch
@@ -278,13 +278,14 @@ class _Bounds:
         """Whether every value of ``array`` (leaf shape, any leading dims) lies in the range."""
         if not self.checked or not array.size:
             return True
+        if array.size <= SMALL_LEAF:  # a few values: plain Python beats numpy's reductions (NaN fails <=)
+            values = array.ravel().tolist()
+            lows, highs = self.lows, self.highs
+            if len(values) != len(lows):  # several rows
+                lows, highs = itertools.cycle(lows), itertools.cycle(highs)
+            return all(map(operator.le, lows, values)) and all(map(operator.le, values, highs))
         if self.lo is not None:  # one range for the whole leaf: two reductions
             return self.lo <= array.min().item() and array.max().item() <= self.hi
-        if array.size == len(self.lows) and array.size <= SMALL_LEAF:  # one small row: plain Python is faster
-            for x, lo, hi in zip(array.ravel().tolist(), self.lows, self.highs):
-                if not lo <= x <= hi:
-                    return False
-            return True
         return bool((self.low is None or (array >= self.low).all()) and (self.high is None or (array <= self.high).all()))
 
     def outside(self, array: np.ndarray) -> np.ndarray:
@@ -662,18 +663,12 @@ class ActionLayout:
         if tuple(flat.shape[-1:]) != (self.size,):
             raise SpaceError(f"flat action: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
         batch = tuple(flat.shape[:-1])
-        values = []
-        for field in self.fields:
-            piece = flat[..., field.start:field.start + field.size].reshape(batch + field.shape)
-            if _is_torch(flat):
-                import torch
+        pieces = [(field, flat[..., field.start:field.start + field.size].reshape(batch + field.shape))
+                  for field in self.fields]
+        if _is_torch(flat):
+            import torch
 
-                if field.offset is not None:
-                    piece = piece + torch.tensor(np.asarray(field.offset), device=flat.device)
-                piece = piece.to(_torch_dtype(field.dtype))
-            else:
-                if field.offset is not None:
-                    piece = piece + field.offset
-                piece = piece.astype(field.dtype)[()]
-            values.append(piece)
-        return values
+            return [(piece if field.offset is None else piece + torch.tensor(np.asarray(field.offset), device=flat.device)
+                     ).to(_torch_dtype(field.dtype)) for field, piece in pieces]
+        return [(piece if field.offset is None else piece + field.offset).astype(field.dtype)[()]
+                for field, piece in pieces]
