@@ -33,14 +33,15 @@ WINDOW = 20
 
 # Matched settings, the same for both libraries: CleanRL's ppo.py defaults (a light update: the
 # rollout dominates), rl-zoo's tuned CartPole shape (a heavy update: 20 epochs dominate) and SB3's
-# PPO defaults on 4 envs (the heaviest update: many minibatches of 64).
+# PPO defaults on 4 envs (the heaviest update: many minibatches of 64). clip_vloss: the value loss is
+# clipped around the old values as CleanRL does (SB3: clip_range_vf), or not, as SB3 and rl-zoo do.
 MATCHED = {
     "cleanrl": dict(num_envs=4, num_steps=128, minibatch_size=128, epochs=4, learning_rate=2.5e-4, anneal_lr=True,
-                    gamma=0.99, gae_lambda=0.95, ent_coef=0.01, clip=0.2),
+                    gamma=0.99, gae_lambda=0.95, ent_coef=0.01, clip=0.2, clip_vloss=True),
     "rl-zoo": dict(num_envs=8, num_steps=32, minibatch_size=256, epochs=20, learning_rate=1e-3, anneal_lr=True,
-                   gamma=0.98, gae_lambda=0.8, ent_coef=0.0, clip=0.2),
+                   gamma=0.98, gae_lambda=0.8, ent_coef=0.0, clip=0.2, clip_vloss=False),
     "sb3-defaults": dict(num_envs=4, num_steps=2048, minibatch_size=64, epochs=10, learning_rate=3e-4,
-                         anneal_lr=False, gamma=0.99, gae_lambda=0.95, ent_coef=0.0, clip=0.2),
+                         anneal_lr=False, gamma=0.99, gae_lambda=0.95, ent_coef=0.0, clip=0.2, clip_vloss=False),
 }
 
 
@@ -61,7 +62,7 @@ def _shoal(kind: str, seed: int, steps: int, backend: str = "serial", envs_per_b
                            num_minibatches=m["num_envs"] * m["num_steps"] // m["minibatch_size"],
                            learning_rate=m["learning_rate"], anneal_lr=m["anneal_lr"], gamma=m["gamma"],
                            gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], clip_coef=m["clip"],
-                           total_timesteps=steps)
+                           clip_vloss=m["clip_vloss"], total_timesteps=steps)
     else:  # best settings: the preset `shoal train` uses, stopping at the target
         config = PPOConfig(**{**preset("cartpole"), **common, "total_timesteps": steps})
     started, cpu = time.perf_counter(), time.process_time()
@@ -110,7 +111,7 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
                   gae_lambda=m["gae_lambda"], ent_coef=m["ent_coef"], seed=seed, device="cpu", verbose=0)
     if kind in MATCHED:
         kwargs.update(learning_rate=linear(m["learning_rate"]) if m["anneal_lr"] else m["learning_rate"],
-                      clip_range=m["clip"])
+                      clip_range=m["clip"], clip_range_vf=m["clip"] if m["clip_vloss"] else None)
     else:  # rl-zoo's tuned CartPole-v1 (hyperparams/ppo.yml): the above plus linear clip-range decay
         kwargs.update(learning_rate=linear(1e-3), clip_range=linear(0.2))
     started, cpu = time.perf_counter(), time.process_time()
