@@ -246,6 +246,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     device = resolve_device(config.device)
     policy = (policy if policy is not None else make_policy(config, binding)).to(device)
     optimizer = _adam(policy, config.learning_rate)
+    parameters = list(policy.parameters())
     global_step = update = 0
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from)  # on the CPU: RNG states must stay CPU tensors
@@ -421,13 +422,16 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns,
                     values=values).items()}
             per_minibatch = max(1, math.ceil(len(units) / config.num_minibatches))
-            stats: dict[str, list[float]] = {"policy": [], "value": [], "entropy": [], "approx_kl": [], "clipfrac": []}
+            stats = []  # per minibatch: (policy loss, value loss, entropy, approx KL, clip fraction), no syncs
             for epoch in range(config.update_epochs):
-                # A single minibatch is the whole batch in any order: no shuffle, no gather.
+                # Shuffle once per epoch, so that minibatches are slices (views), not gathers; a
+                # single minibatch is the whole batch in any order: no shuffle at all.
                 order = torch.randperm(len(units), device=device) if per_minibatch < len(units) else None
+                if not policy.is_recurrent:
+                    shuffled = flat if order is None else {k: v[order] for k, v in flat.items()}
                 for first in range(0, len(units), per_minibatch):
-                    mb = order[first:first + per_minibatch] if order is not None else slice(None)
                     if policy.is_recurrent:
+                        mb = order[first:first + per_minibatch] if order is not None else slice(None)
                         slots = torch.as_tensor(units, device=device)[mb]
                         params, new_values, _ = policy(seq["obs"][:, slots], (rollout_state[0][slots],
                                                        rollout_state[1][slots]), seq["starts"][:, slots])
@@ -436,14 +440,11 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                         b = {k: seq[k][:, slots].reshape(-1, *seq[k].shape[2:])[pick]
                              for k in ("actions", "logprobs", "advantages", "returns", "values")}
                     else:
-                        params, new_values, _ = policy(flat["obs"][mb])
-                        b = {k: flat[k][mb] for k in ("actions", "logprobs", "advantages", "returns", "values")}
+                        b = {k: v[first:first + per_minibatch] for k, v in shuffled.items()}
+                        params, new_values, _ = policy(b["obs"])
                     new_logprobs, entropy = policy.evaluate_actions(params, b["actions"])
                     log_ratio = new_logprobs - b["logprobs"]
                     ratio = log_ratio.exp()
-                    with torch.no_grad():
-                        stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
-                        stats["clipfrac"].append(((ratio - 1.0).abs() > config.clip_coef).float().mean().item())
                     mb_advantages = b["advantages"]
                     if config.norm_adv and len(mb_advantages) > 1:
                         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
@@ -459,16 +460,20 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     else:
                         value_loss = 0.5 * ((new_values - b["returns"]) ** 2).mean()
                     entropy_loss = entropy.mean()
-                    loss = policy_loss - config.ent_coef * entropy_loss + config.vf_coef * value_loss
+                    loss = policy_loss + config.vf_coef * value_loss
+                    if config.ent_coef:  # with a zero coefficient the backward pass skips the entropy
+                        loss = loss - config.ent_coef * entropy_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm, foreach=True)
                     optimizer.step()
-                    stats["policy"].append(policy_loss.item())
-                    stats["value"].append(value_loss.item())
-                    stats["entropy"].append(entropy_loss.item())
-                if config.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > config.target_kl:
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - log_ratio).mean()
+                        clipfrac = ((ratio - 1).abs() > config.clip_coef).float().mean()
+                        stats.append(torch.stack([policy_loss, value_loss, entropy_loss, approx_kl, clipfrac]))
+                if config.target_kl is not None and stats and stats[-1][3].item() > config.target_kl:
                     break
+            losses = torch.stack(stats).mean(0).tolist() if stats else [math.nan] * 5
 
             # The next rollout starts from row T: its action is already in flight.
             for array in (obs, actions, logprobs, values, masks, starts):
@@ -495,7 +500,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 "perf/sim_fraction": sim_time / busy,
                 "perf/inference_fraction": inference_time / busy,
                 "perf/learn_fraction": learn_time / busy,
-                **{f"loss/{k}": float(np.mean(v)) if v else math.nan for k, v in stats.items()},
+                **dict(zip(("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clipfrac"), losses)),
                 "loss/explained_variance": explained,
             }
             logger.log(global_step, metrics)
