@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -189,6 +189,15 @@ class Policy(nn.Module):
         params, value = self.decode(self.encode(obs))
         return params, value, None
 
+    def acting_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``obs (B, obs_size) -> (action parameters, value (B,))`` for acting (no gradients needed).
+
+        A snapshot of the parameters: the trainer takes a new one for each rollout and calls it under
+        ``torch.inference_mode``. A policy may precompute something here to act faster
+        (:class:`MLPPolicy` fuses its two towers).
+        """
+        return lambda obs: self(obs)[:2]
+
     def sample_actions(self, params: torch.Tensor, deterministic: bool = False):
         """(actions, log-probability ``(B,)``) from the action parameters."""
         return self.action_head.sample(params, deterministic)
@@ -240,6 +249,27 @@ class MLPPolicy(Policy):
             critic = torch.tanh(F.linear(critic, critic_layer.weight, critic_layer.bias))
         head, value = self.action_head.linear, self.value_head
         return F.linear(actor, head.weight, head.bias), F.linear(critic, value.weight, value.bias).squeeze(-1), None
+
+    @torch.no_grad()
+    def acting_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        # Both towers as one network, one matmul per layer: the first layer's weights stacked
+        # (2h, in), the others block-diagonal (2h, 2h), the heads block-diagonal (params + 1, 2h).
+        # Acting runs on a few rows per env step, where a matmul costs its call, not its size.
+        pairs = [(a.weight, c.weight, a.bias, c.bias) for a, c in self._layer_pairs]
+        pairs.append((self.action_head.linear.weight, self.value_head.weight, self.action_head.linear.bias,
+                      self.value_head.bias))
+        layers = [(torch.cat(pairs[0][:2]), torch.cat(pairs[0][2:]))]
+        layers += [(torch.block_diag(a, c), torch.cat([a_bias, c_bias])) for a, c, a_bias, c_bias in pairs[1:]]
+        *hidden, (head_weight, head_bias) = layers
+
+        def act(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = obs.float()
+            for weight, bias in hidden:
+                x = torch.tanh(F.linear(x, weight, bias))
+            out = F.linear(x, head_weight, head_bias)  # (B, params + 1): the value is the last column
+            return out[:, :-1], out[:, -1]
+
+        return act
 
 
 class NatureCNN(Policy):

@@ -311,66 +311,66 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             finished: list[tuple[float, int]] = []
 
             # ------------------------------------------------------------ rollout
-            while (length < T).any():
-                tick = time.perf_counter()
-                batch = vecenv.recv()
-                tock = time.perf_counter()
-                sim_time += tock - tick
-                rows, span = slot_rows(batch.env_ids)  # (B,) the batch's slots, env-major
-                batch_slots = span if span is not None else rows  # a slice where it can: views, not copies
-                mask = batch.masks.copy()
-                terminal, truncation = batch.terminals & mask, batch.truncations & mask
-                reward = np.where(mask, batch.rewards, 0).astype(np.float32)
+            act = None if policy.is_recurrent else policy.acting_forward()  # this rollout's parameters
+            with torch.inference_mode():  # no gradients anywhere in the rollout
+                while (length < T).any():
+                    tick = time.perf_counter()
+                    batch = vecenv.recv()
+                    tock = time.perf_counter()
+                    sim_time += tock - tick
+                    rows, span = slot_rows(batch.env_ids)  # (B,) the batch's slots, env-major
+                    batch_slots = span if span is not None else rows  # a slice where it can: views, not copies
+                    mask = batch.masks.copy()
+                    terminal, truncation = batch.terminals & mask, batch.truncations & mask
+                    reward = np.where(mask, batch.rewards, 0).astype(np.float32)
 
-                # Episode statistics, and bootstrap values for truncated agents from their final observation.
-                final_rows, final_obs = [], []
-                for position, env_infos in enumerate(batch.infos):
-                    for agent, info in env_infos.items():
-                        row = position * max_agents + slot_of_agent[agent]  # within the batch
-                        if "episode" in info:
-                            episode = float(info["episode"]["return"]), int(info["episode"]["length"])
-                            finished.append(episode)
-                            recent_returns.append(episode[0])
-                            result.episodes.append((global_step, time.perf_counter() - started, *episode))
-                        if "final_observation" in info and truncation[row] and not terminal[row]:
-                            final_rows.append(row)
-                            final_obs.append(info["final_observation"])
-                if final_rows:
-                    with torch.inference_mode():
+                    # Episode statistics, and bootstrap values for truncated agents from their final observation.
+                    final_rows, final_obs = [], []
+                    for position, env_infos in enumerate(batch.infos):
+                        for agent, info in env_infos.items():
+                            row = position * max_agents + slot_of_agent[agent]  # within the batch
+                            if "episode" in info:
+                                episode = float(info["episode"]["return"]), int(info["episode"]["length"])
+                                finished.append(episode)
+                                recent_returns.append(episode[0])
+                                result.episodes.append((global_step, time.perf_counter() - started, *episode))
+                            if "final_observation" in info and truncation[row] and not terminal[row]:
+                                final_rows.append(row)
+                                final_obs.append(info["final_observation"])
+                    if final_rows:
                         flat = torch.as_tensor(np.stack(final_obs), device=device)
                         if policy.is_recurrent:
                             ended = torch.as_tensor(rows[final_rows], device=device)
                             _, final_values, _ = policy(flat, (state[0][ended], state[1][ended]))
                         else:
-                            _, final_values, _ = policy(flat)
-                    reward[final_rows] += gamma * final_values.float().cpu().numpy()
+                            _, final_values = act(flat)
+                        reward[final_rows] += gamma * final_values.float().cpu().numpy()
 
-                # The in-flight transitions (obs_t, action_t) receive reward_t, their flags and mask_{t+1}.
-                t = length[batch_slots]
-                at = _step_index(t, rows, span)
-                rewards[at], terminals[at], truncations[at], next_masks[at] = reward, terminal, truncation, mask
-                acted = in_flight[batch_slots]
-                global_step += int((acted & last_mask[batch_slots] & mask).sum())
-                ran_ahead = acted & (t == T)
-                if ran_ahead.any():
-                    # This env finished its rollout while others lag and stepped again: its newest
-                    # transition has no row. Drop it, and end the last stored one with a bootstrap from
-                    # the value of the observation that followed it (exact, as for a time limit).
-                    cut = rows[ran_ahead]
-                    open_ = ~(terminals[T - 1, cut] | truncations[T - 1, cut])
-                    rewards[T - 1, cut] += np.where(open_, gamma * values[T, cut], 0)
-                    truncations[T - 1, cut] = True
-                t = t + (acted & (t < T))
-                length[batch_slots] = t
-                at = _step_index(t, rows, span)
+                    # The in-flight transitions (obs_t, action_t) receive reward_t, their flags and mask_{t+1}.
+                    t = length[batch_slots]
+                    at = _step_index(t, rows, span)
+                    rewards[at], terminals[at], truncations[at], next_masks[at] = reward, terminal, truncation, mask
+                    acted = in_flight[batch_slots]
+                    global_step += int((acted & last_mask[batch_slots] & mask).sum())
+                    ran_ahead = acted & (t == T)
+                    if ran_ahead.any():
+                        # This env finished its rollout while others lag and stepped again: its newest
+                        # transition has no row. Drop it, and end the last stored one with a bootstrap from
+                        # the value of the observation that followed it (exact, as for a time limit).
+                        cut = rows[ran_ahead]
+                        open_ = ~(terminals[T - 1, cut] | truncations[T - 1, cut])
+                        rewards[T - 1, cut] += np.where(open_, gamma * values[T, cut], 0)
+                        truncations[T - 1, cut] = True
+                    t = t + (acted & (t < T))
+                    length[batch_slots] = t
+                    at = _step_index(t, rows, span)
 
-                # The new observation: store it, act on it.
-                start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
-                obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
-                live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
-                if live is not None:
-                    obs[t[~mask], rows[~mask]] = 0
-                with torch.inference_mode():
+                    # The new observation: store it, act on it.
+                    start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
+                    obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
+                    live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
+                    if live is not None:
+                        obs[t[~mask], rows[~mask]] = 0
                     ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
                     if policy.is_recurrent:
                         acting = torch.as_tensor(rows if live is None else rows[live], device=device)
@@ -383,17 +383,18 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                         params, value, (h, c) = policy(ob, (h, c))
                         state[0][acting], state[1][acting] = h, c
                     else:
-                        params, value, _ = policy(ob)
+                        params, value = act(ob)
                     action, logprob = policy.sample_actions(params)
                     action, logprob, value = action.cpu().numpy(), logprob.cpu().numpy(), value.float().cpu().numpy()
-                actions[at], logprobs[at], values[at] = (_expand(x, live, len(rows)) for x in (action, logprob, value))
-                sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)
-                tick = time.perf_counter()
-                inference_time += tick - tock
-                vecenv.send(sent)
-                sim_time += time.perf_counter() - tick
-                in_flight[batch_slots] = True
-                last_mask[batch_slots] = mask
+                    actions[at], logprobs[at], values[at] = (_expand(x, live, len(rows))
+                                                             for x in (action, logprob, value))
+                    sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)
+                    tick = time.perf_counter()
+                    inference_time += tick - tock
+                    vecenv.send(sent)
+                    sim_time += time.perf_counter() - tick
+                    in_flight[batch_slots] = True
+                    last_mask[batch_slots] = mask
 
             learn_start = time.perf_counter()
             # ------------------------------------------------------------ GAE

@@ -173,6 +173,36 @@ def test_box_action_space_gets_a_gaussian_head():
     assert actions.shape == (5, 2) and actions.dtype == torch.float32
 
 
+@pytest.mark.parametrize("action_space", [spaces.Discrete(2), spaces.MultiDiscrete([3, 2]), spaces.Box(-1, 1, (2,))])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_mlp_acting_forward_is_forward_with_the_towers_fused(action_space, num_layers):
+    torch.manual_seed(0)
+    policy = MLPPolicy(_binding(spaces.Box(-1, 1, (3,)), action_space), hidden_size=8, num_layers=num_layers)
+    obs = torch.randn(5, 3)
+    act = policy.acting_forward()
+    params, value, _ = policy(obs)
+    got_params, got_value = act(obs)
+    torch.testing.assert_close(got_params, params)
+    torch.testing.assert_close(got_value, value)
+    assert not got_params.requires_grad
+
+    with torch.no_grad():  # a snapshot: acting after an update needs a new one
+        policy.value_head.bias += 1
+    torch.testing.assert_close(act(obs)[1], value)
+    torch.testing.assert_close(policy.acting_forward()(obs)[1], value + 1)
+
+
+def test_acting_forward_of_other_policies_is_their_forward():
+    binding = Binding(env_cls=envs.NestedMultiAgentEnv)
+    policy = MixedPolicy(binding, hidden_size=16)
+    obs = torch.as_tensor(np.stack([binding.flatten_observation(envs.OBS_SPACE.sample()) for _ in range(3)]))
+    with torch.no_grad():
+        params, value, _ = policy(obs)
+        got_params, got_value = policy.acting_forward()(obs)
+    torch.testing.assert_close(got_params, params)
+    torch.testing.assert_close(got_value, value)
+
+
 def test_lstm_wraps_any_policy_and_steps_like_its_sequence_form():
     torch.manual_seed(0)
     binding = Binding(env_cls=envs.NestedMultiAgentEnv)
