@@ -95,7 +95,7 @@ def _default_run_dir(env: str, seed: int) -> str:
 
 
 def _train(argv: list[str]) -> int:
-    from shoal.checkpoint import latest_checkpoint, load_checkpoint
+    from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
     from shoal.ppo import config_from_checkpoint, train
 
@@ -120,7 +120,18 @@ def _train(argv: list[str]) -> int:
         config.run_dir = _default_run_dir(config.env, config.seed)
     config.validate()
     binding = make_binding(config.env)
-    result = train(config, binding, resume_from=checkpoint["path"] if checkpoint else None)
+    try:
+        result = train(config, binding, resume_from=checkpoint["path"] if checkpoint else None)
+    except KeyboardInterrupt:  # train wrote a final checkpoint: say where, and how to go on
+        saved = list_checkpoints(config.run_dir)
+        if not saved:
+            print(f"shoal train: interrupted before a checkpoint was written ({config.run_dir})", file=sys.stderr)
+            return 130
+        last = load_checkpoint(saved[-1])
+        print(f"shoal train: interrupted; checkpoint at step {last['global_step']:,} of {config.total_timesteps:,} "
+              f"(update {last['update']}): {saved[-1]}\n"
+              f"resume with: shoal train --resume {config.run_dir}", file=sys.stderr)
+        return 130
     reached = result.first_reached(475.0) if config.env == "cartpole" else None
     print(f"trained {result.global_step:,} steps in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
           f"mean return of the last 20 episodes: {result.mean_return():.1f}"

@@ -232,6 +232,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         resume_from: a checkpoint file or run directory to continue from (model, optimizer,
             global step, update count and RNG states).
 
+    On Ctrl-C (``KeyboardInterrupt``) with a ``run_dir``, a final checkpoint is written before the
+    exception goes on, so ``resume_from=run_dir`` continues the run.
+
     >>> from shoal.envs import make_binding
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
     """
@@ -300,6 +303,15 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     sim_time = inference_time = learn_time = 0.0
     step_at_start, clock = global_step, time.perf_counter()
     slot_rows = _SlotRows(max_agents)
+
+    def save(at_update: int, at_step: int) -> None:
+        save_checkpoint(config.run_dir, at_update, {
+            "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
+            "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
+        }, keep=config.keep_checkpoints)
+
+    completed = update, global_step  # (update, global_step) after the last completed update
     vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
     try:
         while global_step < config.total_timesteps:
@@ -484,6 +496,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 rollout_state[0].copy_(next_rollout_state[0])
                 rollout_state[1].copy_(next_rollout_state[1])
             learn_time += time.perf_counter() - learn_start
+            completed = update, global_step
 
             # ------------------------------------------------------------ log
             busy = sim_time + inference_time + learn_time
@@ -513,16 +526,18 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             last = global_step >= config.total_timesteps or solved
             if config.run_dir is not None and (last or (config.checkpoint_interval
                                                         and update % config.checkpoint_interval == 0)):
-                save_checkpoint(config.run_dir, update, {
-                    "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
-                    "spaces": _space_signature(binding), "global_step": global_step, "update": update,
-                    "rng": rng_states(),
-                }, keep=config.keep_checkpoints)
+                save(update, global_step)
             if solved:
                 logger.message(f"solved: mean return of the last 20 episodes {np.mean(recent_returns):.1f} "
                                f">= {config.stop_at_return} at step {global_step:,}")
                 break
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was learned. The model and optimizer as they are, under the step count and
+        # update number of the last completed update, so that a resumed run's schedule goes on from
+        # there; the interrupted rollout is dropped (the envs restart on resume anyway).
+        if config.run_dir is not None:
+            save(*completed)
+        raise
     finally:  # the logger is closed even if it was passed in: its files are complete only then
         logger.close()
         if own_vecenv:

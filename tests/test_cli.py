@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,31 @@ def test_the_installed_command_exits_2_without_a_traceback():
     done = subprocess.run([str(shoal), "train", "--env", "nope"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("shoal train: error: unknown env 'nope'")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shoal = Path(sys.executable).parent / "shoal"
+    argv = [str(shoal), "train", *FAST, "--total-timesteps", "100000000", "--run-dir", str(run_dir),
+            "--checkpoint-interval", "0"]
+    training = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(read_progress(run_dir) if (run_dir / "progress.csv").exists() else []) < 3:  # 3 updates done
+        assert training.poll() is None and time.monotonic() < deadline, training.communicate()
+        time.sleep(0.05)
+    training.send_signal(signal.SIGINT)
+    _, err = training.communicate(timeout=60)
+
+    assert training.returncode == 130 and "Traceback" not in err
+    [path] = list_checkpoints(run_dir)  # only the one Ctrl-C wrote (no periodic ones)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["update"] >= 3 and checkpoint["global_step"] == checkpoint["update"] * 32
+    assert f"interrupted; checkpoint at step {checkpoint['global_step']:,} of 100,000,000" in err
+    assert str(path) in err and f"resume with: shoal train --resume {run_dir}" in err
+
+    more = checkpoint["global_step"] + 64
+    code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", str(more))
+    assert code == 0 and f"trained {more:,} steps" in out
 
 
 def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):

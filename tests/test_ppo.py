@@ -303,6 +303,41 @@ def test_resume_continues_step_count_schedule_optimizer_and_csv(tmp_path):
     assert float(state) == 6 * 2 * 2  # Adam's step count went on from the checkpoint
 
 
+class InterruptAt:
+    """A vec env whose ``calls``-th recv raises KeyboardInterrupt, as Ctrl-C in the middle of a rollout would."""
+
+    def __init__(self, vecenv, calls: int):
+        self.vecenv, self.calls = vecenv, calls
+
+    def __getattr__(self, name):
+        return getattr(self.vecenv, name)
+
+    def recv(self) -> Batch:
+        self.calls -= 1
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        return self.vecenv.recv()
+
+
+def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_resumes(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, anneal_lr=False, run_dir=str(tmp_path), checkpoint_interval=0)
+    with vector.make(binding, "serial", envs_per_worker=config.num_envs) as vecenv:
+        with pytest.raises(KeyboardInterrupt):  # the first rollout takes 17 recvs (reset + 16 steps), then 16 each
+            train(config, binding, vecenv=InterruptAt(vecenv, 17 + 16 + 5))
+
+    [path] = list_checkpoints(tmp_path)
+    checkpoint = load_checkpoint(path)
+    assert path.name == "update_000002.pt" and checkpoint["global_step"] == 2 * 64  # the third rollout is dropped
+    two_updates = train(dataclasses.replace(config, run_dir=None, total_timesteps=2 * 64), binding)
+    for name, tensor in two_updates.policy.state_dict().items():
+        assert torch.equal(checkpoint["model"][name], tensor), name
+    assert read_progress(tmp_path)[-1]["update"] == 2
+
+    resumed = train(config, binding, resume_from=tmp_path)
+    assert resumed.start_step == 128 and resumed.global_step == 320 and resumed.updates == 5
+
+
 def test_resume_from_another_env_is_refused(tmp_path):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
     config = PPOConfig(**QUICK, env="gym:Acrobot-v1")
