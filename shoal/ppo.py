@@ -460,7 +460,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     ratio = log_ratio.exp()
                     mb_advantages = b["advantages"]
                     if config.norm_adv and len(mb_advantages) > 1:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                        std, mean = torch.std_mean(mb_advantages)
+                        mb_advantages = (mb_advantages - mean) / (std + 1e-8)
                     policy_loss = -torch.min(
                         mb_advantages * ratio,
                         mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
