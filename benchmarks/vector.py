@@ -7,7 +7,9 @@ Every number comes from this one run on this machine. For each env, every runner
 of envs with fixed random actions (their cost is not measured). The runners are built first, then timed
 in turn for ``--seconds``, ``--rounds`` times (so a busy machine slows all of them alike); each keeps its
 best round. The Ray rows are timed in a second phase with Ray started only for them, since Ray's own
-processes use CPU while they run. The table gives env steps per second and ratios against:
+processes use CPU while they run; that phase times Multiprocessing again beside them ("beside Ray"), and
+the last column compares each Ray row with its Multiprocessing twin from the same rounds. The table
+gives env steps per second and ratios against:
   - the limit: one independent process per core, each stepping its share of the raw envs in a loop
     (as many per process as a Multiprocessing worker has), with no communication;
   - the emulated limit: the same with shoal's emulated envs (``EmulatedEnv.step`` in a loop): the ceiling
@@ -221,14 +223,25 @@ def gymnasium_runner(vector_cls, bench: Bench, emulated: bool, **kwargs):
 # ---------------------------------------------------------------- the table
 
 RUNNERS = ["limit", "limit (emulated)", "gymnasium SyncVectorEnv", "gymnasium AsyncVectorEnv", "shoal Serial",
-           "shoal Multiprocessing", "shoal Multiprocessing async", "shoal Ray", "shoal Ray async"]
+           "shoal Multiprocessing", "shoal Multiprocessing async", "shoal Ray", "shoal Ray async",
+           "shoal Multiprocessing, beside Ray", "shoal Multiprocessing async, beside Ray"]
+BESIDE_RAY = {"shoal Ray": "shoal Multiprocessing, beside Ray", "shoal Ray async": "shoal Multiprocessing async, beside Ray"}
 
 
 def build_runners(bench: Bench, cores: int, ray_phase: bool) -> dict[str, tuple[str, Callable, Callable]]:
     """runner name -> (layout, measure, close), all for ``bench.num_envs`` envs: the Ray runners, or all others."""
     n, multiagent = bench.num_envs, bench.creator is make_nested
-    if ray_phase:
+    multiprocessing_specs = {
+        "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
+            Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
+        "shoal Multiprocessing async": (f"{cores} workers x {n // cores} envs, batch {n // 2}",
+                                        lambda: shoal_runner(Multiprocessing, bench, num_workers=cores,
+                                                             envs_per_worker=n // cores, batch_size=n // 2)),
+    }
+    if ray_phase:  # with Multiprocessing again, timed beside Ray in the same rounds: a fair comparison
         specs = {
+            **{BESIDE_RAY[name]: spec for name, spec in zip(["shoal Ray", "shoal Ray async"],
+                                                             multiprocessing_specs.values())},
             "shoal Ray": (f"{cores} actors x {n // cores} envs", lambda: shoal_runner(
                 Ray, bench, num_workers=cores, envs_per_worker=n // cores)),
             "shoal Ray async": (f"{cores} actors x {n // cores} envs, batch {n // 2}", lambda: shoal_runner(
@@ -245,11 +258,7 @@ def build_runners(bench: Bench, cores: int, ray_phase: bool) -> dict[str, tuple[
             "gymnasium AsyncVectorEnv": (f"{n} processes x 1 env", lambda: gymnasium_runner(
                 gymnasium.vector.AsyncVectorEnv, bench, multiagent, context="forkserver")),
             "shoal Serial": (f"1 x {n} envs", lambda: shoal_runner(Serial, bench, envs_per_worker=n)),
-            "shoal Multiprocessing": (f"{cores} workers x {n // cores} envs", lambda: shoal_runner(
-                Multiprocessing, bench, num_workers=cores, envs_per_worker=n // cores)),
-            "shoal Multiprocessing async": (f"{cores} workers x {n // cores} envs, batch {n // 2}",
-                                            lambda: shoal_runner(Multiprocessing, bench, num_workers=cores,
-                                                                 envs_per_worker=n // cores, batch_size=n // 2)),
+            **multiprocessing_specs,
         }
     return {name: (layout, *build()) for name, (layout, build) in specs.items()}
 
@@ -303,12 +312,14 @@ def print_table(table: list, cores: int, config: Config) -> None:
 
     print(f"\nshoal.vector: env steps per second (higher is better), best of {config.rounds} interleaved rounds of "
           f"{config.seconds:g} s, {cores} cores ({os.cpu_count()} visible)\n")
-    print("| env | runner | layout | steps/s | vs limit | vs emulated limit | vs gym Async | vs shoal Serial |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| env | runner | layout | steps/s | vs limit | vs emulated limit | vs gym Async | vs shoal Serial | "
+          "Ray vs Multiprocessing beside it |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for env, runner, layout, rate in table:
+        beside = ratio(env, rate, BESIDE_RAY[runner]) if runner in BESIDE_RAY else ""
         print(f"| {env} | {runner} | {layout} | {rate:,.0f} | {ratio(env, rate, 'limit')} | "
               f"{ratio(env, rate, 'limit (emulated)')} | {ratio(env, rate, 'gymnasium AsyncVectorEnv')} | "
-              f"{ratio(env, rate, 'shoal Serial')} |")
+              f"{ratio(env, rate, 'shoal Serial')} | {beside} |")
 
 
 if __name__ == "__main__":
