@@ -8,10 +8,10 @@ seeded source (raw nested actions for the raw env, the same actions flattened fo
 and a reset when the episode ends (the emulated env resets itself, same-step).
 
 Made for a shared, noisy machine: time is this process's CPU time (``time.process_time``: time spent
-waiting for a core does not count); each round runs raw and emulated in alternating short chunks
-(A/B, B/A, ...) and keeps each side's best chunk, since load from other processes only ever slows a
-chunk down; the table reports the median over rounds of each round's ratio. ``--clock wall`` uses
-wall-clock time instead.
+waiting for a core does not count); raw and emulated run in alternating short chunks (A/B, B/A, ...),
+both envs playing the same steps in each pair of chunks (same seed, same actions, so the same episode
+ends), and the table reports the median over all pairs of each pair's ratio, so a burst of load from
+another process moves a few pairs, not the result. ``--clock wall`` uses wall-clock time instead.
 """
 
 from __future__ import annotations
@@ -139,8 +139,7 @@ def measure(case: Case, rounds: int, seconds: float, clock: Callable[[], float],
     emulated.reset(seed=0)
     run_raw = run_raw_multi if binding.is_multiagent else run_raw_single
 
-    # Calibrate (and warm up): steps per chunk so that one round, `chunks` raw and emulated chunks, takes
-    # about `seconds`.
+    # Calibrate (and warm up): steps per chunk so that a round, `chunks` pairs of chunks, takes about `seconds`.
     num_steps = 8
     while (raw_elapsed := run_raw(raw_env, raw_actions, num_steps, clock)) < 0.05 * seconds / chunks:
         num_steps *= 2
@@ -148,15 +147,14 @@ def measure(case: Case, rounds: int, seconds: float, clock: Callable[[], float],
     num_steps = max(8, int(num_steps * seconds / chunks / (raw_elapsed + emulated_elapsed)))
 
     raw_sps, emulated_sps, ratios = [], [], []
-    for _ in range(rounds):
-        raw, emu = 0.0, 0.0  # the best chunk of each side: load from other processes only ever slows a chunk
-        for index in range(chunks):
-            if index % 2:  # B/A every other chunk: slow drift in load favours neither side
-                emu = max(emu, num_steps / run_emulated(emulated, flat_actions, num_steps, clock))
-                raw = max(raw, num_steps / run_raw(raw_env, raw_actions, num_steps, clock))
-            else:
-                raw = max(raw, num_steps / run_raw(raw_env, raw_actions, num_steps, clock))
-                emu = max(emu, num_steps / run_emulated(emulated, flat_actions, num_steps, clock))
+    for _ in range(rounds * chunks):
+        # A pair of chunks: both envs play the same steps (same seed, same actions, same resets).
+        if len(ratios) % 2:  # B/A every other pair: slow drift in load favours neither side
+            emu = num_steps / run_emulated(emulated, flat_actions, num_steps, clock)
+            raw = num_steps / run_raw(raw_env, raw_actions, num_steps, clock)
+        else:
+            raw = num_steps / run_raw(raw_env, raw_actions, num_steps, clock)
+            emu = num_steps / run_emulated(emulated, flat_actions, num_steps, clock)
         raw_sps.append(raw)
         emulated_sps.append(emu)
         ratios.append(emu / raw)
@@ -167,8 +165,8 @@ def measure(case: Case, rounds: int, seconds: float, clock: Callable[[], float],
 
 
 def print_table(results: list[Result], rounds: int, chunks: int, clock: str) -> None:
-    print(f"\nemulated ÷ raw steps/s ({clock} time), one env: median over {rounds} rounds of the ratio of each "
-          f"side's best of {chunks} interleaved chunks\n")
+    print(f"\nemulated ÷ raw steps/s ({clock} time), one env: median over {rounds * chunks} interleaved pairs "
+          f"of chunks that play the same steps\n")
     header = f"{'env':<20} {'raw steps/s':>12} {'emulated steps/s':>17} {'ratio':>7} {'target':>7}  ok"
     print(header)
     print("-" * len(header))
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per env (default 12, quick 4)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="seconds per round, raw and emulated together (default 2.0, quick 0.5)")
-    parser.add_argument("--chunks", type=int, default=8, help="interleaved raw/emulated chunks per round")
+    parser.add_argument("--chunks", type=int, default=8, help="pairs of raw/emulated chunks per round")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="cpu: this process's CPU time (robust to other load); wall: wall-clock time")
     parser.add_argument("--only", default=None, help="run only the envs whose name contains this")
