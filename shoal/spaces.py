@@ -286,7 +286,8 @@ class _Bounds:
             return all(map(operator.le, lows, values)) and all(map(operator.le, values, highs))
         if self.lo is not None:  # one range for the whole leaf: two reductions
             return self.lo <= array.min().item() and array.max().item() <= self.hi
-        return bool((self.low is None or (array >= self.low).all()) and (self.high is None or (array <= self.high).all()))
+        return bool((self.low is None or (array >= self.low).all())
+                    and (self.high is None or (array <= self.high).all()))
 
     def outside(self, array: np.ndarray) -> np.ndarray:
         """Elementwise: which values of ``array`` lie outside the range (NaN included)."""
@@ -333,7 +334,8 @@ class ObservationLayout:
         fields, offset = [], 0
         for index, (path, dtype, shape, low, high) in enumerate(specs):
             dtype = np.dtype(dtype)
-            fields.append(_Field(f"f{index}", path, dtype, tuple(shape), offset, _Bounds(dtype, tuple(shape), low, high)))
+            bounds = _Bounds(dtype, tuple(shape), low, high)
+            fields.append(_Field(f"f{index}", path, dtype, tuple(shape), offset, bounds))
             offset += dtype.itemsize * int(np.prod(shape, dtype=np.int64))
         align = max(field.dtype.itemsize for field in fields)
         itemsize = max(-(-offset // align) * align, self.dtype.itemsize)
@@ -420,7 +422,8 @@ class ObservationLayout:
         records = flat.view(self.struct)[..., 0]
         targets = []
         for field in self._canonical:  # each step: (prefix, its parent prefix, key) of the leaf's path
-            steps = [(field.path[:depth + 1], field.path[:depth], field.path[depth]) for depth in range(len(field.path))]
+            steps = [(field.path[:depth + 1], field.path[:depth], field.path[depth])
+                     for depth in range(len(field.path))]
             targets.append((field, records[field.name], steps))
 
         def write_rows(rows, values: list) -> None:
@@ -668,7 +671,7 @@ class ActionLayout:
         if _is_torch(flat):
             import torch
 
-            return [(piece if field.offset is None else piece + torch.tensor(np.asarray(field.offset), device=flat.device)
-                     ).to(_torch_dtype(field.dtype)) for field, piece in pieces]
+            return [(piece if field.offset is None else piece + torch.tensor(np.asarray(field.offset), device=flat.device))
+                    .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         return [(piece if field.offset is None else piece + field.offset).astype(field.dtype)[()]
                 for field, piece in pieces]
