@@ -485,7 +485,11 @@ class EmulatedEnv:
             self._write_obs(0, obs)
         except SpaceError as error:
             raise self._misfit([SINGLE_AGENT_ID], error) from None
-        self.rewards[0] = reward
+        try:
+            self.rewards[0] = reward
+        except (TypeError, ValueError):
+            self._rewards_of({SINGLE_AGENT_ID: reward}, [SINGLE_AGENT_ID])  # raises the EnvError that says so
+            raise
         self.terminals[0] = terminal
         self.truncations[0] = truncation
         self._episode_return[0] += env_reward
@@ -519,12 +523,17 @@ class EmulatedEnv:
         return final
 
     def _rewards_of(self, rewards: dict, agents: list) -> np.ndarray:
+        """The agents' rewards as float64; EnvError for one that is not a number (None would become NaN)."""
         try:
-            return np.asarray(_per_agent(rewards, agents, 0.0), np.float64)
+            values = np.asarray(_per_agent(rewards, agents, 0.0), np.float64)
+            if not np.isnan(values).any():
+                return values
         except (TypeError, ValueError):
-            agent = next(agent for agent in agents if not isinstance(rewards.get(agent, 0.0), (int, float, np.number)))
-            raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward must be a number, "
-                           f"got {type(rewards[agent]).__name__} {rewards[agent]!r}") from None
+            pass
+        agent = next(agent for agent in agents if not isinstance(rewards.get(agent, 0.0), (int, float, np.number))
+                     or np.isnan(rewards[agent]))
+        raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward must be a number, "
+                       f"got {type(rewards[agent]).__name__} {rewards[agent]!r}")
 
     def _unflatten_actions(self, actions, live: list) -> dict:
         binding = self.binding

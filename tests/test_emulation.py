@@ -333,6 +333,31 @@ def test_multiagent_observation_outside_its_space_names_the_agent():
         env.step(flat_actions(binding))
 
 
+def test_env_returning_a_reward_that_is_not_a_number():
+    class NoneReward(NestedMultiAgentEnv):
+        def step(self, actions):
+            obs, rewards, *rest = super().step(actions)
+            rewards["agent_1"] = None
+            return (obs, rewards, *rest)
+
+    binding = shoal.Binding(env_cls=NoneReward)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match="agent 'agent_1', step 1: reward must be a number, got NoneType None"):
+        env.step(flat_actions(binding))
+
+    class TextReward(NestedSingleAgentEnv):
+        def step(self, action):
+            obs, _, terminal, truncation, info = super().step(action)
+            return obs, "one", terminal, truncation, info
+
+    binding = shoal.Binding(env_cls=TextReward)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match="agent 0, step 1: reward must be a number, got str 'one'"):
+        env.step(flat_actions(binding))
+
+
 def test_dark_slots_hold_zeros_even_where_zero_is_outside_the_space():
     class PositiveObs(ParallelEnv):
         metadata = {"name": "positive_v0"}
