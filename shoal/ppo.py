@@ -204,6 +204,17 @@ def _adam(policy: Policy, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(policy.parameters(), lr=lr, eps=1e-5)
 
 
+def _clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+
+    What ``torch.nn.utils.clip_grad_norm_`` does, in three ops: torch's own groups the gradients by
+    device and dtype on every call, which costs more than the math for a small network (~0.1 ms).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if name == "auto":
@@ -479,7 +490,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                         loss = loss - config.ent_coef * entropy_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm, foreach=True)
+                    _clip_grad_norm(parameters, config.max_grad_norm)
                     optimizer.step()
                     with torch.no_grad():
                         approx_kl = ((ratio - 1) - log_ratio).mean()

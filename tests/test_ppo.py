@@ -23,7 +23,7 @@ from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError
 from shoal.logging import read_progress
 from shoal.policy import LSTMPolicy, MLPPolicy
-from shoal.ppo import PPOConfig, gae, train
+from shoal.ppo import PPOConfig, _clip_grad_norm, gae, train
 from shoal.vector import Batch
 
 QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
@@ -104,6 +104,19 @@ def test_gae_never_propagates_into_a_transition_that_does_not_count():
     values = np.array([[0.0], [3.0], [50.0]], np.float32)
     advantages = gae(rewards, values, np.zeros((2, 1), bool), np.array([[True], [False]]), 0.5, 1.0)
     np.testing.assert_allclose(advantages[:, 0], [1.0 + 0.5 * 3.0, 0.0])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipped, and left alone
+def test_gradient_clipping_matches_torch(max_norm):
+    torch.manual_seed(0)
+    ours, theirs = ([torch.zeros(shape, requires_grad=True) for shape in [(64, 4), (64,), (2, 64)]] for _ in range(2))
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape)
+        b.grad = a.grad.clone()
+    _clip_grad_norm(ours, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_nested_multiagent_env_with_deaths_and_spawns_trains():
