@@ -56,6 +56,15 @@ def _per_agent(values: dict, agents: list, default) -> list:
         return [values.get(agent, default) for agent in agents]
 
 
+def _is_number(value) -> bool:
+    """Whether ``value`` is one real number (a 0-d array counts), NaN excluded."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return False
+    return array.shape == () and array.dtype.kind in "biuf" and not np.isnan(array)
+
+
 def _agent_order(agent) -> tuple:
     """Natural order: "piston_2" before "piston_10"; numbers before names."""
     if isinstance(agent, (int, np.integer)):
@@ -323,6 +332,7 @@ class EmulatedEnv:
         self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
+        self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
         self.tick = 0  # steps since creation, for messages
         self._needs_reset = True
 
@@ -344,17 +354,9 @@ class EmulatedEnv:
                 return method(*args, **kwargs)
         return method(*args, **kwargs)
 
-    def _raw_reset(self, seed: int | None) -> tuple[dict, dict]:
-        obs, infos = self._quietly(self.env.reset, seed=seed)
-        if self.binding.is_multiagent:
-            return obs, infos or {}
-        return {SINGLE_AGENT_ID: obs}, {SINGLE_AGENT_ID: infos} if infos else {}
-
     def _live_agents(self) -> list:
-        """Agents that act at the next step."""
-        if self.binding.is_multiagent:
-            return [agent for agent in self.env.agents if agent not in self._ended]
-        return [] if self._ended else [SINGLE_AGENT_ID]
+        """Agents of a multi-agent env that act at the next step."""
+        return [agent for agent in self.env.agents if agent not in self._ended]
 
     # -------------------------------------------------------------- the contract
 
@@ -366,17 +368,23 @@ class EmulatedEnv:
         self.terminals[:] = False
         self.truncations[:] = False
         infos = self._begin_episode(seed)
+        self._needs_reset = False
         return self._output(self.obs), infos
 
     def _begin_episode(self, seed: int | None) -> dict:
-        obs, infos = self._raw_reset(seed)
+        obs, infos = self._quietly(self.env.reset, seed=seed)
+        if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
+            self._lone_episode = [0.0, 0]
+            self._write_single(obs)
+            self.masks[0] = True
+            return {SINGLE_AGENT_ID: dict(infos)} if infos else {}
+        infos = infos or {}
         self._ended.clear()
         self._episode_return[:] = 0
         self._episode_length[:] = 0
         self.obs[:] = 0
         self.masks[:] = False
         self._write_agents(list(obs), list(obs.values()))
-        self._needs_reset = False
         return {agent: dict(info) for agent, info in infos.items() if info}
 
     def _write_agents(self, agents: list, values: list) -> np.ndarray | list[int]:
@@ -410,6 +418,15 @@ class EmulatedEnv:
             raise self._misfit(agents, error) from None
         self.masks[slots] = True
         return slots
+
+    def _write_single(self, obs) -> None:
+        """``_write_agents`` for the one agent of a single-agent env."""
+        if self.binding.feature_parser is not None:
+            obs = self.binding.feature_parser(obs)
+        try:
+            self._write_obs(0, obs)
+        except SpaceError as error:
+            raise self._misfit([SINGLE_AGENT_ID], error) from None
 
     def _misfit(self, agents: list, error: SpaceError) -> EnvError:
         who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {agents[:8]}"
@@ -461,7 +478,8 @@ class EmulatedEnv:
             for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
                 agent = binding.possible_agents[slot]
                 self._ended.add(agent)
-                out_infos[agent] = self._final_info(slot, out_infos.get(agent))
+                episode = float(self._episode_return[slot]), int(self._episode_length[slot])
+                out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode)
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
@@ -473,67 +491,64 @@ class EmulatedEnv:
     def _step_single(self, actions):
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""
         binding = self.binding
-        action = self._single_action(actions)
-        self.tick += 1
-        obs, env_reward, terminal, truncation, info = self._quietly(self.env.step, action)
-        reward = env_reward
-        if binding.reward_shaper is not None:
-            reward = binding.reward_shaper({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})[SINGLE_AGENT_ID]
-        if binding.feature_parser is not None:
-            obs = binding.feature_parser(obs)
-        try:
-            self._write_obs(0, obs)
-        except SpaceError as error:
-            raise self._misfit([SINGLE_AGENT_ID], error) from None
-        try:
-            self.rewards[0] = reward
-        except (TypeError, ValueError):
-            self._rewards_of({SINGLE_AGENT_ID: reward}, [SINGLE_AGENT_ID])  # raises the EnvError that says so
-            raise
-        self.terminals[0] = terminal
-        self.truncations[0] = truncation
-        self._episode_return[0] += env_reward
-        self._episode_length[0] += 1
-        infos = {SINGLE_AGENT_ID: info} if info else {}
-        if terminal or truncation:
-            final = infos[SINGLE_AGENT_ID] = self._final_info(0, info)
-            reset_infos = self._begin_episode(None)
-            if reset_infos:
-                final["reset_info"] = reset_infos[SINGLE_AGENT_ID]
-        return self._outputs(infos)
-
-    def _single_action(self, actions):
-        """The raw action for a single-agent env; a lone Discrete skips the general checks when valid."""
-        if self._lone_discrete is not None:
+        action = None
+        if self._lone_discrete is not None:  # a lone Discrete: skip the general checks when valid
             array = actions if type(actions) is np.ndarray else np.asarray(actions)
             if array.size == 1 and array.ndim in (1, 2) and array.dtype.kind in "iu":
                 value = array.item()
                 n, start = self._lone_discrete
                 if 0 <= value < n:
-                    return value + start
-        return self._unflatten_actions(actions, [SINGLE_AGENT_ID])[SINGLE_AGENT_ID]
+                    action = value + start
+        if action is None:
+            action = self._unflatten_actions(actions, [SINGLE_AGENT_ID])[SINGLE_AGENT_ID]
+        self.tick += 1
+        if binding.suppress_env_prints:
+            obs, env_reward, terminal, truncation, info = self._quietly(self.env.step, action)
+        else:  # the common case, without the call through _quietly
+            obs, env_reward, terminal, truncation, info = self.env.step(action)
+        if not (type(env_reward) is float or type(env_reward) is int) or env_reward != env_reward:
+            env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
+        reward = env_reward
+        if binding.reward_shaper is not None:
+            reward = binding.reward_shaper({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
+            reward = self._rewards_of(reward, [SINGLE_AGENT_ID])[0]
+        self._write_single(obs)
+        self.rewards[0] = reward
+        self.terminals[0] = terminal
+        self.truncations[0] = truncation
+        episode = self._lone_episode
+        episode[0] += env_reward
+        episode[1] += 1
+        infos = {SINGLE_AGENT_ID: info} if info else {}
+        if terminal or truncation:
+            final = infos[SINGLE_AGENT_ID] = self._final_info(0, info, (float(episode[0]), episode[1]))
+            reset_infos = self._begin_episode(None)
+            if reset_infos:
+                final["reset_info"] = reset_infos[SINGLE_AGENT_ID]
+        if self._plain_outputs:
+            return self.obs, self.rewards, self.terminals, self.truncations, infos
+        return self._outputs(infos)
 
-    def _final_info(self, slot: int, info: dict | None) -> dict:
-        """An ending agent's infos: its own (copied), its final observation and its episode statistics."""
+    def _final_info(self, slot: int, info: dict | None, episode: tuple[float, int]) -> dict:
+        """An ending agent's infos: its own (copied), its final observation and its episode (return, length)."""
         final = dict(info) if info else {}
         final["final_observation"] = self.obs[slot].copy()
         if self.binding.record_episode_statistics:
-            final["episode"] = {"return": float(self._episode_return[slot]),
-                                "length": int(self._episode_length[slot])}
+            final["episode"] = {"return": episode[0], "length": episode[1]}
         return final
 
     def _rewards_of(self, rewards: dict, agents: list) -> np.ndarray:
-        """The agents' rewards as float64; EnvError for one that is not a number (None would become NaN)."""
+        """The agents' rewards as float64; EnvError for one that is not a number (None, text, NaN, an array)."""
+        values = _per_agent(rewards, agents, 0.0)
         try:
-            values = np.asarray(_per_agent(rewards, agents, 0.0), np.float64)
-            if not np.isnan(values).any():
-                return values
+            array = np.asarray(values)  # no dtype: numpy would turn None into NaN and "1" into 1.0
+            if array.shape == (len(agents),) and array.dtype.kind in "biuf" and not np.isnan(array).any():
+                return array.astype(np.float64, copy=False)
         except (TypeError, ValueError):
             pass
-        agent = next(agent for agent in agents if not isinstance(rewards.get(agent, 0.0), (int, float, np.number))
-                     or np.isnan(rewards[agent]))
+        agent, value = next((agent, value) for agent, value in zip(agents, values) if not _is_number(value))
         raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward must be a number, "
-                       f"got {type(rewards[agent]).__name__} {rewards[agent]!r}")
+                       f"got {type(value).__name__} {value!r}")
 
     def _unflatten_actions(self, actions, live: list) -> dict:
         binding = self.binding

@@ -247,11 +247,12 @@ def _(space: spaces.MultiBinary):
 class _Bounds:
     """The declared range of one observation leaf, checked against values with any leading dims.
 
-    A side the dtype already enforces (int8 from -128, any bool) is not checked. Floats are always
-    checked, so NaN never passes.
+    A side the dtype already enforces (int8 from -128, any bool) is not checked, nor is an infinite
+    one; a float with no side checked is still tested against itself, so NaN never passes.
     """
 
     def __init__(self, dtype: np.dtype, shape: tuple, low: np.ndarray, high: np.ndarray):
+        self._args = dtype, shape, low, high
         low, high = (np.broadcast_to(np.asarray(bound), shape) for bound in (low, high))
         if dtype.kind == "b":
             needed_low = needed_high = False
@@ -268,6 +269,35 @@ class _Bounds:
         self.highs = high.ravel().tolist() if needed_high else [np.inf] * high.size
         uniform = len(set(self.lows)) <= 1 and len(set(self.highs)) <= 1
         self.lo, self.hi = (self.lows[0], self.highs[0]) if uniform and self.lows else (None, None)
+        self.inside_row = self._row_checker(dtype.kind == "f", len(shape)) if low.size <= SMALL_LEAF else None
+
+    def _row_checker(self, is_float: bool, ndim: int) -> Callable[[np.ndarray], bool]:
+        """``inside_row(array)`` for one value of the leaf's shape: one generated chain of comparisons.
+
+        Plain Python comparisons beat numpy's reductions on a few values by ~10x, and a generated
+        expression beats a loop over them by ~4x. Bounds reach the code as names, never as text.
+        """
+        tests, namespace = [], {}
+        for index, (low, high) in enumerate(zip(self.lows, self.highs)):
+            value = f"v[{index}]"
+            if low != -np.inf:
+                namespace[f"l{index}"] = low
+                value = f"l{index} <= {value}"
+            if high != np.inf:
+                namespace[f"h{index}"] = high
+                value = f"{value} <= h{index}"
+            if value != f"v[{index}]":
+                tests.append(value)
+            elif is_float:  # no finite bound: only NaN is outside
+                tests.append(f"{value} == {value}")
+        if not tests:
+            return lambda array: True
+        values = "array.tolist()" if ndim == 1 else "array.ravel().tolist()"
+        exec(f"def inside_row(array):\n    v = {values}\n    return {' and '.join(tests)}\n", namespace)
+        return namespace["inside_row"]
+
+    def __reduce__(self):  # generated code does not pickle: rebuild it from the arguments
+        return _Bounds, self._args
 
     def __repr__(self) -> str:
         if self.lo is not None:
@@ -279,10 +309,10 @@ class _Bounds:
         if not self.checked or not array.size:
             return True
         if array.size <= SMALL_LEAF:  # a few values: plain Python beats numpy's reductions (NaN fails <=)
+            if array.size == len(self.lows):  # one row
+                return self.inside_row(array.reshape(self._args[1]))
             values = array.ravel().tolist()
-            lows, highs = self.lows, self.highs
-            if len(values) != len(lows):  # several rows
-                lows, highs = itertools.cycle(lows), itertools.cycle(highs)
+            lows, highs = itertools.cycle(self.lows), itertools.cycle(self.highs)
             return all(map(operator.le, lows, values)) and all(map(operator.le, values, highs))
         if self.lo is not None:  # one range for the whole leaf: two reductions
             return self.lo <= array.min().item() and array.max().item() <= self.hi
@@ -389,11 +419,12 @@ class ObservationLayout:
         targets = [(field, records[field.name]) for field in self._canonical]
         if len(targets) == 1 and not targets[0][0].path:
             (field, view), = targets
+            inside = field.bounds.inside_row or field.bounds.inside
 
             def write_single(row: int, value: Any) -> None:
                 if not (type(value) is np.ndarray and value.dtype == field.dtype and value.shape == field.shape):
                     value = self._checked(field, value, ())
-                if not field.bounds.inside(value):
+                if not inside(value):
                     raise self._outside(field, value, ())
                 view[row] = value
             return write_single

@@ -358,6 +358,41 @@ def test_env_returning_a_reward_that_is_not_a_number():
         env.step(flat_actions(binding))
 
 
+@pytest.mark.parametrize("reward, shown", [("1.0", "str '1.0'"), (float("nan"), "float nan"),
+                                           (np.array([1.0]), r"ndarray array\(\[1.\]\)")])
+def test_single_agent_reward_that_numpy_would_accept_is_still_an_error(reward, shown):
+    class OddReward(NestedSingleAgentEnv):
+        def step(self, action):
+            obs, _, terminal, truncation, info = super().step(action)
+            return obs, reward, terminal, truncation, info
+
+    binding = shoal.Binding(env_cls=OddReward)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match=f"agent 0, step 1: reward must be a number, got {shown}"):
+        env.step(flat_actions(binding))
+
+
+def test_rewards_may_be_numpy_scalars_and_0d_arrays_and_shaped_rewards_are_checked():
+    class NumpyReward(NestedSingleAgentEnv):
+        def step(self, action):
+            obs, _, terminal, truncation, info = super().step(action)
+            return obs, np.array(2.0, np.float32), terminal, truncation, info
+
+    env = shoal.Binding(env_cls=NumpyReward).make_env()
+    env.reset(seed=0)
+    assert env.step(flat_actions(env.binding))[1][0] == 2.0
+    shaped = shoal.Binding(env_cls=NumpyReward, reward_shaper=lambda rewards, infos: {0: rewards[0] * np.int64(3)})
+    env = shaped.make_env()
+    env.reset(seed=0)
+    assert env.step(flat_actions(shaped))[1][0] == 6.0
+    broken = shoal.Binding(env_cls=NumpyReward, reward_shaper=lambda rewards, infos: {0: None})
+    env = broken.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match="agent 0, step 1: reward must be a number, got NoneType None"):
+        env.step(flat_actions(broken))
+
+
 def test_dark_slots_hold_zeros_even_where_zero_is_outside_the_space():
     class PositiveObs(ParallelEnv):
         metadata = {"name": "positive_v0"}

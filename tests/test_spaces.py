@@ -347,6 +347,30 @@ def test_writers_check_the_declared_range():
         layout.rows_writer(flat)([0, 2], [_good_value(), bad])
 
 
+@PROPERTY
+@given(st.data(), st.sampled_from([np.float32, np.float64, np.int8, np.int64, np.uint8]), st.integers(1, 6))
+def test_small_leaf_range_check_agrees_with_numpy(data, dtype, size):
+    """The generated one-row check of a small leaf: finite, infinite and absent bounds; NaN never inside."""
+    is_float = np.dtype(dtype).kind == "f"
+    info = np.finfo(dtype) if is_float else np.iinfo(dtype)
+    edges = [-np.inf, np.inf, -1.0, 0.0, 3.0] if is_float else [info.min, info.max, -1 if info.min else 0, 0, 3]
+    low = np.array(data.draw(st.lists(st.sampled_from(edges), min_size=size, max_size=size)), dtype)
+    high = np.maximum(low, np.array(data.draw(st.lists(st.sampled_from(edges), min_size=size, max_size=size)), dtype))
+    layout = ObservationLayout(spaces.Box(low, high, (size,), dtype))
+    value = np.array(data.draw(st.lists(
+        st.sampled_from([np.nan, np.inf, -np.inf, -2.0, -1.0, 0.0, 2.5, 3.0]) if is_float
+        else st.integers(int(info.min), int(info.max)), min_size=size, max_size=size)), dtype)
+    expected = bool(np.all(value >= low) and np.all(value <= high))
+    for checked in (layout, pickle.loads(pickle.dumps(layout))):  # generated code, rebuilt after pickling
+        flat = np.zeros((1, layout.size), layout.dtype)
+        if expected:
+            checked.writer(flat)(0, value)
+            assert flat[0].tobytes() == value.tobytes()
+        else:
+            with pytest.raises(SpaceError, match="lies outside its range"):
+                checked.writer(flat)(0, value)
+
+
 # ---------------------------------------------------------------- actions: properties
 
 
