@@ -471,3 +471,24 @@ def test_workers_exit_when_the_parent_dies(tmp_path):
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
         assert time.monotonic() < deadline, "workers outlived their killed parent"
         time.sleep(0.1)
+
+
+def test_poller_answers_like_connection_wait():
+    """The parent's wait: ready pipes, a timeout with nothing ready, a peer that closed its end."""
+    import multiprocessing
+
+    from shoal.vector.base import Poller
+
+    poller = Poller()
+    (a, a_peer), (b, b_peer) = multiprocessing.Pipe(), multiprocessing.Pipe()
+    assert poller.wait((a, b), 0.01) == []
+    b_peer.send("done")
+    assert poller.wait((a, b), None) == [b]
+    assert poller.wait((a,), 0) == []  # another set of waitables: its own poll object
+    a_peer.close()
+    assert set(poller.wait((a, b), 0)) == {a, b}
+    with pytest.raises(EOFError):
+        a.recv()
+    poller.clear()
+    for end in (a, b, b_peer):
+        end.close()

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import os
+import select
 import time
 import traceback
 from collections import deque
+from multiprocessing import connection
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -225,6 +228,37 @@ def _unpicklable(command: Command, error: Exception, step: int) -> tuple[Status,
     if command in (Command.CALL, Command.GET_ATTR):
         return Status.USAGE_ERROR, problem + " (results must pickle)"
     return Status.FAILED, Failure(None, step, command.value, problem, traceback.format_exc())
+
+
+class Poller:
+    """``multiprocessing.connection.wait`` for waitables (connections, sentinels) that recur call after call.
+
+    ``connection.wait`` builds and fills a new selector on every call, some 20-50 µs of the parent's CPU
+    per batch on a small machine; this keeps one ``select.poll`` per set of waitables, filled once.
+    """
+
+    def __init__(self):
+        self._polls: dict[tuple, tuple[Any, dict[int, Any]]] = {}
+
+    def wait(self, waitables: tuple, timeout: float | None) -> list:
+        """The ``waitables`` that are ready (readable, or closed at the other end), as ``connection.wait``."""
+        if not hasattr(select, "poll"):  # Windows
+            return connection.wait(waitables, timeout)
+        entry = self._polls.get(waitables)
+        if entry is None:
+            poll, by_fd = select.poll(), {}
+            for item in waitables:
+                fd = item if isinstance(item, int) else item.fileno()
+                poll.register(fd, select.POLLIN)
+                by_fd[fd] = item
+            entry = self._polls[waitables] = poll, by_fd
+        poll, by_fd = entry
+        events = poll.poll(None if timeout is None else math.ceil(timeout * 1000))
+        return [by_fd[fd] for fd, _ in events]
+
+    def clear(self) -> None:
+        """Forget every set (call before closing any of the waitables)."""
+        self._polls.clear()
 
 
 def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception]) -> list[tuple[int, Status, Any]]:

@@ -5,9 +5,10 @@ its pipe; the worker steps its ``envs_per_worker`` envs, which write observation
 straight into the worker's rows of shared memory, and answers with its infos (usually empty). No
 observation is ever pickled.
 
-Waiting: the parent blocks in ``multiprocessing.connection.wait`` on the workers' pipes *and* their
-process sentinels, and workers block in ``recv``. Nobody spins, so on a 2-core machine the parent does
-not steal the core a worker needs, and a worker killed by a signal is noticed at once.
+Waiting: the parent blocks in ``poll`` on the workers' pipes *and* their process sentinels (one
+:class:`~shoal.vector.base.Poller`), and workers block in ``recv``. Nobody spins, so on a 2-core
+machine the parent does not steal the core a worker needs, and a worker killed by a signal is noticed
+at once.
 
 Lifetime: the shared memory is a file that is unlinked as soon as it is created (``RawArray``), so it
 leaves no ``/dev/shm`` entry behind even if this process is killed; workers are daemons, exit when their
@@ -31,8 +32,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, receive_answers,
-                               serve, split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
+                               receive_answers, serve, split_arrays)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -134,6 +135,7 @@ class Multiprocessing(VecEnv):
         self._processes: list = []
         self._conns: list = []
         self._sentinels: dict[int, int] = {}  # process sentinel -> worker
+        self._poller = Poller()
         self._shared = SharedArrays(ctx, self._array_layout())
         arrays = self._shared.arrays()
         buffers, actions = split_arrays(arrays)
@@ -181,7 +183,7 @@ class Multiprocessing(VecEnv):
 
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         conns = {self._conns[worker]: worker for worker in workers}
-        ready = connection.wait([*conns, *self._sentinels], timeout)
+        ready = self._poller.wait((*conns, *self._sentinels), timeout)
         answers = receive_answers(conns, ready, self._death_error)
         answered = {worker for worker, _, _ in answers}
         for item in ready:
@@ -227,6 +229,8 @@ class Multiprocessing(VecEnv):
 
     def _shutdown(self) -> None:
         processes, conns = getattr(self, "_processes", []), getattr(self, "_conns", [])
+        if hasattr(self, "_poller"):
+            self._poller.clear()
         for process, conn in zip(processes, conns):
             if process.pid is not None and process.exitcode is None:
                 try:

@@ -28,8 +28,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Status, VecEnv, default_num_workers, receive_answers,
-                               serve, split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
+                               receive_answers, serve, split_arrays)
 
 
 def import_ray():
@@ -155,6 +155,7 @@ class Ray(VecEnv):
         self._refs: dict = {}  # ObjectRef -> (worker, command) of every call still out
         self._shared_path: str | None = None
         self._conns: list = []  # one socket per actor when every actor is local; else commands go by Ray calls
+        self._poller = Poller()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
         layout = self._array_layout()
@@ -216,7 +217,7 @@ class Ray(VecEnv):
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         if self._conns:
             conns = {self._conns[worker]: worker for worker in workers}
-            return receive_answers(conns, connection.wait(list(conns), timeout), self._death_error)
+            return receive_answers(conns, self._poller.wait(tuple(conns), timeout), self._death_error)
         ray = self._ray
         refs = [ref for ref, (worker, _) in self._refs.items() if worker in workers]
         if need >= len(refs):  # all of them (a full batch): no ray.wait
@@ -271,6 +272,8 @@ class Ray(VecEnv):
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
+        if hasattr(self, "_poller"):
+            self._poller.clear()
         for conn in getattr(self, "_conns", []):
             try:
                 conn.send((Command.CLOSE, None))
