@@ -467,8 +467,15 @@ def test_workers_exit_when_the_parent_dies(tmp_path):
     workers = [int(pid) for pid in parent.stdout.readline().split()]
     parent.kill()
     parent.wait()
+
+    def running(pid: int) -> bool:
+        try:  # a worker may exit between any two of these calls
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+    while any(running(pid) for pid in workers):
         assert time.monotonic() < deadline, "workers outlived their killed parent"
         time.sleep(0.1)
 
