@@ -214,6 +214,15 @@ def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one(
     np.testing.assert_allclose(np.array(_history(halves), float), np.array(_history(sync), float), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing", "ray"])
+def test_a_full_batch_run_is_reproducible_on_every_backend(backend):
+    """The same seed trains the same policy bit for bit, in process or in workers."""
+    binding = make_binding("cartpole")
+    reference = train(PPOConfig(**QUICK, seed=3), binding)
+    again = train(PPOConfig(**QUICK, seed=3, backend=backend, num_workers=2), binding)
+    np.testing.assert_array_equal(np.array(_history(again), float), np.array(_history(reference), float))
+
+
 def test_multiprocessing_double_buffering_trains():
     config = PPOConfig(**{**QUICK, "total_timesteps": 2000}, backend="multiprocessing", num_workers=2,
                        envs_per_batch=2, seed=1)
