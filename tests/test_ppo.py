@@ -215,8 +215,10 @@ def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one(
 
 
 @pytest.mark.parametrize("backend", ["serial", "multiprocessing", "ray"])
-def test_a_full_batch_run_is_reproducible_on_every_backend(backend):
+def test_a_full_batch_run_is_reproducible_on_every_backend(backend, request):
     """The same seed trains the same policy bit for bit, in process or in workers."""
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
     binding = make_binding("cartpole")
     reference = train(PPOConfig(**QUICK, seed=3), binding)
     again = train(PPOConfig(**QUICK, seed=3, backend=backend, num_workers=2), binding)
