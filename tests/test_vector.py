@@ -480,7 +480,7 @@ def test_poller_answers_like_connection_wait():
     assert poller.wait((a, b), 0.01) == []
     b_peer.send("done")
     assert poller.wait((a, b), None) == [b]
-    assert poller.wait((a,), 0) == []  # another set of waitables: its own poll object
+    assert poller.wait((a,), 0) == []  # another set of waitables: b is unregistered, its answer waits
     a_peer.close()
     assert set(poller.wait((a, b), 0)) == {a, b}
     with pytest.raises(EOFError):

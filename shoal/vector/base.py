@@ -234,31 +234,32 @@ class Poller:
     """``multiprocessing.connection.wait`` for waitables (connections, sentinels) that recur call after call.
 
     ``connection.wait`` builds and fills a new selector on every call, some 20-50 µs of the parent's CPU
-    per batch on a small machine; this keeps one ``select.poll`` per set of waitables, filled once.
+    per batch on a small machine; this keeps one ``select.poll`` and only registers and unregisters
+    the file descriptors that changed since the last call.
     """
 
     def __init__(self):
-        self._polls: dict[tuple, tuple[Any, dict[int, Any]]] = {}
+        self._poll = select.poll() if hasattr(select, "poll") else None  # None on Windows
+        self._registered: dict[int, Any] = {}  # fd -> waitable
 
     def wait(self, waitables: tuple, timeout: float | None) -> list:
         """The ``waitables`` that are ready (readable, or closed at the other end), as ``connection.wait``."""
-        if not hasattr(select, "poll"):  # Windows
+        if self._poll is None:
             return connection.wait(waitables, timeout)
-        entry = self._polls.get(waitables)
-        if entry is None:
-            poll, by_fd = select.poll(), {}
-            for item in waitables:
-                fd = item if isinstance(item, int) else item.fileno()
-                poll.register(fd, select.POLLIN)
-                by_fd[fd] = item
-            entry = self._polls[waitables] = poll, by_fd
-        poll, by_fd = entry
-        events = poll.poll(None if timeout is None else math.ceil(timeout * 1000))
-        return [by_fd[fd] for fd, _ in events]
+        wanted = {(item if isinstance(item, int) else item.fileno()): item for item in waitables}
+        for fd in self._registered.keys() - wanted.keys():
+            self._poll.unregister(fd)
+        for fd in wanted.keys() - self._registered.keys():
+            self._poll.register(fd, select.POLLIN)
+        self._registered = wanted
+        events = self._poll.poll(None if timeout is None else math.ceil(timeout * 1000))
+        return [wanted[fd] for fd, _ in events]
 
     def clear(self) -> None:
-        """Forget every set (call before closing any of the waitables)."""
-        self._polls.clear()
+        """Forget every waitable (call before closing any of them)."""
+        if self._poll is not None:
+            self._poll = select.poll()
+        self._registered = {}
 
 
 def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception]) -> list[tuple[int, Status, Any]]:
