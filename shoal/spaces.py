@@ -252,7 +252,8 @@ class _Bounds:
     """
 
     def __init__(self, dtype: np.dtype, shape: tuple, low: np.ndarray, high: np.ndarray):
-        self._args = dtype, shape, low, high
+        self._args = dtype, shape, low, high  # to rebuild after pickling
+        self.shape = shape
         low, high = (np.broadcast_to(np.asarray(bound), shape) for bound in (low, high))
         if dtype.kind == "b":
             needed_low = needed_high = False
@@ -310,7 +311,7 @@ class _Bounds:
             return True
         if array.size <= SMALL_LEAF:  # a few values: plain Python beats numpy's reductions (NaN fails <=)
             if array.size == len(self.lows):  # one row
-                return self.inside_row(array.reshape(self._args[1]))
+                return self.inside_row(array.reshape(self.shape))
             values = array.ravel().tolist()
             lows, highs = itertools.cycle(self.lows), itertools.cycle(self.highs)
             return all(map(operator.le, lows, values)) and all(map(operator.le, values, highs))
