@@ -99,6 +99,21 @@ def _name_of(env) -> str | None:
     return metadata.get("name") if isinstance(metadata, dict) else None
 
 
+def _api_mismatch(where: str, call: str, result: Any, multiagent: bool) -> EnvError:
+    """The error for an env whose reset/step returned something else than its API's tuple (``where``: env, step)."""
+    size = f"{len(result)}-tuple" if isinstance(result, tuple) else type(result).__name__
+    if call == "reset":
+        expected = "(observations, infos), two dicts keyed by agent" if multiagent else "(observation, info)"
+    elif multiagent:
+        expected = "(observations, rewards, terminations, truncations, infos), five dicts keyed by agent"
+    else:
+        expected = "(observation, reward, terminated, truncated, info)"
+    api = "PettingZoo Parallel API" if multiagent else "Gymnasium API"
+    old_gym = "" if multiagent else (": an old Gym env (step returns 4 values, reset only the observation) "
+                                     "works through shimmy's GymV21CompatibilityV0 / GymV26CompatibilityV0")
+    return EnvError(f"{where}: {call}() returned a {size}: expected {expected}, the {api}{old_gym}")
+
+
 _libc = None
 
 
@@ -197,9 +212,9 @@ class Binding:
 
         with self.quiet():
             probe = self.env_creator(*self.env_args, **self.env_kwargs)
-        probe, self.is_multiagent = self._adapt(probe)
         if env_name is None:
             self.env_name = _name_of(probe) or self.env_name
+        probe, self.is_multiagent = self._adapt(probe)
         try:
             self._read_spaces(probe, feature_space)
         finally:
@@ -227,6 +242,13 @@ class Binding:
         if isinstance(env, AECEnv):
             from pettingzoo.utils.conversions import aec_to_parallel
 
+            if not env.metadata.get("is_parallelizable", False):
+                env.close()
+                raise APIUsageError(
+                    f"{self.env_name}: {type(env.unwrapped).__name__} is a PettingZoo AEC env whose metadata does not "
+                    f"set is_parallelizable, so PettingZoo's aec_to_parallel cannot turn it into a ParallelEnv "
+                    f"(turn-based games such as chess or tic-tac-toe): expected a ParallelEnv, or an AEC env whose "
+                    f"agents all act once per cycle and that says so with metadata['is_parallelizable'] = True")
             return aec_to_parallel(env), True
         if isinstance(env, ParallelEnv) or all(
                 hasattr(env, name) for name in ("possible_agents", "observation_space", "action_space", "step")):
@@ -275,7 +297,10 @@ class Binding:
 
     def _first_observation(self, env) -> Any:
         with self.quiet():
-            obs, _ = env.reset(seed=0)
+            result = env.reset(seed=0)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise _api_mismatch(self.env_name, "reset", result, self.is_multiagent)
+        obs = result[0]
         return next(iter(obs.values())) if self.is_multiagent else obs
 
     def make_env(self, buffers: Buffers | None = None) -> "EmulatedEnv":
@@ -372,7 +397,10 @@ class EmulatedEnv:
         return self._output(self.obs), infos
 
     def _begin_episode(self, seed: int | None) -> dict:
-        obs, infos = self._quietly(self.env.reset, seed=seed)
+        result = self._quietly(self.env.reset, seed=seed)
+        if not (isinstance(result, tuple) and len(result) == 2):  # an old Gym env returns only the observation
+            raise _api_mismatch(self.binding.env_name, "reset", result, self.binding.is_multiagent)
+        obs, infos = result
         if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
             self._lone_episode = [0.0, 0]
             self._write_single(obs)
@@ -443,7 +471,11 @@ class EmulatedEnv:
         live = self._live_agents()
         raw_actions = self._unflatten_actions(actions, live)
         self.tick += 1
-        obs, env_rewards, terminals, truncations, infos = self._quietly(self.env.step, raw_actions)
+        result = self._quietly(self.env.step, raw_actions)
+        try:
+            obs, env_rewards, terminals, truncations, infos = result
+        except (TypeError, ValueError):
+            raise _api_mismatch(f"{binding.env_name}, step {self.tick}", "step", result, True) from None
         infos = infos or {}
         rewards = env_rewards if binding.reward_shaper is None else binding.reward_shaper(env_rewards, infos)
 
@@ -503,9 +535,13 @@ class EmulatedEnv:
             action = self._unflatten_actions(actions, [SINGLE_AGENT_ID])[SINGLE_AGENT_ID]
         self.tick += 1
         if binding.suppress_env_prints:
-            obs, env_reward, terminal, truncation, info = self._quietly(self.env.step, action)
+            result = self._quietly(self.env.step, action)
         else:  # the common case, without the call through _quietly
-            obs, env_reward, terminal, truncation, info = self.env.step(action)
+            result = self.env.step(action)
+        try:
+            obs, env_reward, terminal, truncation, info = result
+        except (TypeError, ValueError):
+            raise _api_mismatch(f"{binding.env_name}, step {self.tick}", "step", result, False) from None
         if not (type(env_reward) is float or type(env_reward) is int) or env_reward != env_reward:
             env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
         reward = env_reward

@@ -80,7 +80,8 @@ def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple
             item = value[key]
         except (KeyError, IndexError, TypeError):
             raise SpaceError(
-                f"value has no entry {key!r} at {_path_str(path)}: expected the structure of {space}, "
+                f"value has no entry {key!r}{' at ' + _path_str(path) if path else ''}: "
+                f"expected the structure of {space}, "
                 f"got {type(value).__name__} {_short(value)}"
             ) from None
         yield from _values(sub, item, path + (key,))
@@ -172,7 +173,7 @@ def index_leaves(nested: Any, index: Any) -> Any:
 
 
 def _path_str(path: tuple) -> str:
-    return "".join(f"[{key!r}]" for key in path) or "the root"
+    return "".join(f"[{key!r}]" for key in path) or "(the whole space)"
 
 
 def _short(value: Any) -> str:

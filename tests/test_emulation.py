@@ -258,6 +258,24 @@ def test_binding_argument_errors():
         shoal.Binding(env_cls=NestedSingleAgentEnv, feature_parser=3)
 
 
+def test_turn_based_aec_env_is_refused_clearly():
+    from pettingzoo.classic import tictactoe_v3
+
+    with pytest.raises(APIUsageError, match=r"tictactoe_v3: .* AEC env whose metadata does not set is_parallelizable"):
+        shoal.Binding(env_creator=tictactoe_v3.env)
+
+
+def test_parallelizable_aec_env_is_converted():
+    from pettingzoo.classic import rps_v2
+
+    binding = shoal.Binding(env_creator=rps_v2.env)
+    env = binding.make_env()
+    obs, _ = env.reset(seed=0)
+    assert binding.is_multiagent and binding.max_agents == 2 and obs.shape == (2, 1) and env.masks.all()
+    _, rewards, _, _, _ = env.step(np.array([[0], [1]]))  # rock against paper
+    assert rewards.tolist() == [-1.0, 1.0]
+
+
 @pytest.mark.parametrize("space", [spaces.Text(5), spaces.Sequence(spaces.Discrete(2)),
                                    spaces.Dict({"ok": spaces.Discrete(2), "bad": spaces.Text(3)})])
 def test_unsupported_observation_space(space):
@@ -315,6 +333,36 @@ def test_env_returning_observation_outside_its_space():
                                        r"Box\(0.0, 1.0, \(3,\), float32\): .*\[0.5 7.  0.5\] lies outside its "
                                        r"range \[0.0, 1.0\]"):
         env.step(np.array([[0]]))
+
+
+def test_env_with_the_old_gym_api_gets_a_clear_error():
+    class OldStep(BadObservationEnv):
+        def step(self, action):
+            return super().step(action)[:4]  # (obs, reward, done, info)
+
+    class OldReset(BadObservationEnv):
+        def reset(self, seed=None, options=None):
+            return np.zeros(3, np.float32)
+
+    env = shoal.Binding(env_cls=OldStep).make_env()
+    env.reset()
+    with pytest.raises(EnvError, match=r"OldStep, step 1: step\(\) returned a 4-tuple: expected \(observation, "
+                                       r"reward, terminated, truncated, info\), the Gymnasium API: an old Gym env"):
+        env.step(np.array([[0]]))
+    with pytest.raises(EnvError, match=r"OldReset: reset\(\) returned a ndarray: expected \(observation, info\)"):
+        shoal.Binding(env_cls=OldReset).make_env().reset()
+
+
+def test_multiagent_env_returning_too_few_values_gets_a_clear_error():
+    class FourDicts(NestedMultiAgentEnv):
+        def step(self, actions):
+            return super().step(actions)[:4]
+
+    env = shoal.Binding(env_cls=FourDicts).make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match=r"nested_multiagent_v0, step 1: step\(\) returned a 4-tuple: expected \(observations, "
+                                       r"rewards, terminations, truncations, infos\), five dicts keyed by agent"):
+        env.step(np.zeros((env.binding.max_agents, env.binding.atn_layout.size), np.int64))
 
 
 def test_multiagent_observation_outside_its_space_names_the_agent():

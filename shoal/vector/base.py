@@ -23,6 +23,7 @@ import time
 import traceback
 from collections import deque
 from multiprocessing import connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -196,6 +197,29 @@ class EnvGroup:
         self.envs = []
 
 
+# The wire format of the pipes and sockets between a vec env and its workers. The hot path skips pickle:
+# a step whose actions are in shared memory, and the answer "done, every info empty", are one byte
+# each; anything else is a pickled (command, payload) or (status, payload), which never is one byte.
+_STEP = b"s"
+_QUIET = b"q"
+
+
+def send_command(conn, command: Command, payload: Any) -> None:
+    """Send ``command`` to the worker at the other end of ``conn`` (see :func:`serve`)."""
+    if command is Command.STEP and payload is None:
+        conn.send_bytes(_STEP)
+    else:
+        conn.send((command, payload))
+
+
+def read_answer(conn, envs: int) -> tuple[Status, Any]:
+    """The next answer from a worker of ``envs`` envs on ``conn`` (blocks): (status, payload)."""
+    message = conn.recv_bytes()
+    if message == _QUIET:
+        return Status.OK, [{} for _ in range(envs)]
+    return ForkingPickler.loads(message)
+
+
 def serve(group: EnvGroup, conn) -> None:
     """Answer commands from ``conn`` (a multiprocessing Connection) until CLOSE, a failure or EOF; then close the envs.
 
@@ -204,10 +228,14 @@ def serve(group: EnvGroup, conn) -> None:
     status = Status.OK
     try:
         while status is not Status.FAILED:
-            command, payload = conn.recv()
+            message = conn.recv_bytes()
+            command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
             if command is Command.CLOSE:
                 break
             status, answer = group.handle(command, payload)
+            if status is Status.OK and command in (Command.STEP, Command.RESET) and not any(answer):
+                conn.send_bytes(_QUIET)
+                continue
             try:
                 conn.send((status, answer))
             except (EOFError, OSError):
@@ -262,14 +290,16 @@ class Poller:
         self._registered = {}
 
 
-def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception]) -> list[tuple[int, Status, Any]]:
-    """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker); a closed one is a death."""
+def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception],
+                    envs: int) -> list[tuple[int, Status, Any]]:
+    """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker of ``envs`` envs); a
+    closed one is a death."""
     answers = []
     for item in ready:
         worker = conns.get(item)
         if worker is not None:
             try:
-                answers.append((worker, *item.recv()))
+                answers.append((worker, *read_answer(item, envs)))
             except (EOFError, OSError):
                 raise death_error(worker) from None
     return answers

@@ -33,7 +33,7 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
-                               receive_answers, serve, split_arrays)
+                               read_answer, receive_answers, send_command, serve, split_arrays)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -177,14 +177,14 @@ class Multiprocessing(VecEnv):
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         try:
-            self._conns[worker].send((command, payload))
+            send_command(self._conns[worker], command, payload)
         except (OSError, EOFError):  # broken pipe: the worker is gone
             raise self._death_error(worker) from None
 
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         conns = {self._conns[worker]: worker for worker in workers}
         ready = self._poller.wait((*conns, *self._sentinels), timeout)
-        answers = receive_answers(conns, ready, self._death_error)
+        answers = receive_answers(conns, ready, self._death_error, self.envs_per_worker)
         answered = {worker for worker, _, _ in answers}
         for item in ready:
             worker = self._sentinels.get(item)
@@ -206,7 +206,7 @@ class Multiprocessing(VecEnv):
         conn = self._conns[worker]
         try:
             if conn.poll():
-                status, payload = conn.recv()
+                status, payload = read_answer(conn, self.envs_per_worker)
                 if status is Status.FAILED:
                     return status, payload
         except (EOFError, OSError):

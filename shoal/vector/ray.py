@@ -29,7 +29,7 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
-                               receive_answers, serve, split_arrays)
+                               receive_answers, send_command, serve, split_arrays)
 
 
 def import_ray():
@@ -206,7 +206,7 @@ class Ray(VecEnv):
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         if self._conns:
             try:
-                self._conns[worker].send((command, payload))
+                send_command(self._conns[worker], command, payload)
             except (OSError, EOFError):  # the actor's end is closed: it died
                 raise self._death_error(worker) from None
             return
@@ -217,7 +217,8 @@ class Ray(VecEnv):
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         if self._conns:
             conns = {self._conns[worker]: worker for worker in workers}
-            return receive_answers(conns, self._poller.wait(tuple(conns), timeout), self._death_error)
+            return receive_answers(conns, self._poller.wait(tuple(conns), timeout), self._death_error,
+                                   self.envs_per_worker)
         ray = self._ray
         refs = [ref for ref, (worker, _) in self._refs.items() if worker in workers]
         if need >= len(refs):  # all of them (a full batch): no ray.wait
