@@ -5,11 +5,16 @@
 
 Every number comes from this one run on this machine. For each env, every runner steps the same number
 of envs with fixed random actions (their cost is not measured). The runners are built first, then timed
-in turn for ``--seconds``, ``--rounds`` times (so a busy machine slows all of them alike); each keeps its
-best round. The Ray rows are timed in a second phase with Ray started only for them, since Ray's own
+in turn for ``--seconds`` each, ``--rounds`` times. A shared VM's speed drifts by up to 2x within
+seconds, so one round times every runner back to back (about the same machine for all of them), and the
+table reports medians: a runner's steps/s is the median of its rounds, and a ratio is the median over
+rounds of the ratio within the round (a paired comparison, immune to the drift between rounds; the
+best round of each runner, as reported before, favoured whichever runner happened to catch the fast
+moments). The Ray rows are timed in a second phase with Ray started only for them, since Ray's own
 processes use CPU while they run; that phase times Multiprocessing again beside them ("beside Ray"), and
-the last column compares each Ray row with its Multiprocessing twin from the same rounds. The table
-gives env steps per second and ratios against:
+the last column compares each Ray row with its Multiprocessing twin from the same rounds; a ratio
+between the phases (Ray against the limit) is the ratio of the medians. The table gives env steps per
+second and ratios against:
   - the limit: one independent process per core, each stepping its share of the raw envs in a loop
     (as many per process as a Multiprocessing worker has), with no communication;
   - the emulated limit: the same with shoal's emulated envs (``EmulatedEnv.step`` in a loop): the ceiling
@@ -25,6 +30,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,10 +49,10 @@ from tests.envs import ReseedingNestedMultiAgentEnv  # noqa: E402
 
 @dataclasses.dataclass
 class Config:
-    seconds: float = 1.0
+    seconds: float = 0.4
     """How long each runner is timed in each round."""
-    rounds: int = 3
-    """Rounds; every runner is timed once per round, and its best round counts."""
+    rounds: int = 15
+    """Rounds; every runner is timed once per round; medians over rounds are reported."""
     envs: tuple[str, ...] = ("cartpole", "breakout", "nested")
     """Which envs to run: cartpole, breakout, nested."""
     cores: int = 0
@@ -263,27 +269,39 @@ def build_runners(bench: Bench, cores: int, ray_phase: bool) -> dict[str, tuple[
     return {name: (layout, *build()) for name, (layout, build) in specs.items()}
 
 
-def measure_phase(bench: Bench, cores: int, config: Config, ray_phase: bool) -> dict[str, tuple[str, float]]:
-    """runner name -> (layout, best env steps/s) for one phase's runners, timed in interleaved rounds."""
+def measure_phase(bench: Bench, cores: int, config: Config, ray_phase: bool) -> dict[str, tuple[str, list[float]]]:
+    """runner name -> (layout, env steps/s of each round) for one phase's runners, timed in interleaved rounds."""
     runners = build_runners(bench, cores, ray_phase)
-    best = dict.fromkeys(runners, 0.0)
+    rates: dict[str, list[float]] = {runner: [] for runner in runners}
     try:
         for measure in [measure for _, measure, _ in runners.values()]:
             measure(min(0.5, config.seconds))  # warm-up
         for round_ in range(config.rounds):  # interleaved, so every runner sees the same machine load
             for runner, (_, measure, _) in runners.items():
-                best[runner] = max(best[runner], measure(config.seconds))
-            print(f"  round {round_ + 1}: " + ", ".join(f"{r} {v:,.0f}" for r, v in best.items()),
+                rates[runner].append(measure(config.seconds))
+            print(f"  round {round_ + 1}: " + ", ".join(f"{r} {v[-1]:,.0f}" for r, v in rates.items()),
                   file=sys.stderr, flush=True)
     finally:
         for _, _, close in runners.values():
             close()
-    return {runner: (runners[runner][0], rate) for runner, rate in best.items()}
+    return {runner: (runners[runner][0], rates[runner]) for runner in runners}
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, stolen) clock ticks of this machine so far (Linux): stolen is time the hypervisor gave to
+    other VMs while ours wanted to run, which slows runners with many processes the most."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _, _, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + irq + softirq, steal
 
 
 def main(config: Config) -> None:
     cores = config.cores or default_num_workers()
-    table = []  # (env, runner, layout, best env steps/s)
+    ticks = cpu_ticks()
+    table = []  # (env, runner, phase, layout, env steps/s of each round)
     for name in config.envs:
         bench = BENCHES[name]
         print(f"{bench.label}: {bench.num_envs} envs, {cores} cores", file=sys.stderr, flush=True)
@@ -299,27 +317,37 @@ def main(config: Config) -> None:
                 results.update(measure_phase(bench, cores, config, ray_phase=True))
             finally:
                 ray.shutdown()
-        table += [(bench.label, runner, *results[runner]) for runner in RUNNERS if runner in results]
+        phases = {runner: "ray" if runner in BESIDE_RAY or runner in BESIDE_RAY.values() else "main"
+                  for runner in results}
+        table += [(bench.label, runner, phases[runner], *results[runner]) for runner in RUNNERS if runner in results]
     print_table(table, cores, config)
+    if ticks and (end := cpu_ticks()):
+        busy, stolen = end[0] - ticks[0], end[1] - ticks[1]
+        print(f"\nStolen by the hypervisor during this run: {stolen / max(busy + stolen, 1):.0%} of the CPU time this "
+              f"machine wanted (above a few percent, other VMs were busy: the ratios are less reliable)")
 
 
 def print_table(table: list, cores: int, config: Config) -> None:
-    rates = {(env, runner): rate for env, runner, _, rate in table}
+    rounds = {(env, runner): (phase, rates) for env, runner, phase, _, rates in table}
 
-    def ratio(env: str, rate: float, baseline: str) -> str:
-        base = rates.get((env, baseline))
-        return f"{rate / base:.2f}x" if base else "-"
+    def ratio(env: str, runner: str, baseline: str) -> str:
+        if (env, baseline) not in rounds:
+            return "-"
+        (phase, rates), (base_phase, base_rates) = rounds[env, runner], rounds[env, baseline]
+        if phase == base_phase:  # timed in the same rounds: the median of the ratios within each round
+            return f"{statistics.median(a / b for a, b in zip(rates, base_rates)):.2f}x"
+        return f"{statistics.median(rates) / statistics.median(base_rates):.2f}x"
 
-    print(f"\nshoal.vector: env steps per second (higher is better), best of {config.rounds} interleaved rounds of "
-          f"{config.seconds:g} s, {cores} cores ({os.cpu_count()} visible)\n")
+    print(f"\nshoal.vector: env steps per second (higher is better), median of {config.rounds} interleaved rounds of "
+          f"{config.seconds:g} s; ratios: median of the per-round ratios; {cores} cores ({os.cpu_count()} visible)\n")
     print("| env | runner | layout | steps/s | vs limit | vs emulated limit | vs gym Async | vs shoal Serial | "
           "Ray vs Multiprocessing beside it |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for env, runner, layout, rate in table:
-        beside = ratio(env, rate, BESIDE_RAY[runner]) if runner in BESIDE_RAY else ""
-        print(f"| {env} | {runner} | {layout} | {rate:,.0f} | {ratio(env, rate, 'limit')} | "
-              f"{ratio(env, rate, 'limit (emulated)')} | {ratio(env, rate, 'gymnasium AsyncVectorEnv')} | "
-              f"{ratio(env, rate, 'shoal Serial')} | {beside} |")
+    for env, runner, _, layout, rates in table:
+        beside = ratio(env, runner, BESIDE_RAY[runner]) if runner in BESIDE_RAY else ""
+        print(f"| {env} | {runner} | {layout} | {statistics.median(rates):,.0f} | {ratio(env, runner, 'limit')} | "
+              f"{ratio(env, runner, 'limit (emulated)')} | {ratio(env, runner, 'gymnasium AsyncVectorEnv')} | "
+              f"{ratio(env, runner, 'shoal Serial')} | {beside} |")
 
 
 if __name__ == "__main__":

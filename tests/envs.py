@@ -201,6 +201,14 @@ class ProbeEnv(CrashingEnv):
             raise RuntimeError(f"ProbeEnv refuses to start in process {os.getpid()}")
         super().__init__(crash_step, hang)
 
+    exit_step: int | None = None
+    """the step at which the env calls sys.exit (SystemExit is not an Exception)"""
+
+    def step(self, action):
+        if self.t + 1 == self.exit_step:
+            sys.exit(3)
+        return super().step(action)
+
     def pid(self) -> int:
         return os.getpid()
 

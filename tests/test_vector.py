@@ -383,6 +383,16 @@ def test_env_exception_becomes_worker_error(no_leaks, backend):
 
 
 @pytest.mark.parametrize("backend", PARALLEL)
+def test_sys_exit_in_an_env_becomes_worker_error(no_leaks, backend):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("exit_step", 1, env_ids=[2])
+    with pytest.raises(WorkerError, match=f"(?s)worker 1 \\(envs 2-3 of ProbeEnv\\) failed in step at its step 1, "
+                                          f"in env 2: SystemExit: 3.*{TRACEBACK}.*sys.exit"):
+        vecenv.step(np.zeros((4, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
 def test_env_exception_while_building(no_leaks, backend):
     binding = shoal.Binding(env_cls=ProbeEnv, env_kwargs={"fail_outside_pid": os.getpid()})
     with pytest.raises(WorkerError, match=f"(?s)failed in start at its step 0, in env [02]: RuntimeError: ProbeEnv "

@@ -232,7 +232,10 @@ def serve(group: EnvGroup, conn) -> None:
             command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
             if command is Command.CLOSE:
                 break
-            status, answer = group.handle(command, payload)
+            try:
+                status, answer = group.handle(command, payload)
+            except BaseException as error:  # SystemExit or KeyboardInterrupt from env code: report it too
+                status, answer = Status.FAILED, group._failure(command.value, error)
             if status is Status.OK and command in (Command.STEP, Command.RESET) and not any(answer):
                 conn.send_bytes(_QUIET)
                 continue
