@@ -354,7 +354,8 @@ class EmulatedEnv:
         leaf = binding.raw_single_action_space
         self._lone_discrete = ((int(leaf.n), leaf.start.item()) if binding.emulate_flat_atn
                                and isinstance(leaf, spaces.Discrete) else None)
-        self._ended: set = set()  # agents whose episode ended; their slots stay dark until reset
+        self._ended: set = set()  # agents whose episode ended; their slots stay dark until they respawn
+        self._gone: set = set()  # ended agents that have left env.agents: seen there again, they respawned
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
         self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
@@ -408,6 +409,7 @@ class EmulatedEnv:
             return {SINGLE_AGENT_ID: dict(infos)} if infos else {}
         infos = infos or {}
         self._ended.clear()
+        self._gone.clear()
         self._episode_return[:] = 0
         self._episode_length[:] = 0
         self.obs[:] = 0
@@ -485,6 +487,8 @@ class EmulatedEnv:
         self.terminals[:] = False
         self.truncations[:] = False
         if self._ended:
+            if self._gone:
+                self._respawn(self._gone.intersection(obs))
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
         else:
@@ -512,6 +516,8 @@ class EmulatedEnv:
                 self._ended.add(agent)
                 episode = float(self._episode_return[slot]), int(self._episode_length[slot])
                 out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode)
+        if self._ended:
+            self._gone |= self._ended.difference(self._gone, self.env.agents)
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
@@ -519,6 +525,17 @@ class EmulatedEnv:
             for agent, info in reset_infos.items():
                 out_infos.setdefault(agent, {})["reset_info"] = info
         return self._outputs(out_infos)
+
+    def _respawn(self, agents: set) -> None:
+        """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
+        in its slot, with fresh episode statistics."""
+        for agent in agents:
+            if agent in self.env.agents:
+                self._ended.discard(agent)
+                self._gone.discard(agent)
+                slot = self.binding.agent_slots[agent]
+                self._episode_return[slot] = 0
+                self._episode_length[slot] = 0
 
     def _step_single(self, actions):
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""

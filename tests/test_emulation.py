@@ -258,6 +258,61 @@ def test_binding_argument_errors():
         shoal.Binding(env_cls=NestedSingleAgentEnv, feature_parser=3)
 
 
+class RespawningEnv(ParallelEnv):
+    """Agent "b" dies at step 2, is out of the game at step 3 and respawns at step 4 (same id)."""
+
+    metadata = {"name": "respawning"}
+    possible_agents = ["a", "b"]
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 100, (1,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def __init__(self):
+        self.acted = []  # which agents got actions, step by step, over every episode
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, ["a", "b"]
+        return {agent: np.zeros(1, np.float32) for agent in self.agents}, {}
+
+    def step(self, actions):
+        self.t += 1
+        self.acted.append(sorted(actions))
+        current = list(self.agents)
+        self.agents = {2: ["a"], 3: ["a"], 4: ["a", "b"]}.get(self.t, self.agents)
+        if self.t == 4:  # b is back: it is seen, but did not act this step
+            current = ["a", "b"]
+        obs = {agent: np.array([self.t * (10 if agent == "b" else 1)], np.float32) for agent in current}
+        rewards = {agent: 0.0 if self.t == 4 and agent == "b" else 1.0 for agent in current}
+        terminals = {agent: self.t == 2 and agent == "b" for agent in current}
+        truncations = {agent: self.t == 6 for agent in current}
+        if self.t == 6:
+            self.agents = []
+        return obs, rewards, terminals, truncations, {}
+
+
+def test_an_agent_that_respawns_starts_a_new_agent_episode_in_its_slot():
+    env = shoal.Binding(env_cls=RespawningEnv).make_env()
+    env.reset(seed=0)
+    steps, masks = [], []
+    for _ in range(6):
+        obs, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+        steps.append((obs.copy(), rewards.copy(), terminals.copy(), truncations.copy(), infos))
+        masks.append(env.masks.tolist())
+    assert masks[:5] == [[True, True], [True, True], [True, False], [True, True], [True, True]]
+    obs = [step[0][:, 0].tolist() for step in steps]
+    assert obs[1] == [2, 20] and steps[1][2].tolist() == [False, True]  # b's last obs, with its terminal flag
+    assert obs[2] == [3, 0]  # b's slot is dark while b is out of the game
+    assert obs[3] == [4, 40] and steps[3][1].tolist() == [1, 0]  # b is back: seen, no reward yet
+    assert obs[4] == [5, 50]
+    assert env.env.acted == [["a", "b"], ["a", "b"], ["a"], ["a"], ["a", "b"], ["a", "b"]]
+    final = steps[5][4]
+    assert final["b"]["episode"] == {"return": 2.0, "length": 2}  # its second life: steps 5 and 6
+    assert final["a"]["episode"] == {"return": 6.0, "length": 6}
+
+
 def test_turn_based_aec_env_is_refused_clearly():
     from pettingzoo.classic import tictactoe_v3
 
