@@ -494,6 +494,14 @@ class EmulatedEnv:
         else:
             agents = list(obs)
             slots = self._write_agents(agents, list(obs.values()))
+        unseen = ()
+        if live and not all(map(obs.__contains__, live)):
+            unseen = [agent for agent in live if agent not in obs and (terminals.get(agent) or truncations.get(agent))]
+            if unseen:  # they ended without a final observation: deliver their reward and flag anyway
+                unseen_slots = [binding.agent_slots[agent] for agent in unseen]
+                self.obs[unseen_slots] = 0
+                self.masks[unseen_slots] = True
+                agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
         reward_values = self._rewards_of(env_rewards, agents)
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
         self.terminals[slots] = _per_agent(terminals, agents, False)
@@ -515,7 +523,7 @@ class EmulatedEnv:
                 agent = binding.possible_agents[slot]
                 self._ended.add(agent)
                 episode = float(self._episode_return[slot]), int(self._episode_length[slot])
-                out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode)
+                out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
         if self._ended:
             self._gone |= self._ended.difference(self._gone, self.env.agents)
         if episode_over:
@@ -582,10 +590,12 @@ class EmulatedEnv:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)
 
-    def _final_info(self, slot: int, info: dict | None, episode: tuple[float, int]) -> dict:
-        """An ending agent's infos: its own (copied), its final observation and its episode (return, length)."""
+    def _final_info(self, slot: int, info: dict | None, episode: tuple[float, int], observed: bool = True) -> dict:
+        """An ending agent's infos: its own (copied), its final observation (if the env gave one) and its
+        episode (return, length)."""
         final = dict(info) if info else {}
-        final["final_observation"] = self.obs[slot].copy()
+        if observed:
+            final["final_observation"] = self.obs[slot].copy()
         if self.binding.record_episode_statistics:
             final["episode"] = {"return": episode[0], "length": episode[1]}
         return final

@@ -313,6 +313,52 @@ def test_an_agent_that_respawns_starts_a_new_agent_episode_in_its_slot():
     assert final["a"]["episode"] == {"return": 6.0, "length": 6}
 
 
+class EndsUnseenEnv(ParallelEnv):
+    """Agent "b" ends at step 2 (terminated, or truncated) with a reward but without an observation."""
+
+    metadata = {"name": "ends_unseen"}
+    possible_agents = ["a", "b"]
+
+    def __init__(self, truncate: bool = False):
+        self.truncate = truncate
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 100, (1,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, ["a", "b"]
+        return {agent: np.ones(1, np.float32) for agent in self.agents}, {}
+
+    def step(self, actions):
+        self.t += 1
+        ending = self.t == 2
+        obs = {agent: np.full(1, self.t, np.float32) for agent in self.agents if not (ending and agent == "b")}
+        rewards = {agent: 5.0 if ending and agent == "b" else 1.0 for agent in self.agents}
+        terminals = {agent: ending and agent == "b" and not self.truncate for agent in self.agents}
+        truncations = {agent: ending and agent == "b" and self.truncate for agent in self.agents}
+        if ending:
+            self.agents = ["a"]
+        return obs, rewards, terminals, truncations, {}
+
+
+@pytest.mark.parametrize("truncate", [False, True], ids=["terminated", "truncated"])
+def test_an_agent_that_ends_without_an_observation_is_still_delivered(truncate):
+    env = shoal.Binding(env_cls=EndsUnseenEnv, env_kwargs={"truncate": truncate}).make_env()
+    env.reset(seed=0)
+    env.step(np.zeros((2, 1), np.int64))
+    obs, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and obs[:, 0].tolist() == [2, 0]  # b: a zero observation
+    assert rewards.tolist() == [1, 5]
+    assert (terminals.tolist(), truncations.tolist()) == (([False, False], [False, True]) if truncate else
+                                                          ([False, True], [False, False]))
+    assert infos["b"] == {"episode": {"return": 6.0, "length": 2}}  # no final_observation: the env gave none
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, False]
+
+
 def test_turn_based_aec_env_is_refused_clearly():
     from pettingzoo.classic import tictactoe_v3
 
