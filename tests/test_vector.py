@@ -392,6 +392,16 @@ def test_sys_exit_in_an_env_becomes_worker_error(no_leaks, backend):
         vecenv.step(np.zeros((4, 1), np.int64))
 
 
+def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
+    script = tmp_path / "unguarded.py"  # forkserver workers import the main script: this one starts workers again
+    script.write_text("import gymnasium, shoal\nfrom shoal.vector import Multiprocessing\n"
+                      "binding = shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',))\n"
+                      "Multiprocessing(binding, num_workers=1).close()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "WorkerError" in done.stderr and 'must sit under `if __name__ == "__main__":`' in done.stderr
+
+
 @pytest.mark.parametrize("backend", PARALLEL)
 def test_env_exception_while_building(no_leaks, backend):
     binding = shoal.Binding(env_cls=ProbeEnv, env_kwargs={"fail_outside_pid": os.getpid()})

@@ -133,6 +133,7 @@ class Multiprocessing(VecEnv):
             # Workers fork from a server that has imported shoal, numpy and gymnasium once (no effect if it runs).
             ctx.set_forkserver_preload(["__main__", __name__])
         self._processes: list = []
+        self._workers_up = False  # every worker reported that it built its envs
         self._conns: list = []
         self._sentinels: dict[int, int] = {}  # process sentinel -> worker
         self._poller = Poller()
@@ -159,6 +160,7 @@ class Multiprocessing(VecEnv):
             raise
         self._buffers = buffers  # _wait may need them before _start
         self._collect(set(range(self.num_workers)), "startup (building its envs)", timeout=startup_timeout)
+        self._workers_up = True
         self._start(buffers, actions)
 
     def _pickled(self, binding: Binding, method: str) -> bytes:
@@ -223,8 +225,14 @@ class Multiprocessing(VecEnv):
             how = f"was killed by {signal.Signals(-code).name}"
         else:
             how = f"exited with code {code}"
-        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at step {self._steps}: "
-                           f"the process died without a Python error (out of memory? killed? a crash in C code?)",
+        if self._workers_up or code is None or code < 0:
+            why = "the process died without a Python error (out of memory? killed? a crash in C code?)"
+        else:  # it failed before shoal's code ran in it, so nothing could be reported
+            why = ("the process failed while starting, before it could report: it imports your main script first "
+                   "(start method forkserver or spawn), so code that builds a vec env must sit under "
+                   "`if __name__ == \"__main__\":`; or the binding could not be unpickled there. Its own traceback "
+                   "is on stderr above")
+        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at step {self._steps}: {why}",
                            env_id=self._envs_of(worker).start)
 
     def _shutdown(self) -> None:
