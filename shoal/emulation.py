@@ -478,8 +478,14 @@ class EmulatedEnv:
             obs, env_rewards, terminals, truncations, infos = result
         except (TypeError, ValueError):
             raise _api_mismatch(f"{binding.env_name}, step {self.tick}", "step", result, True) from None
+        if not (isinstance(obs, dict) and isinstance(env_rewards, dict) and isinstance(terminals, dict)
+                and isinstance(truncations, dict) and isinstance(infos, (dict, type(None)))):
+            kinds = ", ".join(type(value).__name__ for value in result)
+            raise EnvError(f"{binding.env_name}, step {self.tick}: step() returned ({kinds}): expected five dicts "
+                           f"keyed by agent (observations, rewards, terminations, truncations, infos), the PettingZoo "
+                           f"Parallel API")
         infos = infos or {}
-        rewards = env_rewards if binding.reward_shaper is None else binding.reward_shaper(env_rewards, infos)
+        rewards = env_rewards if binding.reward_shaper is None else self._shaped(env_rewards, infos)
 
         was_live = self.masks.copy()
         self.masks[:] = False
@@ -534,6 +540,15 @@ class EmulatedEnv:
                 out_infos.setdefault(agent, {})["reset_info"] = info
         return self._outputs(out_infos)
 
+    def _shaped(self, rewards: dict, infos: dict) -> dict:
+        """The reward shaper's rewards; APIUsageError unless it returned a dict."""
+        shaped = self.binding.reward_shaper(rewards, infos)
+        if not isinstance(shaped, dict):
+            raise APIUsageError(
+                f"{self.binding.env_name}, step {self.tick}: reward_shaper returned {type(shaped).__name__}: expected a "
+                f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
+        return shaped
+
     def _respawn(self, agents: set) -> None:
         """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
         in its slot, with fresh episode statistics."""
@@ -571,7 +586,7 @@ class EmulatedEnv:
             env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
         reward = env_reward
         if binding.reward_shaper is not None:
-            reward = binding.reward_shaper({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
+            reward = self._shaped({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
             reward = self._rewards_of(reward, [SINGLE_AGENT_ID])[0]
         self._write_single(obs)
         self.rewards[0] = reward

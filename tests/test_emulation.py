@@ -542,6 +542,30 @@ def test_rewards_may_be_numpy_scalars_and_0d_arrays_and_shaped_rewards_are_check
         env.step(flat_actions(broken))
 
 
+@pytest.mark.parametrize("env_cls", [NestedSingleAgentEnv, NestedMultiAgentEnv])
+def test_a_reward_shaper_that_returns_no_dict_is_a_clear_error(env_cls):
+    binding = shoal.Binding(env_cls=env_cls, reward_shaper=lambda rewards, infos: sum(rewards.values()))
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"step 1: reward_shaper returned float: expected a dict \{agent_id: reward\} "
+                                            r"\(a single-agent env's one agent is 0\)"):
+        env.step(flat_actions(binding))
+
+
+def test_multiagent_env_returning_something_else_than_dicts_is_a_clear_error():
+    class ListRewards(NestedMultiAgentEnv):
+        def step(self, actions):
+            obs, rewards, terminals, truncations, infos = super().step(actions)
+            return obs, list(rewards.values()), terminals, truncations, infos
+
+    binding = shoal.Binding(env_cls=ListRewards)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match=r"step 1: step\(\) returned \(dict, list, dict, dict, dict\): expected five "
+                                       r"dicts keyed by agent"):
+        env.step(flat_actions(binding))
+
+
 def test_dark_slots_hold_zeros_even_where_zero_is_outside_the_space():
     class PositiveObs(ParallelEnv):
         metadata = {"name": "positive_v0"}
