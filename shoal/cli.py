@@ -146,7 +146,7 @@ def _eval(argv: list[str]) -> int:
 
     from shoal.checkpoint import load_checkpoint
     from shoal.envs import make_binding
-    from shoal.ppo import check_compatible, config_from_checkpoint, evaluate, make_policy
+    from shoal.ppo import check_compatible, config_from_checkpoint, evaluate, load_policy_state, make_policy
 
     args = tyro.cli(EvalArgs, args=argv, prog="shoal eval")
     if args.episodes <= 0:
@@ -156,7 +156,7 @@ def _eval(argv: list[str]) -> int:
     binding = make_binding(args.env or checkpoint["env"])
     check_compatible(checkpoint, binding)
     policy = make_policy(config, binding)
-    policy.load_state_dict(checkpoint["model"])
+    load_policy_state(policy, checkpoint)
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
                        device=args.device)
     if not returns:

@@ -271,7 +271,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from)  # on the CPU: RNG states must stay CPU tensors
         check_compatible(checkpoint, binding, config)
-        policy.load_state_dict(checkpoint["model"])
+        load_policy_state(policy, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, update = checkpoint["global_step"], checkpoint["update"]
         set_rng_states(checkpoint["rng"])
@@ -661,6 +661,20 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
         describe = lambda spaces: ", ".join(f"{k} {v}" for k, v in (spaces or {}).items())  # noqa: E731
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
                             f"{describe(checkpoint.get('spaces'))}; this env has {describe(expected)}")
+
+
+def load_policy_state(policy: Policy, checkpoint: dict) -> None:
+    """Load the checkpoint's model into ``policy``; APIUsageError when the two networks differ."""
+    try:
+        policy.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        settings = lambda config: ", ".join(f"{name}={config.get(name)!r}" for name in  # noqa: E731
+                                            ("policy", "hidden_size", "lstm"))
+        trained = checkpoint.get("config", {})
+        raise APIUsageError(
+            f"{checkpoint.get('path', 'the checkpoint')} holds another network than this {type(policy).__name__}: it "
+            f"was trained with {settings(trained)}: build the policy with the same settings (config_from_checkpoint "
+            f"gives them) or pass the policy it was trained with. torch: {str(error).splitlines()[0]}") from None
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:

@@ -369,6 +369,13 @@ def test_resume_from_another_env_is_refused(tmp_path):
         train(config, make_binding("gym:Acrobot-v1"), resume_from=tmp_path)
 
 
+def test_resume_with_another_network_is_refused(tmp_path):
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path), lstm=True), make_binding("cartpole"))
+    with pytest.raises(APIUsageError, match=r"holds another network than this MLPPolicy: it was trained with "
+                                            r"policy='auto', hidden_size=0, lstm=True: build the policy"):
+        train(PPOConfig(**QUICK), make_binding("cartpole"), resume_from=tmp_path)
+
+
 # ---------------------------------------------------------------- config errors
 
 
