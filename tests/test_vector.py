@@ -280,6 +280,22 @@ def test_bad_construction_arguments():
         Serial(gymnasium.make("CartPole-v1"))
     with pytest.raises(APIUsageError, match="backend must be one of \\['multiprocessing', 'ray', 'serial'\\]"):
         shoal.vector.make(binding, "threads")
+    with pytest.raises(APIUsageError, match="startup_timeout must be a positive number of seconds or None, got 0"):
+        Multiprocessing(binding, startup_timeout=0)
+
+
+def test_bad_ray_arguments(ray_cluster):
+    binding = cartpole()
+    with pytest.raises(APIUsageError, match="shared_memory must be True or False, got 'yes'"):
+        Ray(binding, shared_memory="yes")
+    with pytest.raises(APIUsageError, match="actor_options must be a dict of ray.remote options .* got 3"):
+        Ray(binding, actor_options=3)
+    with pytest.raises(APIUsageError, match="actor_options must be a dict .* got \\{'num_cpu': 1\\}"):
+        Ray(binding, actor_options={"num_cpu": 1})
+    with pytest.raises(APIUsageError, match="address must be a str .* got 5"):
+        Ray(binding, address=5)
+    with pytest.raises(APIUsageError, match="address='10.0.0.1:6379', but this process is already connected"):
+        Ray(binding, address="10.0.0.1:6379")
 
 
 def test_local_creators_work_and_unpicklable_bindings_are_a_clear_error(no_leaks, make):

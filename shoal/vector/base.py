@@ -346,6 +346,13 @@ def default_num_workers() -> int:
         return os.cpu_count() or 1
 
 
+def check_seconds(backend: str, name: str, value: Any) -> float | None:
+    """``value`` if it is a positive number of seconds or None; else APIUsageError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise APIUsageError(f"{backend}: {name} must be a positive number of seconds or None, got {value!r}")
+    return value
+
+
 def _check_count(name: str, value: Any, backend: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise APIUsageError(f"{backend}: {name} must be a positive int, got {value!r}")
@@ -389,9 +396,7 @@ class VecEnv(abc.ABC):
             raise APIUsageError(
                 f"{name}: batch_size must be a multiple of envs_per_worker={self.envs_per_worker} (a worker's envs "
                 f"step together) and at most num_envs={self.num_envs}, got {self.batch_size}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise APIUsageError(f"{name}: timeout must be a positive number of seconds or None, got {timeout!r}")
-        self.timeout = timeout
+        self.timeout = check_seconds(name, "timeout", timeout)
         self.binding = binding
         self.max_agents = binding.max_agents
         self.num_agents = self.num_envs * self.max_agents

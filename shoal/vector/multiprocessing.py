@@ -32,8 +32,9 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
-                               read_answer, receive_answers, send_command, serve, split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
+                               default_num_workers, read_answer, receive_answers, send_command, serve,
+                               split_arrays)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -124,6 +125,7 @@ class Multiprocessing(VecEnv):
                  context: str | None = None):
         super().__init__(binding, default_num_workers() if num_workers is None else num_workers,
                          envs_per_worker, batch_size, timeout)
+        startup_timeout = check_seconds("Multiprocessing", "startup_timeout", startup_timeout)
         method = context or _default_context()
         if method not in multiprocessing.get_all_start_methods():
             raise APIUsageError(f"Multiprocessing: context must be one of {multiprocessing.get_all_start_methods()}, "

@@ -28,8 +28,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, default_num_workers,
-                               receive_answers, send_command, serve, split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
+                               default_num_workers, receive_answers, send_command, serve, split_arrays)
 
 
 def import_ray():
@@ -136,8 +136,9 @@ class Ray(VecEnv):
         batch_size: envs per :meth:`recv` batch (a multiple of ``envs_per_worker``); default all.
         timeout: seconds a reset/step/call may take before its actors count as hung (WorkerError).
         startup_timeout: seconds the actors may take to be scheduled and build their envs.
-        address: the Ray cluster to join when Ray is not initialized yet (None starts a local one).
-            shoal leaves a Ray it started running; call ``ray.shutdown()`` when done with it.
+        address: the Ray cluster to join when Ray is not initialized yet (None starts a local one);
+            when it is, None, "auto" or that cluster's address. shoal leaves a Ray it started running;
+            call ``ray.shutdown()`` when done with it.
         actor_options: passed to ``ray.remote`` for each actor, e.g. ``{"num_cpus": 1}``.
         shared_memory: let actors on this node write into this process's memory (default True).
     """
@@ -150,6 +151,16 @@ class Ray(VecEnv):
         ray = import_ray()
         super().__init__(binding, default_num_workers() if num_workers is None else num_workers,
                          envs_per_worker, batch_size, timeout)
+        startup_timeout = check_seconds("Ray", "startup_timeout", startup_timeout)
+        if not isinstance(shared_memory, bool):
+            raise APIUsageError(f"Ray: shared_memory must be True or False, got {shared_memory!r}")
+        if address is not None and not isinstance(address, str):
+            raise APIUsageError(f"Ray: address must be a str such as 'auto' or '10.0.0.1:6379', got {address!r}")
+        try:
+            actor_class = ray.remote(**actor_options)(RayWorker) if actor_options else ray.remote(RayWorker)
+        except (TypeError, ValueError) as error:
+            raise APIUsageError(f"Ray: actor_options must be a dict of ray.remote options such as {{'num_cpus': 1}}, "
+                                f"got {actor_options!r}: {error}") from None
         self._ray = ray
         self._actors: list = []
         self._refs: dict = {}  # ObjectRef -> (worker, command) of every call still out
@@ -158,6 +169,10 @@ class Ray(VecEnv):
         self._poller = Poller()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False)
+        elif address not in (None, "auto", ray.get_runtime_context().gcs_address):
+            raise APIUsageError(f"Ray: address={address!r}, but this process is already connected to the Ray cluster "
+                                f"at {ray.get_runtime_context().gcs_address}: pass address=None to use that one, or "
+                                f"call ray.shutdown() first")
         layout = self._array_layout()
         if shared_memory:
             fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir=_memory_dir(layout.nbytes))
@@ -172,7 +187,6 @@ class Ray(VecEnv):
         self._shared = [False] * self.num_workers  # which actors write into our memory
         node = ray.get_runtime_context().get_node_id()
         authkey = os.urandom(32)
-        actor_class = ray.remote(**actor_options)(RayWorker) if actor_options else ray.remote(RayWorker)
         try:
             for worker in range(self.num_workers):
                 shared = (node, self._shared_path, layout, worker, authkey) if shared_memory else None
