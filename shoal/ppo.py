@@ -124,10 +124,21 @@ class PPOConfig:
             if not isinstance(value, int) or value <= 0:
                 raise APIUsageError(f"{name} must be a positive integer, got {value!r}")
         for name in ["num_workers", "envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
-            if getattr(self, name) < 0:
-                raise APIUsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise APIUsageError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise APIUsageError(f"{name} must be an integer >= 0, got {value!r}")
+        numbers = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
+        for name in numbers + [name for name in ("target_kl", "stop_at_return") if getattr(self, name) is not None]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise APIUsageError(f"{name} must be a finite number, got {value!r}")
+        for name in ["learning_rate", "clip_coef", "max_grad_norm"] + (["target_kl"] if self.target_kl is not None else []):
+            if not getattr(self, name) > 0:
+                raise APIUsageError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.vf_coef < 0:
+            raise APIUsageError(f"vf_coef must be >= 0, got {self.vf_coef!r}")
+        if self.policy not in ("auto", "mlp", "cnn", "mixed"):
+            raise APIUsageError(f"policy must be auto, mlp, cnn or mixed, got {self.policy!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
             raise APIUsageError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma!r} and {self.gae_lambda!r}")
         if self.backend not in ("serial", "multiprocessing", "ray"):

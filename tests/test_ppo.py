@@ -387,6 +387,14 @@ def test_resume_with_another_network_is_refused(tmp_path):
     ("learning_rate", 0.0, "learning_rate must be > 0"),
     ("gamma", 1.5, r"gamma and gae_lambda must lie in \[0, 1\]"),
     ("backend", "threads", "backend must be serial, multiprocessing or ray, got 'threads'"),
+    ("clip_coef", -0.1, "clip_coef must be > 0, got -0.1"),
+    ("max_grad_norm", 0, "max_grad_norm must be > 0, got 0"),
+    ("target_kl", -1.0, "target_kl must be > 0, got -1.0"),
+    ("vf_coef", -1.0, "vf_coef must be >= 0, got -1.0"),
+    ("ent_coef", float("nan"), "ent_coef must be a finite number, got nan"),
+    ("stop_at_return", "high", "stop_at_return must be a finite number, got 'high'"),
+    ("hidden_size", 1.5, "hidden_size must be an integer >= 0, got 1.5"),
+    ("policy", "transformer", "policy must be auto, mlp, cnn or mixed, got 'transformer'"),
 ])
 def test_bad_config_values_are_named(field, value, message):
     with pytest.raises(APIUsageError, match=message):
