@@ -516,9 +516,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             losses = [math.nan] * 5
             if stats:  # the statistics once per update, not once per gradient step
                 with torch.no_grad():
-                    ratio, log_ratio = (torch.cat([mb[i].detach() for mb in stats]) for i in (3, 4))
+                    ratio, log_ratio = (torch.cat([mb[i] for mb in stats]) for i in (3, 4))
                     clipfrac = ((ratio - 1).abs() > config.clip_coef).float().mean()
-                    losses = torch.stack([*(torch.stack([mb[i].detach() for mb in stats]).mean() for i in range(3)),
+                    losses = torch.stack([*(torch.stack([mb[i] for mb in stats]).mean() for i in range(3)),
                                           _approx_kl(ratio, log_ratio), clipfrac]).tolist()
 
             # The next rollout starts from row T: its action is already in flight.
@@ -679,12 +679,11 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
     try:
         policy.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        settings = lambda config: ", ".join(f"{name}={config.get(name)!r}" for name in  # noqa: E731
-                                            ("policy", "hidden_size", "lstm"))
         trained = checkpoint.get("config", {})
+        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in ("policy", "hidden_size", "lstm"))
         raise APIUsageError(
             f"{checkpoint.get('path', 'the checkpoint')} holds another network than this {type(policy).__name__}: it "
-            f"was trained with {settings(trained)}: build the policy with the same settings (config_from_checkpoint "
+            f"was trained with {settings}: build the policy with the same settings (config_from_checkpoint "
             f"gives them) or pass the policy it was trained with. torch: {str(error).splitlines()[0]}") from None
 
 
