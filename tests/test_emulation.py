@@ -20,6 +20,13 @@ def nested_binding(**kwargs) -> shoal.Binding:
     return shoal.Binding(env_cls=NestedMultiAgentEnv, env_kwargs=dict(num_agents=3, max_steps=6), **kwargs)
 
 
+def started(binding):
+    """A new emulated env of ``binding``, reset with seed 0."""
+    env = binding.make_env()
+    env.reset(seed=0)
+    return env
+
+
 def flat_actions(binding, move=0, target=0, style=(0, 0)):
     action = {"move": move, "attack": {"target": target, "style": np.array(style)}}
     return np.stack([binding.flatten_action(action)] * binding.max_agents)
@@ -58,8 +65,7 @@ def test_cartpole_contract_and_same_step_autoreset():
 
 def test_truncation_keeps_final_observation_for_bootstrap():
     binding = shoal.Binding(env_cls=NestedSingleAgentEnv, env_kwargs={"max_steps": 3})
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     for _ in range(3):
         obs, rewards, terminals, truncations, infos = env.step(flat_actions(binding, move=2, style=(1, 2)))
     assert truncations[0] and not terminals[0] and rewards[0] == 4.0
@@ -113,8 +119,7 @@ def test_nested_multiagent_slots_masks_deaths_and_spawns():
 
 def test_nested_multiagent_episode_end_autoresets_with_final_step_data():
     binding = nested_binding()
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     for step in range(6):  # move=4 keeps every agent alive until truncation at 6
         obs, rewards, terminals, truncations, infos = env.step(flat_actions(binding, move=4))
     assert truncations.tolist() == [True, True, True, True] and not terminals.any()
@@ -132,8 +137,7 @@ def test_knights_archers_zombies_death_is_delivered_once():
     binding = shoal.Binding(env_creator=knights_archers_zombies_v11.parallel_env,
                             env_kwargs=dict(max_zombies=10, spawn_delay=5, max_cycles=600))
     assert binding.possible_agents == ("archer_0", "archer_1", "knight_0", "knight_1")
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     rng = np.random.default_rng(0)
     dark_after_death = None
     for _ in range(600):
@@ -159,8 +163,7 @@ def test_pistonball_continuous_actions_and_truncation():
     assert binding.max_agents == 20 and isinstance(binding.single_action_space, spaces.Box)
     assert binding.possible_agents[:3] == ("piston_0", "piston_1", "piston_2")  # natural order
     assert binding.single_observation_space.dtype == np.uint8
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     actions = np.zeros((20, 1), np.float32)
     for _ in range(5):
         obs, rewards, terminals, truncations, infos = env.step(actions)
@@ -258,10 +261,9 @@ def test_binding_argument_errors():
         shoal.Binding(env_cls=NestedSingleAgentEnv, feature_parser=3)
 
 
-class RespawningEnv(ParallelEnv):
-    """Agent "b" dies at step 2, is out of the game at step 3 and respawns at step 4 (same id)."""
+class TwoAgents(ParallelEnv):
+    """Agents "a" and "b", each seeing one number in [0, 100] and choosing 0 or 1."""
 
-    metadata = {"name": "respawning"}
     possible_agents = ["a", "b"]
 
     def observation_space(self, agent):
@@ -269,6 +271,12 @@ class RespawningEnv(ParallelEnv):
 
     def action_space(self, agent):
         return spaces.Discrete(2)
+
+
+class RespawningEnv(TwoAgents):
+    """Agent "b" dies at step 2, is out of the game at step 3 and respawns at step 4 (same id)."""
+
+    metadata = {"name": "respawning"}
 
     def __init__(self):
         self.acted = []  # which agents got actions, step by step, over every episode
@@ -313,20 +321,13 @@ def test_an_agent_that_respawns_starts_a_new_agent_episode_in_its_slot():
     assert final["a"]["episode"] == {"return": 6.0, "length": 6}
 
 
-class EndsUnseenEnv(ParallelEnv):
+class EndsUnseenEnv(TwoAgents):
     """Agent "b" ends at step 2 (terminated, or truncated) with a reward but without an observation."""
 
     metadata = {"name": "ends_unseen"}
-    possible_agents = ["a", "b"]
 
     def __init__(self, truncate: bool = False):
         self.truncate = truncate
-
-    def observation_space(self, agent):
-        return spaces.Box(0, 100, (1,), np.float32)
-
-    def action_space(self, agent):
-        return spaces.Discrete(2)
 
     def reset(self, seed=None, options=None):
         self.t, self.agents = 0, ["a", "b"]
@@ -475,8 +476,7 @@ def test_multiagent_observation_outside_its_space_names_the_agent():
             return obs
 
     binding = shoal.Binding(env_cls=OneBadAgent, env_kwargs=dict(num_agents=6))
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match=r"nested_multiagent_v0, agent 'agent_2', step 1: observation does not fit .*"
                                        r"\['self'\]\['pos'\]: \[  2. 500.\] lies outside its range \[-100.0, 100.0\]"):
         env.step(flat_actions(binding))
@@ -490,8 +490,7 @@ def test_env_returning_a_reward_that_is_not_a_number():
             return (obs, rewards, *rest)
 
     binding = shoal.Binding(env_cls=NoneReward)
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match="agent 'agent_1', step 1: reward must be a number, got NoneType None"):
         env.step(flat_actions(binding))
 
@@ -501,8 +500,7 @@ def test_env_returning_a_reward_that_is_not_a_number():
             return obs, "one", terminal, truncation, info
 
     binding = shoal.Binding(env_cls=TextReward)
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match="agent 0, step 1: reward must be a number, got str 'one'"):
         env.step(flat_actions(binding))
 
@@ -516,8 +514,7 @@ def test_single_agent_reward_that_numpy_would_accept_is_still_an_error(reward, s
             return obs, reward, terminal, truncation, info
 
     binding = shoal.Binding(env_cls=OddReward)
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match=f"agent 0, step 1: reward must be a number, got {shown}"):
         env.step(flat_actions(binding))
 
@@ -545,8 +542,7 @@ def test_rewards_may_be_numpy_scalars_and_0d_arrays_and_shaped_rewards_are_check
 @pytest.mark.parametrize("env_cls", [NestedSingleAgentEnv, NestedMultiAgentEnv])
 def test_a_reward_shaper_that_returns_no_dict_is_a_clear_error(env_cls):
     binding = shoal.Binding(env_cls=env_cls, reward_shaper=lambda rewards, infos: sum(rewards.values()))
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(APIUsageError, match=r"step 1: reward_shaper returned float: expected a dict \{agent_id: reward\} "
                                             r"\(a single-agent env's one agent is 0\)"):
         env.step(flat_actions(binding))
@@ -559,23 +555,18 @@ def test_multiagent_env_returning_something_else_than_dicts_is_a_clear_error():
             return obs, list(rewards.values()), terminals, truncations, infos
 
     binding = shoal.Binding(env_cls=ListRewards)
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match=r"step 1: step\(\) returned \(dict, list, dict, dict, dict\): expected five "
                                        r"dicts keyed by agent"):
         env.step(flat_actions(binding))
 
 
 def test_dark_slots_hold_zeros_even_where_zero_is_outside_the_space():
-    class PositiveObs(ParallelEnv):
+    class PositiveObs(TwoAgents):
         metadata = {"name": "positive_v0"}
-        possible_agents = ["a", "b"]
 
         def observation_space(self, agent):
             return spaces.Box(1, 5, (2,), np.float32)
-
-        def action_space(self, agent):
-            return spaces.Discrete(2)
 
         def reset(self, seed=None, options=None):
             self.agents = ["a"]
@@ -611,7 +602,6 @@ def test_env_returning_observation_of_wrong_shape_or_dtype():
 
 def test_env_returning_unknown_agent():
     binding = shoal.Binding(env_cls=UnknownAgentEnv)
-    env = binding.make_env()
-    env.reset(seed=0)
+    env = started(binding)
     with pytest.raises(EnvError, match="step 1: the env returned agent 'intruder', which is not in possible_agents"):
         env.step(flat_actions(binding))
