@@ -701,10 +701,14 @@ class ActionLayout:
         batch = tuple(flat.shape[:-1])
         pieces = [(field, flat[..., field.start:field.start + field.size].reshape(batch + field.shape))
                   for field in self.fields]
+        # A float action for an integer Box leaf goes to the nearest integer: a cast would truncate (0.9 -> 0).
         if _is_torch(flat):
             import torch
 
-            return [(piece if field.offset is None else piece + torch.tensor(np.asarray(field.offset), device=flat.device))
+            pieces = [(field, piece if field.offset is None else
+                       piece + torch.tensor(np.asarray(field.offset), device=flat.device)) for field, piece in pieces]
+            return [(piece.round() if field.dtype.kind in "iub" and piece.is_floating_point() else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
-        return [(piece if field.offset is None else piece + field.offset).astype(field.dtype)[()]
-                for field, piece in pieces]
+        pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
+        return [(np.rint(piece) if field.dtype.kind in "iub" and piece.dtype.kind == "f" else piece)
+                .astype(field.dtype)[()] for field, piece in pieces]

@@ -420,6 +420,14 @@ def test_box_action_round_trip(data, space, batch):
     assert_rows_match(layout, flat, value, batch)
 
 
+def test_float_actions_for_an_integer_box_go_to_the_nearest_integer():
+    layout = ActionLayout(spaces.Dict({"n": spaces.Box(0, 10, (3,), np.int16), "x": spaces.Box(-1, 1, (1,), np.float32)}))
+    flat = np.array([[9.6, 0.4, 4.5, 0.25]])  # a Gaussian policy's (clipped) sample; x comes last (sorted keys)
+    assert layout.unflatten(flat)["n"].tolist() == [[10, 0, 4]]  # rint: half to even, as numpy and torch do
+    assert layout.unflatten(torch.from_numpy(flat))["n"].tolist() == [[10, 0, 4]]
+    assert layout.unflatten_rows(flat, [0])[0]["n"].tolist() == [10, 0, 4]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nested(discrete_action_leaves, max_depth=3), box_action_leaves, st.randoms())
 def test_mixed_action_space_raises(space, box, random):
