@@ -263,6 +263,11 @@ class Binding:
             self.possible_agents = tuple(sorted(env.possible_agents, key=_agent_order))
             if not self.possible_agents:
                 raise EnvError(f"{self.env_name}: possible_agents is empty: expected at least one agent")
+            if len(set(self.possible_agents)) < len(self.possible_agents):
+                twice = sorted({agent for agent in self.possible_agents if self.possible_agents.count(agent) > 1},
+                               key=_agent_order)
+                raise EnvError(f"{self.env_name}: possible_agents names {twice[0]!r} more than once: expected each "
+                               f"agent once (an agent's slot is its place in the sorted possible_agents)")
             obs_space = self._common_space(env, "observation_space")
             atn_space = self._common_space(env, "action_space")
         else:

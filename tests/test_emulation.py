@@ -360,6 +360,15 @@ def test_an_agent_that_ends_without_an_observation_is_still_delivered(truncate):
     assert env.masks.tolist() == [True, False]
 
 
+def test_an_agent_listed_twice_in_possible_agents_is_an_error():
+    class Twice(TwoAgents):
+        metadata = {"name": "twice"}
+        possible_agents = ["a", "b", "a"]
+
+    with pytest.raises(EnvError, match="twice: possible_agents names 'a' more than once: expected each agent once"):
+        shoal.Binding(env_cls=Twice)
+
+
 def test_turn_based_aec_env_is_refused_clearly():
     from pettingzoo.classic import tictactoe_v3
 
