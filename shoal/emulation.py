@@ -20,7 +20,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError
-from shoal.spaces import ActionLayout, ObservationLayout, index_leaves
+from shoal.spaces import ActionLayout, ObservationLayout, action_array, index_leaves
 
 SINGLE_AGENT_ID = 0
 
@@ -569,8 +569,8 @@ class EmulatedEnv:
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""
         binding = self.binding
         action = None
-        if self._lone_discrete is not None:  # a lone Discrete: skip the general checks when valid
-            array = actions if type(actions) is np.ndarray else np.asarray(actions)
+        if self._lone_discrete is not None and type(actions) is np.ndarray:  # skip the general checks when valid
+            array = actions
             if array.size == 1 and array.ndim in (1, 2) and array.dtype.kind in "iu":
                 value = array.item()
                 n, start = self._lone_discrete
@@ -654,10 +654,13 @@ class EmulatedEnv:
         binding = self.binding
         layout = binding.atn_layout
         expected = (binding.max_agents, layout.size)
-        array = np.asarray(actions)
+        where = f"{binding.env_name}, step {self.tick + 1}"
+        try:
+            array = action_array(actions)
+        except SpaceError as error:
+            raise APIUsageError(f"{where}: {error}") from None
         if binding.max_agents == 1 and array.shape == (layout.size,):
             array = array[None]
-        where = f"{binding.env_name}, step {self.tick + 1}"
         if array.shape != expected:
             raise APIUsageError(f"{where}: actions must have shape {expected} (max_agents, action size), "
                                 f"got {array.shape}")

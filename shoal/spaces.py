@@ -203,6 +203,15 @@ def _require_leaves(found: list, space: spaces.Space) -> list:
     return found
 
 
+def action_array(actions: Any) -> np.ndarray:
+    """``np.asarray(actions)``, or a SpaceError saying what came when numpy cannot make one array of it."""
+    try:
+        return np.asarray(actions)
+    except (TypeError, ValueError, RuntimeError) as error:  # a GPU tensor, ragged lists
+        raise SpaceError(f"actions must be one array (numpy, a CPU tensor or equal-length nested lists), got "
+                         f"{type(actions).__name__}: {str(error).splitlines()[0]}") from None
+
+
 def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 

@@ -416,6 +416,8 @@ def test_action_errors_name_env_agent_and_step():
         env.step(flat_actions(binding)[:3])
     with pytest.raises(APIUsageError, match=r"step 1: MultiDiscrete\(\[2 3 4 5\]\) takes integer actions, got dtype float64"):
         env.step(flat_actions(binding).astype(np.float64))
+    with pytest.raises(APIUsageError, match=r"step 1: actions must be one array .* got list: setting an array element"):
+        env.step([[0, 0, 0, 0]] * 3 + [[0, 0]])
     bad = flat_actions(binding)
     bad[1, 3] = 5
     with pytest.raises(APIUsageError, match=r"step 1, agent 'agent_1' \(slot 1\): action \[0 0 1 5\] is out of range"):

@@ -14,6 +14,7 @@ import gymnasium
 import numpy as np
 import psutil
 import pytest
+import torch
 
 import shoal
 import shoal.vector
@@ -342,6 +343,11 @@ def test_bad_actions(make, backend):
         vecenv.send(np.zeros((3, size), np.int64))
     with pytest.raises(APIUsageError, match="takes integer actions, got dtype float32"):
         vecenv.send(np.zeros((rows, size), np.float32))
+    with pytest.raises(APIUsageError, match="send\\(actions\\): actions must be one array .* got Tensor: can't convert "
+                                            "meta device"):
+        vecenv.send(torch.zeros((rows, size), dtype=torch.int64, device="meta"))  # as a GPU tensor would
+    with pytest.raises(APIUsageError, match="actions must be one array .* got list: setting an array element"):
+        vecenv.send([[0] * size] * (rows - 1) + [[0] * (size + 1)])
     actions = np.zeros((rows, size), np.int64)
     actions[1, 0] = 7
     with pytest.raises(APIUsageError, match="row 1 \\(env 0, slot 1\\) holds \\[7 0 0 0\\]: expected 0 <= a < \\[2 3 4 5\\]"):

@@ -30,6 +30,7 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, SpaceError, WorkerError
+from shoal.spaces import action_array
 
 
 class Batch(NamedTuple):
@@ -602,7 +603,10 @@ class VecEnv(abc.ABC):
         layout = self.binding.atn_layout
         rows = self.batch_size * self.max_agents
         expected = (rows, self._atn_size)
-        array = np.asarray(actions)
+        try:
+            array = action_array(actions)
+        except SpaceError as error:
+            raise APIUsageError(f"send(actions): {error}") from None
         if array.shape != expected:
             if array.size == rows * self._atn_size and array.shape in (
                     (rows,), (self.batch_size, self.max_agents, self._atn_size)):
