@@ -231,10 +231,16 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [(Path(run_dir).name, read_progress(run_dir)) for run_dir in run_dirs]
+    if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
+        from shoal.errors import APIUsageError
+
+        raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of {', '.join(CSV_FIELDS)}")
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for run_dir in run_dirs:
-        rows = [row for row in read_progress(run_dir) if metric in row]
-        axis.plot([row["global_step"] for row in rows], [row[metric] for row in rows], label=Path(run_dir).name)
+    for name, rows in runs:
+        points = [(row["global_step"], row[metric]) for row in rows if math.isfinite(row.get(metric, math.nan))]
+        steps, values = zip(*points) if points else ((), ())
+        axis.plot(steps, values, label=name if points else f"{name} (no {metric} yet)")
     axis.set_xlabel("agent steps")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)

@@ -8,6 +8,7 @@ import pytest
 from rich.console import Console
 
 from shoal.envs import make_binding
+from shoal.errors import APIUsageError
 from shoal.logging import CSV_FIELDS, Logger, plot_runs, read_progress
 from shoal.ppo import PPOConfig, train
 
@@ -69,3 +70,12 @@ def test_plot_one_line_per_run(tmp_path):
                 logger.log(step * 100, {"episode/return_mean20": step * scale})
     out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "plots" / "curves.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
+    with Logger(tmp_path / "early", dashboard=False, tensorboard=False) as logger:
+        logger.log(100, {"episode/return_mean20": math.nan, "loss/value": 1.0})  # no episode finished yet
+    out = plot_runs([tmp_path / "early"], tmp_path / "curves.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(APIUsageError, match="no run has a column 'loss/valu' in progress.csv: expected one of"):
+        plot_runs([tmp_path / "early"], tmp_path / "typo.png", metric="loss/valu")
