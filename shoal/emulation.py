@@ -302,11 +302,15 @@ class Binding:
 
     def _first_observation(self, env) -> Any:
         with self.quiet():
-            result = env.reset(seed=0)
+            obs, _ = self._checked_reset(env.reset(seed=0))
+        return next(iter(obs.values())) if self.is_multiagent else obs
+
+    def _checked_reset(self, result: Any) -> tuple:
+        """``(obs, infos)`` as an env's reset returned them; EnvError if it returned something else (an old
+        Gym env returns only the observation)."""
         if not (isinstance(result, tuple) and len(result) == 2):
             raise _api_mismatch(self.env_name, "reset", result, self.is_multiagent)
-        obs = result[0]
-        return next(iter(obs.values())) if self.is_multiagent else obs
+        return result
 
     def make_env(self, buffers: Buffers | None = None) -> "EmulatedEnv":
         """A new emulated env; it writes into ``buffers`` (``max_agents`` rows) when given."""
@@ -403,10 +407,7 @@ class EmulatedEnv:
         return self._output(self.obs), infos
 
     def _begin_episode(self, seed: int | None) -> dict:
-        result = self._quietly(self.env.reset, seed=seed)
-        if not (isinstance(result, tuple) and len(result) == 2):  # an old Gym env returns only the observation
-            raise _api_mismatch(self.binding.env_name, "reset", result, self.binding.is_multiagent)
-        obs, infos = result
+        obs, infos = self.binding._checked_reset(self._quietly(self.env.reset, seed=seed))
         if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
             self._lone_episode = [0.0, 0]
             self._write_single(obs)
