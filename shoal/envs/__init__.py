@@ -1,4 +1,5 @@
-"""Built-in bindings, by name: ``make_binding("cartpole")``, ``"atari:Breakout"``, ``"gym:<gymnasium id>"``.
+"""Built-in bindings, by name: ``make_binding("cartpole")``, ``"atari:Breakout"``, ``"gym:<gymnasium id>"``,
+``"pettingzoo:<family>.<env>"``.
 
 >>> from shoal.envs import make_binding
 >>> make_binding("cartpole")
@@ -10,6 +11,9 @@ Binding('CartPole-v1', max_agents=1, obs=Box(..., (4,), float32), actions=MultiD
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
+import re
 from typing import Any, Callable
 
 import gymnasium
@@ -53,10 +57,62 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
     return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
 
 
+def pettingzoo(env: str, **env_kwargs: Any) -> Binding:
+    """A PettingZoo env by module, ``<family>.<env>`` as in ``pettingzoo.butterfly.pistonball_v6``
+    (``butterfly/pistonball_v6`` works too): its ``parallel_env``, else its AEC ``env``."""
+    path = env.replace("/", ".")
+    family = path.split(".")[0]
+    known = _pettingzoo_envs()
+    if path not in known:
+        try:  # a family can refuse to import with its own explanation (MPE moved to the mpe2 package)
+            importlib.import_module(f"pettingzoo.{family}")
+        except ImportError as error:
+            if not isinstance(error, ModuleNotFoundError):
+                raise APIUsageError(f"PettingZoo env {env!r}: {error}") from None
+        close = difflib.get_close_matches(path, known, n=3)
+        families = sorted({name.split(".")[0] for name in known})
+        hint = f"did you mean {', '.join(close)}?" if close else f"PettingZoo's families: {', '.join(families)}"
+        raise APIUsageError(f"unknown PettingZoo env {env!r}: expected <family>.<env> such as "
+                            f"butterfly.pistonball_v6; {hint}")
+    try:
+        module = importlib.import_module(f"pettingzoo.{path}")
+    except ImportError as error:
+        raise APIUsageError(f"PettingZoo env {env!r} cannot be imported: {error} (its family may need an extra, "
+                            f"e.g. pip install -c constraints.txt 'pettingzoo[{family}]')") from None
+    if not callable(_pettingzoo_creator(module)):
+        raise APIUsageError(f"pettingzoo.{path} has neither parallel_env nor env: expected a PettingZoo env module "
+                            f"such as pettingzoo.butterfly.pistonball_v6")
+    return Binding(env_creator=_make_pettingzoo_env, env_args=(path,), env_kwargs=env_kwargs, env_name=path)
+
+
+def _pettingzoo_creator(module) -> Any:
+    return getattr(module, "parallel_env", None) or getattr(module, "env", None)
+
+
+def _make_pettingzoo_env(path: str, **env_kwargs: Any):
+    """The env of module ``pettingzoo.<path>``; by name, so the binding pickles (PettingZoo's creators are closures)."""
+    return _pettingzoo_creator(importlib.import_module(f"pettingzoo.{path}"))(**env_kwargs)
+
+
+def _pettingzoo_envs() -> list[str]:
+    """``<family>.<env>`` of every env module PettingZoo ships, found without importing them."""
+    import pettingzoo
+
+    found = []
+    for family in pkgutil.iter_modules(pettingzoo.__path__):
+        if family.ispkg:
+            folder = [f"{pettingzoo.__path__[0]}/{family.name}"]
+            found += [f"{family.name}.{module.name}" for module in pkgutil.iter_modules(folder)
+                      if re.search(r"_v\d+$", module.name)]
+    return sorted(found)
+
+
 NAMED: dict[str, Callable[..., Binding]] = {"cartpole": cartpole}
 """Bindings by exact name."""
-PREFIXED: dict[str, Callable[..., Binding]] = {"atari": atari, "gym": gym}
+PREFIXED: dict[str, Callable[..., Binding]] = {"atari": atari, "gym": gym, "pettingzoo": pettingzoo}
 """Bindings by ``prefix:argument``."""
+EXAMPLES = {"atari": "atari:Breakout", "gym": "gym:Acrobot-v1", "pettingzoo": "pettingzoo:butterfly.pistonball_v6"}
+"""One name per prefix, for messages."""
 
 # PPO settings per env family, on top of PPOConfig's CleanRL defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -77,9 +133,9 @@ def _split(name: str) -> tuple[str, str | None]:
 
 
 def _unknown(name: str) -> APIUsageError:
-    names = sorted(NAMED) + [f"{prefix}:<...>" for prefix in sorted(PREFIXED)]
+    names = sorted(NAMED) + [f"{prefix}:<...>" for prefix in PREFIXED]
     return APIUsageError(f"unknown env {name!r}: expected one of {', '.join(names)} "
-                         f"(e.g. cartpole, atari:Breakout, gym:Acrobot-v1)")
+                         f"(e.g. cartpole, {', '.join(EXAMPLES.values())})")
 
 
 def make_binding(name: str, **env_kwargs: Any) -> Binding:
@@ -89,8 +145,7 @@ def make_binding(name: str, **env_kwargs: Any) -> Binding:
         return NAMED[prefix](**env_kwargs)
     if argument is not None and prefix in PREFIXED:
         if not argument:
-            raise APIUsageError(f"env {name!r} names no {prefix} env: expected {prefix}:<name>, e.g. "
-                                f"{'atari:Breakout' if prefix == 'atari' else 'gym:Acrobot-v1'}")
+            raise APIUsageError(f"env {name!r} names no {prefix} env: expected {prefix}:<name>, e.g. {EXAMPLES[prefix]}")
         return PREFIXED[prefix](argument, **env_kwargs)
     raise _unknown(name)
 
@@ -110,4 +165,4 @@ def preset(name: str) -> dict[str, Any]:
     return dict(PRESETS.get(prefix if argument is not None else name, {}))
 
 
-__all__ = ["make_binding", "preset", "cartpole", "atari", "gym", "NAMED", "PREFIXED", "PRESETS", "check_env_name"]
+__all__ = ["make_binding", "preset", "cartpole", "atari", "gym", "pettingzoo", "NAMED", "PREFIXED", "PRESETS", "check_env_name"]
