@@ -38,7 +38,7 @@ class PPOConfig:
 
     # ---- experiment
     env: str = "cartpole"
-    """env to train on: cartpole, atari:<Game>, gym:<gymnasium id>, pettingzoo:<family>.<env>"""
+    """env to train on: cartpole, atari:<Game>, gym:<gymnasium id>, pettingzoo:<registry id>"""
     seed: int = 1
     """seed of torch, numpy, random and the envs"""
     torch_deterministic: bool = True

@@ -51,16 +51,16 @@ def test_train_eval_plot_and_resume(tmp_path, capsys):
 
 def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
     run_dir = str(tmp_path / "kaz")
-    code, out, _ = run(capsys, "train", "--env", "pettingzoo:butterfly.knights_archers_zombies_v11", *FAST,
+    code, out, _ = run(capsys, "train", "--env", "pettingzoo:butterfly/knights_archers_zombies-v11", *FAST,
                        "--total-timesteps", "256", "--run-dir", run_dir)
     assert code == 0 and "trained" in out
     code, out, _ = run(capsys, "eval", run_dir, "--episodes", "2")
-    assert code == 0 and "butterfly.knights_archers_zombies_v11: " in out
+    assert code == 0 and "butterfly/knights_archers_zombies-v11: " in out
 
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--env", "mujoco"], "unknown env 'mujoco'"),
-    (["train", "--env", "pettingzoo:butterfly.pistonbal_v6"], "did you mean butterfly.pistonball_v6"),
+    (["train", "--env", "pettingzoo:butterfly/pistonbal-v6"], "did you mean butterfly/pistonball-v6"),
     (["train", "--env", "atari:Breakou"], "did you mean Breakout"),
     (["train", "--env", "gym:NoSuchEnv-v0"], "unknown Gymnasium env id 'NoSuchEnv-v0'"),
     (["train", "--num-envs", "-4"], "num_envs must be a positive integer, got -4"),

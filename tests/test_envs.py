@@ -28,11 +28,13 @@ def test_any_gymnasium_id():
     assert pendulum.single_action_space.shape == (1,)  # a Box: Gaussian policies
 
 
-def test_pettingzoo_env_by_module():
-    binding = make_binding("pettingzoo:butterfly.knights_archers_zombies_v11")
-    assert binding.is_multiagent and binding.max_agents == 4 and binding.env_name == "butterfly.knights_archers_zombies_v11"
-    pistons = make_binding("pettingzoo:butterfly/pistonball_v6", n_pistons=3)  # PettingZoo's own spelling
-    assert pistons.max_agents == 3 and pistons.single_action_space.shape == (1,)
+def test_pettingzoo_env_by_registry_id():
+    binding = make_binding("pettingzoo:butterfly/knights_archers_zombies-v11")
+    assert binding.is_multiagent and binding.max_agents == 4 and binding.env_name == "butterfly/knights_archers_zombies-v11"
+    assert make_binding("pettingzoo:butterfly.knights_archers_zombies_v11").env_name == binding.env_name  # module spelling
+    pistons = make_binding("pettingzoo:butterfly/pistonball", n_pistons=3)  # no version: the newest
+    assert pistons.env_name == "butterfly/pistonball-v6" and pistons.max_agents == 3
+    assert pistons.single_action_space.shape == (1,)
     pickle.loads(pickle.dumps(pistons))  # workers rebuild it
 
 
@@ -44,12 +46,13 @@ def test_pettingzoo_env_by_module():
     ("atari:Breakou", "unknown Atari game 'Breakou'.*did you mean Breakout"),
     ("gym:CartPol-v1", "unknown Gymnasium env id 'CartPol-v1'.*did you mean CartPole-v1"),
     ("", "env name must be a non-empty string"),
-    ("pettingzoo:", "names no pettingzoo env: expected pettingzoo:<name>, e.g. pettingzoo:butterfly.pistonball_v6"),
-    ("pettingzoo:butterfly.knights_archers_zombies_v10", "did you mean butterfly.knights_archers_zombies_v11"),
-    ("pettingzoo:utils.env", "unknown PettingZoo env 'utils.env'.*families: atari, butterfly, classic"),
-    ("pettingzoo:mpe.simple_spread_v3", "MPE has been moved into its own package"),  # PettingZoo's own reason
-    ("pettingzoo:classic.tictactoe_v3", "AEC env whose metadata does not set is_parallelizable"),
-    pytest.param("pettingzoo:sisl.multiwalker_v9", r"cannot be imported: No module named 'Box2D'.*pettingzoo\[sisl\]",
+    ("pettingzoo:", "names no pettingzoo env: expected pettingzoo:<name>, e.g. pettingzoo:butterfly/pistonball-v6"),
+    ("pettingzoo:butterfly/knights_archers_zombie", "did you mean butterfly/knights_archers_zombies-v11"),
+    ("pettingzoo:butterfly/knights_archers_zombies-v10", "version v10 .* not found. Available version: v11"),
+    ("pettingzoo:utils/env", "unknown PettingZoo env 'utils/env'.*families: atari, butterfly, classic"),
+    ("pettingzoo:mpe/simple_spread-v3", "MPE has been moved into its own package"),  # PettingZoo's own reason
+    ("pettingzoo:classic/tictactoe-v3", "AEC env whose metadata does not set is_parallelizable"),
+    pytest.param("pettingzoo:sisl/multiwalker-v9", r"cannot be imported: No module named 'Box2D'.*pettingzoo\[sisl\]",
                  marks=pytest.mark.skipif(importlib.util.find_spec("Box2D") is not None, reason="Box2D installed")),
 ])
 def test_unknown_envs_get_a_clear_error(name, message):

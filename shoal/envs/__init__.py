@@ -1,5 +1,5 @@
 """Built-in bindings, by name: ``make_binding("cartpole")``, ``"atari:Breakout"``, ``"gym:<gymnasium id>"``,
-``"pettingzoo:<family>.<env>"``.
+``"pettingzoo:<registry id>"``.
 
 >>> from shoal.envs import make_binding
 >>> make_binding("cartpole")
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import pkgutil
-import re
 from typing import Any, Callable
 
 import gymnasium
@@ -57,61 +55,53 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
     return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
 
 
-def pettingzoo(env: str, **env_kwargs: Any) -> Binding:
-    """A PettingZoo env by module, ``<family>.<env>`` as in ``pettingzoo.butterfly.pistonball_v6``
-    (``butterfly/pistonball_v6`` works too): its ``parallel_env``, else its AEC ``env``."""
-    path = env.replace("/", ".")
-    family = path.split(".")[0]
-    known = _pettingzoo_envs()
-    if path not in known:
+def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
+    """A PettingZoo env by its registry id, ``<family>/<name>-v<N>`` such as ``butterfly/pistonball-v6``.
+
+    PettingZoo's module spelling (``butterfly.pistonball_v6``) works too, and an id without its version
+    means the newest. The env comes from ``pettingzoo.make``: its parallel API where it has one, else
+    its AEC API.
+    """
+    import pettingzoo as pz
+    from pettingzoo.env_registry.exceptions import PettingZooRegistryError, VersionNotFound
+
+    name = env_id if "/" in env_id else env_id.replace(".", "/", 1)
+    for kind in ("parallel", "aec"):
+        try:
+            spec = pz.spec(kind, name)
+            break
+        except VersionNotFound as error:
+            raise APIUsageError(f"PettingZoo env {env_id!r}: {error}") from None
+        except PettingZooRegistryError:
+            continue
+    else:
+        family = name.partition("/")[0]
         try:  # a family can refuse to import with its own explanation (MPE moved to the mpe2 package)
             importlib.import_module(f"pettingzoo.{family}")
         except ImportError as error:
             if not isinstance(error, ModuleNotFoundError):
-                raise APIUsageError(f"PettingZoo env {env!r}: {error}") from None
-        close = difflib.get_close_matches(path, known, n=3)
-        families = sorted({name.split(".")[0] for name in known})
-        hint = f"did you mean {', '.join(close)}?" if close else f"PettingZoo's families: {', '.join(families)}"
-        raise APIUsageError(f"unknown PettingZoo env {env!r}: expected <family>.<env> such as "
-                            f"butterfly.pistonball_v6; {hint}")
-    try:
-        module = importlib.import_module(f"pettingzoo.{path}")
-    except ImportError as error:
-        raise APIUsageError(f"PettingZoo env {env!r} cannot be imported: {error} (its family may need an extra, "
-                            f"e.g. pip install -c constraints.txt 'pettingzoo[{family}]')") from None
-    if not callable(_pettingzoo_creator(module)):
-        raise APIUsageError(f"pettingzoo.{path} has neither parallel_env nor env: expected a PettingZoo env module "
-                            f"such as pettingzoo.butterfly.pistonball_v6")
-    return Binding(env_creator=_make_pettingzoo_env, env_args=(path,), env_kwargs=env_kwargs, env_name=path)
-
-
-def _pettingzoo_creator(module) -> Any:
-    return getattr(module, "parallel_env", None) or getattr(module, "env", None)
-
-
-def _make_pettingzoo_env(path: str, **env_kwargs: Any):
-    """The env of module ``pettingzoo.<path>``; by name, so the binding pickles (PettingZoo's creators are closures)."""
-    return _pettingzoo_creator(importlib.import_module(f"pettingzoo.{path}"))(**env_kwargs)
-
-
-def _pettingzoo_envs() -> list[str]:
-    """``<family>.<env>`` of every env module PettingZoo ships, found without importing them."""
-    import pettingzoo
-
-    found = []
-    for family in pkgutil.iter_modules(pettingzoo.__path__):
-        if family.ispkg:
-            folder = [f"{pettingzoo.__path__[0]}/{family.name}"]
-            found += [f"{family.name}.{module.name}" for module in pkgutil.iter_modules(folder)
-                      if re.search(r"_v\d+$", module.name)]
-    return sorted(found)
+                raise APIUsageError(f"PettingZoo env {env_id!r}: {error}") from None
+        known = sorted(pz.aec_registry)
+        close = difflib.get_close_matches(name.replace("_v", "-v"), known, n=3)
+        families = sorted({spec_id.partition("/")[0] for spec_id in known})
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                f"families: {', '.join(families)} (pettingzoo.pprint_registry() lists every id)")
+        raise APIUsageError(f"unknown PettingZoo env {env_id!r}: expected a registry id such as "
+                            f"butterfly/pistonball-v6; {hint}")
+    if isinstance(spec.entry_point, str):  # a missing extra shows here, not deep inside Binding's probe
+        try:
+            importlib.import_module(spec.entry_point.partition(":")[0])
+        except ImportError as error:
+            raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {error} (its family needs an "
+                                f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
+    return Binding(env_creator=pz.make, env_args=(kind, spec.id), env_kwargs=env_kwargs, env_name=spec.id)
 
 
 NAMED: dict[str, Callable[..., Binding]] = {"cartpole": cartpole}
 """Bindings by exact name."""
 PREFIXED: dict[str, Callable[..., Binding]] = {"atari": atari, "gym": gym, "pettingzoo": pettingzoo}
 """Bindings by ``prefix:argument``."""
-EXAMPLES = {"atari": "atari:Breakout", "gym": "gym:Acrobot-v1", "pettingzoo": "pettingzoo:butterfly.pistonball_v6"}
+EXAMPLES = {"atari": "atari:Breakout", "gym": "gym:Acrobot-v1", "pettingzoo": "pettingzoo:butterfly/pistonball-v6"}
 """One name per prefix, for messages."""
 
 # PPO settings per env family, on top of PPOConfig's CleanRL defaults.
