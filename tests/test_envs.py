@@ -61,7 +61,7 @@ def test_unknown_envs_get_a_clear_error(name, message):
 
 
 def test_presets():
-    assert preset("cartpole")["stop_at_return"] == 475
+    assert preset("cartpole")["stop_at_return"] == 475 and preset("cartpole")["device"] == "cpu"  # launch-bound on a GPU
     assert preset("atari:Pong")["clip_coef"] == 0.1  # CleanRL's ppo_atari.py
     assert preset("gym:Acrobot-v1") == {}
     preset("cartpole")["num_envs"] = 99

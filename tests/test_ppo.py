@@ -23,11 +23,13 @@ from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError
 from shoal.logging import read_progress
 from shoal.policy import LSTMPolicy, MLPPolicy
-from shoal.ppo import PPOConfig, _clip_grad_norm, gae, train
+from shoal.ppo import PPOConfig, _clip_grad_norm, evaluate, gae, train
 from shoal.vector import Batch
 
 QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
              dashboard=False, tensorboard=False)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 LOSSES = ["loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/clipfrac", "loss/explained_variance",
           "episode/return", "global_step"]
@@ -138,7 +140,7 @@ def _fit_constant_value(**overrides) -> float:
                        dashboard=False, tensorboard=False, **overrides)
     result = train(config, binding)
     with torch.no_grad():
-        return float(result.policy(torch.ones(1, 1))[1])
+        return float(result.policy.cpu()(torch.ones(1, 1))[1])
 
 
 def test_truncated_episodes_bootstrap_from_the_final_observation():
@@ -169,21 +171,25 @@ def test_treating_truncation_as_terminal_would_learn_a_different_value():
     with vector.make(binding, "serial", envs_per_worker=2) as vecenv:
         result = train(config, binding, vecenv=_AlwaysDoneReplay(vecenv))
     with torch.no_grad():
-        value = float(result.policy(torch.ones(1, 1))[1])
+        value = float(result.policy.cpu()(torch.ones(1, 1))[1])
     assert value < 4.0
 
 
-@pytest.mark.parametrize("backend,envs_per_batch", [("serial", 0), ("serial", 2), ("multiprocessing", 2)])
-def test_recurrent_replay_matches_the_rollout(backend, envs_per_batch):
+@pytest.mark.parametrize("backend,envs_per_batch,device", [
+    ("serial", 0, "cpu"), ("serial", 2, "cpu"), ("multiprocessing", 2, "cpu"),
+    pytest.param("serial", 2, "cuda", marks=CUDA)])
+def test_recurrent_replay_matches_the_rollout(backend, envs_per_batch, device):
     # With a frozen policy (lr ~ 0) every update's recomputed log-probabilities must equal the ones
     # taken while acting: the replay resets the LSTM state exactly where the rollout did (episode
     # starts mid-rollout, state carried across rollouts, batches arriving in any order).
     config = PPOConfig(num_envs=4, num_steps=24, total_timesteps=4 * 24 * 6, learning_rate=1e-30, lstm=True,
                        update_epochs=1, num_minibatches=2, backend=backend, envs_per_batch=envs_per_batch,
-                       num_workers=2 if backend != "serial" else 0, dashboard=False, tensorboard=False)
+                       num_workers=2 if backend != "serial" else 0, dashboard=False, tensorboard=False, device=device)
     result = train(config, make_binding("cartpole"))
     assert result.episodes, "episodes must end inside rollouts for this test to mean anything"
-    assert max(abs(row["loss/approx_kl"]) for row in result.history) < 1e-9
+    # On a GPU the replay's cuDNN LSTM may use TF32 (PyTorch's default) while acting uses the fp32 cell:
+    # log-probabilities then differ by ~1e-4, a KL of ~1e-8. A state reset in the wrong place costs far more.
+    assert max(abs(row["loss/approx_kl"]) for row in result.history) < (1e-9 if device == "cpu" else 1e-6)
     assert all(row["loss/clipfrac"] == 0 for row in result.history)
 
 
@@ -208,8 +214,9 @@ def test_lstm_state_resets_where_an_episode_starts():
 
 def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one():
     binding = make_binding("cartpole")
-    sync = train(PPOConfig(**QUICK, seed=5), binding)
-    halves = train(PPOConfig(**QUICK, seed=5, envs_per_batch=2), binding)
+    # On the CPU: a GPU draws random numbers per kernel launch, so two half batches get other numbers than one whole.
+    sync = train(PPOConfig(**QUICK, seed=5, device="cpu"), binding)
+    halves = train(PPOConfig(**QUICK, seed=5, envs_per_batch=2, device="cpu"), binding)
     # Same envs, same random numbers in the same order; only float rounding of smaller matmuls differs.
     np.testing.assert_allclose(np.array(_history(halves), float), np.array(_history(sync), float), rtol=1e-4, atol=1e-5)
 
@@ -355,11 +362,27 @@ def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_re
     assert path.name == "update_000002.pt" and checkpoint["global_step"] == 2 * 64  # the third rollout is dropped
     two_updates = train(dataclasses.replace(config, run_dir=None, total_timesteps=2 * 64), binding)
     for name, tensor in two_updates.policy.state_dict().items():
-        assert torch.equal(checkpoint["model"][name], tensor), name
+        assert torch.equal(checkpoint["model"][name], tensor.cpu()), name
     assert read_progress(tmp_path)[-1]["update"] == 2
 
     resumed = train(config, binding, resume_from=tmp_path)
     assert resumed.start_step == 128 and resumed.global_step == 320 and resumed.updates == 5
+
+
+@CUDA
+def test_a_run_trained_on_the_gpu_resumes_and_evaluates_on_the_cpu(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, lstm=True, device="cuda", run_dir=str(tmp_path), checkpoint_interval=2)
+    on_gpu = train(config, binding)
+    assert all(parameter.is_cuda for parameter in on_gpu.policy.parameters())
+    checkpoint = load_checkpoint(list_checkpoints(tmp_path)[0])  # update 2, on the CPU
+    assert all(tensor.device.type == "cpu" for tensor in checkpoint["model"].values())
+
+    more = dataclasses.replace(config, device="cpu", total_timesteps=config.total_timesteps + 2 * 64)
+    on_cpu = train(more, binding, resume_from=tmp_path)
+    assert on_cpu.start_step == 320 and on_cpu.global_step == 448
+    assert all(np.isfinite(row["loss/value"]) for row in on_cpu.history)
+    assert len(evaluate(on_cpu.policy, binding, episodes=2)) == 2
 
 
 def test_resume_from_another_env_is_refused(tmp_path):
