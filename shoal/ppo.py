@@ -694,37 +694,43 @@ def config_from_checkpoint(checkpoint: dict) -> PPOConfig:
 
 
 def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, deterministic: bool = False,
-             device: str | torch.device = "cpu", max_steps: int = 1_000_000) -> list[float]:
+             device: str | torch.device | None = None, max_steps: int = 1_000_000) -> list[float]:
     """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
 
     Returns come from ``infos[agent]["episode"]`` (the binding's episode statistics, or the env's own).
+    ``device``: where to play (the policy is moved there); None plays where its parameters are. The
+    policy's train/eval mode and the global torch RNG states are as before afterwards.
     """
     env = binding.make_env()
-    device = torch.device(device)
-    policy = policy.to(device).eval()
+    if device is not None:
+        policy.to(device)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
     returns: list[float] = []
     state = policy.initial_state(binding.max_agents, device) if policy.is_recurrent else None
     starts = torch.ones(binding.max_agents, dtype=torch.bool, device=device)
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
     try:
-        obs, _ = env.reset(seed=seed)
-        for _ in range(max_steps):
-            with torch.no_grad():
-                flat = torch.as_tensor(np.array(obs), device=device)
-                params, _, state = policy(flat, state, starts) if policy.is_recurrent else policy(flat)
-                action, _ = policy.sample_actions(params, deterministic)
-            if not hasattr(binding.single_action_space, "nvec"):
-                space = binding.single_action_space
-                action = action.clamp(torch.as_tensor(space.low, device=device), torch.as_tensor(space.high, device=device))
-            obs, _, terminal, truncation, infos = env.step(action.cpu().numpy())
-            starts = torch.as_tensor(terminal | truncation, device=device)
-            for info in infos.values():
-                if "episode" in info:
-                    returns.append(float(info["episode"]["return"]))
-            if len(returns) >= episodes:
-                break
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            obs, _ = env.reset(seed=seed)
+            for _ in range(max_steps):
+                with torch.no_grad():
+                    flat = torch.as_tensor(np.array(obs), device=device)
+                    params, _, state = policy(flat, state, starts) if policy.is_recurrent else policy(flat)
+                    action, _ = policy.sample_actions(params, deterministic)
+                if not hasattr(binding.single_action_space, "nvec"):
+                    space = binding.single_action_space
+                    action = action.clamp(torch.as_tensor(space.low, device=device),
+                                          torch.as_tensor(space.high, device=device))
+                obs, _, terminal, truncation, infos = env.step(action.cpu().numpy())
+                starts = torch.as_tensor(terminal | truncation, device=device)
+                for info in infos.values():
+                    if "episode" in info:
+                        returns.append(float(info["episode"]["return"]))
+                if len(returns) >= episodes:
+                    break
     finally:
         env.close()
-        torch.set_rng_state(generator_state)
+        policy.train(was_training)
     return returns[:episodes]

@@ -369,6 +369,15 @@ def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_re
     assert resumed.start_step == 128 and resumed.global_step == 320 and resumed.updates == 5
 
 
+def test_evaluate_is_seeded_and_leaves_the_policy_and_the_global_rng_as_they_were():
+    binding = make_binding("cartpole")
+    policy = MLPPolicy(binding)
+    before = torch.get_rng_state()
+    first = evaluate(policy, binding, episodes=3, seed=7)
+    assert policy.training and torch.equal(torch.get_rng_state(), before)
+    assert evaluate(policy, binding, episodes=3, seed=7) == first
+
+
 @CUDA
 def test_a_run_trained_on_the_gpu_resumes_and_evaluates_on_the_cpu(tmp_path):
     binding = make_binding("cartpole")
