@@ -13,6 +13,7 @@ import io
 import os
 import re
 import sys
+import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
 import gymnasium
@@ -20,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError
-from shoal.spaces import ActionLayout, ObservationLayout, action_array, index_leaves
+from shoal.spaces import ActionLayout, ObservationLayout, _short, action_array, index_leaves
 
 SINGLE_AGENT_ID = 0
 
@@ -81,7 +82,7 @@ def _infer_space(value: Any) -> spaces.Space:
         return spaces.Tuple([_infer_space(item) for item in value])
     array = np.asarray(value)
     if array.dtype.kind == "b":
-        return spaces.Box(False, True, array.shape, bool)
+        return spaces.Box(0, 1, array.shape, bool)
     if array.dtype.kind in "iu":
         info = np.iinfo(array.dtype)
         return spaces.Box(info.min, info.max, array.shape, array.dtype)
@@ -303,7 +304,12 @@ class Binding:
     def _first_observation(self, env) -> Any:
         with self.quiet():
             obs, _ = self._checked_reset(env.reset(seed=0))
-        return next(iter(obs.values())) if self.is_multiagent else obs
+        if not self.is_multiagent:
+            return obs
+        if not obs:
+            raise EnvError(f"{self.env_name}: reset(seed=0) returned no observations, so the feature_parser's "
+                           f"output space cannot be inferred: pass feature_space=")
+        return next(iter(obs.values()))
 
     def _checked_reset(self, result: Any) -> tuple:
         """``(obs, infos)`` as an env's reset returned them; EnvError if it returned something else (an old
@@ -412,8 +418,16 @@ class EmulatedEnv:
             self._lone_episode = [0.0, 0]
             self._write_single(obs)
             self.masks[0] = True
+            if infos and not isinstance(infos, dict):
+                raise self._not_a_dict(SINGLE_AGENT_ID, infos)
             return {SINGLE_AGENT_ID: dict(infos)} if infos else {}
         infos = infos or {}
+        if not isinstance(infos, dict):
+            raise EnvError(f"{self.binding.env_name}: reset() returned infos of type {type(infos).__name__}: expected "
+                           f"a dict keyed by agent")
+        bad = next((item for item in infos.items() if item[1] and not isinstance(item[1], dict)), None)
+        if bad:
+            raise self._not_a_dict(*bad)
         self._ended.clear()
         self._gone.clear()
         self._episode_return[:] = 0
@@ -426,17 +440,12 @@ class EmulatedEnv:
     def _write_agents(self, agents: list, values: list) -> np.ndarray | list[int]:
         """Check each agent's observation, write it into its slot and mark the slot live. Returns the slots."""
         binding = self.binding
-        try:
-            if len(agents) == 1:  # a plain int indexes faster than an array
-                slots = [binding.agent_slots[agents[0]]]
-            else:
-                slots = np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
-        except KeyError:
-            unknown = next(agent for agent in agents if agent not in binding.agent_slots)
-            raise EnvError(
-                f"{binding.env_name}, step {self.tick}: the env returned agent {unknown!r}, which is not in "
-                f"possible_agents {list(binding.possible_agents)[:8]}"
-            ) from None
+        if not agents:
+            return np.empty(0, np.intp)
+        if len(agents) == 1 and agents[0] in binding.agent_slots:  # a plain int indexes faster than an array
+            slots = [binding.agent_slots[agents[0]]]
+        else:
+            slots = self._slots(agents, "returned")
         if binding.feature_parser is not None:
             values = [binding.feature_parser(value) for value in values]
         try:
@@ -444,16 +453,28 @@ class EmulatedEnv:
                 self._write_obs(slots[0], values[0])
             else:
                 self._write_rows(slots, values)
-        except SpaceError as error:
-            for agent, slot, value in zip(agents, slots, values):  # find the agent whose value is wrong
+        except SpaceError:
+            # Agent by agent: finds the one whose value is wrong, or writes them all where only their mix
+            # failed (an int64 and a uint64 value of one leaf make a float64 column together).
+            for agent, slot, value in zip(agents, slots, values):
                 try:
                     self._write_obs(slot, value)
-                except SpaceError as own_error:
-                    error, agents = own_error, [agent]
-                    break
-            raise self._misfit(agents, error) from None
+                except SpaceError as error:
+                    raise self._misfit([agent], error) from None
         self.masks[slots] = True
         return slots
+
+    def _slots(self, agents: list, how: str) -> np.ndarray:
+        """The agents' slots; EnvError naming an agent that is not in possible_agents."""
+        binding = self.binding
+        try:
+            return np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
+        except KeyError:
+            unknown = next(agent for agent in agents if agent not in binding.agent_slots)
+            raise EnvError(
+                f"{binding.env_name}, step {self.tick}: the env {how} agent {unknown!r}, which is not in "
+                f"possible_agents {list(binding.possible_agents)[:8]}"
+            ) from None
 
     def _write_single(self, obs) -> None:
         """``_write_agents`` for the one agent of a single-agent env."""
@@ -491,16 +512,18 @@ class EmulatedEnv:
                            f"keyed by agent (observations, rewards, terminations, truncations, infos), the PettingZoo "
                            f"Parallel API")
         infos = infos or {}
-        rewards = env_rewards if binding.reward_shaper is None else self._shaped(env_rewards, infos)
+        # The shaper gets a copy: episode statistics count the env's own rewards, even if it edits its input.
+        rewards = env_rewards if binding.reward_shaper is None else self._shaped(dict(env_rewards), infos)
 
         was_live = self.masks.copy()
         self.masks[:] = False
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
+        respawned = []
         if self._ended:
             if self._gone:
-                self._respawn(self._gone.intersection(obs))
+                respawned = self._respawn(self._gone.intersection(obs), was_live)
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
         else:
@@ -518,10 +541,14 @@ class EmulatedEnv:
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
         self.terminals[slots] = _per_agent(terminals, agents, False)
         self.truncations[slots] = _per_agent(truncations, agents, False)
-        acted = was_live[slots]  # an agent that just appeared has not acted yet
+        acted = was_live[slots]  # an agent that just appeared has not acted yet, nor has one that respawned
+        if respawned:
+            acted &= ~np.isin(slots, respawned)
         self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted
         out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
+        if not all(isinstance(info, dict) for info in out_infos.values()):
+            raise self._not_a_dict(*next(item for item in out_infos.items() if not isinstance(item[1], dict)))
         self.obs[was_live & ~self.masks] = 0
 
         ended = self._ended
@@ -555,9 +582,10 @@ class EmulatedEnv:
                 f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
         return shaped
 
-    def _respawn(self, agents: set) -> None:
+    def _respawn(self, agents: set, was_live: np.ndarray) -> list[int]:
         """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
-        in its slot, with fresh episode statistics."""
+        in its slot, with fresh episode statistics. Returns their slots."""
+        slots = []
         for agent in agents:
             if agent in self.env.agents:
                 self._ended.discard(agent)
@@ -565,6 +593,13 @@ class EmulatedEnv:
                 slot = self.binding.agent_slots[agent]
                 self._episode_return[slot] = 0
                 self._episode_length[slot] = 0
+                slots.append(slot)
+        if was_live[slots].any():
+            warnings.warn(f"{self.binding.env_name}: an agent came back the step after it ended, so its slot is "
+                          f"live at both steps: by the mask rule one transition (its last observation, an action "
+                          f"the env never got, its first reward) links the two lives. Keep a respawning agent "
+                          f"out of env.agents for one step, or give it a new id", stacklevel=3)
+        return slots
 
     def _step_single(self, actions):
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""
@@ -601,6 +636,8 @@ class EmulatedEnv:
         episode = self._lone_episode
         episode[0] += env_reward
         episode[1] += 1
+        if info and not isinstance(info, dict):
+            raise self._not_a_dict(SINGLE_AGENT_ID, info)
         infos = {SINGLE_AGENT_ID: info} if info else {}
         if terminal or truncation:
             final = infos[SINGLE_AGENT_ID] = self._final_info(0, info, (float(episode[0]), episode[1]))
@@ -610,6 +647,10 @@ class EmulatedEnv:
         if self._plain_outputs:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)
+
+    def _not_a_dict(self, agent, info) -> EnvError:
+        return EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: info must be a dict, got "
+                        f"{type(info).__name__} {_short(info)}")
 
     def _final_info(self, slot: int, info: dict | None, episode: tuple[float, int], observed: bool = True) -> dict:
         """An ending agent's infos: its own (copied), its final observation (if the env gave one) and its
@@ -647,11 +688,11 @@ class EmulatedEnv:
                                         f"{unknown[0]!r}, which is not in possible_agents")
                 return {agent: actions[agent] for agent in live if agent in actions}
             return {SINGLE_AGENT_ID: actions}
-        array = self._checked_actions(actions, live)
-        slots = np.fromiter(map(binding.agent_slots.__getitem__, live), np.intp, len(live))
+        slots = self._slots(live, "lists in env.agents")
+        array = self._checked_actions(actions, slots)
         return dict(zip(live, binding.atn_layout.unflatten_rows(array, slots)))
 
-    def _checked_actions(self, actions, live: list) -> np.ndarray:
+    def _checked_actions(self, actions, live_slots: np.ndarray) -> np.ndarray:
         binding = self.binding
         layout = binding.atn_layout
         expected = (binding.max_agents, layout.size)
@@ -671,8 +712,7 @@ class EmulatedEnv:
             raise APIUsageError(f"{where}: {error}") from None
         if bad is None:
             return array
-        live_slots = [binding.agent_slots[agent] for agent in live]  # dead agents' rows may hold anything
-        bad_rows = np.flatnonzero(bad[live_slots]) if live_slots else []
+        bad_rows = np.flatnonzero(bad[live_slots])  # dead agents' rows may hold anything
         if len(bad_rows):
             slot = live_slots[bad_rows[0]]
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "

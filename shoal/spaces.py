@@ -70,6 +70,20 @@ def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
 
 
+def containers(space: spaces.Space, path: tuple = ()) -> list[tuple[tuple, int]]:
+    """(path, number of entries) of every Dict/Tuple in ``space``, outermost first."""
+    kids = children(space)
+    if kids is None:
+        return []
+    return [(path, len(kids))] + [node for key, sub in kids for node in containers(sub, path + (key,))]
+
+
+def _surplus(path: tuple, expected: int, value: Any) -> SpaceError:
+    """The error for a Dict/Tuple value with more entries than its space (gymnasium's ``contains`` refuses it)."""
+    return SpaceError(f"observation {_path_str(path)}: expected {expected} entries, got {len(value)} "
+                      f"({type(value).__name__} {_short(value)})")
+
+
 def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     kids = children(space)
     if kids is None:
@@ -389,6 +403,7 @@ class ObservationLayout:
         self.fields = fields
         self._by_path = {field.path: field for field in fields}
         self._canonical = [self._by_path[leaf.path] for leaf in leaves(space)]  # fields in leaves() order
+        self._containers = containers(space)  # the leaves' walk misses extra entries: their counts catch them
         self._build = nester(space)
         self.size = itemsize // self.dtype.itemsize
         self.flat_space = self._make_flat_space({path: (low, high) for path, _, _, low, high in specs})
@@ -418,7 +433,15 @@ class ObservationLayout:
         for path, item in pairs:
             field = self._by_path[path]
             records[field.name] = self._checked(field, item, batch)
+        self._check_counts([value])
         return out
+
+    def _check_counts(self, values: list) -> None:
+        """SpaceError if a Dict/Tuple in any of ``values`` has entries beyond its space's."""
+        for path, expected in self._containers:
+            nodes = [_get(value, path) for value in values]
+            if any(len(node) != expected for node in nodes):
+                raise _surplus(path, expected, next(node for node in nodes if len(node) != expected))
 
     def writer(self, flat: np.ndarray):
         """A function ``write(row, value)`` that checks one observation and flattens it into ``flat[row]``.
@@ -452,6 +475,7 @@ class ObservationLayout:
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, ())
                 view[row] = array
+            self._check_counts([value])
         return write
 
     def rows_writer(self, flat: np.ndarray):
@@ -467,6 +491,7 @@ class ObservationLayout:
             steps = [(field.path[:depth + 1], field.path[:depth], field.path[depth])
                      for depth in range(len(field.path))]
             targets.append((field, records[field.name], steps))
+        containers_ = self._containers
 
         def write_rows(rows, values: list) -> None:
             columns = {(): values}  # path prefix -> that entry of every value; leaves share their prefixes
@@ -483,6 +508,9 @@ class ObservationLayout:
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, batch)
                 view[rows] = array
+            for path, expected in containers_:  # every container is a prefix of some leaf's path: a column
+                if set(map(len, columns[path])) != {expected}:
+                    raise _surplus(path, expected, next(node for node in columns[path] if len(node) != expected))
         return write_rows
 
     @staticmethod
@@ -505,12 +533,14 @@ class ObservationLayout:
     @staticmethod
     def _outside(field: _Field, array: np.ndarray, batch: tuple) -> SpaceError:
         index = tuple(int(i) for i in np.argwhere(field.bounds.outside(array))[0])
-        where = index[:len(batch)]
-        value = array[where] if where else array
-        return SpaceError(
-            f"observation leaf {_path_str(field.path)}: {np.array2string(np.asarray(value), threshold=8)} "
-            f"lies outside its range {field.bounds}"
-        )
+        where, element = index[:len(batch)], index[len(batch):]
+        value = np.asarray(array[where] if where else array)
+        if value.size <= 8:
+            return SpaceError(f"observation leaf {_path_str(field.path)}: {np.array2string(value)} "
+                              f"lies outside its range {field.bounds}")
+        at = int(np.ravel_multi_index(element, field.shape)) if element else 0
+        return SpaceError(f"observation leaf {_path_str(field.path)}: element {list(element)} is {value[element]}, "
+                          f"outside its range [{field.bounds.lows[at]}, {field.bounds.highs[at]}]")
 
     def _batch_shape(self, pairs: list[tuple[tuple, Any]]) -> tuple:
         path, item = pairs[0]
@@ -716,8 +746,32 @@ class ActionLayout:
 
             pieces = [(field, piece if field.offset is None else
                        piece + torch.tensor(np.asarray(field.offset), device=flat.device)) for field, piece in pieces]
-            return [(piece.round() if field.dtype.kind in "iub" and piece.is_floating_point() else piece)
+            return [(_nearest_integers(piece, field.dtype) if field.dtype.kind in "iu" and piece.is_floating_point()
+                     else piece.round() if field.dtype.kind == "b" and piece.is_floating_point() else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
-        return [(np.rint(piece) if field.dtype.kind in "iub" and piece.dtype.kind == "f" else piece)
+        return [(_nearest_integers(piece, field.dtype) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
+                 else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f" else piece)
                 .astype(field.dtype)[()] for field, piece in pieces]
+
+
+def _nearest_integers(values, dtype: np.dtype):
+    """Floats rounded to the nearest integer, held to ``dtype``'s range (numpy array or torch tensor).
+
+    A plain cast wraps where a float lies at or past the range's end, and float64 cannot hold int64's
+    largest value: 2**63 - 1 becomes 2**63, which an int64 cast turns into -2**63.
+    """
+    info = np.iinfo(dtype)
+    if _is_torch(values):
+        import torch
+
+        rounded = values.round()
+        integers = rounded.to(_torch_dtype(dtype))
+        integers = torch.where(rounded >= float(info.max), torch.tensor(info.max, dtype=integers.dtype), integers)
+        return torch.where(rounded <= float(info.min), torch.tensor(info.min, dtype=integers.dtype), integers)
+    rounded = np.rint(values)
+    with np.errstate(invalid="ignore"):  # the values cast past the end are replaced below
+        integers = np.asarray(rounded.astype(dtype))
+    integers[rounded >= float(info.max)] = info.max
+    integers[rounded <= float(info.min)] = info.min
+    return integers

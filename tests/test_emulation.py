@@ -616,3 +616,120 @@ def test_env_returning_unknown_agent():
     env = started(binding)
     with pytest.raises(EnvError, match="step 1: the env returned agent 'intruder', which is not in possible_agents"):
         env.step(flat_actions(binding))
+
+
+# ---------------------------------------------------------------- scripted multi-agent edge cases
+
+
+class ScriptedEnv(TwoAgents):
+    """Agents "a" and "b": ``script(t, env)`` returns step t's five dicts and may change ``env.agents``.
+    Observations are Box(0, 100, (1,)); the env records which agents got actions."""
+
+    metadata = {"name": "scripted"}
+
+    def __init__(self, script, reset_agents=("a", "b"), obs_dtype=np.float32):
+        self.script, self.reset_agents, self.obs_dtype = script, list(reset_agents), obs_dtype
+        self.acted = []
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 100, (1,), self.obs_dtype)
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, list(self.reset_agents)
+        return {agent: np.zeros(1, self.obs_dtype) for agent in self.agents}, {}
+
+    def step(self, actions):
+        self.t += 1
+        self.acted.append(sorted(actions))
+        return self.script(self.t, self)
+
+
+def scripted(script, **kwargs):
+    env = shoal.Binding(env_creator=ScriptedEnv, env_args=(script,), env_kwargs=kwargs).make_env()
+    env.reset(seed=0)
+    return env
+
+
+def all_end_unseen(t, env):
+    env.agents = []
+    return {}, {"a": 1.0, "b": 2.0}, {"a": True, "b": False}, {"a": False, "b": True}, {}
+
+
+def test_every_agent_ending_at_once_without_observations_is_delivered_then_reset():
+    env = scripted(all_end_unseen)
+    obs, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert rewards.tolist() == [1, 2] and terminals.tolist() == [True, False] and truncations.tolist() == [False, True]
+    assert env.masks.tolist() == [True, True] and obs.tolist() == [[0], [0]]  # the next episode's first observations
+    assert infos["a"]["episode"] == {"return": 1.0, "length": 1} and "final_observation" not in infos["b"]
+
+
+def test_an_agent_in_env_agents_that_is_not_in_possible_agents_is_named():
+    def intruder(t, env):
+        env.agents = ["a", "b", "zz"]
+        return ({agent: np.ones(1, np.float32) for agent in ("a", "b")}, {"a": 0.0, "b": 0.0},
+                {"a": False, "b": False}, {"a": False, "b": False}, {})
+
+    env = scripted(intruder)
+    env.step(np.zeros((2, 1), np.int64))
+    with pytest.raises(EnvError, match=r"scripted, step 1: the env lists in env.agents agent 'zz', which is not in "
+                                       r"possible_agents \['a', 'b'\]"):
+        env.step(np.zeros((2, 1), np.int64))
+
+
+def test_agents_may_return_integer_observations_of_different_integer_dtypes():
+    def mixed(t, env):
+        obs = {"a": np.array([1], np.int64), "b": np.array([3], np.uint64)}
+        return obs, {"a": 0.0, "b": 0.0}, {"a": False, "b": False}, {"a": False, "b": False}, {}
+
+    env = scripted(mixed, obs_dtype=np.int64)
+    obs, *_ = env.step(np.zeros((2, 1), np.int64))
+    assert obs.tolist() == [[1], [3]] and obs.dtype == np.int64
+
+
+def test_a_reward_shaper_editing_its_input_does_not_change_the_episode_statistics():
+    def shaper(rewards, infos):
+        for agent in rewards:
+            rewards[agent] *= 10
+        return rewards
+
+    binding = shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,), reward_shaper=shaper)
+    env = binding.make_env()
+    env.reset(seed=0)
+    _, rewards, *_, infos = env.step(np.zeros((2, 1), np.int64))
+    assert rewards.tolist() == [10, 20] and infos["a"]["episode"]["return"] == 1.0
+
+
+def test_an_info_that_is_not_a_dict_is_named():
+    def text_info(t, env):
+        return ({"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}, {"a": 0.0, "b": 0.0},
+                {"a": False, "b": False}, {"a": False, "b": False}, {"b": "done"})
+
+    env = scripted(text_info)
+    with pytest.raises(EnvError, match="scripted, agent 'b', step 1: info must be a dict, got str 'done'"):
+        env.step(np.zeros((2, 1), np.int64))
+
+
+def test_an_agent_that_comes_back_the_step_after_it_ended_is_warned_about():
+    def back_at_once(t, env):
+        agents = ["a", "b"]
+        env.agents = ["a"] if t == 1 else agents
+        obs = {agent: np.full(1, t, np.float32) for agent in agents}
+        return obs, {"a": 1.0, "b": 1.0}, {"a": False, "b": t == 1}, {"a": False, "b": False}, {}
+
+    env = scripted(back_at_once)
+    env.step(np.zeros((2, 1), np.int64))
+    with pytest.warns(UserWarning, match="scripted: an agent came back the step after it ended"):
+        env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and env.env.acted == [["a", "b"], ["a"]]
+    env.env.agents = ["a", "b"]
+    env.step(np.zeros((2, 1), np.int64))
+    assert env._episode_length.tolist() == [3, 1]  # b's second life: only the step it acted in
+
+
+def test_feature_parser_output_space_is_inferred_for_bools_and_needs_agents_at_reset():
+    binding = shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,), feature_parser=lambda obs: obs > 0)
+    assert binding.raw_single_observation_space == spaces.Box(0, 1, (1,), bool)
+    with pytest.raises(EnvError, match=r"reset\(seed=0\) returned no observations, so the feature_parser's output "
+                                       r"space cannot be inferred: pass feature_space="):
+        shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,), env_kwargs={"reset_agents": ()},
+                      feature_parser=lambda obs: obs)

@@ -428,6 +428,39 @@ def test_float_actions_for_an_integer_box_go_to_the_nearest_integer():
     assert layout.unflatten_rows(flat, [0])[0]["n"].tolist() == [10, 0, 4]
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.int8])
+def test_integer_box_actions_at_the_ends_of_their_dtype_come_back_exactly(dtype):
+    # float64 cannot hold int64's largest value: 2**63 - 1 flattens to 2**63, which a cast would wrap to -2**63.
+    info = np.iinfo(dtype)
+    layout = ActionLayout(spaces.Box(info.min, info.max, (2,), dtype))
+    value = np.array([info.max, info.min], dtype)
+    flat = layout.flatten(value)
+    assert layout.unflatten(flat).tolist() == value.tolist()
+    assert layout.unflatten(torch.from_numpy(flat)).tolist() == value.tolist()
+    assert layout.unflatten_rows(flat[None], [0])[0].tolist() == value.tolist()
+
+
+def test_entries_beyond_the_space_are_refused():
+    layout = ObservationLayout(spaces.Dict({"a": spaces.Tuple((spaces.Discrete(3), spaces.Discrete(3))),
+                                            "b": spaces.Box(0, 1, (2,), np.float32)}))
+    flat = np.zeros((2, layout.size), layout.dtype)
+    good = {"a": (1, 2), "b": np.zeros(2, np.float32)}
+    for bad, message in [({**good, "a": (1, 2, 99)}, r"observation \['a'\]: expected 2 entries, got 3 \(tuple"),
+                         ({**good, "c": 1}, r"observation \(the whole space\): expected 2 entries, got 3 \(dict")]:
+        for write in (layout.flatten, lambda value: layout.writer(flat)(0, value),
+                      lambda value: layout.rows_writer(flat)([0, 1], [good, value])):
+            with pytest.raises(SpaceError, match=message):
+                write(bad)
+
+
+def test_a_value_outside_a_large_leaf_is_shown_with_its_index():
+    layout = ObservationLayout(spaces.Box(-1, 1, (4, 10), np.float32))
+    value = np.zeros((4, 10), np.float32)
+    value[2, 7] = np.nan
+    with pytest.raises(SpaceError, match=r"element \[2, 7\] is nan, outside its range \[-1.0, 1.0\]"):
+        layout.writer(np.zeros((1, layout.size), np.float32))(0, value)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(nested(discrete_action_leaves, max_depth=3), box_action_leaves, st.randoms())
 def test_mixed_action_space_raises(space, box, random):
