@@ -273,13 +273,16 @@ class Binding:
             atn_space = self._common_space(env, "action_space")
         else:
             self.possible_agents = (SINGLE_AGENT_ID,)
-            obs_space, atn_space = env.observation_space, env.action_space
+            obs_space, atn_space = getattr(env, "observation_space", None), getattr(env, "action_space", None)
+            if not (isinstance(obs_space, spaces.Space) and isinstance(atn_space, spaces.Space)):
+                raise EnvError(f"{self.env_name}: observation_space and action_space must be gymnasium spaces, got "
+                               f"{type(obs_space).__name__} and {type(atn_space).__name__}")
         self.max_agents = len(self.possible_agents)
         self.agent_slots = {agent: slot for slot, agent in enumerate(self.possible_agents)}
         self.env_observation_space = obs_space
         if self.feature_parser is not None and feature_space is None:
             feature_space = _infer_space(self.feature_parser(self._first_observation(env)))
-        self.raw_single_observation_space = feature_space or obs_space
+        self.raw_single_observation_space = feature_space if feature_space is not None else obs_space
         self.raw_single_action_space = atn_space
         try:
             self.obs_layout = ObservationLayout(self.raw_single_observation_space)

@@ -733,3 +733,16 @@ def test_feature_parser_output_space_is_inferred_for_bools_and_needs_agents_at_r
                                        r"space cannot be inferred: pass feature_space="):
         shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,), env_kwargs={"reset_agents": ()},
                       feature_parser=lambda obs: obs)
+
+
+def test_an_env_without_spaces_or_with_an_empty_feature_space_is_refused():
+    class NoSpaces(gymnasium.Env):
+        def reset(self, seed=None, options=None):
+            return np.zeros(2), {}
+
+    with pytest.raises(EnvError, match="NoSpaces: observation_space and action_space must be gymnasium spaces, got "
+                                       "NoneType and NoneType"):
+        shoal.Binding(env_cls=NoSpaces)
+    with pytest.raises(SpaceError, match=r"space Dict\(\) has no leaves"):
+        shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), feature_parser=lambda obs: {},
+                      feature_space=spaces.Dict({}))
