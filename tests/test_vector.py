@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import subprocess
@@ -283,6 +284,13 @@ def test_bad_construction_arguments():
         shoal.vector.make(binding, "threads")
     with pytest.raises(APIUsageError, match="startup_timeout must be a positive number of seconds or None, got 0"):
         Multiprocessing(binding, startup_timeout=0)
+    with Multiprocessing(binding, num_workers=1, timeout=math.inf, startup_timeout=1e9) as vecenv:  # no limit
+        assert vecenv.timeout is None and vecenv.reset(seed=0)[0].shape == (1, 4)
+    with Serial(binding, num_workers=2) as vecenv:
+        with pytest.raises(APIUsageError, match="seed must be None, an int .* got \\[1.5, 2\\]"):
+            vecenv.reset([1.5, 2])
+        with pytest.raises(APIUsageError, match="env_ids must be a list of env indices or None, got int 1: pass \\[1\\]"):
+            vecenv.get_attr("t", env_ids=1)
 
 
 def test_bad_ray_arguments(ray_cluster):
@@ -308,6 +316,9 @@ def test_local_creators_work_and_unpicklable_bindings_are_a_clear_error(no_leaks
     with pytest.raises(APIUsageError, match="the binding of CartPole-v1 cannot be sent to a 'spawn' worker: TypeError: "
                                             "cannot pickle '_thread.lock' object. Everything it holds .* must pickle"):
         Multiprocessing(binding, num_workers=1, context="spawn")
+    with pytest.raises(APIUsageError, match="Ray: the binding of CartPole-v1 cannot be sent to the actors: TypeError: "
+                                            ".*lock.* Everything it holds .* must pickle"):
+        make(binding, "ray", num_workers=1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -469,6 +480,35 @@ def test_hung_env_times_out(no_leaks, backend, options):
         vecenv.step(np.zeros((4, 1), np.int64))
     assert time.monotonic() - start < 5
     assert caught.value.env_id == (0 if options else 1)  # else the worker's first env
+
+
+@pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
+def test_a_hung_env_times_out_while_other_workers_keep_filling_batches(no_leaks, backend, options):
+    # The timeout counts from when the worker was sent its step, not from each recv().
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=1, batch_size=1, timeout=1.0,
+                               **options)
+    vecenv.async_reset(seed=0)
+    batch = vecenv.recv()
+    vecenv.set_attr("hang", True, env_ids=[1])
+    vecenv.set_attr("crash_step", 1, env_ids=[1])
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker 1 \\(envs 1-1 of ProbeEnv\\).*did not answer (step|reset)"):
+        while time.monotonic() - start < 10:
+            vecenv.send(np.zeros((1, 1), np.int64))
+            batch = vecenv.recv()
+    assert time.monotonic() - start < 5 and batch.env_ids.tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_close_from_another_thread_during_recv_is_named(no_leaks, backend):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=1)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("hang", True, env_ids=[0])
+    vecenv.set_attr("crash_step", 1, env_ids=[0])
+    threading.Timer(0.5, vecenv.close).start()
+    with pytest.raises(APIUsageError, match="was closed while waiting for .* \\(close\\(\\) from a signal "
+                                            "handler or another thread\\)"):
+        vecenv.step(np.zeros((2, 1), np.int64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -284,7 +284,8 @@ class Poller:
         for fd in wanted.keys() - self._registered.keys():
             self._poll.register(fd, select.POLLIN)
         self._registered = wanted
-        events = self._poll.poll(None if timeout is None else math.ceil(timeout * 1000))
+        # poll takes at most 2**31 - 1 ms (24.8 days): a longer wait just wakes up and is asked again
+        events = self._poll.poll(None if timeout is None else min(math.ceil(timeout * 1000), 2**31 - 1))
         return [wanted[fd] for fd, _ in events]
 
     def clear(self) -> None:
@@ -348,10 +349,10 @@ def default_num_workers() -> int:
 
 
 def check_seconds(backend: str, name: str, value: Any) -> float | None:
-    """``value`` if it is a positive number of seconds or None; else APIUsageError."""
+    """``value`` if it is a positive number of seconds, None for None or infinity (no limit); else APIUsageError."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
         raise APIUsageError(f"{backend}: {name} must be a positive number of seconds or None, got {value!r}")
-    return value
+    return None if value == math.inf else value
 
 
 def _check_count(name: str, value: Any, backend: str) -> int:
@@ -410,6 +411,7 @@ class VecEnv(abc.ABC):
         self._batch_workers: list[int] = []  # the workers of the batch recv() returned last
         self._batch_rows: slice | np.ndarray = slice(0, 0)
         self._steps = 0
+        self._sent: dict[int, tuple[float, Command]] = {}  # worker -> (when, what) of its newest command
         self._owner_pid = os.getpid()
         self._closed = False  # from here on the backend may own processes or memory: close() releases them
 
@@ -473,6 +475,11 @@ class VecEnv(abc.ABC):
             f"{'; '.join(names)}: did not answer {what} within {timeout} s: an env hangs or is too slow "
             f"(raise the timeout if it is only slow)", env_id=self._envs_of(first).start if env is None else env)
 
+    def _crashed_env(self, worker: int) -> int:
+        """The env a dead worker was running when it died, where the backend can tell; else its first."""
+        env = self._running_env(worker)
+        return env if env in self._envs_of(worker) else self._envs_of(worker).start
+
     def _check_sendable(self, value: Any) -> None:
         """Raise if ``value`` cannot travel to the workers (backends that pickle check it here)."""
 
@@ -480,34 +487,52 @@ class VecEnv(abc.ABC):
         """The env a worker is running now, for backends that can see into their workers; else None."""
         return None
 
-    def _collect(self, workers: set[int], what: str, need: int | None = None,
+    def _collect(self, workers: set[int], what: str | None, need: int | None = None,
                  timeout: float | None = None) -> list[tuple[int, Status, Any]]:
-        """Answers from ``workers``: all of them, or as soon as ``need`` came. Closes on failure."""
+        """Answers from ``workers``: all of them, or as soon as ``need`` came. Closes on failure.
+
+        The timeout counts from when each worker was sent its command: a worker that hangs while the
+        others keep filling batches is caught too. ``what`` names the wait (None: the workers' reset/step).
+        """
         need = len(workers) if need is None else need
         timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        now = time.monotonic()
+        sent = {worker: self._sent.get(worker, (now, None))[0] for worker in workers}
         pending, answers = set(workers), []
         try:
-            while len(answers) < need:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                got = self._wait(pending, left, need - len(answers))
+            while True:
+                now = time.monotonic()
+                overdue = set() if timeout is None else {w for w in pending if now - sent[w] >= timeout}
+                if len(answers) >= need and not overdue:
+                    return answers
+                left = None if timeout is None else max(0.0, min(sent[w] for w in pending) + timeout - now)
+                got = self._wait(pending, left, max(1, need - len(answers)))
                 if not got:
-                    raise self._timeout_error(pending, what, timeout)
+                    now = time.monotonic()
+                    late = {w for w in pending if now - sent[w] >= timeout * 0.999} or pending
+                    raise self._timeout_error(late, what or self._last_command(late), timeout)
                 for worker, status, payload in got:
                     if status is Status.FAILED:
                         raise self._failure_error(worker, payload)
                     pending.discard(worker)
                     answers.append((worker, status, payload))
-        except BaseException:  # WorkerError, KeyboardInterrupt: the workers are in an unknown state
+        except BaseException as error:  # WorkerError, KeyboardInterrupt: the workers are in an unknown state
+            closed_while_waiting = self._closed
             self.close()
+            if closed_while_waiting and isinstance(error, Exception):
+                raise APIUsageError(f"{type(self).__name__} was closed while waiting for {what or 'its workers'} "
+                                    f"(close() from a signal handler or another thread)") from None
             raise
-        return answers
+
+    def _last_command(self, workers: set[int]) -> str:
+        commands = {self._sent[worker][1] for worker in workers if worker in self._sent}
+        return "reset" if commands == {Command.RESET} else f"step {self._steps}"
 
     def _settle(self, workers) -> None:
         """Bring in the reset/step answers still out for ``workers``; they wait in ``_ready`` for recv()."""
         out = self._in_flight & set(workers)
         if out:
-            for worker, _, infos in self._collect(out, "its last reset/step"):
+            for worker, _, infos in self._collect(out, None):
                 self._ready.append((worker, infos))
             self._in_flight -= out
 
@@ -532,7 +557,8 @@ class VecEnv(abc.ABC):
             return [None] * self.num_envs
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             return [int(seed) + i for i in range(self.num_envs)]
-        if isinstance(seed, Sequence) and len(seed) == self.num_envs:
+        if isinstance(seed, Sequence) and len(seed) == self.num_envs and all(
+                s is None or isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
             return [None if s is None else int(s) for s in seed]
         raise APIUsageError(f"seed must be None, an int (env i gets seed + i) or a list of {self.num_envs} "
                             f"seeds, got {seed!r}")
@@ -559,7 +585,7 @@ class VecEnv(abc.ABC):
         self._check_state(AsyncState.WAITING, "recv()")
         need = self._workers_per_batch - len(self._ready)
         if need > 0:
-            for worker, _, infos in self._collect(self._in_flight, f"step {self._steps}", need):
+            for worker, _, infos in self._collect(self._in_flight, None, need):
                 self._in_flight.discard(worker)
                 self._ready.append((worker, infos))
         taken = sorted(self._ready.popleft() for _ in range(self._workers_per_batch))
@@ -593,6 +619,7 @@ class VecEnv(abc.ABC):
         self._state = AsyncState.WAITING
 
     def _send_or_close(self, worker: int, command: Command, payload: Any) -> None:
+        self._sent[worker] = time.monotonic(), command
         try:
             self._dispatch(worker, command, payload)
         except BaseException:
@@ -676,6 +703,10 @@ class VecEnv(abc.ABC):
         self._check_open(f"{command.value}()")
         if not isinstance(name, str):
             raise APIUsageError(f"{command.value}(): the name must be a str, got {type(name).__name__}")
+        if env_ids is not None and not isinstance(env_ids, (Sequence, np.ndarray, range)):
+            raise APIUsageError(f"{command.value}(): env_ids must be a list of env indices or None, got "
+                                f"{type(env_ids).__name__} {env_ids!r}" + (f": pass [{env_ids}]" if isinstance(
+                                    env_ids, (int, np.integer)) and not isinstance(env_ids, bool) else ""))
         ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_envs]
         if bad:

@@ -235,8 +235,9 @@ class Multiprocessing(VecEnv):
                    "(start method forkserver or spawn), so code that builds a vec env must sit under "
                    "`if __name__ == \"__main__\":`; or the binding could not be unpickled there. Its own traceback "
                    "is on stderr above")
-        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at step {self._steps}: {why}",
-                           env_id=self._envs_of(worker).start)
+        env = self._crashed_env(worker)
+        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at step {self._steps}, "
+                           f"running env {env}: {why}", env_id=env)
 
     def _shutdown(self) -> None:
         processes, conns = getattr(self, "_processes", []), getattr(self, "_conns", [])

@@ -173,6 +173,14 @@ class Ray(VecEnv):
             raise APIUsageError(f"Ray: address={address!r}, but this process is already connected to the Ray cluster "
                                 f"at {ray.get_runtime_context().gcs_address}: pass address=None to use that one, or "
                                 f"call ray.shutdown() first")
+        try:
+            ray.cloudpickle.dumps(binding)
+        except Exception as error:
+            self.close()
+            raise APIUsageError(
+                f"Ray: the binding of {binding.env_name} cannot be sent to the actors: {type(error).__name__}: "
+                f"{error}. Everything it holds (env creator, env_args, env_kwargs, hooks) must pickle with "
+                f"cloudpickle") from error
         layout = self._array_layout()
         if shared_memory:
             fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir=_memory_dir(layout.nbytes))
@@ -258,8 +266,9 @@ class Ray(VecEnv):
             try:
                 status, payload = ray.get(ref) if result is None else result
             except ray.exceptions.RayActorError as error:
-                raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}: "
-                                  f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
+                env = self._crashed_env(worker)
+                raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env "
+                                  f"{env}: {type(error).__name__}", str(error), env) from None
             except ray.exceptions.RayError as error:
                 raise WorkerError(f"{self._describe(worker)}: its Ray call failed at step {self._steps}: "
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
@@ -273,9 +282,10 @@ class Ray(VecEnv):
         return answers
 
     def _death_error(self, worker: int) -> WorkerError:
-        return WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}: it closed its "
-                           f"connection without a Python error (out of memory? killed? a crash in C code?)",
-                           env_id=self._envs_of(worker).start)
+        env = self._crashed_env(worker)
+        return WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env {env}: "
+                           f"it closed its connection without a Python error (out of memory? killed? a crash in C "
+                           f"code?)", env_id=env)
 
     def _check_sendable(self, value: Any) -> None:
         from ray import cloudpickle
