@@ -146,11 +146,15 @@ def _eval(argv: list[str]) -> int:
 
     from shoal.checkpoint import load_checkpoint
     from shoal.envs import make_binding
-    from shoal.ppo import check_compatible, config_from_checkpoint, evaluate, load_policy_state, make_policy
+    from shoal.ppo import (check_compatible, config_from_checkpoint, evaluate, load_policy_state, make_policy,
+                           resolve_device)
 
     args = tyro.cli(EvalArgs, args=argv, prog="shoal eval")
     if args.episodes <= 0:
         raise UsageError(f"--episodes must be a positive integer, got {args.episodes}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
+    device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     config = config_from_checkpoint(checkpoint)
     binding = make_binding(args.env or checkpoint["env"])
@@ -158,7 +162,7 @@ def _eval(argv: list[str]) -> int:
     policy = make_policy(config, binding)
     load_policy_state(policy, checkpoint)
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
-                       device=args.device)
+                       device=device)
     if not returns:
         raise UsageError(f"no episode finished: {binding.env_name} gave no episode statistics")
     values = np.asarray(returns)

@@ -36,7 +36,7 @@ from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
-from shoal.errors import SpaceError
+from shoal.errors import APIUsageError, SpaceError
 from shoal.spaces import leaves
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
@@ -413,6 +413,9 @@ class LSTMPolicy(Policy):
 
     def __init__(self, policy: Policy):
         nn.Module.__init__(self)
+        if not isinstance(policy, Policy):
+            raise APIUsageError(f"LSTMPolicy wraps a shoal.policy.Policy (it reads its encode, decode and "
+                                f"feature_size), got {type(policy).__name__}")
         self.binding = policy.binding
         self.policy = policy
         self.feature_size = policy.feature_size
@@ -472,6 +475,46 @@ class LSTMPolicy(Policy):
 
 
 # ---------------------------------------------------------------- defaults
+
+
+def check_policy(policy: Any, binding) -> None:
+    """APIUsageError unless ``policy`` is a :class:`Policy` whose actions fit ``binding``'s action space.
+
+    Runs it once on a zero observation, outside inference mode: this also sets up lazy modules
+    (``nn.LazyLinear``) before an optimizer is given their parameters.
+    """
+    if not isinstance(policy, Policy):
+        raise APIUsageError(f"policy must be a shoal.policy.Policy (subclass it and write encode; see 'Your own "
+                            f"policy' in docs/training.md), got {type(policy).__name__}")
+    space, name = binding.single_action_space, type(policy).__name__
+    own = getattr(policy, "binding", None)
+    for kind in ("observation", "action"):
+        theirs = getattr(own, f"single_{kind}_space", None)
+        if theirs is not None and theirs != getattr(binding, f"single_{kind}_space"):
+            raise APIUsageError(f"{name} was built for {own.env_name}, whose flat {kind} space {theirs} is not "
+                                f"{binding.env_name}'s {getattr(binding, f'single_{kind}_space')}: build it with "
+                                f"this binding")
+    discrete = isinstance(space, spaces.MultiDiscrete)
+    device = next(iter(policy.parameters()), torch.empty(0)).device
+    obs = torch.from_numpy(np.zeros((1, *binding.single_observation_space.shape),
+                                    binding.single_observation_space.dtype)).to(device)
+    try:
+        with torch.no_grad():
+            params, value, _ = policy(obs)
+            action, _ = policy.sample_actions(params, deterministic=True)
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
+        raise APIUsageError(f"{name} fails on one zero observation of {binding.env_name} (shape {tuple(obs.shape)}, "
+                            f"{obs.dtype}): {type(error).__name__}: {error}") from error
+    expected = (1, int(np.prod(space.shape)))
+    head = getattr(policy, "action_head", None)
+    if (tuple(action.shape) != expected or action.is_floating_point() == discrete
+            or discrete and isinstance(head, DiscreteHead) and head.nvec != space.nvec.tolist()):
+        chooses = f"chooses among {head.nvec}" if isinstance(head, DiscreteHead) else (
+            f"gives {'float' if action.is_floating_point() else 'integer'} actions of shape {tuple(action.shape[1:])}")
+        raise APIUsageError(f"{name}'s action head {chooses}: {binding.env_name}'s flat action space is {space}; "
+                            f"build the policy with this binding (Policy.__init__ makes the matching head)")
+    if tuple(value.shape) != (1,):
+        raise APIUsageError(f"{name} returns values of shape {tuple(value.shape)} for 1 observation: expected (1,)")
 
 
 def _is_image(space: spaces.Space) -> bool:

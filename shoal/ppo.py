@@ -28,7 +28,7 @@ import torch
 
 from shoal.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from shoal.errors import APIUsageError
-from shoal.policy import Policy, default_policy
+from shoal.policy import Policy, check_policy, default_policy
 
 
 @dataclass
@@ -118,19 +118,24 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raise :class:`APIUsageError` naming the first bad field."""
+        def integer(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
         positive = ["num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not integer(value) or value <= 0:
                 raise APIUsageError(f"{name} must be a positive integer, got {value!r}")
         for name in ["num_workers", "envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not integer(value) or value < 0:
                 raise APIUsageError(f"{name} must be an integer >= 0, got {value!r}")
+        if not integer(self.seed) or not 0 <= self.seed < 2**32:
+            raise APIUsageError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {self.seed!r}")
         numbers = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
         for name in numbers + [name for name in ("target_kl", "stop_at_return") if getattr(self, name) is not None]:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not (integer(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
                 raise APIUsageError(f"{name} must be a finite number, got {value!r}")
         for name in ["learning_rate", "clip_coef", "max_grad_norm"] + (["target_kl"] if self.target_kl is not None else []):
             if not getattr(self, name) > 0:
@@ -237,9 +242,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
         raise APIUsageError(f"device {name!r} is not a torch device: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise APIUsageError(f"device {name!r}: this torch sees {torch.cuda.device_count()} CUDA device(s)"
+                            f"{'' if torch.backends.cuda.is_built() else ' (it is a CPU-only build)'}: use cpu or auto")
+    return device
 
 
 def make_policy(config: PPOConfig, binding) -> Policy:
@@ -275,7 +284,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
-    policy = (policy if policy is not None else make_policy(config, binding)).to(device)
+    policy = policy if policy is not None else make_policy(config, binding)
+    check_policy(policy, binding)
+    policy = policy.to(device)
     optimizer = _adam(policy, config.learning_rate)
     parameters = list(policy.parameters())
     global_step = update = 0

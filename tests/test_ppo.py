@@ -22,7 +22,7 @@ from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoin
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError
 from shoal.logging import read_progress
-from shoal.policy import LSTMPolicy, MLPPolicy
+from shoal.policy import DiscreteHead, LSTMPolicy, MLPPolicy, Policy
 from shoal.ppo import PPOConfig, _clip_grad_norm, evaluate, gae, train
 from shoal.vector import Batch
 
@@ -452,3 +452,43 @@ def test_cartpole_reaches_475_within_500k_steps(seed):
                           "tensorboard": False})
     result = train(config, make_binding("cartpole"))
     assert result.first_reached(475) is not None, f"seed {seed}: {result.mean_return():.1f}"
+
+
+# ---------------------------------------------------------------- custom policies
+
+
+class LazyPolicy(Policy):
+    """A user policy whose first layer learns its input size on the first call (as the README's MapPolicy)."""
+
+    def __init__(self, binding):
+        super().__init__(binding, feature_size=16)
+        self.net = torch.nn.Sequential(torch.nn.LazyLinear(16), torch.nn.Tanh())
+
+    def encode(self, obs):
+        return self.net(obs.float())
+
+
+@pytest.mark.parametrize("lstm", [False, True], ids=["plain", "lstm"])
+def test_a_policy_with_lazy_modules_trains_them(lstm):
+    binding = make_binding("cartpole")
+    policy = LSTMPolicy(LazyPolicy(binding)) if lstm else LazyPolicy(binding)
+    result = train(PPOConfig(**QUICK), binding, policy=policy)
+    lazy = (policy.policy if lstm else policy).net[0]
+    assert lazy.weight.shape == (16, 4) and not lazy.weight.is_inference() and lazy.weight.grad is not None
+    assert all(np.isfinite(row["loss/value"]) for row in result.history)
+
+
+def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
+    cartpole, pendulum = make_binding("cartpole"), make_binding("gym:Pendulum-v1")
+    with pytest.raises(APIUsageError, match="policy must be a shoal.policy.Policy .* got Linear"):
+        train(PPOConfig(**QUICK), cartpole, policy=torch.nn.Linear(4, 2))
+    with pytest.raises(APIUsageError, match="LSTMPolicy wraps a shoal.policy.Policy .* got Linear"):
+        LSTMPolicy(torch.nn.Linear(4, 2))
+    with pytest.raises(APIUsageError, match=r"MLPPolicy was built for Pendulum-v1, whose flat observation space "
+                                            r"Box\(.*\(3,\), float32\) is not CartPole-v1's"):
+        train(PPOConfig(**QUICK), cartpole, policy=MLPPolicy(pendulum))
+    other = MLPPolicy(cartpole)
+    other.action_head = DiscreteHead(64, np.array([3]))
+    with pytest.raises(APIUsageError, match=r"MLPPolicy's action head chooses among \[3\]: CartPole-v1's flat "
+                                            r"action space is MultiDiscrete\(\[2\]\)"):
+        train(PPOConfig(**QUICK), cartpole, policy=other)
