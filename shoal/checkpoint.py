@@ -100,7 +100,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if path.is_dir():
         path = latest_checkpoint(path)
     if not path.is_file():
-        raise APIUsageError(f"checkpoint {str(path)!r} does not exist: expected a .pt file written by shoal")
+        raise APIUsageError(f"{str(path)!r} does not exist: expected a checkpoint (.pt) or a run directory written "
+                            f"by shoal train")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # a foreign or damaged file: say which, and what it is not

@@ -45,7 +45,7 @@ class TrainArgs:
 
     config: Annotated[PPOConfig, tyro.conf.OmitArgPrefixes]
     resume: str | None = None
-    """continue the run in this directory (its config, unless flags override it)"""
+    """continue a run: its directory (from its newest checkpoint) or one checkpoint file; its config, unless flags override it"""
 
 
 @dataclass
@@ -95,15 +95,16 @@ def _default_run_dir(env: str, seed: int) -> str:
 
 
 def _train(argv: list[str]) -> int:
-    from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from shoal.checkpoint import list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
     from shoal.ppo import config_from_checkpoint, train
 
     resume = _flag_value(argv, "--resume")
     checkpoint = None
     if resume is not None:
-        checkpoint = load_checkpoint(latest_checkpoint(resume))
-        default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=str(resume))
+        checkpoint = load_checkpoint(resume)  # a run directory's newest, or the file given
+        run_dir = Path(checkpoint["path"]).parent.parent if Path(resume).is_file() else Path(resume)
+        default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=str(run_dir))
     else:
         env = _flag_value(argv, "--env") or PPOConfig.env
         check_env_name(env)
@@ -200,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[command](rest)
     except ShoalError as error:  # every error a user can cause: one message, no traceback
         print(f"shoal {command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be written or read (a file where a directory goes, no permission)
+        print(f"shoal {command}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"shoal {command}: interrupted", file=sys.stderr)

@@ -65,7 +65,7 @@ class Logger:
         self.print_interval = print_interval
         self.latest: dict[str, Any] = {}
         self._last_print = 0.0
-        self._csv_file = self._csv = self._tb = self._wandb = self._live = None
+        self._csv_file = self._csv = self._tb = self._wandb = self._live = self._console = None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_csv()
@@ -74,13 +74,7 @@ class Logger:
 
                 self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step or None)
         if wandb:
-            import wandb as wandb_module
-
-            self._wandb = wandb_module.init(
-                project=wandb_project, name=self.run_dir.name if self.run_dir else None,
-                dir=str(self.run_dir) if self.run_dir else None, config=config or {},
-                resume="allow" if start_step else None,
-            )
+            self._wandb = self._start_wandb(wandb_project, config)
         self._console = None
         if dashboard:
             from rich.console import Console
@@ -90,6 +84,26 @@ class Logger:
                 self._start_dashboard()
 
     # ---------------------------------------------------------------- sinks
+
+    def _start_wandb(self, project: str, config: dict | None):
+        """A W&B run; a run directory keeps its id (``wandb_id``), so a resumed run goes on in the same W&B run."""
+        import wandb
+
+        run_id = None
+        if self.run_dir is not None:
+            id_file = self.run_dir / "wandb_id"
+            if not id_file.exists():
+                id_file.write_text(os.urandom(6).hex())
+            run_id = id_file.read_text().strip()
+        try:
+            return wandb.init(project=project, name=self.run_dir.name if self.run_dir else None, id=run_id,
+                              dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
+        except Exception as error:
+            self.close()
+            from shoal.errors import APIUsageError
+
+            raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb login`, or set "
+                                f"WANDB_MODE=offline to log without an account or a network") from None
 
     def _open_csv(self) -> None:
         path = self.run_dir / "progress.csv"
@@ -215,12 +229,20 @@ class Logger:
 def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of ``RUN_DIR/progress.csv`` as floats (empty cells left out)."""
     path = Path(run_dir) / "progress.csv"
-    if not path.is_file():
-        from shoal.errors import APIUsageError
+    from shoal.errors import APIUsageError
 
+    if not path.is_file():
         raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
+    rows, bad = [], []
     with open(path, newline="") as file:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(file)]
+        for line, row in enumerate(csv.DictReader(file), start=2):
+            try:
+                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+            except (TypeError, ValueError):
+                bad.append(line)
+    if bad and bad != [line]:  # a last line cut short is a run killed while writing it: leave it out
+        raise APIUsageError(f"{path}, line {bad[0]}: a cell that is not a number; progress.csv holds only numbers")
+    return rows
 
 
 def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
@@ -247,6 +269,10 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     axis.legend(fontsize="small")
     figure.tight_layout()
     out = Path(out)
+    if out.is_dir():
+        out = out / "learning_curves.png"
+    elif out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)
     plt.close(figure)

@@ -402,8 +402,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     at = _step_index(t, rows, span)
                     rewards[at], terminals[at], truncations[at], next_masks[at] = reward, terminal, truncation, mask
                     acted = in_flight[batch_slots]
-                    global_step += int((acted & last_mask[batch_slots] & mask).sum())
                     ran_ahead = acted & (t == T)
+                    global_step += int((acted & ~ran_ahead & last_mask[batch_slots] & mask).sum())  # stored ones
                     if ran_ahead.any():
                         # This env finished its rollout while others lag and stepped again: its newest
                         # transition has no row. Drop it, and end the last stored one with a bootstrap from
@@ -725,6 +725,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             obs, _ = env.reset(seed=seed)
+            last_mask = env.masks.copy()
             for _ in range(max_steps):
                 with torch.no_grad():
                     flat = torch.as_tensor(np.array(obs), device=device)
@@ -735,7 +736,9 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
                     action = action.clamp(torch.as_tensor(space.low, device=device),
                                           torch.as_tensor(space.high, device=device))
                 obs, _, terminal, truncation, infos = env.step(action.cpu().numpy())
-                starts = torch.as_tensor(terminal | truncation, device=device)
+                # as in training: an agent's state starts over after its end and where it (re)appears
+                starts = torch.as_tensor(terminal | truncation | ~last_mask, device=device)
+                last_mask = env.masks.copy()
                 for info in infos.values():
                     if "episode" in info:
                         returns.append(float(info["episode"]["return"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import os
 import subprocess
 import sys
 import time
@@ -63,14 +64,19 @@ def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
     (["train", "--env", "pettingzoo:butterfly/pistonbal-v6"], "did you mean butterfly/pistonball-v6"),
     (["train", "--env", "atari:Breakou"], "did you mean Breakout"),
     (["train", "--env", "gym:NoSuchEnv-v0"], "unknown Gymnasium env id 'NoSuchEnv-v0'"),
+    (["train", "--env", "gym:LunarLander-v3"], "'LunarLander-v3' needs a package that is not installed: Box2D"),
     (["train", "--num-envs", "-4"], "num_envs must be a positive integer, got -4"),
     (["train", "--num-steps", "0"], "num_steps must be a positive integer, got 0"),
     (["train", "--total-timesteps", "-1"], "total_timesteps must be a positive integer"),
     (["train", "--num-envs", "8", "--envs-per-batch", "3"], r"envs_per_batch \(3\) must divide num_envs \(8\)"),
     (["train", "--learning-rate", "-0.1"], "learning_rate must be > 0"),
     (["train", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
-    (["train", "--resume", "/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
-    (["eval", "/nonexistent/ckpt.pt"], "checkpoint '/nonexistent/ckpt.pt' does not exist"),
+    (["train", "--resume", "/nonexistent/run"], "'/nonexistent/run' does not exist: expected a checkpoint"),
+    (["eval", "/nonexistent/ckpt.pt"], "'/nonexistent/ckpt.pt' does not exist: expected a checkpoint"),
+    (["train", "--seed", "-5"], r"seed must be an integer from 0 to 2\*\*32 - 1"),
+    (["train", "--device", "cuda:7"], "device 'cuda:7': this torch sees"),
+    (["eval", "x.pt", "--seed", "-1"], r"--seed must be an integer from 0 to 2\*\*32 - 1"),
+    (["eval", "x.pt", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
     (["eval", "x.pt", "--episodes", "0"], "--episodes must be a positive integer"),
     (["plot", "/nonexistent/run"], "progress.csv' does not exist"),
     (["fly"], "unknown command 'fly': expected train, eval or plot"),
@@ -104,6 +110,29 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
+
+
+def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", str(run_dir),
+               "--checkpoint-interval", "1")[0] == 0
+    first = sorted((run_dir / "checkpoints").glob("*.pt"))[0]
+    code, out, _ = run(capsys, "train", "--resume", str(first), "--total-timesteps", "96")
+    assert code == 0 and f"run directory: {run_dir}" in out
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run(capsys, "train", *FAST, "--run-dir", str(tmp_path / "a_file" / "run"))
+    assert code == 2 and err.count("error:") == 1 and "a_file" in err
+
+
+def test_wandb_without_a_login_is_one_clear_error(tmp_path):
+    pytest.importorskip("wandb")
+    shoal = Path(sys.executable).parent / "shoal"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), WANDB_API_KEY="")
+    done = subprocess.run([str(shoal), "train", *FAST, "--wandb", "--total-timesteps", "64", "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "W&B did not start" in done.stderr and "WANDB_MODE=offline" in done.stderr
 
 
 def test_usage():

@@ -63,6 +63,33 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_offline_resume_continues_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = PPOConfig(num_envs=2, num_steps=16, total_timesteps=64, dashboard=False, tensorboard=False,
+                       run_dir=str(tmp_path), wandb=True, wandb_project="shoal-test")
+    train(config, make_binding("cartpole"))
+    train(PPOConfig(**{**config.__dict__, "total_timesteps": 128}), make_binding("cartpole"), resume_from=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)  # one W&B run, logged twice
+
+
+
+def test_progress_csv_cut_short_by_a_kill_still_reads_and_a_bad_cell_is_named(tmp_path):
+    with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
+        for step in range(1, 4):
+            logger.log(step * 100, {"episode/return_mean20": float(step)})
+    path = tmp_path / "progress.csv"
+    text = path.read_text()
+    path.write_text(text + "400,4,1.5,-")  # the last row, cut while written
+    assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 300]
+    path.write_text(text.replace("200,", "abc,", 1) + "400,4,1.5,-")
+    with pytest.raises(APIUsageError, match="progress.csv, line 3: a cell that is not a number"):
+        read_progress(tmp_path)
+
+
 def test_plot_one_line_per_run(tmp_path):
     for name, scale in (("a", 1), ("b", 2)):
         with Logger(tmp_path / name, dashboard=False, tensorboard=False) as logger:
@@ -70,6 +97,8 @@ def test_plot_one_line_per_run(tmp_path):
                 logger.log(step * 100, {"episode/return_mean20": step * scale})
     out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "plots" / "curves.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_runs([tmp_path / "a"], tmp_path / "plots" / "noext") == tmp_path / "plots" / "noext.png"
+    assert plot_runs([tmp_path / "a"], tmp_path / "plots") == tmp_path / "plots" / "learning_curves.png"
 
 
 def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):

@@ -22,7 +22,7 @@ from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoin
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError
 from shoal.logging import read_progress
-from shoal.policy import DiscreteHead, LSTMPolicy, MLPPolicy, Policy
+from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
 from shoal.ppo import PPOConfig, _clip_grad_norm, evaluate, gae, train
 from shoal.vector import Batch
 
@@ -237,6 +237,8 @@ def test_multiprocessing_double_buffering_trains():
                        envs_per_batch=2, seed=1)
     result = train(config, make_binding("cartpole"))
     assert result.global_step >= 2000
+    steps = [0] + [row["global_step"] for row in result.history]  # each update stores num_envs x num_steps
+    assert {after - before for before, after in zip(steps, steps[1:])} == {4 * 16}  # not the dropped run-aheads
     assert all(np.isfinite(row["loss/value"]) for row in result.history)
 
 
@@ -376,6 +378,33 @@ def test_evaluate_is_seeded_and_leaves_the_policy_and_the_global_rng_as_they_wer
     first = evaluate(policy, binding, episodes=3, seed=7)
     assert policy.training and torch.equal(torch.get_rng_state(), before)
     assert evaluate(policy, binding, episodes=3, seed=7) == first
+
+
+def test_evaluate_starts_an_agents_lstm_state_where_it_appears_as_training_does():
+    binding = Binding(env_cls=envs.NestedMultiAgentEnv, env_kwargs=dict(num_agents=3, max_steps=8, spawn_step=3))
+    policy = LSTMPolicy(MixedPolicy(binding))
+    seen, masks = [], []
+    forward, make_env = policy.forward, binding.make_env
+
+    def recording_forward(obs, state=None, starts=None):
+        seen.append(starts.clone())
+        return forward(obs, state, starts)
+
+    def recording_env():
+        env = make_env()
+        step = env.step
+
+        def recording_step(actions):
+            masks.append(env.masks.copy())  # the mask that came with the observation acted on
+            return step(actions)
+        env.step = recording_step
+        return env
+
+    policy.forward, binding.make_env = recording_forward, recording_env
+    evaluate(policy, binding, episodes=4)  # the first agents die before 'late' spawns
+    late = binding.agent_slots["late"]
+    first_live = next(t for t, mask in enumerate(masks) if mask[late])
+    assert first_live > 0 and seen[first_live][late] and not seen[first_live + 1][late]
 
 
 @CUDA

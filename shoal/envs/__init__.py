@@ -52,7 +52,10 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
         hint = f": did you mean {', '.join(close)}?" if close else ""
         raise APIUsageError(f"unknown Gymnasium env id {env_id!r}: expected a registered id such as "
                             f"CartPole-v1 or Acrobot-v1{hint}")
-    return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
+    try:
+        return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
+    except gymnasium.error.DependencyNotInstalled as error:
+        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {error}") from None
 
 
 def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
