@@ -716,6 +716,11 @@ class EmulatedEnv:
         if bad is None:
             return array
         bad_rows = np.flatnonzero(bad[live_slots])  # dead agents' rows may hold anything
+        unseen = ~self.masks[live_slots[bad_rows]]
+        if unseen.any():  # agents the env lists but has not shown yet: dark slots, whose rows go unchecked
+            array = array.copy()
+            array[live_slots[bad_rows[unseen]]] = binding.atn_layout.neutral
+            bad_rows = bad_rows[~unseen]
         if len(bad_rows):
             slot = live_slots[bad_rows[0]]
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "

@@ -251,6 +251,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_flat(binding) -> None:
+    """APIUsageError unless ``binding`` emulates the flat data contract the trainer reads."""
+    off = [name for name in ("emulate_flat_obs", "emulate_flat_atn", "emulate_const_num_agents")
+           if not getattr(binding, name, True)]
+    if off:
+        raise APIUsageError(f"{binding.env_name}: the trainer reads the flat data contract: build the Binding with "
+                            f"{', '.join(name + '=True' for name in off)} (the defaults). Those options only shape "
+                            f"what one EmulatedEnv returns; policies unflatten observations themselves")
+
+
 def make_policy(config: PPOConfig, binding) -> Policy:
     """The default policy for ``binding`` with the config's policy settings."""
     return default_policy(binding, hidden_size=config.hidden_size or None, lstm=config.lstm, kind=config.policy)
@@ -276,6 +286,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
     """
     config.validate()
+    check_flat(binding)
     started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -712,6 +723,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     ``device``: where to play (the policy is moved there); None plays where its parameters are. The
     policy's train/eval mode and the global torch RNG states are as before afterwards.
     """
+    check_flat(binding)
     env = binding.make_env()
     if device is not None:
         policy.to(device)

@@ -673,6 +673,9 @@ class ActionLayout:
                 dtype=dtype,
             )
         self.dtype = self.flat_space.dtype
+        # the action sent for an agent that must act but has no data yet (zeros, inside a Box's bounds)
+        self.neutral = (np.zeros(self.size, self.dtype) if self.is_discrete
+                        else np.clip(np.zeros(self.size), self.flat_space.low, self.flat_space.high).astype(self.dtype))
         self._build = nester(space)
         self._build_rows = RowsNester(space)
 

@@ -746,3 +746,27 @@ def test_an_env_without_spaces_or_with_an_empty_feature_space_is_refused():
     with pytest.raises(SpaceError, match=r"space Dict\(\) has no leaves"):
         shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), feature_parser=lambda obs: {},
                       feature_space=spaces.Dict({}))
+
+
+def test_an_agent_listed_before_it_is_seen_gets_a_neutral_action_for_an_invalid_one():
+    # "b" is in env.agents from the start but has no observation: its slot is dark, so its row is not
+    # the caller's to check (a vec env ignores dead slots' actions): shoal sends the env a valid one.
+    def late(t, env):
+        return ({"a": np.ones(1, np.float32)}, {"a": 0.0}, {"a": False}, {"a": False}, {})
+
+    class LateEnv(ScriptedEnv):
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            return {"a": obs["a"]}, infos
+
+        def step(self, actions):
+            self.sent = actions
+            return super().step(actions)
+
+    env = shoal.Binding(env_creator=LateEnv, env_args=(late,)).make_env()
+    env.reset(seed=0)
+    assert env.masks.tolist() == [True, False]
+    env.step(np.array([[1], [7]]))
+    assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
+    with pytest.raises(APIUsageError, match="agent 'a' \\(slot 0\\): action \\[7\\] is out of range"):
+        env.step(np.array([[7], [0]]))

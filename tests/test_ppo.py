@@ -507,6 +507,16 @@ def test_a_policy_with_lazy_modules_trains_them(lstm):
     assert all(np.isfinite(row["loss/value"]) for row in result.history)
 
 
+@pytest.mark.parametrize("option", ["emulate_flat_obs", "emulate_const_num_agents"])
+def test_training_needs_the_flat_data_contract(option):
+    binding = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), **{option: False})
+    with pytest.raises(APIUsageError, match=f"the trainer reads the flat data contract: build the Binding with "
+                                            f"{option}=True"):
+        train(PPOConfig(**QUICK), binding)
+    with pytest.raises(APIUsageError, match="the trainer reads the flat data contract"):
+        evaluate(MLPPolicy(make_binding("cartpole")), binding)
+
+
 def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
     cartpole, pendulum = make_binding("cartpole"), make_binding("gym:Pendulum-v1")
     with pytest.raises(APIUsageError, match="policy must be a shoal.policy.Policy .* got Linear"):

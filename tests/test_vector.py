@@ -214,6 +214,23 @@ def test_multiprocessing_start_methods_agree(make):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_attributes_under_the_envs_own_wrappers_are_reached(make, backend):
+    # gymnasium.make's wrappers and PettingZoo's AEC-to-parallel conversion do not pass names on.
+    from pettingzoo.classic import rps_v2
+
+    gym = make(shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)), backend, num_workers=1)
+    gym.reset(seed=0)
+    assert gym.get_attr("gravity") == [9.8]
+    gym.set_attr("gravity", 1.0)
+    assert gym.get_attr("unwrapped")[0].gravity == 1.0  # on the env itself, not on a wrapper
+    rps = make(shoal.Binding(env_creator=rps_v2.env, env_kwargs=dict(max_cycles=15)), backend, num_workers=1)
+    rps.reset(seed=0)
+    rps.set_attr("max_cycles", 2)  # read by the env itself: its episodes end after 2 moves now
+    rps.step(np.zeros((2, 1), np.int64))
+    assert rps.get_attr("max_cycles") == [2] and rps.step(np.zeros((2, 1), np.int64))[3].all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_call_get_attr_set_attr(make, backend):
     vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2, envs_per_worker=2)
     vecenv.reset(seed=0)
@@ -230,7 +247,7 @@ def test_call_get_attr_set_attr(make, backend):
     vecenv.set_attr("note", "hello", env_ids=[2])
     assert vecenv.get_attr("note", env_ids=[2]) == ["hello"]
     with pytest.raises(APIUsageError, match="env 0 \\(ProbeEnv\\) has no attribute 'nope': looked up on the "
-                                            "emulated env, then on the env it wraps"):
+                                            "emulated env, the env it wraps"):
         vecenv.call("nope")
     with pytest.raises(APIUsageError, match="call\\(\\): env 0 \\(ProbeEnv\\): 'crash_step' is a int, not a method: use "
                                             "get_attr"):

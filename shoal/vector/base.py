@@ -92,9 +92,17 @@ class _UsageError(Exception):
     """The caller's mistake in call/get_attr/set_attr (a name no env has), not the env's: nothing is broken."""
 
 
+def _owners(env) -> list:
+    """Where names are looked up, in order: the emulated env, the env it wraps (``.env``) and, under
+    that env's own wrappers (gymnasium.make's, PettingZoo's conversions), which do not pass names on,
+    the innermost env (``.env.unwrapped``)."""
+    inner = getattr(env.env, "unwrapped", None)
+    return [env, env.env] if inner is None or inner is env.env else [env, env.env, inner]
+
+
 def _lookup(env, name: str) -> tuple[Any, Any]:
-    """(owner, value) for ``name`` on the emulated env, else on the raw env it wraps; (None, None) if neither."""
-    for owner in (env, env.env):
+    """(owner, value) for ``name`` on the first of :func:`_owners` that has it; (None, None) if none does."""
+    for owner in _owners(env):
         value = getattr(owner, name, _MISSING)
         if value is not _MISSING:
             return owner, value
@@ -168,8 +176,8 @@ class EnvGroup:
                 if command is not Command.SET_ATTR:
                     raise _UsageError(
                         f"env {self.current} ({self.binding.env_name}) has no attribute {name!r}: looked up on the "
-                        f"emulated env, then on the env it wraps (.env)")
-                owner = env.env  # a new attribute goes to the raw env: passthrough is the point
+                        f"emulated env, the env it wraps (.env) and its innermost env (.env.unwrapped)")
+                owner = _owners(env)[-1]  # a new attribute goes to the raw env: passthrough is the point
             if command is Command.CALL:
                 args, kwargs = rest
                 if not callable(value):
@@ -686,17 +694,18 @@ class VecEnv(abc.ABC):
     def call(self, method: str, *args, env_ids: Sequence[int] | None = None, **kwargs) -> list:
         """``env.method(*args, **kwargs)`` on each env of ``env_ids`` (default all); one result per env.
 
-        ``method`` is looked up on the emulated env first, then on the env it wraps (``.env``), so
-        both ``call("render")`` and an env's own methods work. Arguments and results must pickle.
+        ``method`` is looked up on the emulated env first, then on the env it wraps (``.env``), then on
+        that env's innermost env (``.env.unwrapped``, under wrappers such as gymnasium.make's), so both
+        ``call("render")`` and an env's own methods work. Arguments and results must pickle.
         """
         return self._access(Command.CALL, env_ids, method, args, kwargs)
 
     def get_attr(self, name: str, env_ids: Sequence[int] | None = None) -> list:
-        """The attribute ``name`` of each env of ``env_ids`` (emulated env first, then ``.env``)."""
+        """The attribute ``name`` of each env of ``env_ids`` (emulated env, ``.env``, ``.env.unwrapped``)."""
         return self._access(Command.GET_ATTR, env_ids, name)
 
     def set_attr(self, name: str, value: Any, env_ids: Sequence[int] | None = None) -> None:
-        """Set ``name`` on each env of ``env_ids``: on the emulated env if it has ``name``, else on ``.env``."""
+        """Set ``name`` on each env of ``env_ids``: where :meth:`get_attr` finds it, else on the innermost env."""
         self._access(Command.SET_ATTR, env_ids, name, value)
 
     def _access(self, command: Command, env_ids, name: str, *rest) -> list:
