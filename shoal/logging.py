@@ -87,8 +87,14 @@ class Logger:
 
     def _start_wandb(self, project: str, config: dict | None):
         """A W&B run; a run directory keeps its id (``wandb_id``), so a resumed run goes on in the same W&B run."""
-        import wandb
+        from shoal.errors import APIUsageError
 
+        try:
+            import wandb
+        except ImportError:
+            self.close()
+            raise APIUsageError("--wandb needs the wandb package, which the wandb extra installs: ./install.sh wandb "
+                                "(or pip install -c constraints.txt -e '.[wandb]')") from None
         run_id = None
         if self.run_dir is not None:
             id_file = self.run_dir / "wandb_id"
@@ -100,8 +106,6 @@ class Logger:
                               dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
         except Exception as error:
             self.close()
-            from shoal.errors import APIUsageError
-
             raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb login`, or set "
                                 f"WANDB_MODE=offline to log without an account or a network") from None
 
@@ -184,15 +188,18 @@ class Logger:
             self._live.update(self._render())
         elif self._console is not None and time.monotonic() - self._last_print >= self.print_interval:
             self._last_print = time.monotonic()
-            self._console.print(self.summary_line(), highlight=False)
+            self._console.print(self.summary_line(), highlight=False, soft_wrap=True)
 
     def summary_line(self) -> str:
         """One plain line with the latest step, return, throughput and losses."""
         m = self.latest
         total = f"/{self.total_steps:,}" if self.total_steps else ""
+        split = "/".join(f"{100 * m.get(f'perf/{part}_fraction', 0):.0f}" for part in ("sim", "inference", "learn"))
         return (f"step {m.get('global_step', 0):,}{total}  return(20) {_fmt(m.get('episode/return_mean20'))}  "
-                f"length {_fmt(m.get('episode/length'))}  {_fmt(m.get('perf/steps_per_second'))} steps/s  "
-                f"value loss {_fmt(m.get('loss/value'))}  entropy {_fmt(m.get('loss/entropy'))}")
+                f"length {_fmt(m.get('episode/length'))}  {_fmt(m.get('perf/steps_per_second'))} steps/s "
+                f"(sim/act/learn {split}%)  policy loss {_fmt(m.get('loss/policy'))}  "
+                f"value loss {_fmt(m.get('loss/value'))}  entropy {_fmt(m.get('loss/entropy'))}  "
+                f"kl {_fmt(m.get('loss/approx_kl'))}")
 
     def message(self, text: str) -> None:
         """Print a line of text above the dashboard (or on its own without one)."""
@@ -205,7 +212,7 @@ class Logger:
             self._live.stop()
             self._live = None
         elif self._console is not None and self.latest:
-            self._console.print(self.summary_line(), highlight=False)
+            self._console.print(self.summary_line(), highlight=False, soft_wrap=True)
         if self._csv_file is not None:
             self._csv_file.close()
             self._csv_file = self._csv = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +131,14 @@ def test_game_statistics_report_the_unclipped_score_over_all_lives():
     assert env.unwrapped.ale.lives() == 0
     assert episode["return"] >= clipped_total and episode["length"] > 100
     assert GameStatistics in _wrappers(env)
+
+
+def test_a_missing_extra_is_named(monkeypatch, tmp_path):
+    from shoal.logging import Logger
+
+    monkeypatch.setitem(sys.modules, "ale_py", None)  # import ale_py now fails, as without the atari extra
+    with pytest.raises(APIUsageError, match="Atari envs need ale-py, which the atari extra installs: ./install.sh atari"):
+        make_binding("atari:Breakout")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(APIUsageError, match="--wandb needs the wandb package, which the wandb extra installs"):
+        Logger(tmp_path, dashboard=False, tensorboard=False, wandb=True)

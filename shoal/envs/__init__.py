@@ -37,16 +37,20 @@ def atari(game: str, **env_kwargs: Any) -> Binding:
         raise APIUsageError(f"unknown Atari game {game!r}: expected an ALE game name such as Breakout or Pong; {hint}")
     # The game's own score is reported through info["episode"] by GameStatistics: the binding's
     # statistics would count clipped rewards over single lives.
-    return Binding(env_creator=make_atari_env, env_args=(game,), env_kwargs=env_kwargs, env_name=f"{game} (Atari)",
-                   record_episode_statistics=False)
+    try:
+        return Binding(env_creator=make_atari_env, env_args=(game,), env_kwargs=env_kwargs,
+                       env_name=f"{game} (Atari)", record_episode_statistics=False)
+    except gymnasium.error.DependencyNotInstalled as error:  # opencv, for AtariPreprocessing
+        raise APIUsageError(f"Atari envs need a package that is not installed: {error}; the atari extra installs "
+                            f"it: ./install.sh atari") from None
 
 
 def gym(env_id: str, **env_kwargs: Any) -> Binding:
     """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first)."""
     if env_id.startswith("ALE/"):
-        import ale_py
+        from shoal.envs.atari import import_ale
 
-        gymnasium.register_envs(ale_py)
+        import_ale()
     if env_id not in gymnasium.registry:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=3)
         hint = f": did you mean {', '.join(close)}?" if close else ""

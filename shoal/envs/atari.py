@@ -16,6 +16,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 
+from shoal.errors import APIUsageError
+
 
 class GameStatistics(gymnasium.Wrapper):
     """At the end of a whole game put ``info["episode"] = {"return", "length"}`` (score, agent steps)."""
@@ -89,9 +91,7 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     ``repeat_action_probability=0`` (no sticky actions) matches the ``NoFrameskip-v4`` setting of
     CleanRL's published ``ppo_atari`` results; pass 0.25 for the ALE v5 protocol.
     """
-    import ale_py
-
-    gymnasium.register_envs(ale_py)
+    ale_py = import_ale()
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every env copy
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
 
@@ -109,9 +109,18 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     return FrameStackObservation(env, frame_stack)
 
 
+def import_ale():
+    """``ale_py``, its games registered with gymnasium; APIUsageError naming the extra if it is missing."""
+    try:
+        import ale_py
+    except ImportError:
+        raise APIUsageError("Atari envs need ale-py, which the atari extra installs: ./install.sh atari (or pip "
+                            "install -c constraints.txt -e '.[atari]')") from None
+    gymnasium.register_envs(ale_py)
+    return ale_py
+
+
 def atari_games() -> list[str]:
     """The ALE game names ``make_atari_env`` accepts (``Breakout``, ``Pong`` ...)."""
-    import ale_py
-
-    gymnasium.register_envs(ale_py)
+    import_ale()
     return sorted(env_id[4:-3] for env_id in gymnasium.registry if env_id.startswith("ALE/") and env_id.endswith("-v5"))
