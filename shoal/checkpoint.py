@@ -14,6 +14,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +96,26 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file (or the newest one of a run directory)."""
+    """Load a checkpoint file, or the newest one of a run directory that can be read (an older one,
+    with a warning, if the newest is damaged)."""
     path = Path(path)
-    if path.is_dir():
-        path = latest_checkpoint(path)
+    if not path.is_dir():
+        return _load_file(path, map_location)
+    latest_checkpoint(path)  # the errors for a missing directory or one without checkpoints
+    damaged = []
+    for candidate in reversed(list_checkpoints(path)):
+        try:
+            payload = _load_file(candidate, map_location)
+        except APIUsageError as error:
+            damaged.append(str(error))
+            continue
+        if damaged:
+            warnings.warn(f"{'; '.join(damaged)}: loaded the newest one that can be, {candidate}", stacklevel=2)
+        return payload
+    raise APIUsageError(damaged[0] + (f"; nor can the {len(damaged) - 1} older one(s)" if len(damaged) > 1 else ""))
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     if not path.is_file():
         raise APIUsageError(f"{str(path)!r} does not exist: expected a checkpoint (.pt) or a run directory written "
                             f"by shoal train")

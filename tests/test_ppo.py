@@ -309,6 +309,18 @@ def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path):
+    for update in (1, 2):
+        save_checkpoint(tmp_path, update, {"update": update})
+    newest = list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # as a disk fault would leave it
+    with pytest.warns(UserWarning, match="update_000002.pt' cannot be read .*: loaded the newest one that can be"):
+        assert load_checkpoint(tmp_path)["update"] == 1
+    list_checkpoints(tmp_path)[0].write_bytes(b"")
+    with pytest.raises(APIUsageError, match="update_000002.pt' cannot be read .*; nor can the 1 older one"):
+        load_checkpoint(tmp_path)
+
+
 def test_resume_continues_step_count_schedule_optimizer_and_csv(tmp_path):
     binding = make_binding("cartpole")
     straight = PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}, run_dir=str(tmp_path / "a"),
