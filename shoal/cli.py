@@ -64,6 +64,8 @@ class EvalArgs:
     """seed of the env and the action sampling"""
     device: str = "cpu"
     """torch device"""
+    max_steps: int = 100_000
+    """stop after this many env steps, even if fewer episodes ended (an env without a time limit)"""
 
 
 @dataclass
@@ -153,6 +155,8 @@ def _eval(argv: list[str]) -> int:
     args = tyro.cli(EvalArgs, args=argv, prog="shoal eval")
     if args.episodes <= 0:
         raise UsageError(f"--episodes must be a positive integer, got {args.episodes}")
+    if args.max_steps <= 0:
+        raise UsageError(f"--max-steps must be a positive integer, got {args.max_steps}")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {args.seed}")
     device = resolve_device(args.device)
@@ -163,9 +167,9 @@ def _eval(argv: list[str]) -> int:
     policy = make_policy(config, binding)
     load_policy_state(policy, checkpoint)
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
-                       device=device)
+                       device=device, max_steps=args.max_steps)
     if not returns:
-        raise UsageError(f"no episode finished: {binding.env_name} gave no episode statistics")
+        raise UsageError(f"no episode finished within {args.max_steps:,} steps of {binding.env_name} (--max-steps)")
     values = np.asarray(returns)
     print(f"{binding.env_name}: {len(values)} episodes, return {values.mean():.2f} ± {values.std():.2f} "
           f"(min {values.min():.2f}, max {values.max():.2f}) · checkpoint {checkpoint['path']} "

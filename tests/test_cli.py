@@ -78,6 +78,7 @@ def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
     (["eval", "x.pt", "--seed", "-1"], r"--seed must be an integer from 0 to 2\*\*32 - 1"),
     (["eval", "x.pt", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
     (["eval", "x.pt", "--episodes", "0"], "--episodes must be a positive integer"),
+    (["eval", "x.pt", "--max-steps", "0"], "--max-steps must be a positive integer"),
     (["plot", "/nonexistent/run"], "progress.csv' does not exist"),
     (["fly"], "unknown command 'fly': expected train, eval or plot"),
 ])
@@ -110,6 +111,8 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
+    code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
+    assert code == 2 and "no episode finished within 5 steps of CartPole-v1 (--max-steps)" in err
 
 
 def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys):
