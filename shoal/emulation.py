@@ -43,6 +43,10 @@ class Buffers(NamedTuple):
     @staticmethod
     def specs(binding: "Binding", num_envs: int = 1) -> list[tuple[tuple, np.dtype]]:
         """(shape, dtype) of each buffer, in field order."""
+        if not isinstance(binding, Binding):
+            raise APIUsageError(f"Buffers need a shoal.Binding, got {type(binding).__name__}")
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise APIUsageError(f"Buffers: num_envs must be a positive int, got {num_envs!r}")
         n = num_envs * binding.max_agents
         flag = ((n,), np.dtype(bool))
         return [((n, binding.obs_layout.size), binding.obs_layout.dtype), ((n,), np.dtype(np.float32)),
@@ -199,6 +203,15 @@ class Binding:
                 raise APIUsageError(f"Binding: {name} must be callable, got {type(hook).__name__}")
         if not isinstance(env_args, (tuple, list)):
             raise APIUsageError(f"Binding: env_args must be a tuple, got {type(env_args).__name__}")
+        if env_kwargs is not None and not isinstance(env_kwargs, dict):
+            raise APIUsageError(f"Binding: env_kwargs must be a dict of keyword arguments, got "
+                                f"{type(env_kwargs).__name__} {_short(env_kwargs)}")
+        options = dict(emulate_flat_obs=emulate_flat_obs, emulate_flat_atn=emulate_flat_atn,
+                       emulate_const_num_agents=emulate_const_num_agents, suppress_env_prints=suppress_env_prints,
+                       record_episode_statistics=record_episode_statistics)
+        for name, value in options.items():
+            if not isinstance(value, (bool, np.bool_)):
+                raise APIUsageError(f"Binding: {name} must be True or False, got {value!r}")
         self.env_creator = creator
         self.env_args = tuple(env_args)
         self.env_kwargs = dict(env_kwargs or {})
@@ -361,6 +374,13 @@ class EmulatedEnv:
     """
 
     def __init__(self, binding: Binding, buffers: Buffers | None = None):
+        if not isinstance(binding, Binding):
+            raise APIUsageError(f"EmulatedEnv needs a shoal.Binding, got {type(binding).__name__}: build one, e.g. "
+                                f"shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',)), then call "
+                                f"its make_env()")
+        if buffers is not None and not (isinstance(buffers, tuple) and len(buffers) == len(Buffers._fields)):
+            raise APIUsageError(f"{binding.env_name}: buffers must be a shoal.emulation.Buffers, got "
+                                f"{type(buffers).__name__}")
         self.binding = binding
         self.env = binding.create_raw_env()
         self.buffers = buffers if buffers is not None else Buffers.allocate(binding)
@@ -406,7 +426,7 @@ class EmulatedEnv:
 
     def reset(self, seed: int | None = None):
         """Start an episode. Returns ``(obs, infos)``."""
-        if seed is not None and not isinstance(seed, (int, np.integer)):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise APIUsageError(f"{self.binding.env_name}: seed must be an int or None, got {type(seed).__name__}")
         self.rewards[:] = 0
         self.terminals[:] = False
@@ -542,8 +562,8 @@ class EmulatedEnv:
                 agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
         reward_values = self._rewards_of(env_rewards, agents)
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
-        self.terminals[slots] = _per_agent(terminals, agents, False)
-        self.truncations[slots] = _per_agent(truncations, agents, False)
+        self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "termination")
+        self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncation")
         acted = was_live[slots]  # an agent that just appeared has not acted yet, nor has one that respawned
         if respawned:
             acted &= ~np.isin(slots, respawned)
@@ -583,6 +603,11 @@ class EmulatedEnv:
             raise APIUsageError(
                 f"{self.binding.env_name}, step {self.tick}: reward_shaper returned {type(shaped).__name__}: expected a "
                 f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
+        if not shaped.keys() <= self.binding.agent_slots.keys():
+            unknown = next(agent for agent in shaped if agent not in self.binding.agent_slots)
+            raise APIUsageError(f"{self.binding.env_name}, step {self.tick}: reward_shaper returned a reward for "
+                                f"{unknown!r}, which is not an agent of this env: expected keys among "
+                                f"{list(self.binding.possible_agents)[:8]}")
         return shaped
 
     def _respawn(self, agents: set, was_live: np.ndarray) -> list[int]:
@@ -633,6 +658,9 @@ class EmulatedEnv:
             reward = self._shaped({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
             reward = self._rewards_of(reward, [SINGLE_AGENT_ID])[0]
         self._write_single(obs)
+        if type(terminal) is not bool or type(truncation) is not bool:
+            terminal, = self._flags([terminal], [SINGLE_AGENT_ID], "terminated")
+            truncation, = self._flags([truncation], [SINGLE_AGENT_ID], "truncated")
         self.rewards[0] = reward
         self.terminals[0] = terminal
         self.truncations[0] = truncation
@@ -650,6 +678,16 @@ class EmulatedEnv:
         if self._plain_outputs:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)
+
+    def _flags(self, values: list, agents: list, name: str) -> list:
+        """``values`` as bools; EnvError for one that is not a bool (numpy's, or an integer 0 or 1, pass too)."""
+        if all(type(value) is bool for value in values):
+            return values
+        for agent, value in zip(agents, values):
+            if not (isinstance(value, (bool, np.bool_)) or isinstance(value, (int, np.integer)) and value in (0, 1)):
+                raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: {name} must be a bool, "
+                               f"got {type(value).__name__} {_short(value)}")
+        return [bool(value) for value in values]
 
     def _not_a_dict(self, agent, info) -> EnvError:
         return EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: info must be a dict, got "

@@ -84,6 +84,21 @@ def _surplus(path: tuple, expected: int, value: Any) -> SpaceError:
                       f"({type(value).__name__} {_short(value)})")
 
 
+def _check_counts(nodes: list[tuple[tuple, int]], values: list) -> None:
+    """SpaceError if a Dict/Tuple (``nodes``: :func:`containers`) of any of ``values`` has more entries."""
+    for path, expected in nodes:
+        found = [_get(value, path) for value in values]
+        if any(len(node) != expected for node in found):
+            raise _surplus(path, expected, next(node for node in found if len(node) != expected))
+
+
+def _describe(value: Any) -> str:
+    """What a value is, for messages: type, and shape and dtype where it has them."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    return type(value).__name__ + (f" of shape {tuple(shape)}" if shape is not None else "") + (
+        f" and dtype {dtype}" if dtype is not None else "")
+
+
 def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     kids = children(space)
     if kids is None:
@@ -429,19 +444,19 @@ class ObservationLayout:
         batch = self._batch_shape(pairs)
         if out is None:
             out = np.zeros(batch + (self.size,), self.dtype)
+        elif not (isinstance(out, np.ndarray) and out.shape == batch + (self.size,) and out.dtype == self.dtype
+                  and out.flags.c_contiguous):
+            raise SpaceError(f"out must be a C-contiguous numpy array of shape {batch + (self.size,)} and dtype "
+                             f"{self.dtype}, got {_describe(out)}")
         records = out.view(self.struct)[..., 0]
         for path, item in pairs:
             field = self._by_path[path]
-            records[field.name] = self._checked(field, item, batch)
-        self._check_counts([value])
+            array = self._checked(field, item, batch)
+            if not field.bounds.inside(array):
+                raise self._outside(field, array, batch)
+            records[field.name] = array
+        _check_counts(self._containers, [value])
         return out
-
-    def _check_counts(self, values: list) -> None:
-        """SpaceError if a Dict/Tuple in any of ``values`` has entries beyond its space's."""
-        for path, expected in self._containers:
-            nodes = [_get(value, path) for value in values]
-            if any(len(node) != expected for node in nodes):
-                raise _surplus(path, expected, next(node for node in nodes if len(node) != expected))
 
     def writer(self, flat: np.ndarray):
         """A function ``write(row, value)`` that checks one observation and flattens it into ``flat[row]``.
@@ -475,7 +490,7 @@ class ObservationLayout:
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, ())
                 view[row] = array
-            self._check_counts([value])
+            _check_counts(self._containers, [value])
         return write
 
     def rows_writer(self, flat: np.ndarray):
@@ -553,6 +568,8 @@ class ObservationLayout:
 
         numpy: every leaf is a view of ``flat``. torch: every leaf is a view where torch allows it.
         """
+        if not (isinstance(flat, np.ndarray) or _is_torch(flat)):
+            raise SpaceError(f"flat observation must be a numpy array or a torch tensor, got {_describe(flat)}")
         if flat.shape[-1:] != (self.size,):
             raise SpaceError(f"flat observation: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
         if _is_torch(flat):
@@ -678,6 +695,7 @@ class ActionLayout:
                         else np.clip(np.zeros(self.size), self.flat_space.low, self.flat_space.high).astype(self.dtype))
         self._build = nester(space)
         self._build_rows = RowsNester(space)
+        self._containers = containers(space)
 
     def invalid_rows(self, flat: np.ndarray) -> np.ndarray | None:
         """Which rows of a flat ``(rows, size)`` action array lie outside ``flat_space``; None when none do.
@@ -724,10 +742,29 @@ class ActionLayout:
                     raise SpaceError(f"action leaf {_path_str(path)}: expected values from {low} to "
                                      f"{low + nvec - 1}, got {_short(array.tolist())}")
             parts.append(shifted)
-        return np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
+        _check_counts(self._containers, [value])
+        if len({part.shape[:-1] for part in parts}) > 1:
+            raise SpaceError(f"action leaves have different leading (batch) dimensions: "
+                             f"{[part.shape[:-1] for part in parts]}")
+        flat = np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
+        if not self.is_discrete and flat.size:  # discrete leaves were checked above; NaN, values outside a Box not
+            bad = self.invalid_rows(flat.reshape(-1, self.size))
+            if bad is not None:
+                raise SpaceError(f"action {flat.reshape(-1, self.size)[np.flatnonzero(bad)[0]]} lies outside the "
+                                 f"action space: expected {self.allowed()}")
+        return flat
 
     def unflatten(self, flat):
-        """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims)."""
+        """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims).
+
+        A numpy ``flat`` is checked against :attr:`flat_space` (SpaceError outside it); a tensor, which
+        may live on a GPU, is not.
+        """
+        if isinstance(flat, np.ndarray) and flat.shape[-1:] == (self.size,) and flat.size:
+            bad = self.invalid_rows(flat.reshape(-1, self.size))
+            if bad is not None:
+                row = flat.reshape(-1, self.size)[np.flatnonzero(bad)[0]]
+                raise SpaceError(f"flat action {row} is out of range: expected {self.allowed()}")
         return self._build(self._leaf_values(flat))
 
     def unflatten_rows(self, flat: np.ndarray, rows) -> list:
@@ -738,6 +775,8 @@ class ActionLayout:
         return self._build_rows([list(piece) for piece in self._leaf_values(flat[rows])])
 
     def _leaf_values(self, flat) -> list:
+        if not (isinstance(flat, np.ndarray) or _is_torch(flat)):
+            raise SpaceError(f"flat action must be a numpy array or a torch tensor, got {_describe(flat)}")
         if tuple(flat.shape[-1:]) != (self.size,):
             raise SpaceError(f"flat action: expected last dimension {self.size}, got shape {tuple(flat.shape)}")
         batch = tuple(flat.shape[:-1])

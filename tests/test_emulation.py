@@ -770,3 +770,37 @@ def test_an_agent_listed_before_it_is_seen_gets_a_neutral_action_for_an_invalid_
     assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
     with pytest.raises(APIUsageError, match="agent 'a' \\(slot 0\\): action \\[7\\] is out of range"):
         env.step(np.array([[7], [0]]))
+
+
+def test_binding_and_env_arguments_of_the_wrong_kind_are_named():
+    with pytest.raises(APIUsageError, match="env_kwargs must be a dict of keyword arguments, got list"):
+        shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), env_kwargs=[1])
+    with pytest.raises(APIUsageError, match="emulate_flat_atn must be True or False, got None"):
+        shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), emulate_flat_atn=None)
+    with pytest.raises(APIUsageError, match="EmulatedEnv needs a shoal.Binding, got TimeLimit"):
+        shoal.EmulatedEnv(gymnasium.make("CartPole-v1"))
+    binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    with pytest.raises(APIUsageError, match="num_envs must be a positive int, got -1"):
+        Buffers.allocate(binding, -1)
+    with pytest.raises(APIUsageError, match="seed must be an int or None, got bool"):
+        binding.make_env().reset(seed=True)
+
+
+@pytest.mark.parametrize("flag", ["False", None, 2.5, np.array([True, False])])
+def test_a_flag_that_is_not_a_bool_is_named(flag):
+    def flagged(t, env):
+        obs = {agent: np.ones(1, np.float32) for agent in ("a", "b")}
+        return obs, {"a": 0.0, "b": 0.0}, {"a": False, "b": flag}, {"a": False, "b": False}, {}
+
+    env = scripted(flagged)
+    with pytest.raises(EnvError, match="scripted, agent 'b', step 1: termination must be a bool, got"):
+        env.step(np.zeros((2, 1), np.int64))
+
+
+def test_a_reward_shaper_rewarding_an_unknown_agent_is_named():
+    binding = shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,),
+                            reward_shaper=lambda rewards, infos: {"nobody": 1.0})
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match="reward_shaper returned a reward for 'nobody', which is not an agent"):
+        env.step(np.zeros((2, 1), np.int64))

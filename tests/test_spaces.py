@@ -453,6 +453,28 @@ def test_entries_beyond_the_space_are_refused():
                 write(bad)
 
 
+def test_flatten_and_unflatten_check_what_users_pass():
+    observations = ObservationLayout(spaces.Dict({"pos": spaces.Box(-1, 1, (2,), np.float32), "hp": spaces.Discrete(5)}))
+    good = {"pos": np.zeros(2, np.float32), "hp": 1}
+    with pytest.raises(SpaceError, match=r"observation leaf \['hp'\]: 9 lies outside its range"):
+        observations.flatten({**good, "hp": 9})
+    with pytest.raises(SpaceError, match=r"out must be a C-contiguous numpy array of shape \(16,\) and dtype uint8, "
+                                         r"got ndarray of shape \(16,\) and dtype float64"):
+        observations.flatten(good, out=np.zeros(16))
+    with pytest.raises(SpaceError, match="flat observation must be a numpy array or a torch tensor, got list"):
+        observations.unflatten([0] * 16)
+    actions = ActionLayout(spaces.Dict({"move": spaces.Discrete(4, start=-1), "item": spaces.MultiBinary(2)}))
+    with pytest.raises(SpaceError, match=r"flat action \[9 9 9\] is out of range: expected 0 <= a < \[2 2 4\]"):
+        actions.unflatten(np.array([9, 9, 9]))
+    with pytest.raises(SpaceError, match="flat action must be a numpy array or a torch tensor, got list"):
+        actions.unflatten([0, 0, 0])
+    with pytest.raises(SpaceError, match="expected 2 entries, got 3"):
+        actions.flatten({"move": 0, "item": np.zeros(2, np.int8), "extra": 3})
+    box = ActionLayout(spaces.Box(-1, 1, (2,), np.float32))
+    with pytest.raises(SpaceError, match=r"action \[nan  0.\] lies outside the action space"):
+        box.flatten(np.array([np.nan, 0], np.float32))
+
+
 def test_a_value_outside_a_large_leaf_is_shown_with_its_index():
     layout = ObservationLayout(spaces.Box(-1, 1, (4, 10), np.float32))
     value = np.zeros((4, 10), np.float32)
