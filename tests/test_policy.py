@@ -10,6 +10,7 @@ from gymnasium import spaces
 
 import envs
 from shoal import Binding
+from shoal.envs import make_binding
 from shoal.errors import SpaceError
 from shoal.policy import (DiscreteHead, GaussianHead, LSTMPolicy, MixedPolicy, MLPPolicy, NatureCNN, Policy,
                           default_policy, leaf_features)
@@ -220,3 +221,22 @@ def test_lstm_wraps_any_policy_and_steps_like_its_sequence_form():
     torch.testing.assert_close(torch.cat(step_params), seq_params)
     torch.testing.assert_close(state[0], seq_state[0])
     assert policy.action_head is policy.policy.action_head
+
+
+def test_policy_arguments_of_the_wrong_kind_are_named():
+    from shoal.errors import APIUsageError
+
+    cartpole = make_binding("cartpole")
+    with pytest.raises(APIUsageError, match="default_policy needs the env's shoal.Binding, got TimeLimit"):
+        default_policy(gymnasium.make("CartPole-v1"))
+    with pytest.raises(APIUsageError, match="MLPPolicy needs the env's shoal.Binding .for its spaces., got NoneType"):
+        MLPPolicy(None)
+    with pytest.raises(APIUsageError, match="hidden_size must be a positive int, got -5"):
+        default_policy(cartpole, hidden_size=-5)
+    with pytest.raises(APIUsageError, match="num_layers must be a positive int, got 0"):
+        MLPPolicy(cartpole, num_layers=0)
+    with pytest.raises(SpaceError, match="policy kind 'cnn' reads frames"):
+        default_policy(cartpole, kind="cnn")
+    nested = Binding(env_cls=envs.NestedSingleAgentEnv)
+    with pytest.raises(SpaceError, match="policy kind 'mlp' reads the flat observation as numbers; .* use 'mixed'"):
+        default_policy(nested, kind="mlp")
