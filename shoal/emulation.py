@@ -699,6 +699,8 @@ class EmulatedEnv:
         final = dict(info) if info else {}
         if observed:
             final["final_observation"] = self.obs[slot].copy()
+        else:  # the key is shoal's: the trainer must not bootstrap from an env value of that name
+            final.pop("final_observation", None)
         if self.binding.record_episode_statistics:
             final["episode"] = {"return": episode[0], "length": episode[1]}
         return final

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from collections import deque
@@ -67,6 +68,8 @@ class PPOConfig:
     """worker processes (multiprocessing / ray); 0: one per core, fitted to num_envs and envs_per_batch"""
     envs_per_batch: int = 0
     """envs per recv batch; 0: all envs (synchronous); num_envs/2: simulation overlaps inference"""
+    env_timeout: float | None = 600.0
+    """seconds a worker's reset or step may take before the run stops with an error (multiprocessing, ray; None: no limit)"""
 
     # ---- algorithm
     total_timesteps: int = 500_000
@@ -120,6 +123,17 @@ class PPOConfig:
         """Raise :class:`APIUsageError` naming the first bad field."""
         def integer(value) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        for name in ("torch_deterministic", "dashboard", "tensorboard", "wandb", "anneal_lr", "norm_adv",
+                     "clip_vloss", "lstm"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise APIUsageError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("env", "device", "wandb_project") + (("run_dir",) if self.run_dir is not None else ()):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise APIUsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.env_timeout is not None and (not (integer(self.env_timeout) or isinstance(self.env_timeout, float))
+                                             or not self.env_timeout > 0):
+            raise APIUsageError(f"env_timeout must be a positive number of seconds or None, got {self.env_timeout!r}")
 
         positive = ["num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
         for name in positive:
@@ -208,8 +222,9 @@ def make_vecenv(config: PPOConfig, binding):
             workers = max(w for w in range(1, config.num_envs + 1)
                           if config.num_envs % w == 0 and batch % (config.num_envs // w) == 0
                           and (w <= cores or w == config.num_envs // batch))
+    options = {} if config.backend == "serial" else {"timeout": config.env_timeout}  # serial cannot interrupt
     return vector.make(binding, backend=config.backend, num_workers=workers,
-                       envs_per_worker=config.num_envs // workers, batch_size=batch)
+                       envs_per_worker=config.num_envs // workers, batch_size=batch, **options)
 
 
 def _adam(policy: Policy, lr: float) -> torch.optim.Adam:
@@ -251,8 +266,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_vecenv(vecenv, binding) -> None:
+    """APIUsageError unless ``vecenv`` is a vec env of ``binding``'s spaces."""
+    spaces_of = [getattr(vecenv, name, None) for name in ("single_observation_space", "single_action_space")]
+    if None in spaces_of or not hasattr(vecenv, "num_agents"):
+        raise APIUsageError(f"vecenv must be a shoal.vector vec env (shoal.vector.make), got {type(vecenv).__name__}")
+    if spaces_of != [binding.obs_layout.flat_space, binding.single_action_space]:
+        raise APIUsageError(f"vecenv steps {getattr(vecenv.binding, 'env_name', '?')}, whose flat spaces "
+                            f"{spaces_of[0]}, {spaces_of[1]} are not {binding.env_name}'s: make it from this binding")
+
+
 def check_flat(binding) -> None:
     """APIUsageError unless ``binding`` emulates the flat data contract the trainer reads."""
+    from shoal.emulation import Binding
+
+    if not isinstance(binding, Binding):
+        raise APIUsageError(f"expected a shoal.Binding, got {type(binding).__name__}: e.g. "
+                            f"shoal.envs.make_binding('cartpole') or shoal.Binding(env_creator=...)")
     off = [name for name in ("emulate_flat_obs", "emulate_flat_atn", "emulate_const_num_agents")
            if not getattr(binding, name, True)]
     if off:
@@ -285,8 +315,16 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     >>> from shoal.envs import make_binding
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
     """
+    if not isinstance(config, PPOConfig):
+        raise APIUsageError(f"train needs a PPOConfig, got {type(config).__name__}: PPOConfig(**settings)")
     config.validate()
     check_flat(binding)
+    if logger is not None and not (callable(getattr(logger, "log", None)) and callable(getattr(logger, "close", None))):
+        raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
+    if vecenv is not None:
+        _check_vecenv(vecenv, binding)
+    if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+        raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, got {resume_from!r}")
     started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -724,9 +762,15 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     policy's train/eval mode and the global torch RNG states are as before afterwards.
     """
     check_flat(binding)
-    env = binding.make_env()
+    check_policy(policy, binding)
+    for name, value in (("episodes", episodes), ("max_steps", max_steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise APIUsageError(f"evaluate: {name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise APIUsageError(f"evaluate: seed must be an int from 0 to 2**32 - 1, got {seed!r}")
     if device is not None:
-        policy.to(device)
+        policy.to(resolve_device(str(device)))
+    env = binding.make_env()
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()

@@ -523,9 +523,15 @@ class ObservationLayout:
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, batch)
                 view[rows] = array
-            for path, expected in containers_:  # every container is a prefix of some leaf's path: a column
-                if set(map(len, columns[path])) != {expected}:
-                    raise _surplus(path, expected, next(node for node in columns[path] if len(node) != expected))
+            for path, expected in containers_:
+                column = columns.get(path)
+                if column is None:  # an empty Dict/Tuple: no leaf's walk passed it
+                    try:
+                        column = [_get(value, path) for value in values]
+                    except (KeyError, IndexError, TypeError) as error:
+                        raise SpaceError(f"observation {_path_str(path)}: {error!r}") from None
+                if set(map(len, column)) != {expected}:
+                    raise _surplus(path, expected, next(node for node in column if len(node) != expected))
         return write_rows
 
     @staticmethod

@@ -804,3 +804,24 @@ def test_a_reward_shaper_rewarding_an_unknown_agent_is_named():
     env.reset(seed=0)
     with pytest.raises(APIUsageError, match="reward_shaper returned a reward for 'nobody', which is not an agent"):
         env.step(np.zeros((2, 1), np.int64))
+
+
+def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoals_keys():
+    class EmptyDictEnv(ScriptedEnv):
+        def observation_space(self, agent):
+            return spaces.Dict({"x": spaces.Discrete(2), "y": spaces.Dict({})})
+
+        def reset(self, seed=None, options=None):
+            self.t, self.agents = 0, ["a", "b"]
+            return {agent: {"x": 1, "y": {}} for agent in self.agents}, {}
+
+    env = shoal.Binding(env_creator=EmptyDictEnv, env_args=(all_end_unseen,)).make_env()
+    assert env.reset(seed=0)[0].tolist() == [[1], [1]]
+
+    def ends_unseen_with_its_own_key(t, env):
+        env.agents = []
+        return {}, {"a": 1.0, "b": 1.0}, {"a": True, "b": True}, {"a": False, "b": False}, {
+            "a": {"final_observation": "the env's own", "kept": 1}}
+
+    _, _, _, _, infos = scripted(ends_unseen_with_its_own_key).step(np.zeros((2, 1), np.int64))
+    assert "final_observation" not in infos["a"] and infos["a"]["kept"] == 1

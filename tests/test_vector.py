@@ -306,6 +306,8 @@ def test_bad_construction_arguments():
     with Serial(binding, num_workers=2) as vecenv:
         with pytest.raises(APIUsageError, match="seed must be None, an int .* got \\[1.5, 2\\]"):
             vecenv.reset([1.5, 2])
+        with pytest.raises(APIUsageError, match="seed must be None, an int >= 0 .* got -5"):
+            vecenv.reset(-5)
         with pytest.raises(APIUsageError, match="env_ids must be a list of env indices or None, got int 1: pass \\[1\\]"):
             vecenv.get_attr("t", env_ids=1)
 
@@ -394,7 +396,7 @@ def test_sync_api_needs_a_full_batch(make):
 @pytest.mark.parametrize("seed", ["7", [1, 2, 3]])
 def test_bad_seed(make, seed):
     vecenv = make(cartpole(), "serial", num_workers=2)
-    with pytest.raises(APIUsageError, match="seed must be None, an int \\(env i gets seed \\+ i\\) or a list of 2 seeds"):
+    with pytest.raises(APIUsageError, match="seed must be None, an int >= 0 \\(env i gets seed \\+ i\\) or a list of 2 such seeds"):
         vecenv.reset(seed=seed)
 
 

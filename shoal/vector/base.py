@@ -563,13 +563,13 @@ class VecEnv(abc.ABC):
     def _seeds(self, seed) -> list:
         if seed is None:
             return [None] * self.num_envs
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
             return [int(seed) + i for i in range(self.num_envs)]
         if isinstance(seed, Sequence) and len(seed) == self.num_envs and all(
-                s is None or isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
+                s is None or isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seed):
             return [None if s is None else int(s) for s in seed]
-        raise APIUsageError(f"seed must be None, an int (env i gets seed + i) or a list of {self.num_envs} "
-                            f"seeds, got {seed!r}")
+        raise APIUsageError(f"seed must be None, an int >= 0 (env i gets seed + i) or a list of {self.num_envs} "
+                            f"such seeds, got {seed!r}")
 
     # -------------------------------------------------------------- async API
 
