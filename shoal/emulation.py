@@ -13,7 +13,6 @@ import io
 import os
 import re
 import sys
-import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
 import gymnasium
@@ -546,7 +545,7 @@ class EmulatedEnv:
         respawned = []
         if self._ended:
             if self._gone:
-                respawned = self._respawn(self._gone.intersection(obs), was_live)
+                respawned = self._respawn(self._gone.intersection(obs))
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
         else:
@@ -610,7 +609,7 @@ class EmulatedEnv:
                                 f"{list(self.binding.possible_agents)[:8]}")
         return shaped
 
-    def _respawn(self, agents: set, was_live: np.ndarray) -> list[int]:
+    def _respawn(self, agents: set) -> list[int]:
         """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
         in its slot, with fresh episode statistics. Returns their slots."""
         slots = []
@@ -622,11 +621,6 @@ class EmulatedEnv:
                 self._episode_return[slot] = 0
                 self._episode_length[slot] = 0
                 slots.append(slot)
-        if was_live[slots].any():
-            warnings.warn(f"{self.binding.env_name}: an agent came back the step after it ended, so its slot is "
-                          f"live at both steps: by the mask rule one transition (its last observation, an action "
-                          f"the env never got, its first reward) links the two lives. Keep a respawning agent "
-                          f"out of env.agents for one step, or give it a new id", stacklevel=3)
         return slots
 
     def _step_single(self, actions):

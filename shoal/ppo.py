@@ -6,8 +6,9 @@ The shape follows CleanRL's single-file ``ppo.py`` (rollout, GAE, optimize, log)
   simulates while the policy acts for the other; the last actions of a rollout are sent *before*
   the update, so the envs simulate while the network learns;
 - a transition ``(obs_t, action_t, reward_t)`` counts iff the mask that came with ``obs_t`` and the
-  mask that came with ``reward_t`` are both True (``docs/design.md``): padded and dead agent slots
-  never enter advantages, losses or statistics, and GAE never runs across them;
+  mask that came with ``reward_t`` are both True and ``obs_t`` is not an agent's final observation
+  (``docs/design.md``): padded and dead agent slots never enter advantages, losses or statistics,
+  and GAE never runs across them;
 - truncated episodes bootstrap from the value of their final observation (``infos``);
 - recurrent state resets at every agent's episode start.
 """
@@ -467,6 +468,16 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
 
                     # The new observation: store it, act on it.
                     start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
+                    ended = terminal | truncation
+                    if max_agents > 1 and ended.any():
+                        # An agent that ended while its env went on delivered its *final* observation: nothing
+                        # follows from it, even if its slot is live again next step (a respawn, or the next
+                        # episode after an autoreset). Where every agent alive before ended, the env reset in
+                        # this step and these are the next episode's first observations.
+                        alive = last_mask[batch_slots]
+                        reset = ((ended | ~alive).reshape(-1, max_agents).all(1)
+                                 & alive.reshape(-1, max_agents).any(1))
+                        mask = mask & ~(ended & ~np.repeat(reset, max_agents))
                     obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
                     live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
                     if live is not None:
@@ -498,7 +509,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
 
             learn_start = time.perf_counter()
             # ------------------------------------------------------------ GAE
-            # A transition counts iff the masks that came with its obs and with its reward are both True.
+            # A transition counts iff the masks that came with its obs and with its reward are both True
+            # (the stored obs mask is False for an agent's final observation, see the rollout).
             # Advantages never propagate across an episode end or into a transition that does not count.
             valid = masks[:T] & next_masks[:T]  # (T, N)
             advantages = gae(rewards[:T], values, terminals[:T] | truncations[:T], valid, gamma, gae_lambda)

@@ -709,7 +709,7 @@ def test_an_info_that_is_not_a_dict_is_named():
         env.step(np.zeros((2, 1), np.int64))
 
 
-def test_an_agent_that_comes_back_the_step_after_it_ended_is_warned_about():
+def test_an_agent_that_comes_back_the_step_after_it_ended_starts_a_new_agent_episode():
     def back_at_once(t, env):
         agents = ["a", "b"]
         env.agents = ["a"] if t == 1 else agents
@@ -718,8 +718,7 @@ def test_an_agent_that_comes_back_the_step_after_it_ended_is_warned_about():
 
     env = scripted(back_at_once)
     env.step(np.zeros((2, 1), np.int64))
-    with pytest.warns(UserWarning, match="scripted: an agent came back the step after it ended"):
-        env.step(np.zeros((2, 1), np.int64))
+    env.step(np.zeros((2, 1), np.int64))
     assert env.masks.tolist() == [True, True] and env.env.acted == [["a", "b"], ["a"]]
     env.env.agents = ["a", "b"]
     env.step(np.zeros((2, 1), np.int64))

@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import gymnasium
+from pettingzoo import ParallelEnv
 import numpy as np
 import pytest
 import torch
@@ -568,3 +569,42 @@ def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
     with pytest.raises(APIUsageError, match=r"MLPPolicy's action head chooses among \[3\]: CartPole-v1's flat "
                                             r"action space is MultiDiscrete\(\[2\]\)"):
         train(PPOConfig(**QUICK), cartpole, policy=other)
+
+
+class DiesBeforeTheEnd(ParallelEnv):
+    """Agent "b" dies at step 1, agent "a" at step 2, which ends the episode (the env resets in that step).
+    Counts the actions the env really receives."""
+
+    metadata = {"name": "dies_before_the_end"}
+    possible_agents = ["a", "b"]
+    received = 0
+
+    def observation_space(self, agent):
+        return gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+
+    def action_space(self, agent):
+        return gymnasium.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, ["a", "b"]
+        return {agent: np.zeros(1, np.float32) for agent in self.agents}, {}
+
+    def step(self, actions):
+        type(self).received += len(actions)
+        self.t += 1
+        obs = {agent: np.full(1, 0.5, np.float32) for agent in self.agents}
+        ending = {"a": self.t == 2, "b": self.t == 1}
+        terminals = {agent: ending[agent] for agent in self.agents}
+        self.agents = [agent for agent in self.agents if not ending[agent]]
+        return obs, {agent: 1.0 for agent in obs}, terminals, {agent: False for agent in obs}, {}
+
+
+@pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
+def test_an_agents_final_observation_starts_no_transition_even_when_its_slot_is_live_next_step(lstm):
+    # b's last observation comes at step 1 (mask True, with its flag); at step 2 the env resets and b's slot
+    # holds the next episode's first observation (mask True again). The action sent for b's last observation
+    # never reached the env: that transition must not count.
+    DiesBeforeTheEnd.received = 0
+    result = train(PPOConfig(num_envs=2, num_steps=12, total_timesteps=2 * 12 * 4, lstm=lstm, dashboard=False,
+                             tensorboard=False), Binding(env_cls=DiesBeforeTheEnd))
+    assert result.global_step == DiesBeforeTheEnd.received - 2 * 2  # less the actions still in flight at the end
