@@ -431,6 +431,7 @@ class EmulatedEnv:
         self.terminals[:] = False
         self.truncations[:] = False
         infos = self._begin_episode(seed)
+        self._acting = self.masks.copy()  # the slots whose agent acts at the next step
         self._needs_reset = False
         return self._output(self.obs), infos
 
@@ -542,10 +543,9 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
-        respawned = []
         if self._ended:
             if self._gone:
-                respawned = self._respawn(self._gone.intersection(obs))
+                self._respawn(self._gone.intersection(obs))
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
         else:
@@ -563,9 +563,7 @@ class EmulatedEnv:
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
         self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "termination")
         self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncation")
-        acted = was_live[slots]  # an agent that just appeared has not acted yet, nor has one that respawned
-        if respawned:
-            acted &= ~np.isin(slots, respawned)
+        acted = self._acting[slots]  # not an agent that just appeared, nor one seen again after its end
         self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted
         out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
@@ -587,9 +585,11 @@ class EmulatedEnv:
                 out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
         if self._ended:
             self._gone |= self._ended.difference(self._gone, self.env.agents)
+        self._acting = self.masks & ~self.terminals & ~self.truncations
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
+            self._acting = self.masks.copy()  # the next episode's agents, not the ends delivered with them
             self.masks |= delivered
             for agent, info in reset_infos.items():
                 out_infos.setdefault(agent, {})["reset_info"] = info
@@ -609,10 +609,9 @@ class EmulatedEnv:
                                 f"{list(self.binding.possible_agents)[:8]}")
         return shaped
 
-    def _respawn(self, agents: set) -> list[int]:
+    def _respawn(self, agents: set) -> None:
         """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
-        in its slot, with fresh episode statistics. Returns their slots."""
-        slots = []
+        in its slot, with fresh episode statistics."""
         for agent in agents:
             if agent in self.env.agents:
                 self._ended.discard(agent)
@@ -620,8 +619,6 @@ class EmulatedEnv:
                 slot = self.binding.agent_slots[agent]
                 self._episode_return[slot] = 0
                 self._episode_length[slot] = 0
-                slots.append(slot)
-        return slots
 
     def _step_single(self, actions):
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""

@@ -824,3 +824,19 @@ def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoal
 
     _, _, _, _, infos = scripted(ends_unseen_with_its_own_key).step(np.zeros((2, 1), np.int64))
     assert "final_observation" not in infos["a"] and infos["a"]["kept"] == 1
+
+
+def test_an_agent_that_ended_at_an_autoreset_and_spawns_in_the_next_episode_has_not_acted_yet():
+    def spawn_then_end(t, env):  # each episode: "b" appears at step 1, everyone ends at step 2
+        agents = ["a", "b"]
+        env.agents = agents if t == 1 else []
+        obs = {agent: np.full(1, t, np.float32) for agent in agents}
+        done = {agent: t == 2 for agent in agents}
+        return obs, {"a": 1.0, "b": 1.0}, done, {agent: False for agent in agents}, {}
+
+    env = scripted(spawn_then_end, reset_agents=("a",))
+    lengths = []
+    for _ in range(4):
+        *_, infos = env.step(np.zeros((2, 1), np.int64))
+        lengths += [infos[agent]["episode"]["length"] for agent in ("a", "b") if "episode" in infos.get(agent, {})]
+    assert lengths == [2, 1, 2, 1]  # b acts at step 2 only, in both episodes
