@@ -260,6 +260,10 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+        from shoal.errors import APIUsageError
+
+        raise APIUsageError(f"plot_runs needs a list of run directories, got {run_dirs!r}")
     runs = [(Path(run_dir).name, read_progress(run_dir)) for run_dir in run_dirs]
     if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
         from shoal.errors import APIUsageError

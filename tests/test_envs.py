@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -142,3 +143,11 @@ def test_a_missing_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(APIUsageError, match="--wandb needs the wandb package, which the wandb extra installs"):
         Logger(tmp_path, dashboard=False, tensorboard=False, wandb=True)
+
+
+def test_env_helpers_name_a_wrong_kind_of_name():
+    from shoal.envs import atari_game, gym, pettingzoo
+
+    for helper, kind in ((atari_game, "atari_game(game)"), (gym, "gym(env_id)"), (pettingzoo, "pettingzoo(env_id)")):
+        with pytest.raises(APIUsageError, match=rf"{re.escape(kind)} needs a non-empty string, got None"):
+            helper(None)

@@ -108,3 +108,10 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(APIUsageError, match="no run has a column 'loss/valu' in progress.csv: expected one of"):
         plot_runs([tmp_path / "early"], tmp_path / "typo.png", metric="loss/valu")
+
+
+def test_plot_runs_needs_a_list_of_runs(tmp_path):
+    with pytest.raises(APIUsageError, match="plot_runs needs a list of run directories, got \\[\\]"):
+        plot_runs([], tmp_path / "x.png")
+    with pytest.raises(APIUsageError, match="plot_runs needs a list of run directories, got 'runs/a'"):
+        plot_runs("runs/a", tmp_path / "x.png")

@@ -311,6 +311,13 @@ def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
+def test_save_checkpoint_checks_its_update_and_payload(tmp_path):
+    with pytest.raises(APIUsageError, match="update must be an int >= 0, got -1"):
+        save_checkpoint(tmp_path, -1, {})
+    with pytest.raises(APIUsageError, match="payload must be a dict, got list"):
+        save_checkpoint(tmp_path, 1, [1])
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path):
     for update in (1, 2):
         save_checkpoint(tmp_path, update, {"update": update})

@@ -26,8 +26,14 @@ def cartpole(**env_kwargs: Any) -> Binding:
                    env_name="CartPole-v1")
 
 
-def atari(game: str, **env_kwargs: Any) -> Binding:
+def _require_name(kind: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise APIUsageError(f"{kind} needs a non-empty string, got {value!r}")
+
+
+def atari_game(game: str, **env_kwargs: Any) -> Binding:
     """An ALE game with the standard preprocessing (see :mod:`shoal.envs.atari`)."""
+    _require_name("atari_game(game)", game)
     from shoal.envs.atari import atari_games, make_atari_env
 
     games = atari_games()
@@ -47,6 +53,7 @@ def atari(game: str, **env_kwargs: Any) -> Binding:
 
 def gym(env_id: str, **env_kwargs: Any) -> Binding:
     """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first)."""
+    _require_name("gym(env_id)", env_id)
     if env_id.startswith("ALE/"):
         from shoal.envs.atari import import_ale
 
@@ -69,6 +76,7 @@ def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
     means the newest. The env comes from ``pettingzoo.make``: its parallel API where it has one, else
     its AEC API.
     """
+    _require_name("pettingzoo(env_id)", env_id)
     import pettingzoo as pz
     from pettingzoo.env_registry.exceptions import PettingZooRegistryError, VersionNotFound
 
@@ -106,7 +114,8 @@ def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
 
 NAMED: dict[str, Callable[..., Binding]] = {"cartpole": cartpole}
 """Bindings by exact name."""
-PREFIXED: dict[str, Callable[..., Binding]] = {"atari": atari, "gym": gym, "pettingzoo": pettingzoo}
+# (atari_game, not atari: shoal.envs.atari is the module of the Atari wrappers)
+PREFIXED: dict[str, Callable[..., Binding]] = {"atari": atari_game, "gym": gym, "pettingzoo": pettingzoo}
 """Bindings by ``prefix:argument``."""
 EXAMPLES = {"atari": "atari:Breakout", "gym": "gym:Acrobot-v1", "pettingzoo": "pettingzoo:butterfly/pistonball-v6"}
 """One name per prefix, for messages."""
@@ -149,7 +158,8 @@ def make_binding(name: str, **env_kwargs: Any) -> Binding:
 
 
 def check_env_name(name: str) -> None:
-    """Raise the error :func:`make_binding` would for a malformed or unknown name, without building the env."""
+    """Raise the error :func:`make_binding` would for a malformed name or an unknown prefix or name, without
+    building the env (an unknown id after a known prefix, ``gym:Nope-v0``, is found when the env is built)."""
     prefix, argument = _split(name)
     if not ((argument is None and prefix in NAMED) or (argument and prefix in PREFIXED)):
         if argument is not None and prefix in PREFIXED:
@@ -163,4 +173,4 @@ def preset(name: str) -> dict[str, Any]:
     return dict(PRESETS.get(prefix if argument is not None else name, {}))
 
 
-__all__ = ["make_binding", "preset", "cartpole", "atari", "gym", "pettingzoo", "NAMED", "PREFIXED", "PRESETS", "check_env_name"]
+__all__ = ["make_binding", "preset", "cartpole", "atari_game", "gym", "pettingzoo", "NAMED", "PREFIXED", "PRESETS", "check_env_name"]
