@@ -395,6 +395,7 @@ class EmulatedEnv:
         self._gone: set = set()  # ended agents that have left env.agents: seen there again, they respawned
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
+        self._acting = np.zeros(binding.max_agents, bool)  # slots whose agent acts at the next step
         self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
         self.tick = 0  # steps since creation, for messages
         self._needs_reset = True
@@ -431,7 +432,7 @@ class EmulatedEnv:
         self.terminals[:] = False
         self.truncations[:] = False
         infos = self._begin_episode(seed)
-        self._acting = self.masks.copy()  # the slots whose agent acts at the next step
+        self._acting = self.masks.copy()
         self._needs_reset = False
         return self._output(self.obs), infos
 
@@ -561,8 +562,8 @@ class EmulatedEnv:
                 agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
         reward_values = self._rewards_of(env_rewards, agents)
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
-        self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "termination")
-        self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncation")
+        self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "terminated")
+        self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncated")
         acted = self._acting[slots]  # not an agent that just appeared, nor one seen again after its end
         self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted

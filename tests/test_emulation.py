@@ -792,7 +792,7 @@ def test_a_flag_that_is_not_a_bool_is_named(flag):
         return obs, {"a": 0.0, "b": 0.0}, {"a": False, "b": flag}, {"a": False, "b": False}, {}
 
     env = scripted(flagged)
-    with pytest.raises(EnvError, match="scripted, agent 'b', step 1: termination must be a bool, got"):
+    with pytest.raises(EnvError, match="scripted, agent 'b', step 1: terminated must be a bool, got"):
         env.step(np.zeros((2, 1), np.int64))
 
 
