@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
 CSV_FIELDS = [
     "global_step", "update", "wall_time", "episode/return", "episode/return_mean20", "episode/length",
@@ -58,6 +60,12 @@ class Logger:
                  dashboard: bool = True, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "shoal", config: dict | None = None, start_step: int = 0,
                  print_interval: float = 5.0):
+        from shoal.errors import APIUsageError
+
+        if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
+            raise APIUsageError(f"Logger: run_dir must be a path or None, got {run_dir!r}")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+            raise APIUsageError(f"Logger: total_steps must be an int >= 0, got {total_steps!r}")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.total_steps = total_steps
         self.title = title
@@ -170,6 +178,11 @@ class Logger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one update's metrics at ``step`` (the global agent step)."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not isinstance(metrics, dict):
+            from shoal.errors import APIUsageError
+
+            raise APIUsageError(f"Logger.log(step, metrics) takes an int step and a dict of numbers, got "
+                                f"{type(step).__name__} and {type(metrics).__name__}")
         self.latest = {**metrics, "global_step": step}
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._csv is not None:

@@ -115,3 +115,11 @@ def test_plot_runs_needs_a_list_of_runs(tmp_path):
         plot_runs([], tmp_path / "x.png")
     with pytest.raises(APIUsageError, match="plot_runs needs a list of run directories, got 'runs/a'"):
         plot_runs("runs/a", tmp_path / "x.png")
+
+
+def test_logger_arguments_of_the_wrong_kind_are_named(tmp_path):
+    with pytest.raises(APIUsageError, match="Logger: run_dir must be a path or None, got 5"):
+        Logger(5)
+    with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
+        with pytest.raises(APIUsageError, match="takes an int step and a dict of numbers, got int and list"):
+            logger.log(1, [1, 2])
