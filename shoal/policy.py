@@ -61,6 +61,8 @@ class DiscreteHead(nn.Module):
     def __init__(self, in_features: int, nvec: np.ndarray):
         super().__init__()
         self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
+        if not self.nvec or min(self.nvec) < 1:
+            raise APIUsageError(f"DiscreteHead needs at least one dimension, each with >= 1 choice, got nvec {nvec!r}")
         self.linear = layer_init(nn.Linear(in_features, sum(self.nvec)), std=0.01)
         # All dimensions of one size: one (B, D, n) tensor instead of a loop over dimensions.
         self.uniform = len(set(self.nvec)) == 1
@@ -458,6 +460,9 @@ class LSTMPolicy(Policy):
 
         Returns (action parameters, values, state); a sequence's outputs are flattened to ``(T * B, ...)``.
         """
+        if state is not None and not (isinstance(state, tuple) and len(state) == 2):
+            raise APIUsageError(f"LSTMPolicy: state must be a tuple (h, c) as initial_state returns, got "
+                                f"{type(state).__name__}")
         sequence = obs.dim() == 3
         steps, batch = (obs.shape[0], obs.shape[1]) if sequence else (1, obs.shape[0])
         features = self.policy.encode(obs.reshape(steps * batch, -1)).view(steps, batch, -1)

@@ -240,3 +240,13 @@ def test_policy_arguments_of_the_wrong_kind_are_named():
     nested = Binding(env_cls=envs.NestedSingleAgentEnv)
     with pytest.raises(SpaceError, match="policy kind 'mlp' reads the flat observation as numbers; .* use 'mixed'"):
         default_policy(nested, kind="mlp")
+
+
+def test_lstm_state_and_head_sizes_are_checked():
+    from shoal.errors import APIUsageError
+
+    policy = LSTMPolicy(MLPPolicy(make_binding("cartpole"), hidden_size=8))
+    with pytest.raises(APIUsageError, match="state must be a tuple \\(h, c\\) as initial_state returns, got Tensor"):
+        policy(torch.zeros(2, 4), torch.zeros(2, 16))
+    with pytest.raises(APIUsageError, match="DiscreteHead needs at least one dimension, each with >= 1 choice"):
+        DiscreteHead(4, [0])
