@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shoal.errors import APIUsageError
+from shoal.errors import APIUsageError, check_int
 
 FORMAT = "shoal-checkpoint-1"
 _NAME = re.compile(r"^update_(\d+)\.pt$")
@@ -64,8 +64,7 @@ def set_rng_states(states: dict) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, update: int, payload: dict, keep: int = 3) -> Path:
     """Write ``payload`` as ``RUN_DIR/checkpoints/update_{update:06d}.pt``; keep the newest ``keep``."""
-    if isinstance(update, bool) or not isinstance(update, (int, np.integer)) or update < 0:
-        raise APIUsageError(f"save_checkpoint: update must be an int >= 0, got {update!r}")
+    check_int("save_checkpoint: update", update, minimum=0)
     if not isinstance(payload, dict):
         raise APIUsageError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     directory = Path(run_dir) / "checkpoints"

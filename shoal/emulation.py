@@ -19,7 +19,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from shoal.errors import APIUsageError, EnvError, SpaceError
+from shoal.errors import APIUsageError, EnvError, SpaceError, check_int, is_int
 from shoal.spaces import ActionLayout, ObservationLayout, _short, action_array, index_leaves
 
 SINGLE_AGENT_ID = 0
@@ -44,8 +44,7 @@ class Buffers(NamedTuple):
         """(shape, dtype) of each buffer, in field order."""
         if not isinstance(binding, Binding):
             raise APIUsageError(f"Buffers need a shoal.Binding, got {type(binding).__name__}")
-        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise APIUsageError(f"Buffers: num_envs must be a positive int, got {num_envs!r}")
+        check_int("Buffers: num_envs", num_envs)
         n = num_envs * binding.max_agents
         flag = ((n,), np.dtype(bool))
         return [((n, binding.obs_layout.size), binding.obs_layout.dtype), ((n,), np.dtype(np.float32)),
@@ -426,7 +425,7 @@ class EmulatedEnv:
 
     def reset(self, seed: int | None = None):
         """Start an episode. Returns ``(obs, infos)``."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        if seed is not None and not is_int(seed):
             raise APIUsageError(f"{self.binding.env_name}: seed must be an int or None, got {type(seed).__name__}")
         self.rewards[:] = 0
         self.terminals[:] = False
@@ -449,9 +448,7 @@ class EmulatedEnv:
         if not isinstance(infos, dict):
             raise EnvError(f"{self.binding.env_name}: reset() returned infos of type {type(infos).__name__}: expected "
                            f"a dict keyed by agent")
-        bad = next((item for item in infos.items() if item[1] and not isinstance(item[1], dict)), None)
-        if bad:
-            raise self._not_a_dict(*bad)
+        self._check_infos(infos)
         self._ended.clear()
         self._gone.clear()
         self._episode_return[:] = 0
@@ -568,8 +565,7 @@ class EmulatedEnv:
         self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted
         out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
-        if not all(isinstance(info, dict) for info in out_infos.values()):
-            raise self._not_a_dict(*next(item for item in out_infos.items() if not isinstance(item[1], dict)))
+        self._check_infos(out_infos)
         self.obs[was_live & ~self.masks] = 0
 
         ended = self._ended
@@ -680,6 +676,12 @@ class EmulatedEnv:
                 raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: {name} must be a bool, "
                                f"got {type(value).__name__} {_short(value)}")
         return [bool(value) for value in values]
+
+    def _check_infos(self, infos: dict) -> None:
+        """EnvError for the first agent whose info (if any) is not a dict."""
+        bad = next((item for item in infos.items() if item[1] and not isinstance(item[1], dict)), None)
+        if bad:
+            raise self._not_a_dict(*bad)
 
     def _not_a_dict(self, agent, info) -> EnvError:
         return EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: info must be a dict, got "

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 
 class ShoalError(Exception):
     """Base class of every error shoal raises on purpose."""
@@ -17,6 +21,19 @@ class APIUsageError(ShoalError):
 
 class EnvError(ShoalError):
     """The wrapped env broke its own contract (e.g. returned an observation outside its space)."""
+
+
+def is_int(value: Any) -> bool:
+    """Whether ``value`` is an integer, Python's or numpy's (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(what: str, value: Any, minimum: int = 1) -> int:
+    """``int(value)`` if it is an integer >= ``minimum``; else APIUsageError naming ``what``."""
+    if not is_int(value) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise APIUsageError(f"{what} must be {kind}, got {value!r}")
+    return int(value)
 
 
 class WorkerError(ShoalError):

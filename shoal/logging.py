@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
+from shoal.errors import APIUsageError, is_int
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
 CSV_FIELDS = [
@@ -60,8 +60,6 @@ class Logger:
                  dashboard: bool = True, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "shoal", config: dict | None = None, start_step: int = 0,
                  print_interval: float = 5.0):
-        from shoal.errors import APIUsageError
-
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise APIUsageError(f"Logger: run_dir must be a path or None, got {run_dir!r}")
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
@@ -83,7 +81,6 @@ class Logger:
                 self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step or None)
         if wandb:
             self._wandb = self._start_wandb(wandb_project, config)
-        self._console = None
         if dashboard:
             from rich.console import Console
 
@@ -95,8 +92,6 @@ class Logger:
 
     def _start_wandb(self, project: str, config: dict | None):
         """A W&B run; a run directory keeps its id (``wandb_id``), so a resumed run goes on in the same W&B run."""
-        from shoal.errors import APIUsageError
-
         try:
             import wandb
         except ImportError:
@@ -178,9 +173,7 @@ class Logger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one update's metrics at ``step`` (the global agent step)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not isinstance(metrics, dict):
-            from shoal.errors import APIUsageError
-
+        if not is_int(step) or not isinstance(metrics, dict):
             raise APIUsageError(f"Logger.log(step, metrics) takes an int step and a dict of numbers, got "
                                 f"{type(step).__name__} and {type(metrics).__name__}")
         self.latest = {**metrics, "global_step": step}
@@ -249,8 +242,6 @@ class Logger:
 def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of ``RUN_DIR/progress.csv`` as floats (empty cells left out)."""
     path = Path(run_dir) / "progress.csv"
-    from shoal.errors import APIUsageError
-
     if not path.is_file():
         raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
     rows, bad = [], []
@@ -274,13 +265,9 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     import matplotlib.pyplot as plt
 
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
-        from shoal.errors import APIUsageError
-
         raise APIUsageError(f"plot_runs needs a list of run directories, got {run_dirs!r}")
     runs = [(Path(run_dir).name, read_progress(run_dir)) for run_dir in run_dirs]
     if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
-        from shoal.errors import APIUsageError
-
         raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of {', '.join(CSV_FIELDS)}")
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for name, rows in runs:

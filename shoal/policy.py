@@ -36,7 +36,8 @@ from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
-from shoal.errors import APIUsageError, SpaceError
+from shoal.emulation import Binding
+from shoal.errors import APIUsageError, SpaceError, check_int
 from shoal.spaces import leaves
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
@@ -169,13 +170,10 @@ class Policy(nn.Module):
 
     def __init__(self, binding, feature_size: int):
         super().__init__()
-        from shoal.emulation import Binding
-
         if not isinstance(binding, Binding):
             raise APIUsageError(f"{type(self).__name__} needs the env's shoal.Binding (for its spaces), got "
                                 f"{type(binding).__name__}")
-        if isinstance(feature_size, bool) or not isinstance(feature_size, (int, np.integer)) or feature_size < 1:
-            raise APIUsageError(f"{type(self).__name__}: feature_size must be a positive int, got {feature_size!r}")
+        check_int(f"{type(self).__name__}: feature_size", feature_size)
         self.binding = binding
         self.feature_size = feature_size
         self.action_head = make_action_head(binding.single_action_space, feature_size)
@@ -224,8 +222,8 @@ class MLPPolicy(Policy):
     """
 
     def __init__(self, binding, hidden_size: int = 64, num_layers: int = 2):
-        _check_size("MLPPolicy", "hidden_size", hidden_size)
-        _check_size("MLPPolicy", "num_layers", num_layers)
+        check_int("MLPPolicy: hidden_size", hidden_size)
+        check_int("MLPPolicy: num_layers", num_layers)
         super().__init__(binding, feature_size=2 * hidden_size)
         in_size = int(np.prod(binding.single_observation_space.shape))
 
@@ -291,7 +289,7 @@ class NatureCNN(Policy):
     """
 
     def __init__(self, binding, hidden_size: int = 512, channels_last: bool | None = None):
-        _check_size("NatureCNN", "hidden_size", hidden_size)
+        check_int("NatureCNN: hidden_size", hidden_size)
         super().__init__(binding, feature_size=hidden_size)
         shape = binding.raw_single_observation_space.shape
         if channels_last is None:
@@ -391,8 +389,8 @@ class MixedPolicy(Policy):
     """
 
     def __init__(self, binding, hidden_size: int = 128, num_layers: int = 2):
-        _check_size("MixedPolicy", "hidden_size", hidden_size)
-        _check_size("MixedPolicy", "num_layers", num_layers)
+        check_int("MixedPolicy: hidden_size", hidden_size)
+        check_int("MixedPolicy: num_layers", num_layers)
         super().__init__(binding, feature_size=hidden_size)
         self.leaves = leaves(binding.raw_single_observation_space)
         width = sum(leaf_width(leaf.space) for leaf in self.leaves)
@@ -534,11 +532,6 @@ def check_policy(policy: Any, binding) -> None:
         raise APIUsageError(f"{name} returns values of shape {tuple(value.shape)} for 1 observation: expected (1,)")
 
 
-def _check_size(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise APIUsageError(f"{owner}: {name} must be a positive int, got {value!r}")
-
-
 def _is_image(space: spaces.Space) -> bool:
     if not isinstance(space, spaces.Box) or space.dtype != np.uint8 or len(space.shape) not in (2, 3):
         return False
@@ -553,12 +546,10 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
     :class:`MixedPolicy` for anything nested or discrete), or one of ``"mlp"``, ``"cnn"``, ``"mixed"``.
     ``lstm=True`` wraps it in :class:`LSTMPolicy`.
     """
-    from shoal.emulation import Binding
-
     if not isinstance(binding, Binding):
         raise APIUsageError(f"default_policy needs the env's shoal.Binding, got {type(binding).__name__}")
     if hidden_size is not None:
-        _check_size("default_policy", "hidden_size", hidden_size)
+        check_int("default_policy: hidden_size", hidden_size)
     space = binding.raw_single_observation_space
     if kind == "cnn" and not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
         raise SpaceError(f"policy kind 'cnn' reads frames, a Box of 2 or 3 dimensions; {binding.env_name}'s "

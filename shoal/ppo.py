@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from shoal.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from shoal.errors import APIUsageError
+from shoal.emulation import Binding
+from shoal.errors import APIUsageError, check_int, is_int
 from shoal.policy import Policy, check_policy, default_policy
 
 
@@ -122,9 +123,6 @@ class PPOConfig:
 
     def validate(self) -> None:
         """Raise :class:`APIUsageError` naming the first bad field."""
-        def integer(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
         for name in ("torch_deterministic", "dashboard", "tensorboard", "wandb", "anneal_lr", "norm_adv",
                      "clip_vloss", "lstm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -132,25 +130,25 @@ class PPOConfig:
         for name in ("env", "device", "wandb_project") + (("run_dir",) if self.run_dir is not None else ()):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise APIUsageError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if self.env_timeout is not None and (not (integer(self.env_timeout) or isinstance(self.env_timeout, float))
+        if self.env_timeout is not None and (not (is_int(self.env_timeout) or isinstance(self.env_timeout, float))
                                              or not self.env_timeout > 0):
             raise APIUsageError(f"env_timeout must be a positive number of seconds or None, got {self.env_timeout!r}")
 
         positive = ["num_envs", "total_timesteps", "num_steps", "num_minibatches", "update_epochs"]
         for name in positive:
             value = getattr(self, name)
-            if not integer(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise APIUsageError(f"{name} must be a positive integer, got {value!r}")
         for name in ["num_workers", "envs_per_batch", "hidden_size", "checkpoint_interval", "keep_checkpoints", "torch_threads"]:
             value = getattr(self, name)
-            if not integer(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise APIUsageError(f"{name} must be an integer >= 0, got {value!r}")
-        if not integer(self.seed) or not 0 <= self.seed < 2**32:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise APIUsageError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {self.seed!r}")
         numbers = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
         for name in numbers + [name for name in ("target_kl", "stop_at_return") if getattr(self, name) is not None]:
             value = getattr(self, name)
-            if not (integer(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+            if not (is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
                 raise APIUsageError(f"{name} must be a finite number, got {value!r}")
         for name in ["learning_rate", "clip_coef", "max_grad_norm"] + (["target_kl"] if self.target_kl is not None else []):
             if not getattr(self, name) > 0:
@@ -279,8 +277,6 @@ def _check_vecenv(vecenv, binding) -> None:
 
 def check_flat(binding) -> None:
     """APIUsageError unless ``binding`` emulates the flat data contract the trainer reads."""
-    from shoal.emulation import Binding
-
     if not isinstance(binding, Binding):
         raise APIUsageError(f"expected a shoal.Binding, got {type(binding).__name__}: e.g. "
                             f"shoal.envs.make_binding('cartpole') or shoal.Binding(env_creator=...)")
@@ -775,10 +771,9 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     """
     check_flat(binding)
     check_policy(policy, binding)
-    for name, value in (("episodes", episodes), ("max_steps", max_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise APIUsageError(f"evaluate: {name} must be a positive int, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    check_int("evaluate: episodes", episodes)
+    check_int("evaluate: max_steps", max_steps)
+    if not is_int(seed) or not 0 <= seed < 2**32:
         raise APIUsageError(f"evaluate: seed must be an int from 0 to 2**32 - 1, got {seed!r}")
     if device is not None:
         policy.to(resolve_device(str(device)))

@@ -753,12 +753,17 @@ class ActionLayout:
             raise SpaceError(f"action leaves have different leading (batch) dimensions: "
                              f"{[part.shape[:-1] for part in parts]}")
         flat = np.concatenate(parts, axis=-1).astype(self.dtype, copy=False)
-        if not self.is_discrete and flat.size:  # discrete leaves were checked above; NaN, values outside a Box not
-            bad = self.invalid_rows(flat.reshape(-1, self.size))
-            if bad is not None:
-                raise SpaceError(f"action {flat.reshape(-1, self.size)[np.flatnonzero(bad)[0]]} lies outside the "
-                                 f"action space: expected {self.allowed()}")
+        if not self.is_discrete:  # discrete leaves were checked above; NaN and values outside a Box were not
+            row = self._first_invalid_row(flat)
+            if row is not None:
+                raise SpaceError(f"action {row} lies outside the action space: expected {self.allowed()}")
         return flat
+
+    def _first_invalid_row(self, flat: np.ndarray) -> np.ndarray | None:
+        """The first row of ``flat`` (any leading dims) outside :attr:`flat_space`; None when all lie inside."""
+        rows = flat.reshape(-1, self.size) if flat.size else None
+        bad = None if rows is None else self.invalid_rows(rows)
+        return None if bad is None else rows[np.flatnonzero(bad)[0]]
 
     def unflatten(self, flat):
         """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims).
@@ -766,10 +771,9 @@ class ActionLayout:
         A numpy ``flat`` is checked against :attr:`flat_space` (SpaceError outside it); a tensor, which
         may live on a GPU, is not.
         """
-        if isinstance(flat, np.ndarray) and flat.shape[-1:] == (self.size,) and flat.size:
-            bad = self.invalid_rows(flat.reshape(-1, self.size))
-            if bad is not None:
-                row = flat.reshape(-1, self.size)[np.flatnonzero(bad)[0]]
+        if isinstance(flat, np.ndarray) and flat.shape[-1:] == (self.size,):
+            row = self._first_invalid_row(flat)
+            if row is not None:
                 raise SpaceError(f"flat action {row} is out of range: expected {self.allowed()}")
         return self._build(self._leaf_values(flat))
 

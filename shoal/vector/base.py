@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, SpaceError, WorkerError
+from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int
 from shoal.spaces import action_array
 
 
@@ -363,12 +363,6 @@ def check_seconds(backend: str, name: str, value: Any) -> float | None:
     return None if value == math.inf else value
 
 
-def _check_count(name: str, value: Any, backend: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise APIUsageError(f"{backend}: {name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class VecEnv(abc.ABC):
     """Many emulated envs behind one async API. Build one with :func:`shoal.vector.make`.
 
@@ -398,10 +392,10 @@ class VecEnv(abc.ABC):
         if binding.atn_layout is None:
             raise APIUsageError(f"{name}: {binding.env_name}: vec envs need flat actions; "
                                 f"build the Binding with emulate_flat_atn=True")
-        self.num_workers = _check_count("num_workers", num_workers, name)
-        self.envs_per_worker = _check_count("envs_per_worker", envs_per_worker, name)
+        self.num_workers = check_int(f"{name}: num_workers", num_workers)
+        self.envs_per_worker = check_int(f"{name}: envs_per_worker", envs_per_worker)
         self.num_envs = self.num_workers * self.envs_per_worker
-        self.batch_size = self.num_envs if batch_size is None else _check_count("batch_size", batch_size, name)
+        self.batch_size = self.num_envs if batch_size is None else check_int(f"{name}: batch_size", batch_size)
         if self.batch_size > self.num_envs or self.batch_size % self.envs_per_worker:
             raise APIUsageError(
                 f"{name}: batch_size must be a multiple of envs_per_worker={self.envs_per_worker} (a worker's envs "
@@ -563,10 +557,10 @@ class VecEnv(abc.ABC):
     def _seeds(self, seed) -> list:
         if seed is None:
             return [None] * self.num_envs
-        if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0:
+        if is_int(seed) and seed >= 0:
             return [int(seed) + i for i in range(self.num_envs)]
         if isinstance(seed, Sequence) and len(seed) == self.num_envs and all(
-                s is None or isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seed):
+                s is None or is_int(s) and s >= 0 for s in seed):
             return [None if s is None else int(s) for s in seed]
         raise APIUsageError(f"seed must be None, an int >= 0 (env i gets seed + i) or a list of {self.num_envs} "
                             f"such seeds, got {seed!r}")
@@ -717,7 +711,7 @@ class VecEnv(abc.ABC):
                                 f"{type(env_ids).__name__} {env_ids!r}" + (f": pass [{env_ids}]" if isinstance(
                                     env_ids, (int, np.integer)) and not isinstance(env_ids, bool) else ""))
         ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_envs]
+        bad = [i for i in ids if not is_int(i) or not 0 <= i < self.num_envs]
         if bad:
             raise APIUsageError(f"{command.value}(): env_ids must be ints in [0, {self.num_envs}), got {bad[0]!r}")
         by_worker: dict[int, list[int]] = {}
