@@ -24,7 +24,7 @@ from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError
 from shoal.logging import read_progress
 from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
-from shoal.ppo import PPOConfig, _clip_grad_norm, evaluate, gae, train
+from shoal.ppo import Adam, PPOConfig, _clip_grad_norm, evaluate, gae, train
 from shoal.vector import Batch
 
 QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
@@ -120,6 +120,54 @@ def test_gradient_clipping_matches_torch(max_norm):
     torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_gae_matches_the_step_by_step_recursion():
+    def reference(rewards, values, dones, valid, gamma, lam):  # the textbook loop, one transition at a time
+        advantages, next_advantage = np.zeros(rewards.shape, np.float32), np.zeros(rewards.shape[1:], np.float32)
+        for t in reversed(range(len(rewards))):
+            delta = rewards[t] + gamma * np.where(dones[t], 0, values[t + 1]) - values[t]
+            carry = ~dones[t] & (valid[t + 1] if t + 1 < len(rewards) else True)
+            next_advantage = np.where(valid[t], delta + gamma * lam * np.where(carry, next_advantage, 0), 0)
+            advantages[t] = next_advantage
+        return advantages
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        steps, slots = rng.integers(1, 30), rng.integers(1, 6)
+        rewards = rng.normal(size=(steps, slots)).astype(np.float32)
+        values = rng.normal(size=(steps + 1, slots)).astype(np.float32)
+        dones, valid = rng.random((steps, slots)) < 0.1, rng.random((steps, slots)) < 0.8
+        rewards[~valid] = np.nan  # garbage where a transition does not count
+        np.testing.assert_array_equal(gae(rewards, values, dones, valid, 0.99, 0.95),
+                                      reference(rewards, values, dones, valid, 0.99, 0.95))
+
+
+def test_adam_steps_exactly_as_torch_adam_and_shares_its_state_format():
+    torch.manual_seed(0)
+    ours, theirs = (MLPPolicy(make_binding("cartpole")) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    frozen = ours.value_head.bias.detach().clone()
+    optimizers = Adam(ours.parameters(), 3e-4), torch.optim.Adam(theirs.parameters(), lr=3e-4, eps=1e-5)
+    obs = torch.randn(32, 4)
+    for _ in range(20):
+        for policy, optimizer in zip((ours, theirs), optimizers):
+            params, value, _ = policy(obs)
+            for parameter in policy.parameters():
+                parameter.grad = None
+            ((params ** 2).mean() + value.mean()).backward()
+            policy.value_head.bias.grad = None  # a parameter without a gradient stays as it is
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours.value_head.bias, frozen)
+
+    resumed = Adam(ours.parameters(), 1.0)
+    resumed.load_state_dict(optimizers[1].state_dict())  # torch's state into ours...
+    assert resumed.count == 20 and resumed.lr == 3e-4
+    torch.optim.Adam(theirs.parameters(), lr=1.0).load_state_dict(optimizers[0].state_dict())  # ...and ours into torch's
+    with pytest.raises(APIUsageError, match="not Adam's state for this network"):
+        Adam(list(ours.parameters())[:-1], 1.0).load_state_dict(optimizers[0].state_dict())
 
 
 def test_nested_multiagent_env_with_deaths_and_spawns_trains():
