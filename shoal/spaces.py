@@ -70,26 +70,48 @@ def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
 
 
-def containers(space: spaces.Space, path: tuple = ()) -> list[tuple[tuple, int]]:
-    """(path, number of entries) of every Dict/Tuple in ``space``, outermost first."""
+def containers(space: spaces.Space, path: tuple = ()) -> list[tuple[tuple, int, str]]:
+    """(path, number of entries, "Dict" or "Tuple") of every Dict/Tuple in ``space``, outermost first."""
     kids = children(space)
     if kids is None:
         return []
-    return [(path, len(kids))] + [node for key, sub in kids for node in containers(sub, path + (key,))]
+    return [(path, len(kids), type(space).__name__)] + [
+        node for key, sub in kids for node in containers(sub, path + (key,))]
 
 
-def _surplus(path: tuple, expected: int, value: Any) -> SpaceError:
-    """The error for a Dict/Tuple value with more entries than its space (gymnasium's ``contains`` refuses it)."""
-    return SpaceError(f"observation {_path_str(path)}: expected {expected} entries, got {len(value)} "
+def _entries(value: Any) -> int | None:
+    """How many entries a Dict/Tuple value has; None for a value that is no container (None, a number)."""
+    try:
+        return len(value)
+    except TypeError:
+        return None
+
+
+def _miscount(path: tuple, expected: int, kind: str, value: Any) -> SpaceError:
+    """The error for a Dict/Tuple value with more entries than its space (gymnasium's ``contains`` refuses it),
+    or that is no container at all."""
+    count = _entries(value)
+    if count is None:
+        return SpaceError(f"observation {_path_str(path)}: expected a {kind} of {expected} entries, got "
+                          f"{type(value).__name__} {_short(value)}")
+    return SpaceError(f"observation {_path_str(path)}: expected {expected} entries, got {count} "
                       f"({type(value).__name__} {_short(value)})")
 
 
-def _check_counts(nodes: list[tuple[tuple, int]], values: list) -> None:
-    """SpaceError if a Dict/Tuple (``nodes``: :func:`containers`) of any of ``values`` has more entries."""
-    for path, expected in nodes:
-        found = [_get(value, path) for value in values]
-        if any(len(node) != expected for node in found):
-            raise _surplus(path, expected, next(node for node in found if len(node) != expected))
+def _check_entries(path: tuple, expected: int, kind: str, found: list) -> None:
+    """SpaceError unless each of ``found`` (values of the Dict/Tuple at ``path``) has ``expected`` entries."""
+    try:
+        counts = set(map(len, found))
+    except TypeError:  # a value that is no container
+        counts = None
+    if counts != {expected}:
+        raise _miscount(path, expected, kind, next(node for node in found if _entries(node) != expected))
+
+
+def _check_counts(nodes: list[tuple[tuple, int, str]], values: list) -> None:
+    """SpaceError if a Dict/Tuple (``nodes``: :func:`containers`) of any of ``values`` has other entries."""
+    for path, expected, kind in nodes:
+        _check_entries(path, expected, kind, [_get(value, path) for value in values])
 
 
 def _describe(value: Any) -> str:
@@ -225,6 +247,17 @@ def _casts_exactly(array: np.ndarray, dtype: np.dtype) -> bool:
     return True
 
 
+def _narrowed(field: "_Field", array: np.ndarray) -> np.ndarray:
+    """``array`` cast to the leaf's float dtype; SpaceError for a finite value that becomes infinite there."""
+    with np.errstate(over="ignore"):
+        cast = array.astype(field.dtype)
+    overflow = np.isinf(cast) & ~np.isinf(array)
+    if overflow.any():
+        raise SpaceError(f"observation leaf {_path_str(field.path)}: {array[overflow][0].item()!r} does not fit "
+                         f"{field.dtype} (it would become {cast[overflow][0]})")
+    return cast
+
+
 def _require_leaves(found: list, space: spaces.Space) -> list:
     if not found:
         raise SpaceError(f"space {space} has no leaves: expected at least one Box, Discrete, MultiDiscrete "
@@ -232,13 +265,20 @@ def _require_leaves(found: list, space: spaces.Space) -> list:
     return found
 
 
+def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
+    """``np.asarray(value)``, or a SpaceError naming ``what`` (and the leaf at ``path``) and saying what came
+    when numpy cannot make one array of it."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as error:  # ragged lists, a GPU tensor or one that requires grad
+        where = what if path is None else f"{what} {_path_str(path)}"
+        raise SpaceError(f"{where} must be one array (numpy, a CPU tensor or equal-length nested lists), got "
+                         f"{type(value).__name__}: {str(error).splitlines()[0]}") from None
+
+
 def action_array(actions: Any) -> np.ndarray:
     """``np.asarray(actions)``, or a SpaceError saying what came when numpy cannot make one array of it."""
-    try:
-        return np.asarray(actions)
-    except (TypeError, ValueError, RuntimeError) as error:  # a GPU tensor, ragged lists
-        raise SpaceError(f"actions must be one array (numpy, a CPU tensor or equal-length nested lists), got "
-                         f"{type(actions).__name__}: {str(error).splitlines()[0]}") from None
+    return as_array(actions, "actions")
 
 
 def _is_torch(value: Any) -> bool:
@@ -516,28 +556,26 @@ class ObservationLayout:
                     for prefix, parent, key in steps:
                         if prefix not in columns:
                             columns[prefix] = list(map(operator.itemgetter(key), columns[parent]))
-                    array = np.asarray(columns[field.path])
-                except (KeyError, IndexError, TypeError, ValueError) as error:
+                except (KeyError, IndexError, TypeError) as error:
                     raise SpaceError(f"observation leaf {_path_str(field.path)}: {error!r}") from None
-                array = self._checked(field, array, batch)
+                array = self._checked(field, columns[field.path], batch)
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, batch)
                 view[rows] = array
-            for path, expected in containers_:
+            for path, expected, kind in containers_:
                 column = columns.get(path)
                 if column is None:  # an empty Dict/Tuple: no leaf's walk passed it
                     try:
                         column = [_get(value, path) for value in values]
                     except (KeyError, IndexError, TypeError) as error:
                         raise SpaceError(f"observation {_path_str(path)}: {error!r}") from None
-                if set(map(len, column)) != {expected}:
-                    raise _surplus(path, expected, next(node for node in column if len(node) != expected))
+                _check_entries(path, expected, kind, column)
         return write_rows
 
     @staticmethod
     def _checked(field: _Field, item: Any, batch: tuple) -> np.ndarray:
         """``item`` as an array of the leaf's dtype; SpaceError for a wrong shape or a dtype that does not fit."""
-        array = np.asarray(item)
+        array = as_array(item, "observation leaf", field.path)
         if array.shape != batch + field.shape:
             raise SpaceError(
                 f"observation leaf {_path_str(field.path)}: expected shape {batch + field.shape}, got {array.shape}"
@@ -548,6 +586,8 @@ class ObservationLayout:
                     f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}"
                     + (" with values outside its range" if _same_kind(array.dtype, field.dtype) else "")
                 )
+            if field.dtype.kind == "f" and not np.can_cast(array.dtype, field.dtype, "safe"):
+                return _narrowed(field, array)
             array = array.astype(field.dtype)
         return array
 
@@ -566,7 +606,7 @@ class ObservationLayout:
     def _batch_shape(self, pairs: list[tuple[tuple, Any]]) -> tuple:
         path, item = pairs[0]
         ndim = len(self._by_path[path].shape)
-        shape = np.shape(item)
+        shape = as_array(item, "observation leaf", path).shape
         return tuple(shape[: len(shape) - ndim])
 
     def unflatten(self, flat):
@@ -733,7 +773,7 @@ class ActionLayout:
         pairs = list(_values(self.space, value))
         parts = []
         for (path, item), field in zip(pairs, self.fields):
-            array = np.asarray(item)
+            array = as_array(item, "action leaf", path)
             batch = array.shape[: array.ndim - len(field.shape)]
             if array.shape[len(batch):] != field.shape:
                 raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got {array.shape}")

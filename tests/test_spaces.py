@@ -783,3 +783,49 @@ def test_out_of_bounds_respects_discrete_start():
     assert layout.flat_space.contains(flat)
     layout.unflatten(flat)["a"][()] = 1
     assert layout.out_of_bounds(flat) == (("a",), ())
+
+
+def test_a_ragged_or_unconvertible_leaf_value_is_named():
+    observations = ObservationLayout(spaces.Dict({"pos": spaces.Box(-1, 1, (2, 2)), "hp": spaces.Discrete(3)}))
+    flat = np.zeros((2, observations.size), observations.dtype)
+    ragged = {"pos": [[0, 0], [0]], "hp": 1}
+    message = r"observation leaf \['pos'\] must be one array .* got list: setting an array element"
+    for write in (observations.flatten, lambda value: observations.writer(flat)(0, value),
+                  lambda value: observations.rows_writer(flat)([0, 1], [value, value])):
+        with pytest.raises(SpaceError, match=message):
+            write(ragged)
+    with pytest.raises(SpaceError, match=r"observation leaf \(the whole space\) must be one array .* got Tensor: "
+                                         r"Can't call numpy\(\) on Tensor that requires grad"):
+        ObservationLayout(spaces.Box(-1, 1, (3,))).flatten(torch.zeros(3, requires_grad=True))
+    actions = ActionLayout(spaces.Dict({"move": spaces.MultiDiscrete([[2, 2], [2, 2]])}))
+    with pytest.raises(SpaceError, match=r"action leaf \['move'\] must be one array .* got list: setting an array"):
+        actions.flatten({"move": [[0, 1], [1]]})
+    with pytest.raises(SpaceError, match=r"action leaf \(the whole space\) must be one array .* got Tensor"):
+        ActionLayout(spaces.Box(-1, 1, (1,))).flatten(torch.zeros(1, requires_grad=True))
+
+
+def test_a_value_that_is_no_container_where_the_space_has_an_empty_dict_or_tuple_is_named():
+    layout = ObservationLayout(spaces.Dict({"a": spaces.Discrete(2), "e": spaces.Tuple(()), "d": spaces.Dict({})}))
+    flat = np.zeros((2, layout.size), layout.dtype)
+    for bad, message in [({"a": 1, "e": None, "d": {}}, r"observation \['e'\]: expected a Tuple of 0 entries, got "
+                                                        r"NoneType None"),
+                         ({"a": 1, "e": (), "d": 5}, r"observation \['d'\]: expected a Dict of 0 entries, got int 5")]:
+        for write in (layout.flatten, lambda value: layout.writer(flat)(0, value),
+                      lambda value: layout.rows_writer(flat)([0, 1], [value, value])):
+            with pytest.raises(SpaceError, match=message):
+                write(bad)
+
+
+@pytest.mark.parametrize("dtype, value, shown", [(np.float32, np.array([1e300, 0.5]), r"1e\+300"),
+                                                 (np.float32, np.array([0.5, -1e39]), r"-1e\+39"),
+                                                 (np.float16, np.array([70000, 1]), "70000")])
+def test_a_finite_value_that_would_become_infinite_in_a_narrower_float_leaf_is_refused(dtype, value, shown):
+    layout = ObservationLayout(spaces.Dict({"x": spaces.Box(-np.inf, np.inf, (2,), dtype)}))
+    flat = np.zeros((2, layout.size), layout.dtype)
+    message = rf"observation leaf \['x'\]: {shown} does not fit {np.dtype(dtype)} \(it would become -?inf\)"
+    for write in (layout.flatten, lambda value: layout.writer(flat)(0, value),
+                  lambda value: layout.rows_writer(flat)([0, 1], [value, value])):
+        with pytest.raises(SpaceError, match=message):
+            write({"x": value})
+    infinite = {"x": np.array([np.inf, -1.0])}  # already infinite in float64: it stays so, inside the bounds
+    assert layout.flatten(infinite).view(dtype).tolist() == [np.inf, -1.0]
