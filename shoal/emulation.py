@@ -23,6 +23,7 @@ from shoal.errors import APIUsageError, EnvError, SpaceError, check_int, is_int
 from shoal.spaces import ActionLayout, ObservationLayout, _short, action_array, index_leaves
 
 SINGLE_AGENT_ID = 0
+REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
 
 
 class Buffers(NamedTuple):
@@ -59,13 +60,22 @@ def _per_agent(values: dict, agents: list, default) -> list:
         return [values.get(agent, default) for agent in agents]
 
 
-def _is_number(value) -> bool:
-    """Whether ``value`` is one real number (a 0-d array counts), NaN excluded."""
+def _is_reward(value) -> bool:
+    """Whether ``value`` is one finite real number (a 0-d array counts) that the float32 rewards can hold."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):
         return False
-    return array.shape == () and array.dtype.kind in "biuf" and not np.isnan(array)
+    return array.shape == () and array.dtype.kind in "biuf" and bool(abs(array) <= REWARD_LIMIT)
+
+
+def _layout_or_none(space: spaces.Space) -> ActionLayout | None:
+    """The ActionLayout of a raw action space, or None where no flat layout holds it (mixed discrete and Box
+    leaves, Text ...)."""
+    try:
+        return ActionLayout(space)
+    except SpaceError:
+        return None
 
 
 def _agent_order(agent) -> tuple:
@@ -199,6 +209,9 @@ class Binding:
         for name, hook in (("feature_parser", feature_parser), ("reward_shaper", reward_shaper)):
             if hook is not None and not callable(hook):
                 raise APIUsageError(f"Binding: {name} must be callable, got {type(hook).__name__}")
+        if feature_space is not None and feature_parser is None:
+            raise APIUsageError(f"Binding: feature_space {_short(feature_space)} needs a feature_parser: it is the "
+                                f"space of the parser's output (the env's own observation_space is read from the env)")
         if not isinstance(env_args, (tuple, list)):
             raise APIUsageError(f"Binding: env_args must be a tuple, got {type(env_args).__name__}")
         if env_kwargs is not None and not isinstance(env_kwargs, dict):
@@ -272,7 +285,7 @@ class Binding:
 
     def _read_spaces(self, env, feature_space: spaces.Space | None) -> None:
         if self.is_multiagent:
-            self.possible_agents = tuple(sorted(env.possible_agents, key=_agent_order))
+            self.possible_agents = tuple(sorted(self._possible_agents(env), key=_agent_order))
             if not self.possible_agents:
                 raise EnvError(f"{self.env_name}: possible_agents is empty: expected at least one agent")
             if len(set(self.possible_agents)) < len(self.possible_agents):
@@ -304,10 +317,31 @@ class Binding:
             self.obs_layout.flat_space if self.emulate_flat_obs else self.raw_single_observation_space)
         self.single_action_space = self.atn_layout.flat_space if self.atn_layout else atn_space
 
+    def _possible_agents(self, env) -> list:
+        """The env's ``possible_agents``; EnvError unless it is a list of hashable agent ids."""
+        agents = getattr(env, "possible_agents", None)
+        if not isinstance(agents, (list, tuple)):
+            raise EnvError(f"{self.env_name}: possible_agents must be a list of agent ids, set when the env is built "
+                           f"(shoal reads it before the first reset), got {type(agents).__name__} {_short(agents)}")
+        for agent in agents:
+            try:
+                hash(agent)
+            except TypeError:
+                raise EnvError(f"{self.env_name}: possible_agents holds {type(agent).__name__} {_short(agent)}: "
+                               f"expected hashable agent ids (names or numbers)") from None
+        return agents
+
     def _common_space(self, env, method: str) -> spaces.Space:
-        first = getattr(env, method)(self.possible_agents[0])
+        space_of = getattr(env, method, None)
+        if not callable(space_of):
+            raise EnvError(f"{self.env_name}: {method} must be a method {method}(agent) -> gymnasium space, the "
+                           f"PettingZoo API, got {type(space_of).__name__} {_short(space_of)}")
+        first = space_of(self.possible_agents[0])
+        if not isinstance(first, spaces.Space):
+            raise EnvError(f"{self.env_name}: {method}({self.possible_agents[0]!r}) must return a gymnasium space, "
+                           f"got {type(first).__name__} {_short(first)}")
         for agent in self.possible_agents[1:]:
-            other = getattr(env, method)(agent)
+            other = space_of(agent)
             if other != first:
                 raise SpaceError(
                     f"{self.env_name}: every agent needs the same {method} to share one flat layout: "
@@ -330,6 +364,12 @@ class Binding:
         Gym env returns only the observation)."""
         if not (isinstance(result, tuple) and len(result) == 2):
             raise _api_mismatch(self.env_name, "reset", result, self.is_multiagent)
+        obs, infos = result
+        if self.is_multiagent:
+            for what, value in (("observations", obs), ("infos", infos)):
+                if not isinstance(value, dict) and not (what == "infos" and value is None):
+                    raise EnvError(f"{self.env_name}: reset() returned {what} of type {type(value).__name__}: expected "
+                                   f"a dict keyed by agent, the PettingZoo Parallel API")
         return result
 
     def make_env(self, buffers: Buffers | None = None) -> "EmulatedEnv":
@@ -394,7 +434,7 @@ class EmulatedEnv:
         self._gone: set = set()  # ended agents that have left env.agents: seen there again, they respawned
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
-        self._acting = np.zeros(binding.max_agents, bool)  # slots whose agent acts at the next step
+        self._raw_layout = None if binding.emulate_flat_atn else _layout_or_none(binding.raw_single_action_space)
         self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
         self.tick = 0  # steps since creation, for messages
         self._needs_reset = True
@@ -402,11 +442,15 @@ class EmulatedEnv:
     def _check_buffers(self) -> None:
         binding = self.binding
         for name, (shape, dtype), got in zip(Buffers._fields, Buffers.specs(binding), self.buffers):
-            if not isinstance(got, np.ndarray) or got.shape != shape or got.dtype != dtype:
+            if not (isinstance(got, np.ndarray) and got.shape == shape and got.dtype == dtype
+                    and got.flags.c_contiguous and got.flags.writeable):
+                layout = "" if not isinstance(got, np.ndarray) else (
+                    " (not C-contiguous)" if not got.flags.c_contiguous else
+                    " (read-only)" if not got.flags.writeable else "")
                 raise APIUsageError(
-                    f"{binding.env_name}: buffers.{name} must be an array of shape {shape} and dtype "
-                    f"{dtype}, got {getattr(got, 'shape', type(got).__name__)} {getattr(got, 'dtype', '')}"
-                )
+                    f"{binding.env_name}: buffers.{name} must be a writable C-contiguous array of shape {shape} and "
+                    f"dtype {dtype}, got {getattr(got, 'shape', type(got).__name__)} {getattr(got, 'dtype', '')}"
+                    f"{layout}")
 
     # -------------------------------------------------------------- env adapters
 
@@ -425,13 +469,14 @@ class EmulatedEnv:
 
     def reset(self, seed: int | None = None):
         """Start an episode. Returns ``(obs, infos)``."""
-        if seed is not None and not is_int(seed):
-            raise APIUsageError(f"{self.binding.env_name}: seed must be an int or None, got {type(seed).__name__}")
+        if seed is not None:
+            if not (is_int(seed) and seed >= 0):
+                raise APIUsageError(f"{self.binding.env_name}: seed must be None or an int >= 0, got {seed!r}")
+            seed = int(seed)  # envs take Python ints only (gymnasium refuses numpy's)
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
         infos = self._begin_episode(seed)
-        self._acting = self.masks.copy()
         self._needs_reset = False
         return self._output(self.obs), infos
 
@@ -445,9 +490,8 @@ class EmulatedEnv:
                 raise self._not_a_dict(SINGLE_AGENT_ID, infos)
             return {SINGLE_AGENT_ID: dict(infos)} if infos else {}
         infos = infos or {}
-        if not isinstance(infos, dict):
-            raise EnvError(f"{self.binding.env_name}: reset() returned infos of type {type(infos).__name__}: expected "
-                           f"a dict keyed by agent")
+        if not infos.keys() <= self.binding.agent_slots.keys():
+            raise self._unknown_agent(infos, "returned reset infos for")
         self._check_infos(infos)
         self._ended.clear()
         self._gone.clear()
@@ -487,15 +531,17 @@ class EmulatedEnv:
 
     def _slots(self, agents: list, how: str) -> np.ndarray:
         """The agents' slots; EnvError naming an agent that is not in possible_agents."""
-        binding = self.binding
         try:
-            return np.fromiter(map(binding.agent_slots.__getitem__, agents), np.intp, len(agents))
+            return np.fromiter(map(self.binding.agent_slots.__getitem__, agents), np.intp, len(agents))
         except KeyError:
-            unknown = next(agent for agent in agents if agent not in binding.agent_slots)
-            raise EnvError(
-                f"{binding.env_name}, step {self.tick}: the env {how} agent {unknown!r}, which is not in "
-                f"possible_agents {list(binding.possible_agents)[:8]}"
-            ) from None
+            raise self._unknown_agent(agents, how) from None
+
+    def _unknown_agent(self, agents, how: str) -> EnvError:
+        """The error for the first of ``agents`` that is not in possible_agents (``how``: what the env did)."""
+        binding = self.binding
+        unknown = next(agent for agent in agents if agent not in binding.agent_slots)
+        return EnvError(f"{binding.env_name}, step {self.tick}: the env {how} agent {unknown!r}, which is not in "
+                        f"possible_agents {list(binding.possible_agents)[:8]}")
 
     def _write_single(self, obs) -> None:
         """``_write_agents`` for the one agent of a single-agent env."""
@@ -519,7 +565,10 @@ class EmulatedEnv:
         if not binding.is_multiagent:
             return self._step_single(actions)
         live = self._live_agents()
-        raw_actions = self._unflatten_actions(actions, live)
+        live_slots = self._slots(live, "lists in env.agents")
+        raw_actions = self._unflatten_actions(actions, live, live_slots)
+        acting = np.zeros(binding.max_agents, bool)  # slots whose agent gets an action at this step
+        acting[live_slots] = True
         self.tick += 1
         result = self._quietly(self.env.step, raw_actions)
         try:
@@ -533,6 +582,13 @@ class EmulatedEnv:
                            f"keyed by agent (observations, rewards, terminations, truncations, infos), the PettingZoo "
                            f"Parallel API")
         infos = infos or {}
+        known = binding.agent_slots.keys()
+        if not (env_rewards.keys() <= known and terminals.keys() <= known and truncations.keys() <= known
+                and infos.keys() <= known):
+            for what, values in (("a reward", env_rewards), ("terminated", terminals), ("truncated", truncations),
+                                 ("infos", infos)):
+                if not values.keys() <= known:
+                    raise self._unknown_agent(values, f"returned {what} for")
         # The shaper gets a copy: episode statistics count the env's own rewards, even if it edits its input.
         rewards = env_rewards if binding.reward_shaper is None else self._shaped(dict(env_rewards), infos)
 
@@ -541,29 +597,42 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
+        if self._gone:  # ended agents that left env.agents and are listed again: new agent-episodes
+            self._respawn(self._gone.intersection(self.env.agents))
         if self._ended:
-            if self._gone:
-                self._respawn(self._gone.intersection(obs))
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
         else:
             agents = list(obs)
             slots = self._write_agents(agents, list(obs.values()))
-        unseen = ()
+        left = ()  # agents that left env.agents without a flag: they are truncated at this step
+        listed = set(self.env.agents)
+        if live and not listed.issuperset(live):
+            left = [agent for agent in live if agent not in listed and not terminals.get(agent)
+                    and not truncations.get(agent)]
+        unseen = dark = ()
         if live and not all(map(obs.__contains__, live)):
-            unseen = [agent for agent in live if agent not in obs and (terminals.get(agent) or truncations.get(agent))]
+            missing = [agent for agent in live if agent not in obs]
+            unseen = [agent for agent in missing if terminals.get(agent) or truncations.get(agent) or agent in left]
+            dark = [agent for agent in missing if agent not in unseen]
             if unseen:  # they ended without a final observation: deliver their reward and flag anyway
                 unseen_slots = [binding.agent_slots[agent] for agent in unseen]
                 self.obs[unseen_slots] = 0
                 self.masks[unseen_slots] = True
                 agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
         reward_values = self._rewards_of(env_rewards, agents)
-        self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents)
+        self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents, True)
         self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "terminated")
         self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncated")
-        acted = self._acting[slots]  # not an agent that just appeared, nor one seen again after its end
+        if left:
+            self.truncations[[binding.agent_slots[agent] for agent in left]] = True
+        acted = acting[slots]  # not an agent that just appeared, nor one seen again after its end
         self._episode_return[slots] += np.where(acted, reward_values, 0.0)
         self._episode_length[slots] += acted
+        if dark:  # acting agents without an observation: their slots stay dark, their rewards still count
+            dark_slots = [binding.agent_slots[agent] for agent in dark]
+            self._episode_return[dark_slots] += self._rewards_of(env_rewards, dark)
+            self._episode_length[dark_slots] += 1
         out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
         self._check_infos(out_infos)
         self.obs[was_live & ~self.masks] = 0
@@ -574,7 +643,7 @@ class EmulatedEnv:
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True
-        if episode_over or any(terminals.values()) or any(truncations.values()):
+        if episode_over or left or any(terminals.values()) or any(truncations.values()):
             for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
                 agent = binding.possible_agents[slot]
                 self._ended.add(agent)
@@ -582,11 +651,9 @@ class EmulatedEnv:
                 out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
         if self._ended:
             self._gone |= self._ended.difference(self._gone, self.env.agents)
-        self._acting = self.masks & ~self.terminals & ~self.truncations
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
-            self._acting = self.masks.copy()  # the next episode's agents, not the ends delivered with them
             self.masks |= delivered
             for agent, info in reset_infos.items():
                 out_infos.setdefault(agent, {})["reset_info"] = info
@@ -607,15 +674,14 @@ class EmulatedEnv:
         return shaped
 
     def _respawn(self, agents: set) -> None:
-        """Agents that ended, left ``env.agents`` and came back (same id): each starts a new agent-episode
-        in its slot, with fresh episode statistics."""
+        """Agents that ended, left ``env.agents`` and are listed there again (same id): each starts a new
+        agent-episode in its slot, with fresh episode statistics, whether or not the env shows it yet."""
         for agent in agents:
-            if agent in self.env.agents:
-                self._ended.discard(agent)
-                self._gone.discard(agent)
-                slot = self.binding.agent_slots[agent]
-                self._episode_return[slot] = 0
-                self._episode_length[slot] = 0
+            self._ended.discard(agent)
+            self._gone.discard(agent)
+            slot = self.binding.agent_slots[agent]
+            self._episode_return[slot] = 0
+            self._episode_length[slot] = 0
 
     def _step_single(self, actions):
         """``step`` for a single-agent env: the same contract, without the per-agent bookkeeping."""
@@ -629,7 +695,7 @@ class EmulatedEnv:
                 if 0 <= value < n:
                     action = value + start
         if action is None:
-            action = self._unflatten_actions(actions, [SINGLE_AGENT_ID])[SINGLE_AGENT_ID]
+            action = self._unflatten_actions(actions, [SINGLE_AGENT_ID], np.zeros(1, np.intp))[SINGLE_AGENT_ID]
         self.tick += 1
         if binding.suppress_env_prints:
             result = self._quietly(self.env.step, action)
@@ -639,12 +705,12 @@ class EmulatedEnv:
             obs, env_reward, terminal, truncation, info = result
         except (TypeError, ValueError):
             raise _api_mismatch(f"{binding.env_name}, step {self.tick}", "step", result, False) from None
-        if not (type(env_reward) is float or type(env_reward) is int) or env_reward != env_reward:
+        if not ((type(env_reward) is float or type(env_reward) is int) and abs(env_reward) <= REWARD_LIMIT):
             env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
         reward = env_reward
         if binding.reward_shaper is not None:
             reward = self._shaped({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
-            reward = self._rewards_of(reward, [SINGLE_AGENT_ID])[0]
+            reward = self._rewards_of(reward, [SINGLE_AGENT_ID], True)[0]
         self._write_single(obs)
         if type(terminal) is not bool or type(truncation) is not bool:
             terminal, = self._flags([terminal], [SINGLE_AGENT_ID], "terminated")
@@ -699,35 +765,80 @@ class EmulatedEnv:
             final["episode"] = {"return": episode[0], "length": episode[1]}
         return final
 
-    def _rewards_of(self, rewards: dict, agents: list) -> np.ndarray:
-        """The agents' rewards as float64; EnvError for one that is not a number (None, text, NaN, an array)."""
+    def _rewards_of(self, rewards: dict, agents: list, shaped: bool = False) -> np.ndarray:
+        """The agents' rewards as float64; EnvError (APIUsageError if ``shaped``: the reward_shaper's) for one
+        that is not a finite number float32 can hold (None, text, NaN, inf, 1e300, an array)."""
         values = _per_agent(rewards, agents, 0.0)
         try:
             array = np.asarray(values)  # no dtype: numpy would turn None into NaN and "1" into 1.0
-            if array.shape == (len(agents),) and array.dtype.kind in "biuf" and not np.isnan(array).any():
-                return array.astype(np.float64, copy=False)
+            if array.shape == (len(agents),) and array.dtype.kind in "biuf":
+                array = array.astype(np.float64, copy=False)
+                if not array.size or np.abs(array).max() <= REWARD_LIMIT:  # a NaN maximum fails the comparison too
+                    return array
         except (TypeError, ValueError):
             pass
-        agent, value = next((agent, value) for agent, value in zip(agents, values) if not _is_number(value))
-        raise EnvError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward must be a number, "
-                       f"got {type(value).__name__} {value!r}")
+        agent, value = next((agent, value) for agent, value in zip(agents, values) if not _is_reward(value))
+        where = f"{self.binding.env_name}, agent {agent!r}, step {self.tick}"
+        expected = f"a finite number within float32's range (+-{REWARD_LIMIT:.4g})"
+        if shaped:
+            raise APIUsageError(f"{where}: reward_shaper returned {type(value).__name__} {_short(value)}: expected "
+                                f"{expected}")
+        raise EnvError(f"{where}: reward must be {expected}, got {type(value).__name__} {_short(value)}")
 
-    def _unflatten_actions(self, actions, live: list) -> dict:
+    def _unflatten_actions(self, actions, live: list, live_slots: np.ndarray) -> dict:
+        """The env's actions for the ``live`` agents (in ``live_slots``), by agent id."""
         binding = self.binding
         if not binding.emulate_flat_atn:
-            if binding.is_multiagent:
-                if not isinstance(actions, dict):
-                    raise APIUsageError(f"{binding.env_name}: with emulate_flat_atn=False, step takes a dict "
-                                        f"of raw actions by agent id, got {type(actions).__name__}")
-                unknown = [agent for agent in actions if agent not in binding.agent_slots]
-                if unknown:
-                    raise APIUsageError(f"{binding.env_name}, step {self.tick + 1}: actions for agent "
-                                        f"{unknown[0]!r}, which is not in possible_agents")
-                return {agent: actions[agent] for agent in live if agent in actions}
+            return self._raw_actions(actions, live)
+        array = self._checked_actions(actions, live_slots)
+        return dict(zip(live, binding.atn_layout.unflatten_rows(array, live_slots)))
+
+    def _raw_actions(self, actions, live: list) -> dict:
+        """``emulate_flat_atn=False``: the caller's own actions, each checked against the raw action space.
+
+        An agent with mask True needs one; an agent the env lists but has not shown (mask False) gets the
+        neutral action when the caller gives none, as with flat actions.
+        """
+        binding = self.binding
+        if not binding.is_multiagent:
+            self._check_raw_action(SINGLE_AGENT_ID, actions)
             return {SINGLE_AGENT_ID: actions}
-        slots = self._slots(live, "lists in env.agents")
-        array = self._checked_actions(actions, slots)
-        return dict(zip(live, binding.atn_layout.unflatten_rows(array, slots)))
+        if not isinstance(actions, dict):
+            raise APIUsageError(f"{binding.env_name}: with emulate_flat_atn=False, step takes a dict "
+                                f"of raw actions by agent id, got {type(actions).__name__}")
+        where = f"{binding.env_name}, step {self.tick + 1}"
+        unknown = [agent for agent in actions if agent not in binding.agent_slots]
+        if unknown:
+            raise APIUsageError(f"{where}: actions for agent {unknown[0]!r}, which is not in possible_agents")
+        chosen = {}
+        for agent in live:
+            if agent in actions:
+                self._check_raw_action(agent, actions[agent])
+                chosen[agent] = actions[agent]
+            elif self.masks[binding.agent_slots[agent]]:
+                given = sorted(actions, key=_agent_order)
+                raise APIUsageError(f"{where}: no action for agent {agent!r}: expected one for every agent with mask "
+                                    f"True that has not ended, got actions for {_short(given)}")
+            elif self._raw_layout is not None:
+                chosen[agent] = self._raw_layout.unflatten(self._raw_layout.neutral)
+            else:
+                raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents but "
+                                    f"has not shown yet (mask False): shoal has no neutral action for "
+                                    f"{binding.raw_single_action_space}, so pass one")
+        return chosen
+
+    def _check_raw_action(self, agent, action) -> None:
+        """APIUsageError naming the agent unless ``action`` is one action of the raw action space."""
+        layout, space = self._raw_layout, self.binding.raw_single_action_space
+        try:
+            if layout is None:  # a space no flat layout holds: gymnasium's own test
+                if not space.contains(action):
+                    raise SpaceError(f"got {type(action).__name__} {_short(action)}")
+            elif layout.flatten(action).shape != (layout.size,):
+                raise SpaceError(f"expected one action, got a batch of {_short(action)}")
+        except SpaceError as error:
+            raise APIUsageError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick + 1}: raw action does not "
+                                f"fit the action space {space}: {error}") from None
 
     def _checked_actions(self, actions, live_slots: np.ndarray) -> np.ndarray:
         binding = self.binding

@@ -243,8 +243,12 @@ def test_passthrough_and_buffers():
     assert isinstance(env.env, NestedMultiAgentEnv) and env.env.max_steps == 6
     obs, _ = env.reset(seed=0)
     assert obs is rows.obs and buffers.masks.tolist() == [False] * 4 + [True, True, True, False]
-    with pytest.raises(APIUsageError, match=r"buffers.obs must be an array of shape \(4, 48\)"):
+    with pytest.raises(APIUsageError, match=r"buffers.obs must be a writable C-contiguous array of shape \(4, 48\)"):
         binding.make_env(Buffers(*(array[:3] for array in buffers)))
+    strided = Buffers(np.zeros((4, 96), np.uint8)[:, ::2], *rows[1:])  # the right shape and dtype, every other byte
+    with pytest.raises(APIUsageError, match=r"buffers.obs must be a writable C-contiguous array .* got \(4, 48\) uint8 "
+                                            r"\(not C-contiguous\)"):
+        binding.make_env(strided)
 
 
 # ---------------------------------------------------------------- errors users can hit
@@ -502,7 +506,7 @@ def test_env_returning_a_reward_that_is_not_a_number():
 
     binding = shoal.Binding(env_cls=NoneReward)
     env = started(binding)
-    with pytest.raises(EnvError, match="agent 'agent_1', step 1: reward must be a number, got NoneType None"):
+    with pytest.raises(EnvError, match="agent 'agent_1', step 1: reward must be a finite number .*, got NoneType None"):
         env.step(flat_actions(binding))
 
     class TextReward(NestedSingleAgentEnv):
@@ -512,12 +516,15 @@ def test_env_returning_a_reward_that_is_not_a_number():
 
     binding = shoal.Binding(env_cls=TextReward)
     env = started(binding)
-    with pytest.raises(EnvError, match="agent 0, step 1: reward must be a number, got str 'one'"):
+    with pytest.raises(EnvError, match="agent 0, step 1: reward must be a finite number .*, got str 'one'"):
         env.step(flat_actions(binding))
 
 
 @pytest.mark.parametrize("reward, shown", [("1.0", "str '1.0'"), (float("nan"), "float nan"),
-                                           (np.array([1.0]), r"ndarray array\(\[1.\]\)")])
+                                           (np.array([1.0]), r"ndarray array\(\[1.\]\)"),
+                                           (float("inf"), "float inf"), (-float("inf"), "float -inf"),
+                                           (1e300, r"float 1e\+300"), (np.float64(-1e39), r"float64 -1e\+39"),
+                                           (10**400, "int 1000000")])
 def test_single_agent_reward_that_numpy_would_accept_is_still_an_error(reward, shown):
     class OddReward(NestedSingleAgentEnv):
         def step(self, action):
@@ -526,11 +533,12 @@ def test_single_agent_reward_that_numpy_would_accept_is_still_an_error(reward, s
 
     binding = shoal.Binding(env_cls=OddReward)
     env = started(binding)
-    with pytest.raises(EnvError, match=f"agent 0, step 1: reward must be a number, got {shown}"):
+    with pytest.raises(EnvError, match=rf"agent 0, step 1: reward must be a finite number within float32's range "
+                                       rf"\(\+-3.403e\+38\), got {shown}"):
         env.step(flat_actions(binding))
 
 
-def test_rewards_may_be_numpy_scalars_and_0d_arrays_and_shaped_rewards_are_checked():
+def test_rewards_may_be_numpy_scalars_and_0d_arrays_shaped_or_not():
     class NumpyReward(NestedSingleAgentEnv):
         def step(self, action):
             obs, _, terminal, truncation, info = super().step(action)
@@ -543,11 +551,17 @@ def test_rewards_may_be_numpy_scalars_and_0d_arrays_and_shaped_rewards_are_check
     env = shaped.make_env()
     env.reset(seed=0)
     assert env.step(flat_actions(shaped))[1][0] == 6.0
-    broken = shoal.Binding(env_cls=NumpyReward, reward_shaper=lambda rewards, infos: {0: None})
-    env = broken.make_env()
-    env.reset(seed=0)
-    with pytest.raises(EnvError, match="agent 0, step 1: reward must be a number, got NoneType None"):
-        env.step(flat_actions(broken))
+
+
+@pytest.mark.parametrize("shaped, shown", [(None, "NoneType None"), (float("nan"), "float nan"),
+                                           (np.zeros(2), r"ndarray array\(\[0., 0.\]\)")])
+@pytest.mark.parametrize("env_cls", [NestedSingleAgentEnv, NestedMultiAgentEnv])
+def test_a_reward_shaper_returning_a_bad_reward_is_blamed_not_the_env(env_cls, shaped, shown):
+    binding = shoal.Binding(env_cls=env_cls, reward_shaper=lambda rewards, infos: {agent: shaped for agent in rewards})
+    env = started(binding)
+    with pytest.raises(APIUsageError, match=rf"agent .*, step 1: reward_shaper returned {shown}: expected a finite "
+                                            rf"number within float32's range"):
+        env.step(flat_actions(binding))
 
 
 @pytest.mark.parametrize("env_cls", [NestedSingleAgentEnv, NestedMultiAgentEnv])
@@ -641,6 +655,7 @@ class ScriptedEnv(TwoAgents):
     def step(self, actions):
         self.t += 1
         self.acted.append(sorted(actions))
+        self.sent = actions
         return self.script(self.t, self)
 
 
@@ -758,10 +773,6 @@ def test_an_agent_listed_before_it_is_seen_gets_a_neutral_action_for_an_invalid_
             obs, infos = super().reset(seed, options)
             return {"a": obs["a"]}, infos
 
-        def step(self, actions):
-            self.sent = actions
-            return super().step(actions)
-
     env = shoal.Binding(env_creator=LateEnv, env_args=(late,)).make_env()
     env.reset(seed=0)
     assert env.masks.tolist() == [True, False]
@@ -781,8 +792,9 @@ def test_binding_and_env_arguments_of_the_wrong_kind_are_named():
     binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
     with pytest.raises(APIUsageError, match="num_envs must be a positive int, got -1"):
         Buffers.allocate(binding, -1)
-    with pytest.raises(APIUsageError, match="seed must be an int or None, got bool"):
-        binding.make_env().reset(seed=True)
+    for seed in (True, -1, 2.0):
+        with pytest.raises(APIUsageError, match=f"CartPole-v1: seed must be None or an int >= 0, got {seed}"):
+            binding.make_env().reset(seed=seed)
 
 
 @pytest.mark.parametrize("flag", ["False", None, 2.5, np.array([True, False])])
@@ -840,3 +852,218 @@ def test_an_agent_that_ended_at_an_autoreset_and_spawns_in_the_next_episode_has_
         *_, infos = env.step(np.zeros((2, 1), np.int64))
         lengths += [infos[agent]["episode"]["length"] for agent in ("a", "b") if "episode" in infos.get(agent, {})]
     assert lengths == [2, 1, 2, 1]  # b acts at step 2 only, in both episodes
+
+
+def steady(t, env):
+    """Both agents seen with reward 1 at every step, no ends."""
+    obs = {agent: np.full(1, t, np.float32) for agent in ("a", "b")}
+    return obs, {"a": 1.0, "b": 1.0}, {"a": False, "b": False}, {"a": False, "b": False}, {}
+
+
+def test_a_reward_for_a_listed_agent_without_an_observation_counts_in_its_episode_statistics():
+    def unobserved_reward(t, env):  # b is listed throughout, unseen at step 1 yet rewarded 5; both end at step 2
+        seen = ("a",) if t == 1 else ("a", "b")
+        obs = {agent: np.full(1, t, np.float32) for agent in seen}
+        return obs, {"a": 1.0, "b": 5.0 if t == 1 else 1.0}, {"a": t == 2, "b": t == 2}, {"a": False, "b": False}, {}
+
+    env = scripted(unobserved_reward)
+    _, rewards, *_ = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, False] and rewards.tolist() == [1, 0]  # no observation: no transition
+    *_, infos = env.step(np.zeros((2, 1), np.int64))
+    assert infos["b"]["episode"] == {"return": 6.0, "length": 2} and infos["a"]["episode"]["return"] == 2.0
+
+
+def test_an_agent_listed_again_before_it_is_seen_respawns_and_gets_the_neutral_action():
+    def listed_first(t, env):  # b ends at step 1 and leaves, is listed again at step 2, seen from step 3
+        env.agents = ["a"] if t == 1 else ["a", "b"]
+        seen = ("a",) if t == 2 else ("a", "b")
+        obs = {agent: np.full(1, t, np.float32) for agent in seen}
+        ends = {"a": t == 4, "b": t in (1, 4)}
+        return obs, {agent: 1.0 for agent in seen}, ends, {"a": False, "b": False}, {}
+
+    env = scripted(listed_first)
+    env.step(np.zeros((2, 1), np.int64))
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, False]
+    env.step(np.array([[1], [7]]))  # b's slot is dark: its invalid row becomes the neutral action
+    assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
+    assert env.masks.tolist() == [True, True]
+    *_, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.env.acted == [["a", "b"], ["a"], ["a", "b"], ["a", "b"]]
+    assert infos["b"]["episode"] == {"return": 2.0, "length": 2}  # its second life: steps 3 and 4
+
+
+def test_a_numpy_seed_reaches_the_env_as_a_python_int():
+    binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    first = binding.make_env().reset(seed=np.int64(3))[0].copy()
+    assert first.tolist() == binding.make_env().reset(seed=3)[0].tolist()
+
+    class SeedRecorder(ScriptedEnv):
+        def reset(self, seed=None, options=None):
+            self.seed = seed
+            return super().reset(seed, options)
+
+    env = shoal.Binding(env_creator=SeedRecorder, env_args=(steady,)).make_env()
+    env.reset(seed=np.uint32(3))
+    assert type(env.env.seed) is int and env.env.seed == 3
+
+
+@pytest.mark.parametrize("what", ["observations", "infos"])
+def test_a_multiagent_reset_returning_something_else_than_dicts_is_a_clear_error(what):
+    class ListReset(ScriptedEnv):
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            return (list(obs.values()), infos) if what == "observations" else (obs, [{}, {}])
+
+    env = shoal.Binding(env_creator=ListReset, env_args=(steady,)).make_env()
+    with pytest.raises(EnvError, match=rf"scripted: reset\(\) returned {what} of type list: expected a dict keyed by "
+                                       rf"agent, the PettingZoo Parallel API"):
+        env.reset(seed=0)
+
+
+def test_raw_actions_are_checked_against_the_raw_space_and_passed_on_unchanged():
+    env = shoal.Binding(env_creator=ScriptedEnv, env_args=(steady,), emulate_flat_atn=False).make_env()
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"scripted, step 1: no action for agent 'b': expected one for every agent "
+                                            r"with mask True that has not ended, got actions for \['a'\]"):
+        env.step({"a": 1})
+    with pytest.raises(APIUsageError, match=r"scripted, agent 'a', step 1: raw action does not fit the action space "
+                                            r"Discrete\(2\): action leaf \(the whole space\): expected values from "
+                                            r"\[0\] to \[1\], got 7"):
+        env.step({"a": 7, "b": 0})
+    with pytest.raises(APIUsageError, match=r"agent 'b', step 1: raw action .*: expected integers, got <U1"):
+        env.step({"a": 1, "b": "x"})
+    with pytest.raises(APIUsageError, match=r"agent 'a', step 1: raw action .*: expected one action, got a batch"):
+        env.step({"a": np.array([0, 1]), "b": 0})
+    action = np.int64(1)
+    env.step({"a": action, "b": 0})
+    assert env.env.sent["a"] is action and env.env.acted == [["a", "b"]]
+
+    cartpole = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), emulate_flat_atn=False).make_env()
+    cartpole.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"CartPole-v1, agent 0, step 1: raw action does not fit the action space "
+                                            r"Discrete\(2\)"):
+        cartpole.step(2)
+
+
+def test_an_unseen_agent_gets_the_neutral_raw_action_when_the_caller_gives_none():
+    class LateEnv(ScriptedEnv):  # b is listed from the start, never seen
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            return {"a": obs["a"]}, infos
+
+    def late(t, env):
+        return {"a": np.ones(1, np.float32)}, {"a": 0.0}, {"a": False}, {"a": False}, {}
+
+    env = shoal.Binding(env_creator=LateEnv, env_args=(late,), emulate_flat_atn=False).make_env()
+    env.reset(seed=0)
+    env.step({"a": 1})
+    assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
+
+
+def test_an_agent_that_leaves_env_agents_without_a_flag_is_truncated_there():
+    def dropped(t, env):  # b leaves unflagged at step 2 (seen) and step 4 (unseen); listed again at step 3
+        env.agents = ["a"] if t in (2, 4, 5) else ["a", "b"]
+        seen = ("a",) if t >= 4 else ("a", "b")
+        obs = {agent: np.full(1, t, np.float32) for agent in seen}
+        return obs, {"a": 1.0, "b": 1.0}, {"a": False, "b": False}, {"a": False, "b": False}, {}
+
+    env = scripted(dropped)
+    env.step(np.zeros((2, 1), np.int64))
+    obs, _, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and terminals.tolist() == [False, False]
+    assert truncations.tolist() == [False, True] and infos["b"]["final_observation"].tolist() == [2]
+    assert infos["b"]["episode"] == {"return": 2.0, "length": 2}
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True]  # listed and seen again: a new life, which has not acted yet
+    obs, rewards, _, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and obs[1].tolist() == [0] and truncations.tolist() == [False, True]
+    assert infos["b"] == {"episode": {"return": 1.0, "length": 1}}  # no observation: no final_observation
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, False] and env.env.acted[-1] == ["a"]
+
+
+class AttributeSpaces(TwoAgents):
+    metadata = {"name": "attribute_spaces"}
+    observation_space = spaces.Box(0, 1, (2,), np.float32)
+
+
+class ShapeForSpace(TwoAgents):
+    metadata = {"name": "shape_for_space"}
+
+    def action_space(self, agent):
+        return (2,)
+
+
+class NoPossibleAgents(TwoAgents):
+    metadata = {"name": "no_possible_agents"}
+    possible_agents = None
+
+
+class ListIds(TwoAgents):
+    metadata = {"name": "list_ids"}
+    possible_agents = [["a"], ["b"]]
+
+
+@pytest.mark.parametrize("env_cls, message", [
+    (AttributeSpaces, r"attribute_spaces: observation_space must be a method observation_space\(agent\) -> gymnasium "
+                      r"space, the PettingZoo API, got Box"),
+    (ShapeForSpace, r"shape_for_space: action_space\('a'\) must return a gymnasium space, got tuple \(2,\)"),
+    (NoPossibleAgents, r"no_possible_agents: possible_agents must be a list of agent ids, set when the env is built "
+                       r"\(shoal reads it before the first reset\), got NoneType None"),
+    (ListIds, r"list_ids: possible_agents holds list \['a'\]: expected hashable agent ids"),
+])
+def test_a_parallel_env_with_spaces_or_possible_agents_of_the_wrong_kind_is_named(env_cls, message):
+    with pytest.raises(EnvError, match=message):
+        shoal.Binding(env_cls=env_cls)
+
+
+@pytest.mark.parametrize("index, what", [(1, "a reward"), (2, "terminated"), (3, "truncated"), (4, "infos")])
+def test_rewards_flags_and_infos_for_an_agent_not_in_possible_agents_are_named(index, what):
+    def intruder(t, env):
+        result = list(steady(t, env))
+        result[index] = {**result[index], "zz": {} if what == "infos" else 0}
+        return tuple(result)
+
+    with pytest.raises(EnvError, match=rf"scripted, step 1: the env returned {what} for agent 'zz', which is not in "
+                                       rf"possible_agents \['a', 'b'\]"):
+        scripted(intruder).step(np.zeros((2, 1), np.int64))
+
+
+def test_reset_infos_for_an_agent_not_in_possible_agents_are_named():
+    class IntruderInfos(ScriptedEnv):
+        def reset(self, seed=None, options=None):
+            obs, _ = super().reset(seed, options)
+            return obs, {"a": {}, "zz": {"r": 1}}
+
+    env = shoal.Binding(env_creator=IntruderInfos, env_args=(steady,)).make_env()
+    with pytest.raises(EnvError, match=r"scripted, step 0: the env returned reset infos for agent 'zz', which is not "
+                                       r"in possible_agents"):
+        env.reset(seed=0)
+
+
+def test_a_multiagent_reward_beyond_float32_or_infinite_is_named():
+    def huge(t, env):
+        obs, rewards, *rest = steady(t, env)
+        return (obs, {**rewards, "b": 1e300}, *rest)
+
+    with pytest.raises(EnvError, match=r"scripted, agent 'b', step 1: reward must be a finite number within float32's "
+                                       r"range \(\+-3.403e\+38\), got float 1e\+300"):
+        scripted(huge).step(np.zeros((2, 1), np.int64))
+
+
+def test_a_feature_space_without_a_feature_parser_is_refused():
+    with pytest.raises(APIUsageError, match=r"Binding: feature_space Box\(0.0, 1.0, \(8,\), float32\) needs a "
+                                            r"feature_parser"):
+        shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",),
+                      feature_space=spaces.Box(0, 1, (8,), np.float32))
+
+
+def test_a_ragged_observation_of_one_agent_is_named():
+    def ragged(t, env):
+        obs, *rest = steady(t, env)
+        return ({**obs, "b": [[1.0], 2.0]}, *rest)
+
+    with pytest.raises(EnvError, match=r"scripted, agent 'b', step 1: observation does not fit .*: observation leaf "
+                                       r"\(the whole space\) must be one array .* got list: setting an array element"):
+        scripted(ragged).step(np.zeros((2, 1), np.int64))
