@@ -7,6 +7,7 @@ import pickle
 import re
 import sys
 
+import gymnasium
 import numpy as np
 import pytest
 
@@ -151,3 +152,38 @@ def test_env_helpers_name_a_wrong_kind_of_name():
     for helper, kind in ((atari_game, "atari_game(game)"), (gym, "gym(env_id)"), (pettingzoo, "pettingzoo(env_id)")):
         with pytest.raises(APIUsageError, match=rf"{re.escape(kind)} needs a non-empty string, got None"):
             helper(None)
+
+
+class _NeedsMissingModule:
+    """An env whose constructor fails the way a registered env with a missing optional dependency does."""
+
+    def __init__(self, plain: bool = False):
+        if plain:  # an ImportError of the env's own words, caused by the missing module
+            try:
+                import shoal_missing_module  # noqa: F401
+            except ModuleNotFoundError as error:
+                raise ImportError("this env needs its extra: pip install shoal-missing") from error
+        raise ModuleNotFoundError("No module named 'shoal_missing_module'", name="shoal_missing_module")
+
+
+@pytest.mark.parametrize("plain, message", [
+    (False, r"Gymnasium env 'ShoalMissing-v0' needs a package that is not installed: No module named "
+            r"'shoal_missing_module'$"),
+    (True, r"Gymnasium env 'ShoalMissing-v0' needs a package that is not installed: this env needs its extra: pip "
+           r"install shoal-missing; missing module 'shoal_missing_module'$"),
+])
+def test_an_import_error_while_building_a_registered_env_names_the_missing_module(monkeypatch, plain, message):
+    from gymnasium.envs.registration import EnvSpec
+
+    spec = EnvSpec("ShoalMissing-v0", entry_point=_NeedsMissingModule, kwargs={"plain": plain})
+    monkeypatch.setitem(gymnasium.registry, spec.id, spec)
+    with pytest.raises(APIUsageError, match=message):
+        make_binding("gym:ShoalMissing-v0")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shimmy") is not None, reason="shimmy installed: Hanabi may build")
+def test_a_pettingzoo_env_that_imports_its_dependency_when_built_names_the_extra():
+    with pytest.raises(APIUsageError, match=r"PettingZoo env 'classic/hanabi-v5' cannot be imported: Hanabi depends on "
+                                            r"OpenSpiel .*; missing module 'shimmy' \(its family needs an extra: pip "
+                                            r"install -c constraints.txt 'pettingzoo\[classic\]'\)"):
+        make_binding("pettingzoo:classic/hanabi-v5")

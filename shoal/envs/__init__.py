@@ -26,6 +26,14 @@ def cartpole(**env_kwargs: Any) -> Binding:
                    env_name="CartPole-v1")
 
 
+def _missing(error: ImportError) -> str:
+    """An ImportError's words, and the module Python found missing where they do not name it."""
+    names = [found.name for found in (error, error.__cause__, error.__context__)
+             if isinstance(found, ImportError) and found.name]
+    text = str(error)
+    return text if not names or repr(names[0]) in text else f"{text}; missing module {names[0]!r}"
+
+
 def _require_name(kind: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise APIUsageError(f"{kind} needs a non-empty string, got {value!r}")
@@ -46,8 +54,9 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
     try:
         return Binding(env_creator=make_atari_env, env_args=(game,), env_kwargs=env_kwargs,
                        env_name=f"{game} (Atari)", record_episode_statistics=False)
-    except gymnasium.error.DependencyNotInstalled as error:  # opencv, for AtariPreprocessing
-        raise APIUsageError(f"Atari envs need a package that is not installed: {error}; the atari extra installs "
+    except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # opencv, for AtariPreprocessing
+        detail = _missing(error) if isinstance(error, ImportError) else error
+        raise APIUsageError(f"Atari envs need a package that is not installed: {detail}; the atari extra installs "
                             f"it: ./install.sh atari") from None
 
 
@@ -65,8 +74,9 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
                             f"CartPole-v1 or Acrobot-v1{hint}")
     try:
         return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
-    except gymnasium.error.DependencyNotInstalled as error:
-        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {error}") from None
+    except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
+        detail = _missing(error) if isinstance(error, ImportError) else error
+        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {detail}") from None
 
 
 def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
@@ -103,13 +113,13 @@ def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
                 f"families: {', '.join(families)} (pettingzoo.pprint_registry() lists every id)")
         raise APIUsageError(f"unknown PettingZoo env {env_id!r}: expected a registry id such as "
                             f"butterfly/pistonball-v6; {hint}")
-    if isinstance(spec.entry_point, str):  # a missing extra shows here, not deep inside Binding's probe
-        try:
+    try:
+        if isinstance(spec.entry_point, str):  # a missing extra shows here, not deep inside Binding's probe
             importlib.import_module(spec.entry_point.partition(":")[0])
-        except ImportError as error:
-            raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {error} (its family needs an "
-                                f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
-    return Binding(env_creator=pz.make, env_args=(kind, spec.id), env_kwargs=env_kwargs, env_name=spec.id)
+        return Binding(env_creator=pz.make, env_args=(kind, spec.id), env_kwargs=env_kwargs, env_name=spec.id)
+    except ImportError as error:  # importing the env's module, or building it (Hanabi imports open_spiel then)
+        raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {_missing(error)} (its family needs an "
+                            f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
 
 
 NAMED: dict[str, Callable[..., Binding]] = {"cartpole": cartpole}
