@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium
 import numpy as np
@@ -19,7 +23,7 @@ import torch
 
 import shoal
 import shoal.vector
-from envs import ProbeEnv, ReseedingNestedMultiAgentEnv
+from envs import NestedMultiAgentEnv, ProbeEnv, ReseedingNestedMultiAgentEnv
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector import Batch, Multiprocessing, Ray, Serial
 
@@ -291,8 +295,15 @@ def test_bad_construction_arguments():
         Serial(binding, num_workers=2, envs_per_worker=2, batch_size=6)
     with pytest.raises(APIUsageError, match="timeout must be a positive number of seconds or None, got -1"):
         Multiprocessing(binding, timeout=-1)
-    with pytest.raises(APIUsageError, match="Serial takes no backend options, got timeout"):
+    with pytest.raises(APIUsageError, match="Serial: unknown keyword argument 'timeout': it takes binding, "
+                                            "num_workers, envs_per_worker, batch_size$"):
         Serial(binding, timeout=1)
+    with pytest.raises(APIUsageError, match="Multiprocessing: unknown keyword argument 'timeuot': it takes binding, "
+                                            "num_workers, envs_per_worker, batch_size, timeout, startup_timeout, "
+                                            "context$"):
+        shoal.vector.make(binding, "multiprocessing", timeuot=1)
+    with pytest.raises(APIUsageError, match="Ray: unknown keyword argument 'shared_mem': it takes .*, shared_memory$"):
+        Ray(binding, shared_mem=False)  # refused before Ray starts
     with pytest.raises(APIUsageError, match="context must be one of .* got 'threads'"):
         Multiprocessing(binding, context="threads")
     with pytest.raises(APIUsageError, match="expected a shoal.Binding as first argument, got TimeLimit: pass how to build"):
@@ -310,6 +321,19 @@ def test_bad_construction_arguments():
             vecenv.reset(-5)
         with pytest.raises(APIUsageError, match="env_ids must be a list of env indices or None, got int 1: pass \\[1\\]"):
             vecenv.get_attr("t", env_ids=1)
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_a_vec_env_cannot_be_copied_or_pickled(make, backend):
+    vecenv = make(cartpole(), backend, num_workers=2)
+    first = vecenv.reset(seed=0)[0].copy()
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(APIUsageError, match=f"{type(vecenv).__name__}: a vec env owns processes and envs and "
+                                                f"cannot be copied or pickled: make another with shoal.vector.make"):
+            duplicate(vecenv)
+    gc.collect()
+    obs, rewards, *_ = vecenv.step(np.zeros(2, np.int64))  # the original is whole
+    assert rewards.tolist() == [1.0, 1.0] and not np.array_equal(obs, first)
 
 
 def test_bad_ray_arguments(ray_cluster):
@@ -462,6 +486,80 @@ def test_env_exception_while_building(no_leaks, backend):
         shoal.vector.make(binding, backend, num_workers=2, envs_per_worker=2)
 
 
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_sys_exit_while_building_becomes_worker_error(no_leaks, backend):
+    home = os.getpid()
+
+    def needs_a_license():  # builds here (the Binding probes it), exits in a worker
+        if os.getpid() != home:
+            sys.exit("license server not reachable")
+        return ProbeEnv()
+
+    with pytest.raises(WorkerError, match=f"(?s)failed in start at its step 0, in env [02]: SystemExit: license "
+                                          f"server not reachable.*{TRACEBACK}.*in needs_a_license") as caught:
+        shoal.vector.make(shoal.Binding(env_creator=needs_a_license), backend, num_workers=2, envs_per_worker=2)
+    assert caught.value.env_id in (0, 2)
+
+
+def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):
+    class LockInInfoEnv(NestedMultiAgentEnv):  # local: cloudpickle sends it by value
+        lock_agent = None
+
+        def step(self, actions):
+            *results, infos = super().step(actions)
+            if self.lock_agent in infos:
+                infos[self.lock_agent]["lock"] = threading.Lock()
+            return (*results, infos)
+
+    vecenv = shoal.vector.make(shoal.Binding(env_cls=LockInInfoEnv), "multiprocessing", num_workers=1,
+                               envs_per_worker=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("lock_agent", "agent_2", env_ids=[1])
+    with pytest.raises(WorkerError, match="worker 0 \\(envs 0-1 of .*\\) failed in step at its step 1, in env 1: the "
+                                          "info of agent 'agent_2' cannot be sent to the parent: TypeError: cannot "
+                                          "pickle '_thread.lock' object \\(infos must pickle\\)") as caught:
+        vecenv.step(np.zeros((vecenv.num_agents, len(vecenv.single_action_space.nvec)), np.int64))
+    assert caught.value.env_id == 1
+
+
+def unreadable_answers() -> shoal.Binding:
+    """A ProbeEnv whose ``call("unreadable")``, and whose infos after ``set_attr("unreadable_info", True)``,
+    pickle in the worker but do not unpickle in the parent. Local classes: cloudpickle sends them by value."""
+
+    class Unreadable:
+        def __reduce__(self):  # unpickling fails, as for an exception whose __init__ does not take its args
+            return int, ("unreadable",)
+
+    class UnreadableAnswersEnv(ProbeEnv):
+        unreadable_info = False
+
+        def step(self, action):
+            obs, reward, terminated, truncated, info = super().step(action)
+            return obs, reward, terminated, truncated, {"odd": Unreadable()} if self.unreadable_info else info
+
+        def unreadable(self):
+            return Unreadable()
+
+    return shoal.Binding(env_cls=UnreadableAnswersEnv)
+
+
+@pytest.mark.parametrize("backend, options", [("multiprocessing", {}), ("ray", {"shared_memory": False})],
+                         ids=["multiprocessing", "ray-calls"])  # local Ray actors answer as multiprocessing's do
+def test_an_answer_that_does_not_unpickle_in_the_parent_is_a_worker_error(no_leaks, backend, options):
+    unpickling = "could not be unpickled in the parent: ValueError: invalid literal for int\\(\\) .*'unreadable'"
+    vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
+    vecenv.reset(seed=0)
+    with pytest.raises(WorkerError, match=f"worker 1 \\(envs 1-1 of UnreadableAnswersEnv\\): its answer to call at "
+                                          f"step 0 {unpickling}") as caught:
+        vecenv.call("unreadable", env_ids=[1])
+    assert caught.value.env_id == 1 and "ValueError" in caught.value.worker_traceback
+    vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("unreadable_info", True, env_ids=[0])
+    with pytest.raises(WorkerError, match=f"worker 0 .*: its answer to step at step 1 {unpickling}"):
+        vecenv.step(np.zeros((2, 1), np.int64))
+
+
 # Local Ray actors take commands on a socket; with shared_memory=False (as on another node) by Ray calls.
 WORKER_PATHS = [("multiprocessing", {}), ("ray", {}), ("ray", {"shared_memory": False})]
 WORKER_PATH_IDS = ["multiprocessing", "ray", "ray-calls"]
@@ -539,6 +637,41 @@ def test_close_and_garbage_collection_leave_nothing(no_leaks, backend):
     vecenv.reset(seed=0)
     del vecenv
     gc.collect()
+
+
+def test_ray_shared_memory_has_no_file_to_leak_while_actors_start(no_leaks):
+    home = os.getpid()
+
+    def slow_cartpole():  # a big map to load, in the actor
+        if os.getpid() != home:
+            time.sleep(2)
+        return gymnasium.make("CartPole-v1")
+
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(shoal.vector.make, shoal.Binding(env_creator=slow_cartpole), "ray", num_workers=1)
+        names = set()
+        while not starting.done():  # a driver killed now must leave nothing behind
+            names.update(name for name in os.listdir("/dev/shm") if "shoal" in name)
+            time.sleep(0.05)
+    with starting.result() as vecenv:
+        assert vecenv._shared == [True] and not names
+
+
+def test_ray_actor_that_cannot_open_the_drivers_memory_says_so(ray_cluster, tmp_path):
+    from shoal.vector.base import Status
+    from shoal.vector.ray import RayWorker
+
+    node = ray_cluster.get_runtime_context().get_node_id()
+    other = tmp_path / "other"
+    other.write_bytes(b"0" * 64)
+    for path, why in [("/proc/self/fd/1000000", "FileNotFoundError"), (str(other), "OSError: .* is not the driver's "
+                                                                                    "buffer file")]:
+        actor = RayWorker(cartpole(), range(1), (node, path, (0, 0), None, 0, b"key"))  # its body, run here
+        status, failure = actor.ready()
+        assert status is Status.FAILED and failure.command == "start"
+        assert re.search(f"this actor runs on the driver's node but cannot open the driver's shared memory through "
+                         f"{path}: {why}.*; pass shared_memory=False", failure.error), failure.error
+        actor.close()
 
 
 def test_workers_exit_when_the_parent_dies(tmp_path):

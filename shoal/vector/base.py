@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import inspect
 import math
 import os
 import select
@@ -24,7 +25,7 @@ import traceback
 from collections import deque
 from multiprocessing import connection
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -253,7 +254,7 @@ def serve(group: EnvGroup, conn) -> None:
             except (EOFError, OSError):
                 raise
             except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
-                status, answer = _unpicklable(command, error, group.steps)
+                status, answer = _unpicklable(group, command, answer, error)
                 conn.send((status, answer))
     except (EOFError, OSError):  # the parent closed our connection or went away
         pass
@@ -262,12 +263,47 @@ def serve(group: EnvGroup, conn) -> None:
         conn.close()
 
 
-def _unpicklable(command: Command, error: Exception, step: int) -> tuple[Status, Any]:
-    """The answer for a result that cannot be sent: the caller's mistake for call/get_attr, else the env's."""
-    problem = f"the result of {command.value} cannot be sent to the parent: {type(error).__name__}: {error}"
+def start_worker(group: EnvGroup) -> tuple[Status, Any]:
+    """``group.start()`` in a worker process or actor, where a SystemExit from env code is reported too, as
+    :func:`serve` does; in :class:`~shoal.vector.serial.Serial` it is the caller's own and goes through."""
+    try:
+        return group.start()
+    except BaseException as error:
+        return Status.FAILED, group._failure("start", error)
+
+
+def _unpicklable(group: EnvGroup, command: Command, answer: Any, error: Exception) -> tuple[Status, Any]:
+    """The answer for a result that cannot be sent: the caller's mistake for call/get_attr, else the env's.
+
+    For reset/step the infos are pickled again one by one to name the env (and agent) at fault: only on
+    this path, so the normal one pays nothing.
+    """
+    problem = f"cannot be sent to the parent: {type(error).__name__}: {error}"
     if command in (Command.CALL, Command.GET_ATTR):
-        return Status.USAGE_ERROR, problem + " (results must pickle)"
-    return Status.FAILED, Failure(None, step, command.value, problem, traceback.format_exc())
+        return Status.USAGE_ERROR, f"the result of {command.value} {problem} (results must pickle)"
+    trace = traceback.format_exc()
+    env_id, what = _unpicklable_info(group, answer)
+    return Status.FAILED, Failure(env_id, group.steps, command.value, f"{what} {problem} (infos must pickle)", trace)
+
+
+def _unpicklable_info(group: EnvGroup, infos: list) -> tuple[int | None, str]:
+    """(env, which info) of the first of ``infos`` (one ``{agent: info}`` per env of ``group``) that does not pickle."""
+    for env_id, info in zip(group.env_ids, infos):
+        if group.binding.is_multiagent:
+            for agent, agent_info in info.items():
+                if not _pickles(agent_info):
+                    return env_id, f"the info of agent {agent!r}"
+        if not _pickles(info):
+            return env_id, "the info"
+    return None, "the infos"
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        ForkingPickler.dumps(value)
+        return True
+    except Exception:
+        return False
 
 
 class Poller:
@@ -301,21 +337,6 @@ class Poller:
         if self._poll is not None:
             self._poll = select.poll()
         self._registered = {}
-
-
-def receive_answers(conns: dict, ready: list, death_error: Callable[[int], Exception],
-                    envs: int) -> list[tuple[int, Status, Any]]:
-    """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker of ``envs`` envs); a
-    closed one is a death."""
-    answers = []
-    for item in ready:
-        worker = conns.get(item)
-        if worker is not None:
-            try:
-                answers.append((worker, *read_answer(item, envs)))
-            except (EOFError, OSError):
-                raise death_error(worker) from None
-    return answers
 
 
 class ArrayLayout:
@@ -380,6 +401,16 @@ class VecEnv(abc.ABC):
     """
 
     backend = "VecEnv"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "VecEnv":
+        # Python's own TypeError for an unknown keyword names none of those the backend takes.
+        signature = inspect.signature(cls.__init__).parameters
+        parameters = [name for name in signature if name != "self"]
+        unknown = [name for name in kwargs if name not in parameters]
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+            raise APIUsageError(f"{cls.__name__}: unknown keyword argument {unknown[0]!r}: it takes "
+                                f"{', '.join(parameters)}")
+        return super().__new__(cls)
 
     def __init__(self, binding: Binding, num_workers: int, envs_per_worker: int, batch_size: int | None,
                  timeout: float | None = None):
@@ -468,6 +499,31 @@ class VecEnv(abc.ABC):
         return WorkerError(
             f"{self._describe(worker)} failed in {failure.command} at its step {failure.step}, in {where}: "
             f"{failure.error}", failure.traceback, failure.env_id)
+
+    def _unreadable_error(self, worker: int, error: BaseException, trace: str) -> WorkerError:
+        """For an answer that came from ``worker`` but does not unpickle in this process."""
+        command = self._sent[worker][1].value if worker in self._sent else "start"
+        envs = self._envs_of(worker)
+        env = envs.start if len(envs) == 1 else None  # else which of its envs is unknown: the answer is one message
+        return WorkerError(
+            f"{self._describe(worker)}: its answer to {command} at step {self._steps} could not be unpickled in the "
+            f"parent: {type(error).__name__}: {error}. Infos and call() results must unpickle in this process too "
+            f"(a class it cannot import, or an exception whose __init__ does not take its args, do not)", trace, env)
+
+    def _receive(self, conns: dict, ready: list) -> list[tuple[int, Status, Any]]:
+        """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker), for backends whose
+        workers answer on connections (they define ``_death_error(worker)``): a closed one is a death."""
+        answers = []
+        for item in ready:
+            worker = conns.get(item)
+            if worker is not None:
+                try:
+                    answers.append((worker, *read_answer(item, self.envs_per_worker)))
+                except (EOFError, OSError):
+                    raise self._death_error(worker) from None
+                except Exception as error:  # it answered, but the answer does not unpickle here
+                    raise self._unreadable_error(worker, error, traceback.format_exc()) from None
+        return answers
 
     def _timeout_error(self, workers: set[int], what: str, timeout: float) -> WorkerError:
         running = {worker: self._running_env(worker) for worker in sorted(workers)}
@@ -746,6 +802,12 @@ class VecEnv(abc.ABC):
         self._state = AsyncState.CLOSED
         if os.getpid() == self._owner_pid:  # not a copy inherited by a forked child: the workers are ours
             self._shutdown()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # copy.copy, copy.deepcopy and pickle all come here: two owners of one set of workers would close them
+        # under each other (and a Serial copy would step envs whose results the original never sees).
+        raise APIUsageError(f"{type(self).__name__}: a vec env owns processes and envs and cannot be copied or "
+                            f"pickled: make another with shoal.vector.make")
 
     def __enter__(self) -> "VecEnv":
         return self

@@ -34,8 +34,8 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
-                               default_num_workers, read_answer, receive_answers, send_command, serve,
-                               split_arrays)
+                               default_num_workers, read_answer, send_command, serve, split_arrays,
+                               start_worker)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -78,7 +78,7 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     buffers, actions = split_arrays(arrays)
     group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
                      progress=arrays["progress"][worker:worker + 1])
-    started = group.start()
+    started = start_worker(group)
     try:
         conn.send(started)
     except (EOFError, OSError):  # the parent is gone already
@@ -189,7 +189,7 @@ class Multiprocessing(VecEnv):
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         conns = {self._conns[worker]: worker for worker in workers}
         ready = self._poller.wait((*conns, *self._sentinels), timeout)
-        answers = receive_answers(conns, ready, self._death_error, self.envs_per_worker)
+        answers = self._receive(conns, ready)
         answered = {worker for worker, _, _ in answers}
         for item in ready:
             worker = self._sentinels.get(item)
@@ -214,7 +214,7 @@ class Multiprocessing(VecEnv):
                 status, payload = read_answer(conn, self.envs_per_worker)
                 if status is Status.FAILED:
                     return status, payload
-        except (EOFError, OSError):
+        except Exception:  # gone, or an answer this process cannot unpickle: it died all the same
             pass
         return None
 

@@ -2,10 +2,12 @@
 
 Ray places the actors and owns their lifetime; how commands reach them depends on where they run:
 
-- Actors on the driver's own node map the driver's buffers (a file in ``/dev/shm``, unlinked as soon
-  as every actor has opened it) and write results straight into them, as the multiprocessing backend
-  does. When every actor is local, commands skip Ray too: each actor serves a Unix socket (abstract
-  namespace, so no file to leak) from a thread, with the multiprocessing workers' own loop, because a
+- Actors on the driver's own node map the driver's buffers and write results straight into them, as
+  the multiprocessing backend does. The buffers are a file with no name (``memfd_create``), so there is
+  nothing in ``/dev/shm`` to leak even if the driver is killed while actors start; actors open it
+  through ``/proc/<driver pid>/fd/<fd>``, which needs Linux, the same node and the same user (as shared
+  memory does anyway). When every actor is local, commands skip Ray too: each actor serves a Unix
+  socket (abstract namespace, so no file to leak) from a thread, with the multiprocessing workers' own loop, because a
   Ray call costs about a millisecond of CPU, as much as several Atari steps. A dead actor closes its
   socket, which the driver notices at once.
 - Otherwise each reset/step is one remote call per actor (never per env); an actor on another node
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 import threading
+import traceback
 import uuid
 from multiprocessing import connection
 from typing import Any
@@ -28,8 +30,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
-                               default_num_workers, receive_answers, send_command, serve, split_arrays)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, check_seconds,
+                               default_num_workers, send_command, serve, split_arrays, start_worker)
 
 
 def import_ray():
@@ -42,50 +44,57 @@ def import_ray():
     return ray
 
 
-def _map(path: str, layout: ArrayLayout) -> dict[str, np.ndarray]:
+def _map_driver_memory(path: str, identity: tuple[int, int], layout: ArrayLayout) -> dict[str, np.ndarray]:
+    """The driver's buffers, opened through ``path`` (``/proc/<driver pid>/fd/<fd>``); OSError if that fails.
+
+    ``identity`` is the file's (st_dev, st_ino): in another PID namespace that pid is another process.
+    """
     fd = os.open(path, os.O_RDWR)
     try:
+        stats = os.fstat(fd)
+        if (stats.st_dev, stats.st_ino) != identity:
+            raise OSError(f"{path} is not the driver's buffer file (is this actor in another PID namespace?)")
         memory = mmap.mmap(fd, layout.nbytes)
     finally:
         os.close(fd)  # the mapping keeps the memory
     return layout.arrays(np.frombuffer(memory, np.uint8))
 
 
-def _memory_dir(nbytes: int) -> str | None:
-    """/dev/shm when it has room (touching a page beyond a full tmpfs is a SIGBUS), else the temp dir."""
-    try:
-        stats = os.statvfs("/dev/shm")
-        return "/dev/shm" if stats.f_bavail * stats.f_frsize > 2 * nbytes else None
-    except OSError:
-        return None
-
-
 class RayWorker:
     """The body of one Ray actor (wrapped with ``ray.remote`` when a vec env is built).
 
-    ``shared``: (node id, path, layout, worker, authkey) of the driver's buffers, used when this actor
-    runs on that node; it then also serves commands on a socket that only ``authkey`` opens.
+    ``shared``: (node id, path, identity, layout, worker, authkey) of the driver's buffers (see
+    :func:`_map_driver_memory`), used when this actor runs on that node; it then also serves commands on
+    a socket that only ``authkey`` opens.
     """
 
     def __init__(self, binding: Binding, env_ids: range, shared: tuple | None):
         self.shared = False
+        failure = None
         if shared is not None:
             import ray
 
-            node, path, layout, worker, authkey = shared
-            if ray.get_runtime_context().get_node_id() == node and os.path.exists(path):
-                arrays = _map(path, layout)
-                buffers, actions = split_arrays(arrays)
-                rows = slice(env_ids.start * binding.max_agents, env_ids.stop * binding.max_agents)
-                self.buffers, self.actions = Buffers(*(a[rows] for a in buffers)), actions[rows]
-                self.progress = arrays["progress"][worker:worker + 1]
-                self.shared = True
+            node, path, identity, layout, worker, authkey = shared
+            if ray.get_runtime_context().get_node_id() == node:
+                try:
+                    arrays = _map_driver_memory(path, identity, layout)
+                except OSError as error:
+                    failure = Failure(None, 0, "start", (
+                        f"this actor runs on the driver's node but cannot open the driver's shared memory through "
+                        f"{path}: {type(error).__name__}: {error}; pass shared_memory=False (results then travel "
+                        f"through Ray's object store)"), traceback.format_exc())
+                else:
+                    buffers, actions = split_arrays(arrays)
+                    rows = slice(env_ids.start * binding.max_agents, env_ids.stop * binding.max_agents)
+                    self.buffers, self.actions = Buffers(*(a[rows] for a in buffers)), actions[rows]
+                    self.progress = arrays["progress"][worker:worker + 1]
+                    self.shared = True
         if not self.shared:
             self.buffers = Buffers.allocate(binding, len(env_ids))
             self.actions = np.zeros((len(self.buffers.masks), binding.atn_layout.size), binding.atn_layout.dtype)
             self.progress = None
         self.group = EnvGroup(binding, env_ids, self.buffers, self.actions, self.progress)
-        self.started = self.group.start()
+        self.started = start_worker(self.group) if failure is None else (Status.FAILED, failure)
         self.address, self.server = None, None
         if self.shared and self.started[0] is Status.OK:
             listener = connection.Listener(f"\0shoal-ray-{uuid.uuid4().hex}", "AF_UNIX", authkey=authkey)
@@ -140,7 +149,8 @@ class Ray(VecEnv):
             when it is, None, "auto" or that cluster's address. shoal leaves a Ray it started running;
             call ``ray.shutdown()`` when done with it.
         actor_options: passed to ``ray.remote`` for each actor, e.g. ``{"num_cpus": 1}``.
-        shared_memory: let actors on this node write into this process's memory (default True).
+        shared_memory: let actors on this node write into this process's memory (default True; Linux only,
+            elsewhere results travel through Ray's object store).
     """
 
     backend = "ray"
@@ -164,7 +174,7 @@ class Ray(VecEnv):
         self._ray = ray
         self._actors: list = []
         self._refs: dict = {}  # ObjectRef -> (worker, command) of every call still out
-        self._shared_path: str | None = None
+        self._shared_fd: int | None = None  # the buffers' file, open until every actor has mapped it
         self._conns: list = []  # one socket per actor when every actor is local; else commands go by Ray calls
         self._poller = Poller()
         if not ray.is_initialized():
@@ -182,11 +192,13 @@ class Ray(VecEnv):
                 f"{error}. Everything it holds (env creator, env_args, env_kwargs, hooks) must pickle with "
                 f"cloudpickle") from error
         layout = self._array_layout()
-        if shared_memory:
-            fd, self._shared_path = tempfile.mkstemp(prefix="shoal-ray-", dir=_memory_dir(layout.nbytes))
+        memory = None  # how actors on this node open our buffers
+        if shared_memory and hasattr(os, "memfd_create"):  # Linux: a file with no name, nothing to leak
+            self._shared_fd = fd = os.memfd_create("shoal-ray")
             os.ftruncate(fd, layout.nbytes)
-            os.close(fd)
-            arrays = _map(self._shared_path, layout)
+            arrays = layout.arrays(np.frombuffer(mmap.mmap(fd, layout.nbytes), np.uint8))
+            stats = os.fstat(fd)
+            memory = f"/proc/{os.getpid()}/fd/{fd}", (stats.st_dev, stats.st_ino), layout
         else:
             arrays = layout.arrays(np.zeros(layout.nbytes, np.uint8))
         buffers, actions = split_arrays(arrays)
@@ -197,7 +209,7 @@ class Ray(VecEnv):
         authkey = os.urandom(32)
         try:
             for worker in range(self.num_workers):
-                shared = (node, self._shared_path, layout, worker, authkey) if shared_memory else None
+                shared = None if memory is None else (node, *memory, worker, authkey)
                 self._actors.append(actor_class.remote(binding, self._envs_of(worker), shared))
                 self._refs[self._actors[-1].ready.remote()] = (worker, None)
         except BaseException:
@@ -207,7 +219,7 @@ class Ray(VecEnv):
         for worker, _, (shared, address) in self._collect(set(range(self.num_workers)), "startup (building its envs)",
                                                           timeout=startup_timeout):
             self._shared[worker], addresses[worker] = shared, address
-        self._unlink()  # every actor that maps it has: nothing left to leak
+        self._close_shared_fd()  # every actor that maps it has; the mappings keep the memory
         if all(addresses.values()):
             try:
                 self._conns = [connection.Client(addresses[worker], "AF_UNIX", authkey=authkey)
@@ -217,13 +229,10 @@ class Ray(VecEnv):
                 raise
         self._start(buffers, actions)
 
-    def _unlink(self) -> None:
-        if self._shared_path is not None:
-            try:
-                os.unlink(self._shared_path)
-            except FileNotFoundError:
-                pass
-            self._shared_path = None
+    def _close_shared_fd(self) -> None:
+        if self._shared_fd is not None:
+            os.close(self._shared_fd)
+            self._shared_fd = None
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         if self._conns:
@@ -239,8 +248,7 @@ class Ray(VecEnv):
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         if self._conns:
             conns = {self._conns[worker]: worker for worker in workers}
-            return receive_answers(conns, self._poller.wait(tuple(conns), timeout), self._death_error,
-                                   self.envs_per_worker)
+            return self._receive(conns, self._poller.wait(tuple(conns), timeout))
         ray = self._ray
         refs = [ref for ref, (worker, _) in self._refs.items() if worker in workers]
         if need >= len(refs):  # all of them (a full batch): no ray.wait
@@ -270,6 +278,9 @@ class Ray(VecEnv):
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env "
                                   f"{env}: {type(error).__name__}", str(error), env) from None
             except ray.exceptions.RayError as error:
+                if isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception):
+                    # the answer came, but does not unpickle here (Ray's own trouble carries a str)
+                    raise self._unreadable_error(worker, error.client_exc, error.traceback_str or "") from None
                 raise WorkerError(f"{self._describe(worker)}: its Ray call failed at step {self._steps}: "
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
             if status is Status.OK and command in (Command.RESET, Command.STEP):
@@ -317,5 +328,5 @@ class Ray(VecEnv):
                 except Exception:  # already dead
                     pass
         self._actors, self._refs = [], {}
-        if getattr(self, "_shared_path", None) is not None:
-            self._unlink()
+        if hasattr(self, "_shared_fd"):
+            self._close_shared_fd()

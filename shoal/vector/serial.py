@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, WorkerError
+from shoal.errors import WorkerError
 from shoal.vector.base import Command, EnvGroup, Failure, Status, VecEnv
 
 
@@ -33,11 +33,7 @@ class Serial(VecEnv):
     backend = "serial"
 
     def __init__(self, binding: Binding, num_workers: int = 1, envs_per_worker: int = 1,
-                 batch_size: int | None = None, **options: Any):
-        if options:
-            extra = "timeout (an env in this process cannot be interrupted; use Multiprocessing)" \
-                if "timeout" in options else ", ".join(sorted(options))
-            raise APIUsageError(f"Serial takes no backend options, got {extra}")
+                 batch_size: int | None = None):
         super().__init__(binding, num_workers, envs_per_worker, batch_size)
         buffers = Buffers.allocate(binding, self.num_envs)
         actions = np.zeros((self.num_agents, self._atn_size), self.single_action_space.dtype)
