@@ -361,7 +361,7 @@ class Binding:
 
     def _checked_reset(self, result: Any) -> tuple:
         """``(obs, infos)`` as an env's reset returned them; EnvError if it returned something else (an old
-        Gym env returns only the observation)."""
+        Gym env returns only the observation; a multi-agent env's must be dicts keyed by agent)."""
         if not (isinstance(result, tuple) and len(result) == 2):
             raise _api_mismatch(self.env_name, "reset", result, self.is_multiagent)
         obs, infos = result
@@ -597,8 +597,9 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
+        listed = set(self.env.agents)
         if self._gone:  # ended agents that left env.agents and are listed again: new agent-episodes
-            self._respawn(self._gone.intersection(self.env.agents))
+            self._respawn(self._gone.intersection(listed))
         if self._ended:
             agents = [agent for agent in obs if agent not in self._ended]
             slots = self._write_agents(agents, [obs[agent] for agent in agents])
@@ -606,7 +607,6 @@ class EmulatedEnv:
             agents = list(obs)
             slots = self._write_agents(agents, list(obs.values()))
         left = ()  # agents that left env.agents without a flag: they are truncated at this step
-        listed = set(self.env.agents)
         if live and not listed.issuperset(live):
             left = [agent for agent in live if agent not in listed and not terminals.get(agent)
                     and not truncations.get(agent)]
@@ -650,7 +650,7 @@ class EmulatedEnv:
                 episode = float(self._episode_return[slot]), int(self._episode_length[slot])
                 out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
         if self._ended:
-            self._gone |= self._ended.difference(self._gone, self.env.agents)
+            self._gone |= self._ended.difference(self._gone, listed)
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
