@@ -105,8 +105,10 @@ def _train(argv: list[str]) -> int:
     checkpoint = None
     if resume is not None:
         checkpoint = load_checkpoint(resume)  # a run directory's newest, or the file given
-        run_dir = Path(checkpoint["path"]).parent.parent if Path(resume).is_file() else Path(resume)
-        default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=str(run_dir))
+        path = Path(checkpoint["path"])
+        # The run goes on in the checkpoint's run directory; a file kept elsewhere starts a new one.
+        run_dir = str(path.parent.parent) if path.parent.name == "checkpoints" else None
+        default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=run_dir)
     else:
         env = _flag_value(argv, "--env") or PPOConfig.env
         check_env_name(env)
@@ -168,8 +170,6 @@ def _eval(argv: list[str]) -> int:
     load_policy_state(policy, checkpoint)
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
                        device=device, max_steps=args.max_steps)
-    if not returns:
-        raise UsageError(f"no episode finished within {args.max_steps:,} steps of {binding.env_name} (--max-steps)")
     values = np.asarray(returns)
     print(f"{binding.env_name}: {len(values)} episodes, return {values.mean():.2f} ± {values.std():.2f} "
           f"(min {values.min():.2f}, max {values.max():.2f}) · checkpoint {checkpoint['path']} "

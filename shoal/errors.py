@@ -23,6 +23,10 @@ class EnvError(ShoalError):
     """The wrapped env broke its own contract (e.g. returned an observation outside its space)."""
 
 
+class TrainingError(ShoalError):
+    """Training cannot go on: the policy's losses or actions are no longer finite numbers."""
+
+
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer, Python's or numpy's (a bool is not)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from shoal.errors import APIUsageError, is_int
+from shoal.errors import APIUsageError, check_int, is_int
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
 CSV_FIELDS = [
@@ -62,10 +62,8 @@ class Logger:
                  print_interval: float = 5.0):
         if run_dir is not None and not isinstance(run_dir, (str, os.PathLike)):
             raise APIUsageError(f"Logger: run_dir must be a path or None, got {run_dir!r}")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
-            raise APIUsageError(f"Logger: total_steps must be an int >= 0, got {total_steps!r}")
+        self.total_steps = check_int("Logger: total_steps", total_steps, minimum=0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.total_steps = total_steps
         self.title = title
         self.start_step = start_step
         self.print_interval = print_interval
@@ -117,7 +115,7 @@ class Logger:
         kept: list[dict] = []
         if path.exists() and self.start_step:  # resumed: keep rows up to the checkpoint's step
             with open(path, newline="") as file:
-                kept = [row for row in csv.DictReader(file) if float(row["global_step"]) <= self.start_step]
+                kept = [row for row in csv.DictReader(file) if _step_of(row) <= self.start_step]
         self._csv_file = open(path, "w", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         self._csv.writeheader()
@@ -237,6 +235,14 @@ class Logger:
 
 
 # ---------------------------------------------------------------- plots
+
+
+def _step_of(row: dict) -> float:
+    """A progress row's global_step; infinity for a row cut short by a crash (so it is not kept)."""
+    try:
+        return float(row["global_step"])
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:

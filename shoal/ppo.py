@@ -28,9 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from shoal.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from shoal.checkpoint import list_checkpoints, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, check_int, is_int
+from shoal.errors import APIUsageError, EnvError, TrainingError, check_int, is_int
 from shoal.policy import Policy, check_policy, default_policy
 
 
@@ -327,6 +327,10 @@ def _check_vecenv(vecenv, binding) -> None:
     if spaces_of != [binding.obs_layout.flat_space, binding.single_action_space]:
         raise APIUsageError(f"vecenv steps {getattr(vecenv.binding, 'env_name', '?')}, whose flat spaces "
                             f"{spaces_of[0]}, {spaces_of[1]} are not {binding.env_name}'s: make it from this binding")
+    agents = list(getattr(getattr(vecenv, "binding", None), "possible_agents", []))
+    if agents != list(binding.possible_agents):
+        raise APIUsageError(f"vecenv steps an env with agents {agents[:8]}, not {binding.env_name}'s "
+                            f"{list(binding.possible_agents)[:8]}: make it from this binding")
 
 
 def check_flat(binding) -> None:
@@ -398,6 +402,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         global_step, update = checkpoint["global_step"], checkpoint["update"]
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
+        _check_run_dir(config.run_dir, update if resume_from is not None else None)
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     if logger is None:
@@ -445,7 +450,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
 
     def save(at_update: int, at_step: int) -> None:
         save_checkpoint(config.run_dir, at_update, {
-            "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
             "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
         }, keep=config.keep_checkpoints)
@@ -549,6 +554,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     actions[at], logprobs[at], values[at] = (_expand(x, live, len(rows))
                                                              for x in (action, logprob, value))
                     sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)
+                    if not discrete and not np.isfinite(sent).all():
+                        raise TrainingError(f"update {update} (step {global_step:,}): the policy's actions are not "
+                                            f"finite ({_short_values(sent)}): {_NOT_FINITE}")
                     tick = time.perf_counter()
                     inference_time += tick - tock
                     vecenv.send(sent)
@@ -641,6 +649,10 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     clipfrac = ((ratio - 1).abs() > config.clip_coef).float().mean()
                     losses = torch.stack([*(torch.stack([mb[i] for mb in stats]).mean() for i in range(3)),
                                           _approx_kl(ratio, log_ratio), clipfrac]).tolist()
+                if not all(map(math.isfinite, losses)):  # the update has made the parameters NaN or inf: stop
+                    raise TrainingError(f"update {update} (step {global_step:,}): the losses are not finite (policy "
+                                        f"{losses[0]}, value {losses[1]}, entropy {losses[2]}): {_NOT_FINITE}"
+                                        f"{'; its last checkpoint is kept' if config.run_dir else ''}")
 
             # The next rollout starts from row T: its action is already in flight.
             for array in (obs, actions, logprobs, values, masks, starts):
@@ -759,6 +771,34 @@ def _expand(values: np.ndarray, live: np.ndarray | None, size: int) -> np.ndarra
     return out
 
 
+_NOT_FINITE = ("the policy's outputs or gradients overflowed or became NaN (a learning rate or rewards too large, or a "
+               "policy whose forward gives them); stopped without writing a checkpoint of it")
+
+
+def _short_values(array: np.ndarray) -> str:
+    return np.array2string(array.ravel()[:6], precision=3) + (" ..." if array.size > 6 else "")
+
+
+def _check_run_dir(run_dir: str, resumed_update: int | None) -> None:
+    """APIUsageError when ``run_dir`` holds checkpoints that are not this run's past: an earlier run's, or
+    ones beyond the checkpoint it resumes from (the two histories would mix, and pruning would delete the new)."""
+    found = list_checkpoints(run_dir)
+    if resumed_update is None and found:
+        raise APIUsageError(f"run_dir {run_dir!r} already holds checkpoints of an earlier run (newest {found[-1].name}): "
+                            f"resume it (resume_from=..., shoal train --resume {run_dir}) or choose a new run_dir")
+    newer = [path.name for path in found if resumed_update is not None
+             and int(path.stem.removeprefix("update_")) > resumed_update]
+    if newer:
+        raise APIUsageError(f"run_dir {run_dir!r} holds {newer[-1]}, newer than the checkpoint resumed from (update "
+                            f"{resumed_update}): continue into a new run_dir (--run-dir), or delete the newer checkpoints")
+
+
+def _describe_policy(policy: Policy) -> str:
+    """The policy's class, and the one it wraps (``LSTMPolicy(MixedPolicy)``), for checkpoints and messages."""
+    inner = getattr(policy, "policy", None)
+    return type(policy).__name__ + (f"({_describe_policy(inner)})" if isinstance(inner, Policy) else "")
+
+
 def _title(config: PPOConfig, binding, device: torch.device) -> str:
     return (f"shoal PPO · {binding.env_name} · {config.backend} x {config.num_envs} envs"
             f"{' x ' + str(binding.max_agents) + ' agents' if binding.max_agents > 1 else ''} · {device}"
@@ -782,8 +822,19 @@ def _space_signature(binding) -> dict[str, str]:
             "actions": _describe_space(binding.single_action_space), "max_agents": str(binding.max_agents)}
 
 
+_CHECKPOINT_KEYS = ("model", "optimizer", "config", "env", "spaces", "global_step", "update", "rng")
+
+
+def _check_keys(checkpoint: dict) -> None:
+    missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
+    if missing or not isinstance(checkpoint["config"], dict):
+        raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')} is not a checkpoint of shoal's trainer: it lacks "
+                            f"{', '.join(missing) or 'a config dict'} (train() writes {', '.join(_CHECKPOINT_KEYS)})")
+
+
 def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None) -> None:
     """Raise :class:`APIUsageError` when a checkpoint was trained on another env or other spaces."""
+    _check_keys(checkpoint)
     where = checkpoint.get("path", "the checkpoint")
     if config is not None and checkpoint.get("env") != config.env:
         raise APIUsageError(f"{where} was trained on env {checkpoint.get('env')!r}, not {config.env!r}: "
@@ -803,13 +854,15 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
         trained = checkpoint.get("config", {})
         settings = ", ".join(f"{name}={trained.get(name)!r}" for name in ("policy", "hidden_size", "lstm"))
         raise APIUsageError(
-            f"{checkpoint.get('path', 'the checkpoint')} holds another network than this {type(policy).__name__}: it "
-            f"was trained with {settings}: build the policy with the same settings (config_from_checkpoint "
-            f"gives them) or pass the policy it was trained with. torch: {str(error).splitlines()[0]}") from None
+            f"{checkpoint.get('path', 'the checkpoint')} holds {checkpoint.get('policy', 'the')} weights trained with "
+            f"{settings}, not this {_describe_policy(policy)}'s network: build the policy with those settings "
+            f"(config_from_checkpoint gives them) or pass the policy it was trained with. torch: "
+            f"{str(error).splitlines()[0]}") from None
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:
     """The :class:`PPOConfig` a checkpoint was trained with (unknown fields ignored)."""
+    _check_keys(checkpoint)
     names = {f.name for f in dataclasses.fields(PPOConfig)}
     return PPOConfig(**{k: v for k, v in checkpoint["config"].items() if k in names})
 
@@ -819,6 +872,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
 
     Returns come from ``infos[agent]["episode"]`` (the binding's episode statistics, or the env's own).
+    Play stops after ``max_steps`` env steps, with the episodes that ended by then (EnvError if none did).
     ``device``: where to play (the policy is moved there); None plays where its parameters are. The
     policy's train/eval mode and the global torch RNG states are as before afterwards.
     """
@@ -826,6 +880,8 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     check_policy(policy, binding)
     check_int("evaluate: episodes", episodes)
     check_int("evaluate: max_steps", max_steps)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise APIUsageError(f"evaluate: deterministic must be True or False, got {deterministic!r}")
     if not is_int(seed) or not 0 <= seed < 2**32:
         raise APIUsageError(f"evaluate: seed must be an int from 0 to 2**32 - 1, got {seed!r}")
     if device is not None:
@@ -863,4 +919,8 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     finally:
         env.close()
         policy.train(was_training)
+    if not returns:
+        raise EnvError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps"
+                       + ("" if binding.record_episode_statistics else " (with record_episode_statistics=False the "
+                          "returns come from the env's own infos[agent]['episode'], which it does not give)"))
     return returns[:episodes]

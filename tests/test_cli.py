@@ -112,16 +112,26 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
     code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
-    assert code == 2 and "no episode finished within 5 steps of CartPole-v1 (--max-steps)" in err
+    assert code == 2 and "CartPole-v1: no episode ended within max_steps=5 steps" in err
 
 
-def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys):
+def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     assert run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", str(run_dir),
                "--checkpoint-interval", "1")[0] == 0
     first = sorted((run_dir / "checkpoints").glob("*.pt"))[0]
-    code, out, _ = run(capsys, "train", "--resume", str(first), "--total-timesteps", "96")
-    assert code == 0 and f"run directory: {run_dir}" in out
+    code, _, err = run(capsys, "train", "--resume", str(first), "--total-timesteps", "96")
+    assert code == 2 and "holds update_000002.pt, newer than the checkpoint resumed from (update 1)" in err
+    branch = tmp_path / "branch"  # the run went on past that checkpoint: its continuation goes elsewhere
+    code, out, _ = run(capsys, "train", "--resume", str(first), "--total-timesteps", "96", "--run-dir", str(branch))
+    assert code == 0 and f"run directory: {branch}" in out
+    assert min(path.name for path in (branch / "checkpoints").glob("*.pt")) == "update_000002.pt"
+    loose = tmp_path / "models" / "cartpole.pt"  # a checkpoint kept outside a run directory starts a new one
+    loose.parent.mkdir()
+    loose.write_bytes(first.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "train", "--resume", str(loose), "--total-timesteps", "96")
+    assert code == 0 and "run directory: runs/cartpole__1__" in out and os.listdir(loose.parent) == ["cartpole.pt"]
     (tmp_path / "a_file").write_text("")
     code, _, err = run(capsys, "train", *FAST, "--run-dir", str(tmp_path / "a_file" / "run"))
     assert code == 2 and err.count("error:") == 1 and "a_file" in err

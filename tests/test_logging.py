@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -123,3 +124,16 @@ def test_logger_arguments_of_the_wrong_kind_are_named(tmp_path):
     with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
         with pytest.raises(APIUsageError, match="takes an int step and a dict of numbers, got int and list"):
             logger.log(1, [1, 2])
+
+
+def test_a_numpy_step_budget_and_a_cut_csv_row_on_resume_are_fine(tmp_path):
+    with Logger(tmp_path, total_steps=np.int64(512), dashboard=False, tensorboard=False) as logger:
+        assert logger.total_steps == 512 and type(logger.total_steps) is int
+        logger.log(64, {"global_step": 64})
+    with open(tmp_path / "progress.csv", "a") as file:
+        file.write("12")  # a row cut short when the run was killed, mid-number
+    with open(tmp_path / "progress.csv", "a") as file:
+        file.write("x,y\n")  # and garbage after it
+    with Logger(tmp_path, total_steps=512, dashboard=False, tensorboard=False, start_step=64):
+        pass
+    assert [row["global_step"] for row in read_progress(tmp_path)] == [64]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -21,10 +22,10 @@ from shoal import Binding
 from shoal import vector
 from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
 from shoal.envs import make_binding, preset
-from shoal.errors import APIUsageError
+from shoal.errors import APIUsageError, EnvError, TrainingError
 from shoal.logging import read_progress
 from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
-from shoal.ppo import Adam, PPOConfig, _clip_grad_norm, evaluate, gae, train
+from shoal.ppo import Adam, PPOConfig, _clip_grad_norm, config_from_checkpoint, evaluate, gae, train
 from shoal.vector import Batch
 
 QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
@@ -502,8 +503,8 @@ def test_resume_from_another_env_is_refused(tmp_path):
 
 def test_resume_with_another_network_is_refused(tmp_path):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path), lstm=True), make_binding("cartpole"))
-    with pytest.raises(APIUsageError, match=r"holds another network than this MLPPolicy: it was trained with "
-                                            r"policy='auto', hidden_size=0, lstm=True: build the policy"):
+    with pytest.raises(APIUsageError, match=r"holds LSTMPolicy\(MLPPolicy\) weights trained with policy='auto', "
+                                            r"hidden_size=0, lstm=True, not this MLPPolicy's network: build the policy"):
         train(PPOConfig(**QUICK), make_binding("cartpole"), resume_from=tmp_path)
 
 
@@ -601,11 +602,22 @@ def test_train_and_evaluate_arguments_of_the_wrong_kind_are_named():
     with vector.make(make_binding("gym:Acrobot-v1"), "serial", envs_per_worker=4) as acrobot:
         with pytest.raises(APIUsageError, match="vecenv steps Acrobot-v1, whose flat spaces .* are not CartPole-v1's"):
             train(PPOConfig(**QUICK), cartpole, vecenv=acrobot)
+    padded = Binding(env_cls=envs.PaddedCartPole)  # the same spaces per agent, another agent count
+    with vector.make(padded, "serial", envs_per_worker=4) as padded_vecenv:
+        with pytest.raises(APIUsageError, match=r"vecenv steps an env with agents \['a_ghost', 'cart', 'z_ghost'\], not "
+                                                r"CartPole-v1's \[0\]"):
+            train(PPOConfig(**QUICK), cartpole, vecenv=padded_vecenv)
     with pytest.raises(APIUsageError, match="logger must be a shoal.logging.Logger"):
         train(PPOConfig(**QUICK), cartpole, logger="x")
     policy = MLPPolicy(cartpole)
     with pytest.raises(APIUsageError, match="evaluate: episodes must be a positive int, got 0"):
         evaluate(policy, cartpole, episodes=0)
+    with pytest.raises(APIUsageError, match="evaluate: deterministic must be True or False, got 'no'"):
+        evaluate(policy, cartpole, deterministic="no")
+    quiet = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), record_episode_statistics=False)
+    with pytest.raises(EnvError, match=r"no episode ended within max_steps=600 steps \(with "
+                                       r"record_episode_statistics=False the returns come from the env's own"):
+        evaluate(MLPPolicy(quiet), quiet, max_steps=600)
     with pytest.raises(APIUsageError, match="policy must be a shoal.policy.Policy"):
         evaluate(None, cartpole)
 
@@ -624,6 +636,52 @@ def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
     with pytest.raises(APIUsageError, match=r"MLPPolicy's action head chooses among \[3\]: CartPole-v1's flat "
                                             r"action space is MultiDiscrete\(\[2\]\)"):
         train(PPOConfig(**QUICK), cartpole, policy=other)
+
+
+class NaNPolicy(MLPPolicy):
+    """Its outputs turn NaN once ``poisoned`` is set, as a diverged network's do."""
+
+    poisoned = False
+
+    def forward(self, obs, state=None, starts=None):
+        params, value, state = super().forward(obs, state, starts)
+        return (params * math.nan, value, state) if self.poisoned else (params, value, state)
+
+    def acting_forward(self):
+        return lambda obs: self(obs)[:2]
+
+
+def test_training_stops_when_the_losses_or_actions_stop_being_finite(tmp_path):
+    for env, match in [("cartpole", r"update 1 \(step 320\): the losses are not finite \(policy nan"),
+                       ("gym:Pendulum-v1", r"update 1 \(step 0\): the policy's actions are not finite \(\[nan")]:
+        binding = make_binding(env)
+        policy = NaNPolicy(binding)
+        policy.poisoned = True
+        config = PPOConfig(**{**QUICK, "num_envs": 4, "num_steps": 80}, run_dir=str(tmp_path / env.replace(":", "_")))
+        with pytest.raises(TrainingError, match=match + r".*stopped without writing a checkpoint of it"):
+            train(config, binding, policy=policy)
+        assert list_checkpoints(config.run_dir) == []
+
+
+def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=1, keep_checkpoints=0)
+    train(config, binding)
+    with pytest.raises(APIUsageError, match=r"already holds checkpoints of an earlier run \(newest update_000005.pt\): "
+                                            r"resume it"):
+        train(config, binding)
+    with pytest.raises(APIUsageError, match=r"holds update_000005.pt, newer than the checkpoint resumed from \(update 2\)"):
+        train(config, binding, resume_from=tmp_path / "checkpoints" / "update_000002.pt")
+    assert len(list_checkpoints(tmp_path)) == 5  # nothing of the earlier run was touched
+
+
+def test_a_checkpoint_without_the_trainers_keys_is_refused(tmp_path):
+    binding = make_binding("cartpole")
+    save_checkpoint(tmp_path, 1, {"model": MLPPolicy(binding).state_dict(), "env": "cartpole"})
+    with pytest.raises(APIUsageError, match="is not a checkpoint of shoal's trainer: it lacks optimizer, config, spaces"):
+        train(PPOConfig(**QUICK), binding, resume_from=tmp_path)
+    with pytest.raises(APIUsageError, match="is not a checkpoint of shoal's trainer"):
+        config_from_checkpoint(load_checkpoint(tmp_path))
 
 
 class DiesBeforeTheEnd(ParallelEnv):
