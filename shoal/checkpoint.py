@@ -84,6 +84,33 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> None:
+    """Before a run writes checkpoints into ``run_dir``: APIUsageError unless those there are its own past.
+
+    A new run (``resumed_update`` None) needs a directory without checkpoints; a resumed one refuses
+    checkpoints beyond the one it resumes from (the two histories would mix, and pruning would delete
+    the new ones), except a damaged one that :func:`load_checkpoint` skipped: it is renamed
+    ``*.damaged``, with a warning, so the run's new checkpoints are the newest.
+    """
+    found = list_checkpoints(run_dir)
+    if resumed_update is None and found:
+        raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
+                            f"{found[-1].name}): resume it (resume_from=..., shoal train --resume {run_dir}) or "
+                            f"choose a new run_dir")
+    for path in found:
+        if resumed_update is None or int(_NAME.match(path.name).group(1)) <= resumed_update:
+            continue
+        try:
+            _load_file(path, "cpu")
+        except APIUsageError as error:
+            os.replace(path, path.with_name(path.name + ".damaged"))
+            warnings.warn(f"{error}: renamed it {path.name}.damaged", stacklevel=2)
+            continue
+        raise APIUsageError(f"run_dir {str(run_dir)!r} holds {path.name}, newer than the checkpoint resumed from "
+                            f"(update {resumed_update}): continue into a new run_dir (--run-dir), or delete the "
+                            f"newer checkpoints")
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The newest checkpoint of a run directory, or an error that says what was looked for."""
     run_dir = Path(run_dir)

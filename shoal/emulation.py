@@ -19,8 +19,8 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from shoal.errors import APIUsageError, EnvError, SpaceError, check_int, is_int
-from shoal.spaces import ActionLayout, ObservationLayout, _short, action_array, index_leaves
+from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
+from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, index_leaves
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -469,10 +469,8 @@ class EmulatedEnv:
 
     def reset(self, seed: int | None = None):
         """Start an episode. Returns ``(obs, infos)``."""
-        if seed is not None:
-            if not (is_int(seed) and seed >= 0):
-                raise APIUsageError(f"{self.binding.env_name}: seed must be None or an int >= 0, got {seed!r}")
-            seed = int(seed)  # envs take Python ints only (gymnasium refuses numpy's)
+        if seed is not None:  # as a Python int: envs take no numpy ints (gymnasium refuses them)
+            seed = check_int(f"{self.binding.env_name}: seed", seed, minimum=0)
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
@@ -536,12 +534,14 @@ class EmulatedEnv:
         except KeyError:
             raise self._unknown_agent(agents, how) from None
 
-    def _unknown_agent(self, agents, how: str) -> EnvError:
-        """The error for the first of ``agents`` that is not in possible_agents (``how``: what the env did)."""
+    def _unknown_agent(self, agents, how: str, who: str = "the env", error: type = EnvError,
+                       step: int | None = None) -> Exception:
+        """The error for the first of ``agents`` that is not in possible_agents (``who`` ``how``: what was done
+        with it): EnvError for the env's doing, APIUsageError for the caller's or a hook's."""
         binding = self.binding
         unknown = next(agent for agent in agents if agent not in binding.agent_slots)
-        return EnvError(f"{binding.env_name}, step {self.tick}: the env {how} agent {unknown!r}, which is not in "
-                        f"possible_agents {list(binding.possible_agents)[:8]}")
+        return error(f"{binding.env_name}, step {self.tick if step is None else step}: {who} {how} agent {unknown!r}, "
+                     f"which is not in possible_agents {list(binding.possible_agents)[:8]}")
 
     def _write_single(self, obs) -> None:
         """``_write_agents`` for the one agent of a single-agent env."""
@@ -667,10 +667,7 @@ class EmulatedEnv:
                 f"{self.binding.env_name}, step {self.tick}: reward_shaper returned {type(shaped).__name__}: expected a "
                 f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
         if not shaped.keys() <= self.binding.agent_slots.keys():
-            unknown = next(agent for agent in shaped if agent not in self.binding.agent_slots)
-            raise APIUsageError(f"{self.binding.env_name}, step {self.tick}: reward_shaper returned a reward for "
-                                f"{unknown!r}, which is not an agent of this env: expected keys among "
-                                f"{list(self.binding.possible_agents)[:8]}")
+            raise self._unknown_agent(shaped, "returned a reward for", "reward_shaper", APIUsageError)
         return shaped
 
     def _respawn(self, agents: set) -> None:
@@ -807,9 +804,8 @@ class EmulatedEnv:
             raise APIUsageError(f"{binding.env_name}: with emulate_flat_atn=False, step takes a dict "
                                 f"of raw actions by agent id, got {type(actions).__name__}")
         where = f"{binding.env_name}, step {self.tick + 1}"
-        unknown = [agent for agent in actions if agent not in binding.agent_slots]
-        if unknown:
-            raise APIUsageError(f"{where}: actions for agent {unknown[0]!r}, which is not in possible_agents")
+        if not actions.keys() <= binding.agent_slots.keys():
+            raise self._unknown_agent(actions, "holds an action for", "step's actions", APIUsageError, self.tick + 1)
         chosen = {}
         for agent in live:
             if agent in actions:
@@ -819,7 +815,7 @@ class EmulatedEnv:
                 given = sorted(actions, key=_agent_order)
                 raise APIUsageError(f"{where}: no action for agent {agent!r}: expected one for every agent with mask "
                                     f"True that has not ended, got actions for {_short(given)}")
-            elif self._raw_layout is not None:
+            elif self._raw_layout is not None:  # a fresh one each time: the env may keep or edit what it gets
                 chosen[agent] = self._raw_layout.unflatten(self._raw_layout.neutral)
             else:
                 raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents but "
@@ -846,7 +842,7 @@ class EmulatedEnv:
         expected = (binding.max_agents, layout.size)
         where = f"{binding.env_name}, step {self.tick + 1}"
         try:
-            array = action_array(actions)
+            array = as_array(actions, "actions")
         except SpaceError as error:
             raise APIUsageError(f"{where}: {error}") from None
         if binding.max_agents == 1 and array.shape == (layout.size,):

@@ -43,6 +43,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _step_of(row: dict) -> float:
+    """A progress row's global_step; infinity for a row cut short by a crash (so it is not kept)."""
+    try:
+        return float(row["global_step"])
+    except (TypeError, ValueError):
+        return math.inf
+
+
 class Logger:
     """Sends each update's metrics to the console, CSV, TensorBoard and W&B.
 
@@ -235,14 +243,6 @@ class Logger:
 
 
 # ---------------------------------------------------------------- plots
-
-
-def _step_of(row: dict) -> float:
-    """A progress row's global_step; infinity for a row cut short by a crash (so it is not kept)."""
-    try:
-        return float(row["global_step"])
-    except (TypeError, ValueError):
-        return math.inf
 
 
 def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:

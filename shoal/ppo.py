@@ -28,10 +28,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from shoal.checkpoint import list_checkpoints, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from shoal.checkpoint import check_run_dir, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, EnvError, TrainingError, check_int, is_int
+from shoal.errors import APIUsageError, TrainingError, check_int, is_int
+from shoal.optim import Adam, clip_grad_norm
 from shoal.policy import Policy, check_policy, default_policy
+from shoal.spaces import _short
 
 
 @dataclass
@@ -226,79 +228,6 @@ def make_vecenv(config: PPOConfig, binding):
                        envs_per_worker=config.num_envs // workers, batch_size=batch, **options)
 
 
-class Adam:
-    """Adam (betas 0.9, 0.999) with one step count for all parameters, as optax counts, stepping each
-    device's parameters in one call of torch's fused kernel.
-
-    ``torch.optim.Adam(fused=True)`` runs the same kernel, but its bookkeeping around it costs more than
-    the math for a small network (95 against 25 us per step on the 2-core CPU), and making one imports
-    ``torch._dynamo`` (1-2 s before the first step). ``state_dict`` uses torch's format, so a checkpoint
-    loads into either. A parameter without a gradient in a step is left as it is.
-    """
-
-    def __init__(self, parameters, lr: float, eps: float = 1e-5):
-        self.parameters = list(parameters)
-        self.lr, self.eps, self.betas = lr, eps, (0.9, 0.999)
-        self.count = 0
-        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
-        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
-        self.groups: dict[tuple, list[int]] = {}  # (device, dtype) -> indices: the kernel takes one of each
-        for index, parameter in enumerate(self.parameters):
-            self.groups.setdefault((parameter.device, parameter.dtype), []).append(index)
-        self.steps = {key: torch.zeros((), dtype=torch.float32, device=key[0]) for key in self.groups}
-
-    def step(self) -> None:
-        self.count += 1
-        for key, indices in self.groups.items():
-            have = [i for i in indices if self.parameters[i].grad is not None]
-            if not have:
-                continue
-            step = self.steps[key].fill_(self.count)
-            torch._fused_adam_([self.parameters[i] for i in have], [self.parameters[i].grad for i in have],
-                               [self.exp_avgs[i] for i in have], [self.exp_avg_sqs[i] for i in have], [],
-                               [step] * len(have), lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
-                               weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
-
-    def state_dict(self) -> dict:
-        return {"state": {i: {"step": torch.tensor(float(self.count)), "exp_avg": m, "exp_avg_sq": v}
-                          for i, (m, v) in enumerate(zip(self.exp_avgs, self.exp_avg_sqs))},
-                "param_groups": [{"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0,
-                                  "amsgrad": False, "maximize": False, "params": list(range(len(self.parameters)))}]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load :meth:`state_dict`, or ``torch.optim.Adam``'s, of an optimizer of the same parameters."""
-        try:
-            (group,) = state_dict["param_groups"]
-            states = [state_dict["state"].get(index) for index in group["params"]]
-            fits = len(states) == len(self.parameters) and all(
-                state is None or state["exp_avg"].shape == m.shape == state["exp_avg_sq"].shape
-                for state, m in zip(states, self.exp_avgs))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            fits = False
-        if not fits:
-            raise APIUsageError("the optimizer state is not Adam's state for this network's parameters")
-        for state, m, v in zip(states, self.exp_avgs, self.exp_avg_sqs):
-            if state is None:  # torch.optim.Adam keeps none for a parameter that never had a gradient
-                m.zero_()
-                v.zero_()
-            else:
-                m.copy_(state["exp_avg"])
-                v.copy_(state["exp_avg_sq"])
-        self.count = max((int(state["step"]) for state in states if state is not None), default=0)
-        self.lr = group["lr"]
-
-
-def _clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> None:
-    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
-
-    What ``torch.nn.utils.clip_grad_norm_`` does, in a few ops: torch's own groups the gradients by
-    device and dtype on every call, which costs more than the math for a small network (~0.1 ms).
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # the norm of the norms
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-
-
 def _approx_kl(ratio: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """The estimate ``mean((r - 1) - log r)`` of KL(old || new) from the probability ratios r."""
     with torch.no_grad():
@@ -402,7 +331,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         global_step, update = checkpoint["global_step"], checkpoint["update"]
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
-        _check_run_dir(config.run_dir, update if resume_from is not None else None)
+        check_run_dir(config.run_dir, update if resume_from is not None else None)
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     if logger is None:
@@ -449,6 +378,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     slot_rows = _SlotRows(max_agents)
 
     def save(at_update: int, at_step: int) -> None:
+        if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
+            raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
+                                f"{_NOT_FINITE}; its last checkpoint is kept")
         save_checkpoint(config.run_dir, at_update, {
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
@@ -556,7 +488,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)
                     if not discrete and not np.isfinite(sent).all():
                         raise TrainingError(f"update {update} (step {global_step:,}): the policy's actions are not "
-                                            f"finite ({_short_values(sent)}): {_NOT_FINITE}")
+                                            f"finite ({_short(sent.ravel().tolist())}): {_NOT_FINITE}")
                     tick = time.perf_counter()
                     inference_time += tick - tock
                     vecenv.send(sent)
@@ -637,7 +569,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     for parameter in parameters:  # optimizer.zero_grad(set_to_none=True), minus its profiler hook
                         parameter.grad = None
                     loss.backward()
-                    _clip_grad_norm(parameters, config.max_grad_norm)
+                    clip_grad_norm(parameters, config.max_grad_norm)
                     optimizer.step()
                     stats.append((policy_loss, value_loss, entropy_loss, ratio, log_ratio))
                 if config.target_kl is not None and stats and _approx_kl(*stats[-1][3:]).item() > config.target_kl:
@@ -649,7 +581,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     clipfrac = ((ratio - 1).abs() > config.clip_coef).float().mean()
                     losses = torch.stack([*(torch.stack([mb[i] for mb in stats]).mean() for i in range(3)),
                                           _approx_kl(ratio, log_ratio), clipfrac]).tolist()
-                if not all(map(math.isfinite, losses)):  # the update has made the parameters NaN or inf: stop
+                if not all(map(math.isfinite, losses)):  # the parameters were or are about to be NaN or inf
                     raise TrainingError(f"update {update} (step {global_step:,}): the losses are not finite (policy "
                                         f"{losses[0]}, value {losses[1]}, entropy {losses[2]}): {_NOT_FINITE}"
                                         f"{'; its last checkpoint is kept' if config.run_dir else ''}")
@@ -775,24 +707,6 @@ _NOT_FINITE = ("the policy's outputs or gradients overflowed or became NaN (a le
                "policy whose forward gives them); stopped without writing a checkpoint of it")
 
 
-def _short_values(array: np.ndarray) -> str:
-    return np.array2string(array.ravel()[:6], precision=3) + (" ..." if array.size > 6 else "")
-
-
-def _check_run_dir(run_dir: str, resumed_update: int | None) -> None:
-    """APIUsageError when ``run_dir`` holds checkpoints that are not this run's past: an earlier run's, or
-    ones beyond the checkpoint it resumes from (the two histories would mix, and pruning would delete the new)."""
-    found = list_checkpoints(run_dir)
-    if resumed_update is None and found:
-        raise APIUsageError(f"run_dir {run_dir!r} already holds checkpoints of an earlier run (newest {found[-1].name}): "
-                            f"resume it (resume_from=..., shoal train --resume {run_dir}) or choose a new run_dir")
-    newer = [path.name for path in found if resumed_update is not None
-             and int(path.stem.removeprefix("update_")) > resumed_update]
-    if newer:
-        raise APIUsageError(f"run_dir {run_dir!r} holds {newer[-1]}, newer than the checkpoint resumed from (update "
-                            f"{resumed_update}): continue into a new run_dir (--run-dir), or delete the newer checkpoints")
-
-
 def _describe_policy(policy: Policy) -> str:
     """The policy's class, and the one it wraps (``LSTMPolicy(MixedPolicy)``), for checkpoints and messages."""
     inner = getattr(policy, "policy", None)
@@ -872,7 +786,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
     """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
 
     Returns come from ``infos[agent]["episode"]`` (the binding's episode statistics, or the env's own).
-    Play stops after ``max_steps`` env steps, with the episodes that ended by then (EnvError if none did).
+    Play stops after ``max_steps`` env steps, with the episodes that ended by then (APIUsageError if none did).
     ``device``: where to play (the policy is moved there); None plays where its parameters are. The
     policy's train/eval mode and the global torch RNG states are as before afterwards.
     """
@@ -920,7 +834,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
         env.close()
         policy.train(was_training)
     if not returns:
-        raise EnvError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps"
+        raise APIUsageError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps"
                        + ("" if binding.record_episode_statistics else " (with record_episode_statistics=False the "
                           "returns come from the env's own infos[agent]['episode'], which it does not give)"))
     return returns[:episodes]

@@ -248,13 +248,15 @@ def _casts_exactly(array: np.ndarray, dtype: np.dtype) -> bool:
 
 
 def _narrowed(field: "_Field", array: np.ndarray) -> np.ndarray:
-    """``array`` cast to the leaf's float dtype; SpaceError for a finite value that becomes infinite there."""
+    """``array`` cast to the leaf's narrower float dtype; SpaceError for a finite value that becomes infinite
+    there."""
     with np.errstate(over="ignore"):
         cast = array.astype(field.dtype)
-    overflow = np.isinf(cast) & ~np.isinf(array)
-    if overflow.any():
-        raise SpaceError(f"observation leaf {_path_str(field.path)}: {array[overflow][0].item()!r} does not fit "
-                         f"{field.dtype} (it would become {cast[overflow][0]})")
+    if np.isinf(cast).any():  # rare: only then find whether it was infinite before
+        overflow = np.isinf(cast) & ~np.isinf(array)
+        if overflow.any():
+            raise SpaceError(f"observation leaf {_path_str(field.path)}: {array[overflow][0].item()!r} does not fit "
+                             f"{field.dtype} (it would become {cast[overflow][0]})")
     return cast
 
 
@@ -274,11 +276,6 @@ def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
         where = what if path is None else f"{what} {_path_str(path)}"
         raise SpaceError(f"{where} must be one array (numpy, a CPU tensor or equal-length nested lists), got "
                          f"{type(value).__name__}: {str(error).splitlines()[0]}") from None
-
-
-def action_array(actions: Any) -> np.ndarray:
-    """``np.asarray(actions)``, or a SpaceError saying what came when numpy cannot make one array of it."""
-    return as_array(actions, "actions")
 
 
 def _is_torch(value: Any) -> bool:

@@ -793,7 +793,7 @@ def test_binding_and_env_arguments_of_the_wrong_kind_are_named():
     with pytest.raises(APIUsageError, match="num_envs must be a positive int, got -1"):
         Buffers.allocate(binding, -1)
     for seed in (True, -1, 2.0):
-        with pytest.raises(APIUsageError, match=f"CartPole-v1: seed must be None or an int >= 0, got {seed}"):
+        with pytest.raises(APIUsageError, match=f"CartPole-v1: seed must be an int >= 0, got {seed}"):
             binding.make_env().reset(seed=seed)
 
 
@@ -813,7 +813,7 @@ def test_a_reward_shaper_rewarding_an_unknown_agent_is_named():
                             reward_shaper=lambda rewards, infos: {"nobody": 1.0})
     env = binding.make_env()
     env.reset(seed=0)
-    with pytest.raises(APIUsageError, match="reward_shaper returned a reward for 'nobody', which is not an agent"):
+    with pytest.raises(APIUsageError, match="reward_shaper returned a reward for agent 'nobody', which is not in possible_agents"):
         env.step(np.zeros((2, 1), np.int64))
 
 

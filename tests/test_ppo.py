@@ -19,13 +19,14 @@ import torch
 
 import envs
 from shoal import Binding
-from shoal import vector
+from shoal import ppo, vector
 from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
 from shoal.envs import make_binding, preset
-from shoal.errors import APIUsageError, EnvError, TrainingError
+from shoal.errors import APIUsageError, TrainingError
 from shoal.logging import read_progress
 from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
-from shoal.ppo import Adam, PPOConfig, _clip_grad_norm, config_from_checkpoint, evaluate, gae, train
+from shoal.optim import Adam, clip_grad_norm
+from shoal.ppo import PPOConfig, config_from_checkpoint, evaluate, gae, train
 from shoal.vector import Batch
 
 QUICK = dict(num_envs=4, num_steps=16, total_timesteps=4 * 16 * 5, update_epochs=2, num_minibatches=2,
@@ -117,7 +118,7 @@ def test_gradient_clipping_matches_torch(max_norm):
     for a, b in zip(ours, theirs):
         a.grad = torch.randn(a.shape)
         b.grad = a.grad.clone()
-    _clip_grad_norm(ours, max_norm)
+    clip_grad_norm(ours, max_norm)
     torch.nn.utils.clip_grad_norm_(theirs, max_norm)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad)
@@ -615,7 +616,7 @@ def test_train_and_evaluate_arguments_of_the_wrong_kind_are_named():
     with pytest.raises(APIUsageError, match="evaluate: deterministic must be True or False, got 'no'"):
         evaluate(policy, cartpole, deterministic="no")
     quiet = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), record_episode_statistics=False)
-    with pytest.raises(EnvError, match=r"no episode ended within max_steps=600 steps \(with "
+    with pytest.raises(APIUsageError, match=r"no episode ended within max_steps=600 steps \(with "
                                        r"record_episode_statistics=False the returns come from the env's own"):
         evaluate(MLPPolicy(quiet), quiet, max_steps=600)
     with pytest.raises(APIUsageError, match="policy must be a shoal.policy.Policy"):
@@ -653,7 +654,7 @@ class NaNPolicy(MLPPolicy):
 
 def test_training_stops_when_the_losses_or_actions_stop_being_finite(tmp_path):
     for env, match in [("cartpole", r"update 1 \(step 320\): the losses are not finite \(policy nan"),
-                       ("gym:Pendulum-v1", r"update 1 \(step 0\): the policy's actions are not finite \(\[nan")]:
+                       ("gym:Pendulum-v1", r"update 1 \(step 0\): the policy's actions are not finite \(\[nan, nan")]:
         binding = make_binding(env)
         policy = NaNPolicy(binding)
         policy.poisoned = True
@@ -670,9 +671,32 @@ def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
     with pytest.raises(APIUsageError, match=r"already holds checkpoints of an earlier run \(newest update_000005.pt\): "
                                             r"resume it"):
         train(config, binding)
-    with pytest.raises(APIUsageError, match=r"holds update_000005.pt, newer than the checkpoint resumed from \(update 2\)"):
+    with pytest.raises(APIUsageError, match=r"holds update_000003.pt, newer than the checkpoint resumed from \(update 2\)"):
         train(config, binding, resume_from=tmp_path / "checkpoints" / "update_000002.pt")
     assert len(list_checkpoints(tmp_path)) == 5  # nothing of the earlier run was touched
+
+
+def test_resuming_past_a_damaged_newest_checkpoint_sets_it_aside(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=1, keep_checkpoints=2)
+    train(config, binding)
+    (tmp_path / "checkpoints" / "update_000005.pt").write_bytes(b"not a checkpoint")  # a disk fault
+    with pytest.warns(UserWarning, match="update_000005.pt.*renamed it update_000005.pt.damaged"):
+        resumed = train(dataclasses.replace(config, total_timesteps=4 * 16 * 7), binding, resume_from=tmp_path)
+    assert resumed.start_step == 4 * 16 * 4 and resumed.updates == 7
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["update_000006.pt", "update_000007.pt"]
+
+
+def test_parameters_broken_by_the_last_step_of_an_update_are_not_checkpointed(tmp_path, monkeypatch):
+    def infinite_gradients(parameters, max_norm):
+        for parameter in parameters:
+            parameter.grad.fill_(math.inf)
+
+    monkeypatch.setattr(ppo, "clip_grad_norm", infinite_gradients)  # its loss was finite, its step is not
+    config = PPOConfig(**{**QUICK, "num_minibatches": 1, "update_epochs": 1}, run_dir=str(tmp_path), checkpoint_interval=1)
+    with pytest.raises(TrainingError, match=r"update 1 \(step 64\): the policy's parameters are not finite"):
+        train(config, make_binding("cartpole"))
+    assert list_checkpoints(tmp_path) == []
 
 
 def test_a_checkpoint_without_the_trainers_keys_is_refused(tmp_path):

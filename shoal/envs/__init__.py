@@ -26,8 +26,8 @@ def cartpole(**env_kwargs: Any) -> Binding:
                    env_name="CartPole-v1")
 
 
-def _missing(error: ImportError) -> str:
-    """An ImportError's words, and the module Python found missing where they do not name it."""
+def _missing(error: Exception) -> str:
+    """An error's words, and for an ImportError the module Python found missing where they do not name it."""
     names = [found.name for found in (error, error.__cause__, error.__context__)
              if isinstance(found, ImportError) and found.name]
     text = str(error)
@@ -55,8 +55,7 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
         return Binding(env_creator=make_atari_env, env_args=(game,), env_kwargs=env_kwargs,
                        env_name=f"{game} (Atari)", record_episode_statistics=False)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # opencv, for AtariPreprocessing
-        detail = _missing(error) if isinstance(error, ImportError) else error
-        raise APIUsageError(f"Atari envs need a package that is not installed: {detail}; the atari extra installs "
+        raise APIUsageError(f"Atari envs need a package that is not installed: {_missing(error)}; the atari extra installs "
                             f"it: ./install.sh atari") from None
 
 
@@ -75,8 +74,7 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
     try:
         return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
-        detail = _missing(error) if isinstance(error, ImportError) else error
-        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {detail}") from None
+        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {_missing(error)}") from None
 
 
 def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:

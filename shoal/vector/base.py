@@ -31,7 +31,7 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int
-from shoal.spaces import action_array
+from shoal.spaces import as_array
 
 
 class Batch(NamedTuple):
@@ -404,10 +404,10 @@ class VecEnv(abc.ABC):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "VecEnv":
         # Python's own TypeError for an unknown keyword names none of those the backend takes.
-        signature = inspect.signature(cls.__init__).parameters
-        parameters = [name for name in signature if name != "self"]
+        params = inspect.signature(cls.__init__).parameters
+        parameters = [name for name in params if name != "self"]
         unknown = [name for name in kwargs if name not in parameters]
-        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             raise APIUsageError(f"{cls.__name__}: unknown keyword argument {unknown[0]!r}: it takes "
                                 f"{', '.join(parameters)}")
         return super().__new__(cls)
@@ -689,7 +689,7 @@ class VecEnv(abc.ABC):
         rows = self.batch_size * self.max_agents
         expected = (rows, self._atn_size)
         try:
-            array = action_array(actions)
+            array = as_array(actions, "actions")
         except SpaceError as error:
             raise APIUsageError(f"send(actions): {error}") from None
         if array.shape != expected:

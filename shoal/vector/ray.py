@@ -30,8 +30,8 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, check_seconds,
-                               default_num_workers, send_command, serve, split_arrays, start_worker)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, _unpicklable,
+                               check_seconds, default_num_workers, send_command, serve, split_arrays, start_worker)
 
 
 def import_ray():
@@ -126,8 +126,7 @@ class RayWorker:
             try:  # an unpicklable result is the caller's mistake: say so, and keep the actor
                 cloudpickle.dumps(answer)
             except Exception as error:
-                return Status.USAGE_ERROR, (f"the result of {command.value} cannot be sent to the parent: "
-                                            f"{type(error).__name__}: {error} (results must pickle)")
+                return _unpicklable(self.group, command, answer, error)
         return status, answer
 
     def close(self) -> None:
