@@ -633,7 +633,7 @@ class EmulatedEnv:
             dark_slots = [binding.agent_slots[agent] for agent in dark]
             self._episode_return[dark_slots] += self._rewards_of(env_rewards, dark)
             self._episode_length[dark_slots] += 1
-        out_infos = {agent: infos[agent] for agent in agents if infos.get(agent)}
+        out_infos = {agent: infos[agent] for agent in (agents + dark if dark else agents) if infos.get(agent)}
         self._check_infos(out_infos)
         self.obs[was_live & ~self.masks] = 0
 
@@ -654,9 +654,10 @@ class EmulatedEnv:
         if episode_over:
             delivered = self.masks.copy()
             reset_infos = self._begin_episode(None)
+            for slot in np.flatnonzero(self.masks):  # the new episode's agents: their observations are its first
+                agent = binding.possible_agents[slot]
+                out_infos[agent] = {**out_infos.get(agent, {}), "reset_info": reset_infos.get(agent, {})}
             self.masks |= delivered
-            for agent, info in reset_infos.items():
-                out_infos.setdefault(agent, {})["reset_info"] = info
         return self._outputs(out_infos)
 
     def _shaped(self, rewards: dict, infos: dict) -> dict:
@@ -723,9 +724,7 @@ class EmulatedEnv:
         infos = {SINGLE_AGENT_ID: info} if info else {}
         if terminal or truncation:
             final = infos[SINGLE_AGENT_ID] = self._final_info(0, info, (float(episode[0]), episode[1]))
-            reset_infos = self._begin_episode(None)
-            if reset_infos:
-                final["reset_info"] = reset_infos[SINGLE_AGENT_ID]
+            final["reset_info"] = self._begin_episode(None).get(SINGLE_AGENT_ID, {})
         if self._plain_outputs:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)

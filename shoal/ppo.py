@@ -412,10 +412,12 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     reward = np.where(mask, batch.rewards, 0).astype(np.float32)
 
                     # Episode statistics, and bootstrap values for truncated agents from their final observation.
-                    final_rows, final_obs = [], []
+                    final_rows, final_obs, restarted = [], [], []
                     for position, env_infos in enumerate(batch.infos):
                         for agent, info in env_infos.items():
                             row = position * max_agents + slot_of_agent[agent]  # within the batch
+                            if "reset_info" in info:  # the env reset in this step: the agent's obs is a first one
+                                restarted.append(row)
                             if "episode" in info:
                                 episode = float(info["episode"]["return"]), int(info["episode"]["length"])
                                 finished.append(episode)
@@ -456,33 +458,35 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
                     ended = terminal | truncation
                     if max_agents > 1 and ended.any():
-                        # An agent that ended while its env went on delivered its *final* observation: nothing
-                        # follows from it, even if its slot is live again next step (a respawn, or the next
-                        # episode after an autoreset). Where every agent alive before ended, the env reset in
-                        # this step and these are the next episode's first observations.
-                        alive = last_mask[batch_slots]
-                        reset = ((ended | ~alive).reshape(-1, max_agents).all(1)
-                                 & alive.reshape(-1, max_agents).any(1))
-                        mask = mask & ~(ended & ~np.repeat(reset, max_agents))
+                        # An observation that came with its agent's own end is *final*: nothing follows from it,
+                        # even if the slot is live again next step (a respawn, an agent of the next episode).
+                        # Only an agent of the episode the env began in this step has a first one instead.
+                        first = np.zeros(len(mask), bool)
+                        first[restarted] = True
+                        mask = mask & ~(ended & ~first)
                     obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
                     live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
                     if live is not None:
                         obs[t[~mask], rows[~mask]] = 0
-                    ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
-                    if policy.is_recurrent:
-                        acting = torch.as_tensor(rows if live is None else rows[live], device=device)
-                        begin = torch.as_tensor(start if live is None else start[live], device=device)[:, None]
-                        h = torch.where(begin, 0.0, state[0][acting])
-                        c = torch.where(begin, 0.0, state[1][acting])
-                        at_end = torch.as_tensor((t if live is None else t[live]) == T, device=device)
-                        next_rollout_state[0][acting[at_end]] = h[at_end]
-                        next_rollout_state[1][acting[at_end]] = c[at_end]
-                        params, value, (h, c) = policy(ob, (h, c))
-                        state[0][acting], state[1][acting] = h, c
+                    if live is not None and not len(live):  # every slot dead or dark: no one to act for
+                        action, logprob, value = np.zeros((0, atn_size)), np.zeros(0), np.zeros(0)
                     else:
-                        params, value = act(ob)
-                    action, logprob = policy.sample_actions(params)
-                    action, logprob, value = action.cpu().numpy(), logprob.cpu().numpy(), value.float().cpu().numpy()
+                        ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
+                        if policy.is_recurrent:
+                            acting = torch.as_tensor(rows if live is None else rows[live], device=device)
+                            begin = torch.as_tensor(start if live is None else start[live], device=device)[:, None]
+                            h = torch.where(begin, 0.0, state[0][acting])
+                            c = torch.where(begin, 0.0, state[1][acting])
+                            at_end = torch.as_tensor((t if live is None else t[live]) == T, device=device)
+                            next_rollout_state[0][acting[at_end]] = h[at_end]
+                            next_rollout_state[1][acting[at_end]] = c[at_end]
+                            params, value, (h, c) = policy(ob, (h, c))
+                            state[0][acting], state[1][acting] = h, c
+                        else:
+                            params, value = act(ob)
+                        action, logprob = policy.sample_actions(params)
+                        action, logprob, value = (action.cpu().numpy(), logprob.cpu().numpy(),
+                                                  value.float().cpu().numpy())
                     actions[at], logprobs[at], values[at] = (_expand(x, live, len(rows))
                                                              for x in (action, logprob, value))
                     sent = actions[at] if discrete else np.clip(actions[at], atn_space.low, atn_space.high)

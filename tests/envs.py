@@ -288,3 +288,50 @@ class ConstantRewardEnv(gymnasium.Env):
     def step(self, action):
         self.t += 1
         return np.ones(1, np.float32), 1.0, False, self.t >= self.horizon, {}
+
+
+class ScriptedLives(ParallelEnv):
+    """Agents "a" and "b" live by a script, one entry per step (repeated every episode), and the env keeps a
+    log of what it received.
+
+    An entry is ``(shown, ended, listed)``: the agents with an observation, the agents terminated at this
+    step, and ``env.agents`` after it (an agent listed but not shown is dark). ``reset`` is
+    ``(shown, listed)``. The episode ends with the script. Every agent that received an action gets reward
+    1 and the info ``{"step": t}``. ``log`` holds, per step, the agents shown
+    before it, which of them had ended, the agents that received an action, and what came of each
+    (shown, ended or left ``env.agents``).
+    """
+
+    metadata = {"name": "scripted_lives"}
+    possible_agents = ["a", "b"]
+
+    def __init__(self, reset=(("a", "b"), ("a", "b")), script=()):
+        self.start, self.script, self.log = reset, script, []
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 100, (1,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        shown, self.agents = self.start[0], list(self.start[1])
+        self.t, self.shown, self.ended = 0, set(shown), set()
+        return {agent: np.array([self.t], np.float32) for agent in shown}, {}
+
+    def step(self, actions):
+        shown, ended, listed = self.script[self.t]
+        self.t += 1
+        answered = set(shown) | set(ended) | (set(actions) - set(listed))
+        self.log.append((self.shown - self.ended, set(actions), answered))
+        self.shown, self.ended = set(shown), set(ended)
+        rewards = {agent: 1.0 for agent in actions}
+        self.agents = list(listed)
+        terminals = {agent: True for agent in ended}
+        infos = {agent: {"step": self.t} for agent in actions}
+        return {agent: np.array([self.t], np.float32) for agent in shown}, rewards, terminals, {}, infos
+
+    def transitions(self) -> int:
+        """The transitions that count by docs/design.md's rule: an agent shown (and not ended) before a step
+        received an action in it, and something came of it."""
+        return sum(len(before & acted & answered) for before, acted, answered in self.log)

@@ -13,7 +13,7 @@ from shoal.emulation import Buffers
 from shoal.errors import APIUsageError, EnvError, SpaceError
 
 from envs import (ACTION_SPACE, BadObservationEnv, NestedMultiAgentEnv, NestedSingleAgentEnv, PrintingEnv,
-                  UnknownAgentEnv)
+                  ScriptedLives, UnknownAgentEnv)
 
 
 def nested_binding(**kwargs) -> shoal.Binding:
@@ -1067,3 +1067,24 @@ def test_a_ragged_observation_of_one_agent_is_named():
     with pytest.raises(EnvError, match=r"scripted, agent 'b', step 1: observation does not fit .*: observation leaf "
                                        r"\(the whole space\) must be one array .* got list: setting an array element"):
         scripted(ragged).step(np.zeros((2, 1), np.int64))
+
+
+def test_at_an_autoreset_each_agent_of_the_new_episode_has_reset_info_and_dark_agents_keep_their_infos():
+    binding = shoal.Binding(env_cls=ScriptedLives, env_kwargs=dict(
+        reset=(("a",), ("a",)), script=[(("a", "b"), (), ("a", "b")), (("a",), (), ("a", "b")),
+                                        (("a", "b"), ("a", "b"), ())]))
+    env = binding.make_env()
+    env.reset(seed=0)
+    env.step(np.zeros((2, 1), np.int64))
+    _, _, _, _, infos = env.step(np.zeros((2, 1), np.int64))  # "b" is listed but not shown: dark
+    assert env.masks.tolist() == [True, False] and infos["b"] == {"step": 2}
+    _, _, terminals, _, infos = env.step(np.zeros((2, 1), np.int64))  # both end; the next episode has only "a"
+    assert terminals.tolist() == [True, True] and env.masks.tolist() == [True, True]
+    assert infos["a"]["reset_info"] == {} and "reset_info" not in infos["b"]  # "a"'s obs is the new episode's
+    single = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)).make_env()
+    single.reset(seed=0)
+    while True:
+        _, _, terminals, truncations, infos = single.step(np.zeros((1, 1), np.int64))
+        if terminals[0] or truncations[0]:
+            assert infos[0]["reset_info"] == {}
+            break

@@ -639,6 +639,30 @@ def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
         train(PPOConfig(**QUICK), cartpole, policy=other)
 
 
+LIVES = {  # reset (shown, listed), then per step (shown, terminated, listed after it): see envs.ScriptedLives
+    "one dies while the other is dark, and respawns": ((("a",), ("a", "b")), [
+        (("a",), (), ("a", "b")), (("a",), ("a",), ("b",)), (("a",), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
+    "one appears in the step the other dies": ((("a",), ("a",)), [
+        (("a",), (), ("a",)), (("a", "b"), ("a",), ("b",)), (("a", "b"), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
+    "every agent dark for a step": ((("a", "b"), ("a", "b")), [
+        (("a", "b"), (), ("a", "b")), ((), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
+    "one absent at reset": ((("a",), ("a",)), [(("a", "b"), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
+}
+
+
+@pytest.mark.parametrize("lives", LIVES)
+def test_global_step_counts_exactly_the_transitions_of_the_documented_rule(lives):
+    reset, script = LIVES[lives]
+    binding = Binding(env_cls=envs.ScriptedLives, env_kwargs=dict(reset=reset, script=script))
+    config = PPOConfig(**{**QUICK, "num_envs": 2, "num_steps": 8, "total_timesteps": 160})
+    with vector.make(binding, "serial", envs_per_worker=2) as vecenv:
+        result = train(config, binding, vecenv=vecenv)
+        logs = vecenv.get_attr("log")
+    # Each env's last step answers the actions sent before the last update: no transition of the run's.
+    expected = sum(len(before & acted & answered) for log in logs for before, acted, answered in log[:-1])
+    assert result.global_step == expected
+
+
 class NaNPolicy(MLPPolicy):
     """Its outputs turn NaN once ``poisoned`` is set, as a diverged network's do."""
 
