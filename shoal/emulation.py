@@ -461,9 +461,17 @@ class EmulatedEnv:
                 return method(*args, **kwargs)
         return method(*args, **kwargs)
 
+    def _listed(self) -> list:
+        """The env's ``agents``; EnvError unless it is a list (of agent ids)."""
+        agents = self.env.agents
+        if not isinstance(agents, (list, tuple)):
+            raise EnvError(f"{self.binding.env_name}, step {self.tick}: env.agents must be a list of agent ids, got "
+                           f"{type(agents).__name__} {_short(agents)}")
+        return agents
+
     def _live_agents(self) -> list:
         """Agents of a multi-agent env that act at the next step."""
-        return [agent for agent in self.env.agents if agent not in self._ended]
+        return [agent for agent in self._listed() if agent not in self._ended]
 
     # -------------------------------------------------------------- the contract
 
@@ -597,7 +605,7 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
-        listed = set(self.env.agents)
+        listed = set(self._listed())
         if self._gone:  # ended agents that left env.agents and are listed again: new agent-episodes
             self._respawn(self._gone.intersection(listed))
         if self._ended:
@@ -639,7 +647,7 @@ class EmulatedEnv:
 
         ended = self._ended
         episode_over = not any(agent not in ended and not terminals.get(agent) and not truncations.get(agent)
-                               for agent in self.env.agents)
+                               for agent in listed)
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True

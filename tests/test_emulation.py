@@ -1088,3 +1088,12 @@ def test_at_an_autoreset_each_agent_of_the_new_episode_has_reset_info_and_dark_a
         if terminals[0] or truncations[0]:
             assert infos[0]["reset_info"] == {}
             break
+
+
+def test_env_agents_that_is_not_a_list_is_named():
+    binding = shoal.Binding(env_cls=ScriptedLives, env_kwargs=dict(script=[(("a", "b"), (), ("a", "b"))] * 3))
+    env = binding.make_env()
+    env.reset(seed=0)
+    env.env.unwrapped.agents = None
+    with pytest.raises(EnvError, match="step 0: env.agents must be a list of agent ids, got NoneType None"):
+        env.step(np.zeros((2, 1), np.int64))
