@@ -335,3 +335,10 @@ class ScriptedLives(ParallelEnv):
         """The transitions that count by docs/design.md's rule: an agent shown (and not ended) before a step
         received an action in it, and something came of it."""
         return sum(len(before & acted & answered) for before, acted, answered in self.log)
+
+
+class Unpicklable(Exception):
+    """Pickles, but does not unpickle: pickle passes its args positionally, its __init__ takes a keyword."""
+
+    def __init__(self, *, code: int):
+        super().__init__(code)

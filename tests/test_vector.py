@@ -23,7 +23,7 @@ import torch
 
 import shoal
 import shoal.vector
-from envs import NestedMultiAgentEnv, ProbeEnv, ReseedingNestedMultiAgentEnv
+from envs import NestedMultiAgentEnv, ProbeEnv, ReseedingNestedMultiAgentEnv, Unpicklable
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector import Batch, Multiprocessing, Ray, Serial
 
@@ -558,6 +558,18 @@ def test_an_answer_that_does_not_unpickle_in_the_parent_is_a_worker_error(no_lea
     vecenv.set_attr("unreadable_info", True, env_ids=[0])
     with pytest.raises(WorkerError, match=f"worker 0 .*: its answer to step at step 1 {unpickling}"):
         vecenv.step(np.zeros((2, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", ["multiprocessing", "ray"])
+def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refused(no_leaks, backend):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2)
+    vecenv.reset(seed=0)
+    with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: TypeError"):
+        vecenv.call("pid", Unpicklable(code=3))
+    with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers"):
+        vecenv.call("pid", lambda: 1)  # local Ray actors take commands on a socket, pickled as Multiprocessing's
+    assert len(vecenv.call("pid")) == 2  # still usable
+    vecenv.close()
 
 
 # Local Ray actors take commands on a socket; with shared_memory=False (as on another node) by Ray calls.

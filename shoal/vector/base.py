@@ -239,13 +239,15 @@ def serve(group: EnvGroup, conn) -> None:
     try:
         while status is not Status.FAILED:
             message = conn.recv_bytes()
-            command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
+            try:
+                command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
+            except Exception as error:  # arguments that pickled in the parent do not unpickle here: the caller's
+                conn.send((Status.USAGE_ERROR, f"the command's arguments do not unpickle in the worker: "
+                                               f"{type(error).__name__}: {error}"))
+                continue
             if command is Command.CLOSE:
                 break
-            try:
-                status, answer = group.handle(command, payload)
-            except BaseException as error:  # SystemExit or KeyboardInterrupt from env code: report it too
-                status, answer = Status.FAILED, group._failure(command.value, error)
+            status, answer = handle_in_worker(group, command, payload)
             if status is Status.OK and command in (Command.STEP, Command.RESET) and not any(answer):
                 conn.send_bytes(_QUIET)
                 continue
@@ -261,6 +263,15 @@ def serve(group: EnvGroup, conn) -> None:
     finally:
         group.close()
         conn.close()
+
+
+def handle_in_worker(group: EnvGroup, command: Command, payload: Any) -> tuple[Status, Any]:
+    """``group.handle`` in a worker process or actor, where a SystemExit or KeyboardInterrupt from env code is
+    reported too; in :class:`~shoal.vector.serial.Serial` it is the caller's own and goes through."""
+    try:
+        return group.handle(command, payload)
+    except BaseException as error:
+        return Status.FAILED, group._failure(command.value, error)
 
 
 def start_worker(group: EnvGroup) -> tuple[Status, Any]:
@@ -404,7 +415,7 @@ class VecEnv(abc.ABC):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "VecEnv":
         # Python's own TypeError for an unknown keyword names none of those the backend takes.
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(cls.__init__, follow_wrapped=False).parameters  # a decorator may add keywords
         parameters = [name for name in params if name != "self"]
         unknown = [name for name in kwargs if name not in parameters]
         if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

@@ -24,6 +24,7 @@ import threading
 import traceback
 import uuid
 from multiprocessing import connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, _unpicklable,
-                               check_seconds, default_num_workers, send_command, serve, split_arrays, start_worker)
+                               check_seconds, default_num_workers, handle_in_worker, send_command, serve, split_arrays,
+                               start_worker)
 
 
 def import_ray():
@@ -116,7 +118,7 @@ class RayWorker:
         """Answer one command; reset/step answers are ``(buffers or None when shared, infos)``."""
         if command is Command.STEP and payload is not None:
             self.actions[:] = payload
-        status, answer = self.group.handle(command, payload)
+        status, answer = handle_in_worker(self.group, command, payload)
         if status is Status.OK and command in (Command.RESET, Command.STEP):
             # Serialized right here, so reusing the buffers for the next step is safe.
             return status, (None if self.shared else self.buffers, answer)
@@ -277,8 +279,10 @@ class Ray(VecEnv):
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env "
                                   f"{env}: {type(error).__name__}", str(error), env) from None
             except ray.exceptions.RayError as error:
-                if isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception):
-                    # the answer came, but does not unpickle here (Ray's own trouble carries a str)
+                if (isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception)
+                        and not isinstance(error, ray.exceptions.RayTaskError)):
+                    # the answer came, but does not unpickle here (Ray's own trouble carries a str; an argument
+                    # that did not unpickle in the actor comes as a RayTaskError)
                     raise self._unreadable_error(worker, error.client_exc, error.traceback_str or "") from None
                 raise WorkerError(f"{self._describe(worker)}: its Ray call failed at step {self._steps}: "
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
@@ -298,9 +302,12 @@ class Ray(VecEnv):
                            f"code?)", env_id=env)
 
     def _check_sendable(self, value: Any) -> None:
-        from ray import cloudpickle
+        if self._conns:  # commands go on the actors' sockets, pickled as Multiprocessing pickles them
+            ForkingPickler.dumps(value)
+        else:
+            from ray import cloudpickle
 
-        cloudpickle.dumps(value)
+            cloudpickle.dumps(value)
 
     def _running_env(self, worker: int) -> int | None:
         return int(self._progress[worker]) if self._shared[worker] else None
