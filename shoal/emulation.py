@@ -643,6 +643,9 @@ class EmulatedEnv:
             self._episode_length[dark_slots] += 1
         out_infos = {agent: infos[agent] for agent in (agents + dark if dark else agents) if infos.get(agent)}
         self._check_infos(out_infos)
+        if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's
+            out_infos = {agent: {key: value for key, value in info.items() if key != "reset_info"}
+                         for agent, info in out_infos.items()}
         self.obs[was_live & ~self.masks] = 0
 
         ended = self._ended

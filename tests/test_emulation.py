@@ -1097,3 +1097,13 @@ def test_env_agents_that_is_not_a_list_is_named():
     env.env.unwrapped.agents = None
     with pytest.raises(EnvError, match="step 0: env.agents must be a list of agent ids, got NoneType None"):
         env.step(np.zeros((2, 1), np.int64))
+
+
+def test_an_env_info_named_reset_info_does_not_pass_for_a_reset():
+    binding = shoal.Binding(env_cls=ScriptedLives, env_kwargs=dict(script=[(("a", "b"), (), ("a", "b"))] * 3))
+    env = binding.make_env()
+    env.reset(seed=0)
+    env.env.unwrapped.step = lambda actions: ({"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)},
+                                              {"a": 0.0, "b": 0.0}, {}, {}, {"a": {"reset_info": 1, "hp": 3}})
+    _, _, _, _, infos = env.step(np.zeros((2, 1), np.int64))
+    assert infos == {"a": {"hp": 3}}
