@@ -839,6 +839,6 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
         policy.train(was_training)
     if not returns:
         raise APIUsageError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps"
-                       + ("" if binding.record_episode_statistics else " (with record_episode_statistics=False the "
-                          "returns come from the env's own infos[agent]['episode'], which it does not give)"))
+                            + ("" if binding.record_episode_statistics else " (with record_episode_statistics=False "
+                               "the returns come from the env's own infos[agent]['episode'], which it does not give)"))
     return returns[:episodes]
