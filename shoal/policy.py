@@ -285,21 +285,26 @@ class NatureCNN(Policy):
     """The Nature-DQN convolutional network for stacked frames, ``uint8`` scaled to [0, 1].
 
     Reads the raw observation as ``(C, H, W)`` (channels first, e.g. 4 stacked 84x84 frames) or
-    ``(H, W, C)`` with ``channels_last=True``; a 2-D ``(H, W)`` frame gets one channel.
+    ``(H, W, C)`` (``channels_last``; by default where the last axis is shorter than the first, e.g.
+    84x84x4 or 64x64x6); a 2-D ``(H, W)`` frame gets one channel. Frames need at least 36x36 pixels.
     """
 
     def __init__(self, binding, hidden_size: int = 512, channels_last: bool | None = None):
         check_int("NatureCNN: hidden_size", hidden_size)
         super().__init__(binding, feature_size=hidden_size)
         shape = binding.raw_single_observation_space.shape
-        if channels_last is None:
-            channels_last = len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+        if channels_last is None:  # channels are the short axis: 4 frames of 84x84, or 6 planes of 64x64
+            channels_last = len(shape) == 3 and shape[2] < shape[0]
         self.channels_last = channels_last
         if len(shape) == 2:
             chw = (1, *shape)
         else:
             chw = (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
         self.chw = chw
+        if min(chw[1:]) < 36:  # its three convolutions shrink 36 pixels to 1
+            raise SpaceError(f"NatureCNN needs frames of at least 36x36 pixels; {binding.env_name}'s observations "
+                             f"read as {chw[0]} channels of {chw[1]}x{chw[2]}: use policy kind 'mixed' or 'mlp'"
+                             f"{'' if len(shape) == 2 else ', or pass channels_last'}")
         self.scale = 1 / 255 if binding.raw_single_observation_space.dtype == np.uint8 else 1.0
         self.convs = nn.Sequential(
             layer_init(nn.Conv2d(chw[0], 32, 8, stride=4)), nn.ReLU(),
@@ -495,8 +500,9 @@ class LSTMPolicy(Policy):
 def check_policy(policy: Any, binding) -> None:
     """APIUsageError unless ``policy`` is a :class:`Policy` whose actions fit ``binding``'s action space.
 
-    Runs it once on a zero observation, outside inference mode: this also sets up lazy modules
-    (``nn.LazyLinear``) before an optimizer is given their parameters.
+    Runs it once on two zero observations, in eval mode (batch statistics stay as they are) and outside
+    inference mode: this also sets up lazy modules (``nn.LazyLinear``) before an optimizer is given their
+    parameters.
     """
     if not isinstance(policy, Policy):
         raise APIUsageError(f"policy must be a shoal.policy.Policy (subclass it and write encode; see 'Your own "
@@ -511,16 +517,24 @@ def check_policy(policy: Any, binding) -> None:
                                 f"this binding")
     discrete = isinstance(space, spaces.MultiDiscrete)
     device = next(iter(policy.parameters()), torch.empty(0)).device
-    obs = torch.from_numpy(np.zeros((1, *binding.single_observation_space.shape),
+    obs = torch.from_numpy(np.zeros((2, *binding.single_observation_space.shape),
                                     binding.single_observation_space.dtype)).to(device)
+    was_training = policy.training
     try:
+        policy.eval()
         with torch.no_grad():
             params, value, _ = policy(obs)
             action, _ = policy.sample_actions(params, deterministic=True)
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as error:
-        raise APIUsageError(f"{name} fails on one zero observation of {binding.env_name} (shape {tuple(obs.shape)}, "
-                            f"{obs.dtype}): {type(error).__name__}: {error}") from error
-    expected = (1, int(np.prod(space.shape)))
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        raise APIUsageError(f"{name} fails on two zero observations of {binding.env_name} (shape "
+                            f"{tuple(obs.shape)}, {obs.dtype}): {type(error).__name__}: {error}") from error
+    finally:
+        policy.train(was_training)
+    if len(params) != 2 or tuple(value.shape) != (2,):
+        raise APIUsageError(f"{name} returns action parameters of shape {tuple(params.shape)} and values of shape "
+                            f"{tuple(value.shape)} for 2 observations: expected one row of each per observation, "
+                            f"values of shape (2,)")
+    expected = (2, int(np.prod(space.shape)))
     head = getattr(policy, "action_head", None)
     if (tuple(action.shape) != expected or action.is_floating_point() == discrete
             or discrete and isinstance(head, DiscreteHead) and head.nvec != space.nvec.tolist()):
@@ -528,8 +542,6 @@ def check_policy(policy: Any, binding) -> None:
             f"gives {'float' if action.is_floating_point() else 'integer'} actions of shape {tuple(action.shape[1:])}")
         raise APIUsageError(f"{name}'s action head {chooses}: {binding.env_name}'s flat action space is {space}; "
                             f"build the policy with this binding (Policy.__init__ makes the matching head)")
-    if tuple(value.shape) != (1,):
-        raise APIUsageError(f"{name} returns values of shape {tuple(value.shape)} for 1 observation: expected (1,)")
 
 
 def _is_image(space: spaces.Space) -> bool:
@@ -550,6 +562,8 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
         raise APIUsageError(f"default_policy needs the env's shoal.Binding, got {type(binding).__name__}")
     if hidden_size is not None:
         check_int("default_policy: hidden_size", hidden_size)
+    if not isinstance(lstm, (bool, np.bool_)):
+        raise APIUsageError(f"default_policy: lstm must be True or False, got {lstm!r}")
     space = binding.raw_single_observation_space
     if kind == "cnn" and not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
         raise SpaceError(f"policy kind 'cnn' reads frames, a Box of 2 or 3 dimensions; {binding.env_name}'s "

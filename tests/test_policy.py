@@ -11,9 +11,9 @@ from gymnasium import spaces
 import envs
 from shoal import Binding
 from shoal.envs import make_binding
-from shoal.errors import SpaceError
+from shoal.errors import APIUsageError, SpaceError
 from shoal.policy import (DiscreteHead, GaussianHead, LSTMPolicy, MixedPolicy, MLPPolicy, NatureCNN, Policy,
-                          default_policy, leaf_features)
+                          check_policy, default_policy, leaf_features)
 
 
 class BoxEnv(gymnasium.Env):
@@ -38,6 +38,7 @@ def _binding(obs_space, action_space=spaces.Discrete(2)) -> Binding:
     (spaces.Box(-1, 1, (4,)), MLPPolicy),
     (spaces.Box(0, 255, (4, 84, 84), np.uint8), NatureCNN),
     (spaces.Box(0, 255, (64, 64, 3), np.uint8), NatureCNN),
+    (spaces.Box(0, 255, (64, 64, 6), np.uint8), NatureCNN),  # two stacked RGB frames, channels last
     (spaces.Box(0, 255, (8, 8), np.uint8), MixedPolicy),  # too small for the Nature CNN
     (spaces.Discrete(7), MixedPolicy),
     (envs.OBS_SPACE, MixedPolicy),
@@ -250,3 +251,38 @@ def test_lstm_state_and_head_sizes_are_checked():
         policy(torch.zeros(2, 4), torch.zeros(2, 16))
     with pytest.raises(APIUsageError, match="DiscreteHead needs at least one dimension, each with >= 1 choice"):
         DiscreteHead(4, [0])
+
+
+def test_frames_with_any_channel_count_read_channels_last_and_small_frames_are_refused():
+    cnn = NatureCNN(_binding(spaces.Box(0, 255, (64, 64, 6), np.uint8)))
+    assert cnn.channels_last and cnn.chw == (6, 64, 64)
+    assert not NatureCNN(_binding(spaces.Box(0, 255, (6, 64, 64), np.uint8))).channels_last
+    with pytest.raises(SpaceError, match="NatureCNN needs frames of at least 36x36 pixels; .* read as 3 channels of 7x7"):
+        default_policy(_binding(spaces.Box(0, 255, (7, 7, 3), np.uint8)), kind="cnn")
+    with pytest.raises(APIUsageError, match="default_policy: lstm must be True or False, got 'no'"):
+        default_policy(_binding(spaces.Box(-1, 1, (4,), np.float32)), lstm="no")
+
+
+class BatchNormPolicy(Policy):
+    def __init__(self, binding):
+        super().__init__(binding, feature_size=8)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+
+    def encode(self, obs):
+        return self.net(obs.float())
+
+
+class OneRowPolicy(BatchNormPolicy):
+    def encode(self, obs):
+        return super().encode(obs)[:1]  # a bug: one row whatever the batch
+
+
+def test_the_policy_check_keeps_batch_statistics_and_sees_a_wrong_row_count():
+    binding = _binding(spaces.Box(-1, 1, (4,), np.float32))
+    policy = BatchNormPolicy(binding)
+    policy.net[1].running_mean.fill_(5.0)
+    check_policy(policy, binding)  # BatchNorm1d in train mode would refuse one row, and learn from the zeros
+    assert policy.training and policy.net[1].running_mean.eq(5.0).all() and policy.net[1].num_batches_tracked == 0
+    with pytest.raises(APIUsageError, match=r"OneRowPolicy returns action parameters of shape \(1, 2\) and values "
+                                            r"of shape \(1,\) for 2 observations"):
+        check_policy(OneRowPolicy(binding), binding)
