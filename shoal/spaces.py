@@ -665,6 +665,7 @@ class _ActionField(NamedTuple):
     start: int  # offset in the flat action
     size: int
     offset: Any  # added on unflatten: a discrete leaf's `start`; None for Box (keeps -0.0) and for start 0
+    limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them, else None
 
 
 @functools.singledispatch
@@ -718,7 +719,8 @@ class ActionLayout:
         for leaf, _, bounds, offset in described:
             size = len(bounds) if self.is_discrete else len(bounds[0])
             offset = offset if offset is not None and np.any(offset) else None  # adding 0 is a wasted copy
-            fields.append(_ActionField(leaf.path, leaf.space.dtype, leaf.space.shape, start, size, offset))
+            fields.append(_ActionField(leaf.path, leaf.space.dtype, leaf.space.shape, start, size, offset,
+                                       None if self.is_discrete else _rounded_past(leaf.space)))
             start += size
         self.fields = fields
         self.size = start
@@ -839,13 +841,24 @@ class ActionLayout:
                      else piece.round() if field.dtype.kind == "b" and piece.is_floating_point() else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
-        return [(_nearest_integers(piece, field.dtype) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
+        return [(_nearest_integers(piece, field.dtype, field.limits) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
                  else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f" else piece)
                 .astype(field.dtype)[()] for field, piece in pieces]
 
 
-def _nearest_integers(values, dtype: np.dtype):
-    """Floats rounded to the nearest integer, held to ``dtype``'s range (numpy array or torch tensor).
+def _rounded_past(space: spaces.Box) -> tuple[np.ndarray, np.ndarray] | None:
+    """An integer Box's (low, high) if float64 rounds one of them outward (int64's 2**63 - 2 becomes 2**63,
+    which would come back as 2**63 - 1, outside the leaf); None otherwise, as for every other Box."""
+    if space.dtype.kind not in "iu":
+        return None
+    past = any(int(float(low)) < low or int(float(high)) > high
+               for low, high in zip(space.low.ravel().tolist(), space.high.ravel().tolist()))
+    return (space.low, space.high) if past else None
+
+
+def _nearest_integers(values, dtype: np.dtype, limits: tuple | None = None):
+    """Floats rounded to the nearest integer, held to ``dtype``'s range (numpy array or torch tensor), and
+    to a leaf's ``limits`` (low, high) where given (numpy only: torch has no uint64 minimum).
 
     A plain cast wraps where a float lies at or past the range's end, and float64 cannot hold int64's
     largest value: 2**63 - 1 becomes 2**63, which an int64 cast turns into -2**63.
@@ -863,4 +876,4 @@ def _nearest_integers(values, dtype: np.dtype):
         integers = np.asarray(rounded.astype(dtype))
     integers[rounded >= float(info.max)] = info.max
     integers[rounded <= float(info.min)] = info.min
-    return integers
+    return integers if limits is None else np.clip(integers, *limits).astype(dtype)

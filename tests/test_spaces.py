@@ -440,6 +440,16 @@ def test_integer_box_actions_at_the_ends_of_their_dtype_come_back_exactly(dtype)
     assert layout.unflatten_rows(flat[None], [0])[0].tolist() == value.tolist()
 
 
+@pytest.mark.parametrize("low, high, dtype", [(-2**63 + 1, 2**63 - 2, np.int64), (0, 2**64 - 2, np.uint64)])
+def test_integer_box_bounds_that_float64_rounds_outward_hold_every_flat_action(low, high, dtype):
+    space = spaces.Box(low, high, (2,), dtype)
+    layout = ActionLayout(space)
+    for flat in (layout.flat_space.low, layout.flat_space.high):  # 2**63 - 2 rounds up to 2**63 as a float
+        assert space.contains(layout.unflatten(flat)) and space.contains(layout.unflatten_rows(flat[None], [0])[0])
+    bounds = np.array([low, high], dtype)
+    assert layout.unflatten(layout.flatten(bounds)).tolist() == bounds.tolist()
+
+
 def test_entries_beyond_the_space_are_refused():
     layout = ObservationLayout(spaces.Dict({"a": spaces.Tuple((spaces.Discrete(3), spaces.Discrete(3))),
                                             "b": spaces.Box(0, 1, (2,), np.float32)}))
