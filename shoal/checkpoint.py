@@ -77,11 +77,15 @@ def save_checkpoint(run_dir: str | os.PathLike, update: int, payload: dict, keep
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoints, oldest first (temporary files of interrupted writes are ignored)."""
+    return [path for _, path in _numbered_checkpoints(run_dir)]
+
+
+def _numbered_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(update, path) of each of the run's checkpoints, oldest first."""
     directory = Path(run_dir) / "checkpoints"
     if not directory.is_dir():
         return []
-    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name))]
-    return [path for _, path in sorted(found)]
+    return sorted((int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name)))
 
 
 def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> None:
@@ -92,13 +96,15 @@ def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> Non
     the new ones), except a damaged one that :func:`load_checkpoint` skipped: it is renamed
     ``*.damaged``, with a warning, so the run's new checkpoints are the newest.
     """
-    found = list_checkpoints(run_dir)
-    if resumed_update is None and found:
-        raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
-                            f"{found[-1].name}): resume it (resume_from=..., shoal train --resume {run_dir}) or "
-                            f"choose a new run_dir")
-    for path in found:
-        if resumed_update is None or int(_NAME.match(path.name).group(1)) <= resumed_update:
+    found = _numbered_checkpoints(run_dir)
+    if resumed_update is None:
+        if found:
+            raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
+                                f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume {run_dir}) "
+                                f"or choose a new run_dir")
+        return
+    for update, path in found:
+        if update <= resumed_update:
             continue
         try:
             _load_file(path, "cpu")

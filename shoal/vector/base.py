@@ -775,8 +775,8 @@ class VecEnv(abc.ABC):
             raise APIUsageError(f"{command.value}(): the name must be a str, got {type(name).__name__}")
         if env_ids is not None and not isinstance(env_ids, (Sequence, np.ndarray, range)):
             raise APIUsageError(f"{command.value}(): env_ids must be a list of env indices or None, got "
-                                f"{type(env_ids).__name__} {env_ids!r}" + (f": pass [{env_ids}]" if isinstance(
-                                    env_ids, (int, np.integer)) and not isinstance(env_ids, bool) else ""))
+                                f"{type(env_ids).__name__} {env_ids!r}"
+                                + (f": pass [{env_ids}]" if is_int(env_ids) else ""))
         ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
         bad = [i for i in ids if not is_int(i) or not 0 <= i < self.num_envs]
         if bad:
