@@ -16,6 +16,7 @@ One :class:`Logger` fans each dict out to every sink that is switched on:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -84,7 +85,8 @@ class Logger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step or None)
+                # purge_step drops events at or after it: the checkpoint's own step is kept, as in the CSV
+                self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step else None)
         if wandb:
             self._wandb = self._start_wandb(wandb_project, config)
         if dashboard:
@@ -122,8 +124,7 @@ class Logger:
         path = self.run_dir / "progress.csv"
         kept: list[dict] = []
         if path.exists() and self.start_step:  # resumed: keep rows up to the checkpoint's step
-            with open(path, newline="") as file:
-                kept = [row for row in csv.DictReader(file) if _step_of(row) <= self.start_step]
+            kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
         self._csv_file = open(path, "w", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         self._csv.writeheader()
@@ -250,16 +251,24 @@ def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     path = Path(run_dir) / "progress.csv"
     if not path.is_file():
         raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
-    rows, bad = [], []
-    with open(path, newline="") as file:
-        for line, row in enumerate(csv.DictReader(file), start=2):
-            try:
-                rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
-            except (TypeError, ValueError):
-                bad.append(line)
-    if bad and bad != [line]:  # a last line cut short is a run killed while writing it: leave it out
-        raise APIUsageError(f"{path}, line {bad[0]}: a cell that is not a number; progress.csv holds only numbers")
+    rows = []
+    for line, row in _complete_rows(path):
+        try:
+            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+        except (TypeError, ValueError):
+            raise APIUsageError(f"{path}, line {line}: a cell that is not a number; progress.csv holds only "
+                                f"numbers") from None
     return rows
+
+
+def _complete_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of every complete row of a progress.csv. A last line without its line end is a row
+    cut short by a run killed while writing it (even mid-number, where it would still parse): left out."""
+    with open(path, newline="") as file:
+        text = file.read()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    return list(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2))
 
 
 def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,

@@ -71,21 +71,27 @@ class DiscreteHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
 
-    def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
+    def _dimensions(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, sum(nvec))`` values per dimension: one (B, D, n) view when all dimensions have n choices, else
+        (B, n) each."""
         if self.uniform:
-            return [torch.log_softmax(logits.view(logits.shape[0], len(self.nvec), self.nvec[0]), dim=-1)]
-        return [torch.log_softmax(part, dim=-1) for part in logits.split(self.nvec, dim=-1)]
+            return [values.view(values.shape[0], len(self.nvec), self.nvec[0])]
+        return list(values.split(self.nvec, dim=-1))
+
+    def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.log_softmax(part, dim=-1) for part in self._dimensions(logits)]
 
     def sample(self, logits: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(actions (B, D) int64, log-probability (B,))."""
         batch = logits.shape[0]
         actions, logprob = [], None
-        for log_p in self._log_probs(logits):  # (B, D, n) when all dimensions have n choices, else (B, n) each
-            if deterministic:
-                chosen = log_p.argmax(-1)
-            else:  # Gumbel-max, argmax(log p - log E) with E ~ Exp(1): cheaper than torch.multinomial here
-                noise = torch.empty_like(log_p).exponential_().clamp_min_(torch.finfo(log_p.dtype).tiny)
-                chosen = (log_p - noise.log()).argmax(-1)
+        if not deterministic:
+            # Gumbel-max, argmax(log p - log E) with E ~ Exp(1): cheaper than torch.multinomial here. Drawn for
+            # the whole (B, sum(nvec)) at once, row after row, so a batch acted on in two halves draws the same.
+            noise = torch.empty_like(logits).exponential_().clamp_min_(torch.finfo(logits.dtype).tiny).log()
+            noises = self._dimensions(noise)
+        for dim, log_p in enumerate(self._log_probs(logits)):
+            chosen = log_p.argmax(-1) if deterministic else (log_p - noises[dim]).argmax(-1)
             taken = log_p.gather(-1, chosen.unsqueeze(-1)).reshape(batch, -1).sum(-1)
             logprob = taken if logprob is None else logprob + taken
             actions.append(chosen.reshape(batch, -1))

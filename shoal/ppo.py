@@ -398,6 +398,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             finished: list[tuple[float, int]] = []
 
             # ------------------------------------------------------------ rollout
+            policy.eval()  # acting: dropout off, batch-norm on its running statistics (a batch may be one row)
             act = None if policy.is_recurrent else policy.acting_forward()  # this rollout's parameters
             with torch.inference_mode():  # no gradients anywhere in the rollout
                 while (length < T).any():
@@ -418,8 +419,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                             row = position * max_agents + slot_of_agent[agent]  # within the batch
                             if "reset_info" in info:  # the env reset in this step: the agent's obs is a first one
                                 restarted.append(row)
-                            if "episode" in info:
-                                episode = float(info["episode"]["return"]), int(info["episode"]["length"])
+                            if "episode" in info and (terminal[row] or truncation[row]):  # at its end only
+                                episode = episode_statistics(info["episode"], binding.env_name, agent)
                                 finished.append(episode)
                                 recent_returns.append(episode[0])
                                 result.episodes.append((global_step, time.perf_counter() - started, *episode))
@@ -512,6 +513,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             explained = 1 - float((returns - values[:T])[valid].var()) / variance if variance > 0 else math.nan
 
             # ------------------------------------------------------------ optimize
+            policy.train()
             def tensor(array: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
@@ -690,6 +692,20 @@ class _SlotRows:
         return self.cache[key]
 
 
+def episode_statistics(episode: Any, env_name: str, agent: Any) -> tuple[float, int]:
+    """(return, length) from an ending agent's ``infos[agent]["episode"]``: shoal's ``{"return", "length"}`` or
+    Gymnasium's ``RecordEpisodeStatistics`` ``{"r", "l"}``; APIUsageError for anything else."""
+    for keys in (("return", "length"), ("r", "l")):
+        try:
+            return float(np.asarray(episode[keys[0]])), int(np.asarray(episode[keys[1]]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
+    raise APIUsageError(f"{env_name}, agent {agent!r}: infos['episode'] at the agent's end must hold 'return' and "
+                        f"'length' (shoal's episode statistics) or 'r' and 'l' (Gymnasium's "
+                        f"RecordEpisodeStatistics), got {_short(episode)}. With record_episode_statistics=False it "
+                        f"is the env's own: rename that key in the env, or switch the option back on")
+
+
 def _step_index(t: np.ndarray, rows: np.ndarray, span: slice | None):
     """Index of the pairs (t[i], rows[i]) into (T + 1, N) storage: an int and a slice (fast, views) when
     the batch is one time step of contiguous slots, as in every synchronous rollout."""
@@ -789,7 +805,8 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
              device: str | torch.device | None = None, max_steps: int = 1_000_000) -> list[float]:
     """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
 
-    Returns come from ``infos[agent]["episode"]`` (the binding's episode statistics, or the env's own).
+    Returns come from ``infos[agent]["episode"]`` at the agent's end (the binding's episode statistics, or the
+    env's own: see :func:`episode_statistics`).
     Play stops after ``max_steps`` env steps, with the episodes that ended by then (APIUsageError if none did).
     ``device``: where to play (the policy is moved there); None plays where its parameters are. The
     policy's train/eval mode and the global torch RNG states are as before afterwards.
@@ -826,12 +843,18 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
                     action = action.clamp(torch.as_tensor(space.low, device=device),
                                           torch.as_tensor(space.high, device=device))
                 obs, _, terminal, truncation, infos = env.step(action.cpu().numpy())
-                # as in training: an agent's state starts over after its end and where it (re)appears
-                starts = torch.as_tensor(terminal | truncation | ~last_mask, device=device)
+                # As in training: an agent's state starts over after its end and where it (re)appears. An
+                # observation that came with its agent's end is final unless the env began a new episode.
+                ended = terminal | truncation
+                starts = torch.as_tensor(ended | ~last_mask, device=device)
                 last_mask = env.masks.copy()
-                for info in infos.values():
-                    if "episode" in info:
-                        returns.append(float(info["episode"]["return"]))
+                if binding.max_agents > 1 and ended.any():
+                    first = np.zeros(binding.max_agents, bool)
+                    first[[binding.agent_slots[agent] for agent, info in infos.items() if "reset_info" in info]] = True
+                    last_mask &= ~(ended & ~first)
+                for agent, info in infos.items():
+                    if "episode" in info and ended[binding.agent_slots[agent]]:
+                        returns.append(episode_statistics(info["episode"], binding.env_name, agent)[0])
                 if len(returns) >= episodes:
                     break
     finally:

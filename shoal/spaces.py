@@ -821,7 +821,10 @@ class ActionLayout:
 
         Every leaf value is a numpy scalar or an array of its own (not a view of ``flat``).
         """
-        return self._build_rows([list(piece) for piece in self._leaf_values(flat[rows])])
+        columns = [list(piece) if piece.ndim > 1 or self.is_discrete
+                   else [piece[row, ...] for row in range(len(piece))]  # a Box of shape (): 0-d arrays, as it samples
+                   for piece in self._leaf_values(flat[rows])]
+        return self._build_rows(columns)
 
     def _leaf_values(self, flat) -> list:
         if not (isinstance(flat, np.ndarray) or _is_torch(flat)):
@@ -841,9 +844,11 @@ class ActionLayout:
                      else piece.round() if field.dtype.kind == "b" and piece.is_floating_point() else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
-        return [(_nearest_integers(piece, field.dtype, field.limits) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
-                 else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f" else piece)
-                .astype(field.dtype)[()] for field, piece in pieces]
+        values = [(_nearest_integers(piece, field.dtype, field.limits) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
+                   else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f" else piece)
+                  .astype(field.dtype) for field, piece in pieces]
+        # One discrete action is a numpy scalar, one Box action an array (0-d for shape ()), as the spaces sample them.
+        return [value[()] for value in values] if self.is_discrete else values
 
 
 def _rounded_past(space: spaces.Box) -> tuple[np.ndarray, np.ndarray] | None:

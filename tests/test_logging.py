@@ -84,8 +84,9 @@ def test_progress_csv_cut_short_by_a_kill_still_reads_and_a_bad_cell_is_named(tm
             logger.log(step * 100, {"episode/return_mean20": float(step)})
     path = tmp_path / "progress.csv"
     text = path.read_text()
-    path.write_text(text + "400,4,1.5,-")  # the last row, cut while written
-    assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 300]
+    for cut in ("400,4,1.5,-", "400,4,1.5,-12", "400,4,1.5,-12\r"):  # the last row, cut while written
+        path.write_text(text + cut)
+        assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 300]
     path.write_text(text.replace("200,", "abc,", 1) + "400,4,1.5,-")
     with pytest.raises(APIUsageError, match="progress.csv, line 3: a cell that is not a number"):
         read_progress(tmp_path)
@@ -137,3 +138,16 @@ def test_a_numpy_step_budget_and_a_cut_csv_row_on_resume_are_fine(tmp_path):
     with Logger(tmp_path, total_steps=512, dashboard=False, tensorboard=False, start_step=64):
         pass
     assert [row["global_step"] for row in read_progress(tmp_path)] == [64]
+
+
+def test_a_resumed_run_keeps_the_checkpoints_own_tensorboard_point(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with Logger(tmp_path, dashboard=False) as logger:
+        for step in (100, 200, 300):
+            logger.log(step, {"loss/value": 1.0})
+    with Logger(tmp_path, dashboard=False, start_step=200) as logger:  # resumed from the checkpoint at 200
+        logger.log(300, {"loss/value": 2.0})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/value")] == [(100, 1.0), (200, 1.0), (300, 2.0)]

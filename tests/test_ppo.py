@@ -264,8 +264,9 @@ def test_lstm_state_resets_where_an_episode_starts():
 # ---------------------------------------------------------------- batching
 
 
-def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one():
-    binding = make_binding("cartpole")
+@pytest.mark.parametrize("env", ["cartpole", "nested"])  # nested: action dimensions of 2 to 5 choices
+def test_double_buffered_serial_rollout_trains_exactly_like_the_synchronous_one(env):
+    binding = make_binding("cartpole") if env == "cartpole" else Binding(env_cls=envs.NestedSingleAgentEnv)
     # On the CPU: a GPU draws random numbers per kernel launch, so two half batches get other numbers than one whole.
     sync = train(PPOConfig(**QUICK, seed=5, device="cpu"), binding)
     halves = train(PPOConfig(**QUICK, seed=5, envs_per_batch=2, device="cpu"), binding)
@@ -479,6 +480,43 @@ def test_evaluate_starts_an_agents_lstm_state_where_it_appears_as_training_does(
     assert first_live > 0 and seen[first_live][late] and not seen[first_live + 1][late]
 
 
+def test_the_rollout_acts_in_eval_mode_and_the_update_trains_in_train_mode():
+    # batch norm on one env: a one-row batch in train mode has no batch statistics
+    class Normed(Policy):
+        def __init__(self, binding):
+            super().__init__(binding, feature_size=16)
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh())
+            self.modes = []
+
+        def encode(self, obs):
+            self.modes.append(self.training)
+            return self.net(obs.float())
+
+    binding = make_binding("cartpole")
+    policy = Normed(binding)
+    train(PPOConfig(num_envs=1, num_steps=32, total_timesteps=64, dashboard=False, tensorboard=False), binding,
+          policy=policy)
+    assert policy.modes.count(False) >= 2 * 32 and policy.modes[-1] is True
+    assert int(policy.net[1].num_batches_tracked) > 0  # the update's minibatches moved the running statistics
+
+
+def test_evaluate_starts_the_state_of_an_agent_whose_slot_is_live_again_right_after_its_end():
+    # b ends at step 1; at step 2 the env resets and b's observation begins a new episode: its state starts over
+    binding = Binding(env_cls=DiesBeforeTheEnd)
+    policy = LSTMPolicy(MLPPolicy(binding))
+    seen = []
+    forward = policy.forward
+
+    def recording_forward(obs, state=None, starts=None):
+        if starts is not None:
+            seen.append(starts.tolist())
+        return forward(obs, state, starts)
+
+    policy.forward = recording_forward
+    evaluate(policy, binding, episodes=4)
+    assert seen[:4] == [[True, True], [False, True], [True, True], [False, True]]
+
+
 @CUDA
 def test_a_run_trained_on_the_gpu_resumes_and_evaluates_on_the_cpu(tmp_path):
     binding = make_binding("cartpole")
@@ -621,6 +659,38 @@ def test_train_and_evaluate_arguments_of_the_wrong_kind_are_named():
         evaluate(MLPPolicy(quiet), quiet, max_steps=600)
     with pytest.raises(APIUsageError, match="policy must be a shoal.policy.Policy"):
         evaluate(None, cartpole)
+
+
+class EpisodeInfo(gymnasium.Wrapper):
+    """CartPole whose infos carry an "episode" of its own at every step: ``make(step, ended)`` gives it."""
+
+    def __init__(self, make):
+        super().__init__(gymnasium.make("CartPole-v1", max_episode_steps=20))
+        self.make, self.steps = make, 0
+
+    def step(self, action):
+        obs, reward, terminal, truncation, info = self.env.step(action)
+        self.steps += 1
+        return obs, reward, terminal, truncation, {**info, "episode": self.make(self.steps, terminal or truncation)}
+
+
+def test_episode_statistics_come_only_from_an_agents_end_in_shoals_or_gymnasiums_format():
+    config = PPOConfig(num_envs=2, num_steps=32, total_timesteps=128, dashboard=False, tensorboard=False)
+    running = Binding(env_creator=EpisodeInfo, env_args=(lambda steps, ended: {"return": steps, "length": steps},))
+    result = train(config, running)  # the env's running totals pass through; only shoal's, at the ends, count
+    assert 128 / 20 <= len(result.episodes) < 30 and all(ret == length <= 20 for *_, ret, length in result.episodes)
+    assert all(ret <= 20 for ret in evaluate(MLPPolicy(running), running, episodes=3))
+    counter = Binding(env_creator=EpisodeInfo, env_args=(lambda steps, ended: steps,))
+    assert train(config, counter).global_step == 128
+    gym_format = Binding(env_creator=lambda: gymnasium.wrappers.RecordEpisodeStatistics(
+        gymnasium.make("CartPole-v1", max_episode_steps=20)), record_episode_statistics=False)
+    result = train(config, gym_format)
+    assert 128 / 20 <= len(result.episodes) < 30 and all(ret == length <= 20 for *_, ret, length in result.episodes)
+    assert all(ret <= 20 for ret in evaluate(MLPPolicy(gym_format), gym_format, episodes=2))
+    other = Binding(env_creator=EpisodeInfo, env_args=(lambda steps, ended: steps,), record_episode_statistics=False)
+    with pytest.raises(APIUsageError, match=r"CartPole-v1, agent 0: infos\['episode'\] at the agent's end must hold "
+                                            r"'return' and 'length' .* or 'r' and 'l' .*, got \d+\. With "):
+        train(config, other)
 
 
 def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():

@@ -428,6 +428,18 @@ def test_float_actions_for_an_integer_box_go_to_the_nearest_integer():
     assert layout.unflatten_rows(flat, [0])[0]["n"].tolist() == [10, 0, 4]
 
 
+def test_one_action_comes_back_in_the_form_its_space_samples():
+    # a Box leaf of shape () is a 0-d array (gymnasium's contains warns on a scalar), a Discrete leaf a numpy scalar
+    box = ActionLayout(spaces.Dict({"x": spaces.Box(-1, 1, (), np.float32), "y": spaces.Box(-1, 1, (2,), np.float32)}))
+    flat = np.array([[0.5, 0.1, 0.2], [0.25, 0.3, 0.4]], np.float32)
+    for one in (box.unflatten(flat[0]), *box.unflatten_rows(flat, [0, 1])):
+        assert type(one["x"]) is np.ndarray and one["x"].shape == () and box.space.contains(one)
+    assert box.unflatten_rows(flat, [0, 1])[1]["x"] == 0.25
+    discrete = ActionLayout(spaces.Dict({"n": spaces.Discrete(3), "m": spaces.MultiDiscrete([2, 2])}))
+    for one in (discrete.unflatten(np.array([1, 0, 2])), *discrete.unflatten_rows(np.array([[1, 0, 2]]), [0])):
+        assert type(one["n"]) is np.int64 and one["m"].shape == (2,) and discrete.space.contains(one)
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.int8])
 def test_integer_box_actions_at_the_ends_of_their_dtype_come_back_exactly(dtype):
     # float64 cannot hold int64's largest value: 2**63 - 1 flattens to 2**63, which a cast would wrap to -2**63.
