@@ -55,6 +55,10 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     """Restore what :func:`rng_states` returned."""
+    if not (isinstance(states, dict) and {"python", "numpy", "torch"} <= states.keys()):
+        got = sorted(states) if isinstance(states, dict) else type(states).__name__
+        raise APIUsageError(f"set_rng_states takes what rng_states() returned, a dict with python, numpy and torch "
+                            f"states (and cuda where present), got {got}")
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -65,6 +69,7 @@ def set_rng_states(states: dict) -> None:
 def save_checkpoint(run_dir: str | os.PathLike, update: int, payload: dict, keep: int = 3) -> Path:
     """Write ``payload`` as ``RUN_DIR/checkpoints/update_{update:06d}.pt``; keep the newest ``keep``."""
     check_int("save_checkpoint: update", update, minimum=0)
+    keep = check_int("save_checkpoint: keep (0 keeps every checkpoint)", keep, minimum=0)
     if not isinstance(payload, dict):
         raise APIUsageError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     directory = Path(run_dir) / "checkpoints"

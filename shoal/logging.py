@@ -44,6 +44,22 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _number(key: str, value: Any) -> int | float:
+    """A metric as a Python int or float (numpy scalars and one-element arrays or tensors too); APIUsageError
+    for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = value.item()
+        except (AttributeError, TypeError, ValueError, RuntimeError):  # no number, or more than one
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shape = getattr(value, "shape", None)
+        raise APIUsageError(f"Logger.log: metric {key!r} must be a number (int, float, a numpy scalar or a "
+                            f"one-element tensor), got {type(value).__name__}"
+                            + (f" of shape {tuple(shape)}" if shape is not None else f" {value!r}"[:80]))
+    return value
+
+
 def _step_of(row: dict) -> float:
     """A progress row's global_step; infinity for a row cut short by a crash (so it is not kept)."""
     try:
@@ -74,11 +90,14 @@ class Logger:
         self.total_steps = check_int("Logger: total_steps", total_steps, minimum=0)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.title = title
-        self.start_step = start_step
+        self.start_step = check_int("Logger: start_step", start_step, minimum=0)
+        if isinstance(print_interval, bool) or not isinstance(print_interval, (int, float)) or not print_interval >= 0:
+            raise APIUsageError(f"Logger: print_interval must be a number of seconds >= 0, got {print_interval!r}")
         self.print_interval = print_interval
         self.latest: dict[str, Any] = {}
         self._last_print = 0.0
         self._csv_file = self._csv = self._tb = self._wandb = self._live = self._console = None
+        self._closed = False
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._open_csv()
@@ -183,8 +202,10 @@ class Logger:
         if not is_int(step) or not isinstance(metrics, dict):
             raise APIUsageError(f"Logger.log(step, metrics) takes an int step and a dict of numbers, got "
                                 f"{type(step).__name__} and {type(metrics).__name__}")
-        self.latest = {**metrics, "global_step": step}
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._closed:
+            raise APIUsageError("Logger.log on a closed Logger: make a new one (a resumed run passes start_step)")
+        numbers = {key: _number(key, value) for key, value in metrics.items()}
+        self.latest = {**numbers, "global_step": int(step)}
         if self._csv is not None:
             self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in self.latest.items()})
@@ -221,6 +242,7 @@ class Logger:
 
     def close(self) -> None:
         """Stop the dashboard and flush and close every sink."""
+        self._closed = True
         if self._live is not None:
             self._live.stop()
             self._live = None

@@ -167,6 +167,10 @@ class PPOConfig:
             raise APIUsageError(f"num_envs ({self.num_envs}) must divide evenly among num_workers ({self.num_workers})")
         if self.envs_per_batch and (self.envs_per_batch > self.num_envs or self.num_envs % self.envs_per_batch):
             raise APIUsageError(f"envs_per_batch ({self.envs_per_batch}) must divide num_envs ({self.num_envs})")
+        if self.num_workers and self.envs_per_batch and self.envs_per_batch % (self.num_envs // self.num_workers):
+            raise APIUsageError(f"envs_per_batch ({self.envs_per_batch}) must be a multiple of each worker's envs, "
+                                f"num_envs / num_workers = {self.num_envs // self.num_workers}: a batch holds whole "
+                                f"workers")
 
 
 @dataclass
@@ -194,11 +198,15 @@ class TrainResult:
 
     def mean_return(self, last: int = 20) -> float:
         """Mean return of the last ``last`` episodes (NaN before any)."""
+        last = check_int("TrainResult.mean_return: last", last)
         returns = [episode[2] for episode in self.episodes[-last:]]
         return float(np.mean(returns)) if returns else math.nan
 
     def first_reached(self, target: float, window: int = 20) -> tuple[int, float] | None:
         """(global_step, seconds) when the mean of ``window`` consecutive episode returns first reached ``target``."""
+        window = check_int("TrainResult.first_reached: window", window)
+        if isinstance(target, bool) or not isinstance(target, (int, float, np.number)) or math.isnan(target):
+            raise APIUsageError(f"TrainResult.first_reached: target must be a number, got {target!r}")
         returns = deque(maxlen=window)
         for step, seconds, ret, _ in self.episodes:
             returns.append(ret)
@@ -242,6 +250,15 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise APIUsageError(f"device {name!r} is not a torch device: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "meta":
+        raise APIUsageError(f"device {name!r} holds no data, so nothing can train or play there: expected auto, cpu, "
+                            f"cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu ...: usable only where this torch build supports them
+        try:
+            torch.zeros(1, device=device)
+        except (RuntimeError, AssertionError):
+            raise APIUsageError(f"device {name!r} is not available in this torch build: expected auto, cpu, cuda or "
+                                f"cuda:N") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise APIUsageError(f"device {name!r}: this torch sees {torch.cuda.device_count()} CUDA device(s)"
                             f"{'' if torch.backends.cuda.is_built() else ' (it is a CPU-only build)'}: use cpu or auto")
@@ -760,6 +777,9 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "config", "env", "spaces", "global_ste
 
 
 def _check_keys(checkpoint: dict) -> None:
+    if not isinstance(checkpoint, dict):
+        raise APIUsageError(f"expected a checkpoint dict (load_checkpoint(path) gives one), got "
+                            f"{type(checkpoint).__name__}")
     missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
     if missing or not isinstance(checkpoint["config"], dict):
         raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')} is not a checkpoint of shoal's trainer: it lacks "
@@ -782,6 +802,11 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
 
 def load_policy_state(policy: Policy, checkpoint: dict) -> None:
     """Load the checkpoint's model into ``policy``; APIUsageError when the two networks differ."""
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)):
+        got = f"a dict with keys {sorted(map(str, checkpoint))}" if isinstance(checkpoint, dict) else type(
+            checkpoint).__name__
+        raise APIUsageError(f"load_policy_state takes a checkpoint dict with the model's state dict under 'model' "
+                            f"(load_checkpoint(path) gives one), got {got}")
     try:
         policy.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

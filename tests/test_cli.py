@@ -71,6 +71,7 @@ def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
     (["train", "--num-envs", "8", "--envs-per-batch", "3"], r"envs_per_batch \(3\) must divide num_envs \(8\)"),
     (["train", "--learning-rate", "-0.1"], "learning_rate must be > 0"),
     (["train", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
+    (["train", "--device", "mps"], "device 'mps' is not available in this torch build"),
     (["train", "--resume", "/nonexistent/run"], "'/nonexistent/run' does not exist: expected a checkpoint"),
     (["eval", "/nonexistent/ckpt.pt"], "'/nonexistent/ckpt.pt' does not exist: expected a checkpoint"),
     (["train", "--seed", "-5"], r"seed must be an integer from 0 to 2\*\*32 - 1"),

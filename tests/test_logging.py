@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from shoal.envs import make_binding
@@ -151,3 +152,25 @@ def test_a_resumed_run_keeps_the_checkpoints_own_tensorboard_point(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss/value")] == [(100, 1.0), (200, 1.0), (300, 2.0)]
+
+
+def test_numpy_and_torch_metrics_are_logged_as_numbers_and_anything_else_is_refused(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = Logger(tmp_path, dashboard=False)
+    logger.log(1, {"loss/value": np.float32(0.5), "update": np.int64(1), "episode/return": torch.tensor(3.0)})
+    with pytest.raises(APIUsageError, match=r"metric 'loss/value' must be a number .*, got Tensor of shape \(3,\)"):
+        logger.log(2, {"loss/value": torch.zeros(3)})
+    with pytest.raises(APIUsageError, match="metric 'note' must be a number .*, got str 'hello'"):
+        logger.log(2, {"note": "hello"})
+    logger.close()
+    with pytest.raises(APIUsageError, match="Logger.log on a closed Logger"):
+        logger.log(3, {"loss/value": 1.0})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("episode/return")] == [(1, 3.0)]
+    assert read_progress(tmp_path) == [{"global_step": 1.0, "update": 1.0, "episode/return": 3.0, "loss/value": 0.5}]
+    with pytest.raises(APIUsageError, match="Logger: start_step must be an int >= 0, got '5'"):
+        Logger(tmp_path, dashboard=False, start_step="5")
+    with pytest.raises(APIUsageError, match="Logger: print_interval must be a number of seconds >= 0, got -1"):
+        Logger(None, dashboard=False, print_interval=-1)

@@ -20,7 +20,8 @@ import torch
 import envs
 from shoal import Binding
 from shoal import ppo, vector
-from shoal.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint
+from shoal.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint,
+                              set_rng_states)
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError, TrainingError
 from shoal.logging import read_progress
@@ -571,10 +572,35 @@ def test_resume_with_another_network_is_refused(tmp_path):
     ("run_dir", 5, "run_dir must be a non-empty string, got 5"),
     ("env_timeout", -1, "env_timeout must be a positive number of seconds or None, got -1"),
     ("seed", -5, r"seed must be an integer from 0 to 2\*\*32 - 1"),
+    ("envs_per_batch", 2, r"envs_per_batch \(2\) must be a multiple of each worker's envs, num_envs / num_workers = 4"),
+    ("device", "mps", "device 'mps' is not available in this torch build: expected auto, cpu, cuda or cuda:N"),
+    ("device", "meta", "device 'meta' holds no data"),
 ])
 def test_bad_config_values_are_named(field, value, message):
+    layout = {"num_workers": 1} if (field, value) == ("envs_per_batch", 2) else {}
     with pytest.raises(APIUsageError, match=message):
-        train(PPOConfig(**{**QUICK, field: value}), make_binding("cartpole"))
+        train(PPOConfig(**{**QUICK, **layout, field: value}), make_binding("cartpole"))
+
+
+def test_train_result_and_checkpoint_helpers_check_their_arguments(tmp_path):
+    result = train(PPOConfig(**QUICK), make_binding("cartpole"))
+    with pytest.raises(APIUsageError, match="mean_return: last must be a positive int, got 0"):
+        result.mean_return(0)
+    with pytest.raises(APIUsageError, match="first_reached: window must be a positive int, got -1"):
+        result.first_reached(475, window=-1)
+    with pytest.raises(APIUsageError, match="first_reached: target must be a number, got None"):
+        result.first_reached(None)
+    with pytest.raises(APIUsageError, match=r"set_rng_states takes what rng_states\(\) returned, .*, got \[\]"):
+        set_rng_states({})
+    with pytest.raises(APIUsageError, match=r"keep \(0 keeps every checkpoint\) must be an int >= 0, got -1"):
+        save_checkpoint(tmp_path, 1, {}, keep=-1)
+    with pytest.raises(APIUsageError, match="expected a checkpoint dict .*, got NoneType"):
+        ppo.check_compatible(None, make_binding("cartpole"))
+    with pytest.raises(APIUsageError, match=r"takes a checkpoint dict with the model's state dict under 'model' .*, "
+                                            r"got a dict with keys \[\]"):
+        ppo.load_policy_state(result.policy, {})
+    import shoal
+    assert shoal.TrainingError is TrainingError
 
 
 # ---------------------------------------------------------------- learning
