@@ -87,31 +87,32 @@ def _entries(value: Any) -> int | None:
         return None
 
 
-def _miscount(path: tuple, expected: int, kind: str, value: Any) -> SpaceError:
-    """The error for a Dict/Tuple value with more entries than its space (gymnasium's ``contains`` refuses it),
-    or that is no container at all."""
+def _miscount(what: str, path: tuple, expected: int, kind: str, value: Any) -> SpaceError:
+    """The error for a Dict/Tuple value of ``what`` ("observation" or "action") with more entries than its space
+    (gymnasium's ``contains`` refuses it), or that is no container at all."""
     count = _entries(value)
     if count is None:
-        return SpaceError(f"observation {_path_str(path)}: expected a {kind} of {expected} entries, got "
+        return SpaceError(f"{what} {_path_str(path)}: expected a {kind} of {expected} entries, got "
                           f"{type(value).__name__} {_short(value)}")
-    return SpaceError(f"observation {_path_str(path)}: expected {expected} entries, got {count} "
+    return SpaceError(f"{what} {_path_str(path)}: expected {expected} entries, got {count} "
                       f"({type(value).__name__} {_short(value)})")
 
 
-def _check_entries(path: tuple, expected: int, kind: str, found: list) -> None:
+def _check_entries(what: str, path: tuple, expected: int, kind: str, found: list) -> None:
     """SpaceError unless each of ``found`` (values of the Dict/Tuple at ``path``) has ``expected`` entries."""
     try:
         counts = set(map(len, found))
     except TypeError:  # a value that is no container
         counts = None
     if counts != {expected}:
-        raise _miscount(path, expected, kind, next(node for node in found if _entries(node) != expected))
+        raise _miscount(what, path, expected, kind, next(node for node in found if _entries(node) != expected))
 
 
-def _check_counts(nodes: list[tuple[tuple, int, str]], values: list) -> None:
-    """SpaceError if a Dict/Tuple (``nodes``: :func:`containers`) of any of ``values`` has other entries."""
+def _check_counts(what: str, nodes: list[tuple[tuple, int, str]], values: list) -> None:
+    """SpaceError naming ``what`` if a Dict/Tuple (``nodes``: :func:`containers`) of any of ``values`` has other
+    entries."""
     for path, expected, kind in nodes:
-        _check_entries(path, expected, kind, [_get(value, path) for value in values])
+        _check_entries(what, path, expected, kind, [_get(value, path) for value in values])
 
 
 def _describe(value: Any) -> str:
@@ -280,6 +281,17 @@ def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
 
 def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
+
+
+def _cpu_values(tensor) -> np.ndarray | None:
+    """A CPU tensor's values as a numpy array (a view where numpy has its dtype); None for a tensor elsewhere."""
+    if tensor.device.type != "cpu":
+        return None
+    tensor = tensor.detach()
+    try:
+        return tensor.numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16): float64 holds its values exactly
+        return tensor.double().numpy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -492,7 +504,7 @@ class ObservationLayout:
             if not field.bounds.inside(array):
                 raise self._outside(field, array, batch)
             records[field.name] = array
-        _check_counts(self._containers, [value])
+        _check_counts("observation", self._containers, [value])
         return out
 
     def writer(self, flat: np.ndarray):
@@ -527,7 +539,7 @@ class ObservationLayout:
                 if not field.bounds.inside(array):
                     raise self._outside(field, array, ())
                 view[row] = array
-            _check_counts(self._containers, [value])
+            _check_counts("observation", self._containers, [value])
         return write
 
     def rows_writer(self, flat: np.ndarray):
@@ -566,7 +578,7 @@ class ObservationLayout:
                         column = [_get(value, path) for value in values]
                     except (KeyError, IndexError, TypeError) as error:
                         raise SpaceError(f"observation {_path_str(path)}: {error!r}") from None
-                _check_entries(path, expected, kind, column)
+                _check_entries("observation", path, expected, kind, column)
         return write_rows
 
     @staticmethod
@@ -609,7 +621,9 @@ class ObservationLayout:
     def unflatten(self, flat):
         """The nested observation behind ``flat`` (numpy array or torch tensor, any leading dims).
 
-        numpy: every leaf is a view of ``flat``. torch: every leaf is a view where torch allows it.
+        numpy: every leaf is a view of ``flat``, except where its last axis is not contiguous (a transposed
+        array): numpy cannot view that, so the leaves view a contiguous copy and writes into them do not
+        reach ``flat``. torch: every leaf is a view where torch allows it.
         """
         if not (isinstance(flat, np.ndarray) or _is_torch(flat)):
             raise SpaceError(f"flat observation must be a numpy array or a torch tensor, got {_describe(flat)}")
@@ -620,7 +634,10 @@ class ObservationLayout:
         flat = np.asarray(flat)
         if flat.dtype != self.dtype:
             raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
-        records = np.ascontiguousarray(flat).view(self.struct)[..., 0]
+        try:
+            records = flat.view(self.struct)[..., 0]
+        except ValueError:  # the last axis is not contiguous
+            records = np.ascontiguousarray(flat).view(self.struct)[..., 0]
         return self._build([records[field.name] for field in self._canonical])
 
     def _torch_leaf(self, flat, field: _Field):
@@ -787,7 +804,7 @@ class ActionLayout:
                     raise SpaceError(f"action leaf {_path_str(path)}: expected values from {low} to "
                                      f"{low + nvec - 1}, got {_short(array.tolist())}")
             parts.append(shifted)
-        _check_counts(self._containers, [value])
+        _check_counts("action", self._containers, [value])
         if len({part.shape[:-1] for part in parts}) > 1:
             raise SpaceError(f"action leaves have different leading (batch) dimensions: "
                              f"{[part.shape[:-1] for part in parts]}")
@@ -807,11 +824,13 @@ class ActionLayout:
     def unflatten(self, flat):
         """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims).
 
-        A numpy ``flat`` is checked against :attr:`flat_space` (SpaceError outside it); a tensor, which
-        may live on a GPU, is not.
+        A numpy array or a CPU tensor is checked against :attr:`flat_space` (SpaceError outside it, NaN
+        included, or for floats where it is discrete). A tensor on a GPU is **not** checked (that would wait for the GPU): a value outside
+        the space, or NaN, comes back as some wrong action, so check it there if it may happen.
         """
-        if isinstance(flat, np.ndarray) and flat.shape[-1:] == (self.size,):
-            row = self._first_invalid_row(flat)
+        values = flat if isinstance(flat, np.ndarray) else _cpu_values(flat) if _is_torch(flat) else None
+        if values is not None and values.shape[-1:] == (self.size,):
+            row = self._first_invalid_row(values)
             if row is not None:
                 raise SpaceError(f"flat action {row} is out of range: expected {self.allowed()}")
         return self._build(self._leaf_values(flat))

@@ -851,3 +851,43 @@ def test_a_finite_value_that_would_become_infinite_in_a_narrower_float_leaf_is_r
             write({"x": value})
     infinite = {"x": np.array([np.inf, -1.0])}  # already infinite in float64: it stays so, inside the bounds
     assert layout.flatten(infinite).view(dtype).tolist() == [np.inf, -1.0]
+
+
+def test_an_extra_entry_in_an_action_is_called_an_action():
+    space = spaces.Dict({"move": spaces.Discrete(4), "attack": spaces.Dict({"target": spaces.Discrete(2)})})
+    actions = ActionLayout(space)
+    with pytest.raises(SpaceError, match=r"^action \(the whole space\): expected 2 entries, got 3"):
+        actions.flatten({"move": 0, "attack": {"target": 1}, "typo": 1})
+    with pytest.raises(SpaceError, match=r"^action \['attack'\]: expected 1 entries, got 2"):
+        actions.flatten({"move": 0, "attack": {"target": 1, "typo": 1}})
+    observations = ObservationLayout(spaces.Dict({"x": spaces.Discrete(2)}))
+    with pytest.raises(SpaceError, match=r"^observation \(the whole space\): expected 1 entries, got 2"):
+        observations.flatten({"x": 1, "typo": 1})
+
+
+def test_unflattened_observations_are_views_of_a_strided_flat_array_and_right_for_a_transposed_one():
+    layout = ObservationLayout(spaces.Dict({"pos": spaces.Box(-1, 1, (2,)), "hp": spaces.Discrete(5)}))
+    flat = np.zeros((6, layout.size), layout.dtype)
+    every_other = layout.unflatten(flat[::2])
+    every_other["hp"][1] = 3
+    every_other["pos"][2] = [0.5, -0.5]
+    assert layout.unflatten(flat)["hp"].tolist() == [0, 0, 3, 0, 0, 0]
+    assert layout.unflatten(flat)["pos"][4].tolist() == [0.5, -0.5]
+    transposed = np.ascontiguousarray(flat.T).T  # the same values, its last axis not contiguous: a copy is viewed
+    assert layout.unflatten(transposed)["hp"].tolist() == [0, 0, 3, 0, 0, 0]
+
+
+def test_flat_actions_in_a_cpu_tensor_are_checked_as_numpy_ones_are():
+    box = ActionLayout(spaces.Box(-1, 1, (2,), np.float32))
+    for bad, shown in [([np.nan, 0.0], r"\[nan  0.\]"), ([[0.5, 0.0], [3.0, 0.0]], r"\[3. 0.\]")]:
+        for flat in (np.array(bad, np.float32), torch.tensor(bad), torch.tensor(bad, requires_grad=True)):
+            with pytest.raises(SpaceError, match=rf"flat action {shown} is out of range: expected \[-1. -1.\] <= a "
+                                                 rf"<= \[1. 1.\]"):
+                box.unflatten(flat)
+    assert box.unflatten(torch.tensor([0.5, -1.0], dtype=torch.bfloat16)).tolist() == [0.5, -1.0]
+    discrete = ActionLayout(spaces.Discrete(3))
+    with pytest.raises(SpaceError, match=r"flat action \[5\] is out of range: expected 0 <= a < \[3\]"):
+        discrete.unflatten(torch.tensor([5]))
+    with pytest.raises(SpaceError, match=r"MultiDiscrete\(\[3\]\) takes integer actions, got dtype float32"):
+        discrete.unflatten(torch.tensor([1.0]))
+    assert int(discrete.unflatten(torch.tensor([2]))) == 2
