@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import io
 import os
 import re
@@ -125,6 +126,19 @@ def _api_mismatch(where: str, call: str, result: Any, multiagent: bool) -> EnvEr
     old_gym = "" if multiagent else (": an old Gym env (step returns 4 values, reset only the observation) "
                                      "works through shimmy's GymV21CompatibilityV0 / GymV26CompatibilityV0")
     return EnvError(f"{where}: {call}() returned a {size}: expected {expected}, the {api}{old_gym}")
+
+
+def _takes_seed(env) -> bool:
+    """Whether ``env.reset`` accepts seed= and options= (True where its signature cannot be read)."""
+    try:
+        signature = inspect.signature(env.reset)
+    except (AttributeError, TypeError, ValueError):
+        return True
+    try:
+        signature.bind(seed=0, options=None)
+    except TypeError:
+        return False
+    return True
 
 
 _libc = None
@@ -351,13 +365,32 @@ class Binding:
 
     def _first_observation(self, env) -> Any:
         with self.quiet():
-            obs, _ = self._checked_reset(env.reset(seed=0))
+            obs, _ = self._checked_reset(self._reset_env(env, 0))
         if not self.is_multiagent:
             return obs
         if not obs:
             raise EnvError(f"{self.env_name}: reset(seed=0) returned no observations, so the feature_parser's "
                            f"output space cannot be inferred: pass feature_space=")
         return next(iter(obs.values()))
+
+    def _reset_env(self, env, seed: int | None) -> Any:
+        """``env.reset(seed=seed)``; EnvError if the env's reset takes no seed= or options= (a TypeError
+        raised inside the env's own code goes on unchanged)."""
+        try:
+            return env.reset(seed=seed)
+        except TypeError as error:
+            inner = getattr(env, "unwrapped", env)  # the call may have failed in a wrapper, passing options=
+            if "keyword argument" not in str(error) or _takes_seed(inner):
+                raise
+            if self.is_multiagent:
+                api = "the PettingZoo Parallel API"
+            else:
+                api = ("the Gymnasium API (call super().reset(seed=seed) in it to seed np_random); a Gym env from "
+                       "before 0.26 works through shimmy's GymV21CompatibilityV0 (gymnasium 1.x has no "
+                       "compatibility wrapper of its own)")
+            came = f"{type(inner).__name__}.reset{inspect.signature(inner.reset)}"
+            raise EnvError(f"{self.env_name}: {came} cannot take seed= and options= ({error}): expected "
+                           f"reset(self, *, seed=None, options=None), {api}") from None
 
     def _checked_reset(self, result: Any) -> tuple:
         """``(obs, infos)`` as an env's reset returned them; EnvError if it returned something else (an old
@@ -438,6 +471,7 @@ class EmulatedEnv:
         self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
         self.tick = 0  # steps since creation, for messages
         self._needs_reset = True
+        self._closed = False  # read only where _needs_reset already stops a call: closing sets both
 
     def _check_buffers(self) -> None:
         binding = self.binding
@@ -477,6 +511,8 @@ class EmulatedEnv:
 
     def reset(self, seed: int | None = None):
         """Start an episode. Returns ``(obs, infos)``."""
+        if self._closed:
+            raise self._closed_error("reset()")
         if seed is not None:  # as a Python int: envs take no numpy ints (gymnasium refuses them)
             seed = check_int(f"{self.binding.env_name}: seed", seed, minimum=0)
         self.rewards[:] = 0
@@ -487,7 +523,7 @@ class EmulatedEnv:
         return self._output(self.obs), infos
 
     def _begin_episode(self, seed: int | None) -> dict:
-        obs, infos = self.binding._checked_reset(self._quietly(self.env.reset, seed=seed))
+        obs, infos = self.binding._checked_reset(self._quietly(self.binding._reset_env, self.env, seed))
         if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
             self._lone_episode = [0.0, 0]
             self._write_single(obs)
@@ -569,6 +605,8 @@ class EmulatedEnv:
         """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``."""
         binding = self.binding
         if self._needs_reset:
+            if self._closed:
+                raise self._closed_error("step()")
             raise APIUsageError(f"{binding.env_name}: step() called before reset()")
         if not binding.is_multiagent:
             return self._step_single(actions)
@@ -858,6 +896,13 @@ class EmulatedEnv:
         if binding.max_agents == 1 and array.shape == (layout.size,):
             array = array[None]
         if array.shape != expected:
+            if isinstance(actions, dict):
+                raw = "a dict of raw actions by agent id" if binding.is_multiagent else "the raw action"
+                raise APIUsageError(
+                    f"{where}: actions came as a dict with keys {_short(list(actions))}: with emulate_flat_atn=True, "
+                    f"step takes one array of shape {expected} (max_agents, action size), the flat action of the "
+                    f"agent in slot i in row i (binding.flatten_action flattens one); to pass {raw}, build the "
+                    f"Binding with emulate_flat_atn=False")
             raise APIUsageError(f"{where}: actions must have shape {expected} (max_agents, action size), "
                                 f"got {array.shape}")
         try:
@@ -896,10 +941,19 @@ class EmulatedEnv:
 
     def render(self):
         """The wrapped env's ``render()``."""
+        if self._closed:
+            raise self._closed_error("render()")
         return self.env.render()
 
     def close(self) -> None:
-        """Close the wrapped env."""
+        """Close the wrapped env; reset, step and render refuse from then on. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = self._needs_reset = True
         with self.binding.quiet():
             self.env.close()
+
+    def _closed_error(self, call: str) -> APIUsageError:
+        return APIUsageError(f"{self.binding.env_name}: {call} on a closed EmulatedEnv: make a new one with "
+                             f"binding.make_env()")
 

@@ -1107,3 +1107,75 @@ def test_an_env_info_named_reset_info_does_not_pass_for_a_reset():
                                               {"a": 0.0, "b": 0.0}, {}, {}, {"a": {"reset_info": 1, "hp": 3}})
     _, _, _, _, infos = env.step(np.zeros((2, 1), np.int64))
     assert infos == {"a": {"hp": 3}}
+
+
+def test_a_closed_env_refuses_reset_step_and_render_and_closes_once():
+    class Counted(NestedSingleAgentEnv):
+        closes = 0
+
+        def close(self):
+            type(self).closes += 1
+
+    for binding in (shoal.Binding(env_cls=Counted), nested_binding()):
+        env = started(binding)
+        env.close()
+        env.close()
+        name = binding.env_name
+        actions = np.zeros((binding.max_agents, binding.atn_layout.size), np.int64)
+        for call, message in ((lambda: env.step(actions), "step"), (lambda: env.reset(seed=0), "reset"),
+                              (env.render, "render")):
+            with pytest.raises(APIUsageError, match=rf"{name}: {message}\(\) on a closed EmulatedEnv: make a new "
+                                                    rf"one with binding.make_env\(\)"):
+                call()
+    assert Counted.closes == 2  # the Binding's probe env, then the emulated env's: closing again did nothing
+
+
+def test_a_dict_of_actions_for_flat_actions_says_a_dict_came_and_how_to_pass_raw_actions():
+    binding = nested_binding()
+    env = started(binding)
+    action = {"move": 0, "attack": {"target": 0, "style": np.zeros(2, np.int64)}}
+    with pytest.raises(APIUsageError, match=r"nested_multiagent_v0, step 1: actions came as a dict with keys "
+                                            r"\['agent_0', .*\]: with emulate_flat_atn=True, step takes one array of "
+                                            r"shape \(4, 4\) \(max_agents, action size\).* to pass a dict of raw "
+                                            r"actions by agent id, build the Binding with emulate_flat_atn=False"):
+        env.step({agent: action for agent in binding.possible_agents})
+    single = started(shoal.Binding(env_cls=NestedSingleAgentEnv))
+    with pytest.raises(APIUsageError, match=r"NestedSingleAgentEnv, step 1: actions came as a dict with keys "
+                                            r"\['move', 'attack'\]: .* to pass the raw action, build the Binding "
+                                            r"with emulate_flat_atn=False"):
+        single.step(action)
+
+
+def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
+    class NoSeed(BadObservationEnv):
+        def reset(self):
+            return np.zeros(3, np.float32), {}
+
+    class NoOptions(BadObservationEnv):
+        def reset(self, seed=None):
+            return np.zeros(3, np.float32), {}
+
+    class NoSeedParallel(TwoAgents):
+        def reset(self):
+            return {}, {}
+
+    class OwnTypeError(BadObservationEnv):  # the env's own bug: its TypeError goes on unchanged
+        def reset(self, seed=None, options=None):
+            return self.helper(seed=seed)
+
+        def helper(self):
+            pass
+
+    with pytest.raises(EnvError, match=r"NoSeed: NoSeed.reset\(\) cannot take seed= and options= \(.*unexpected "
+                                       r"keyword argument 'seed'\): expected reset\(self, \*, seed=None, "
+                                       r"options=None\), the Gymnasium API .* shimmy's GymV21CompatibilityV0"):
+        shoal.Binding(env_cls=NoSeed).make_env().reset()
+    # A wrapper passes options= on: the wrapped env's reset is the one named.
+    with pytest.raises(EnvError, match=r"NoOptions.reset\(seed=None\) cannot take seed= and options= \(.*unexpected "
+                                       r"keyword argument 'options'\)"):
+        shoal.Binding(env_creator=lambda: gymnasium.wrappers.OrderEnforcing(NoOptions())).make_env().reset(seed=1)
+    with pytest.raises(EnvError, match=r"NoSeedParallel.reset\(\) cannot take seed= and options= .* the PettingZoo "
+                                       r"Parallel API$"):
+        shoal.Binding(env_cls=NoSeedParallel).make_env().reset()
+    with pytest.raises(TypeError, match=r"helper\(\) got an unexpected keyword argument 'seed'"):
+        shoal.Binding(env_cls=OwnTypeError).make_env().reset()
