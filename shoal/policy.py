@@ -43,10 +43,29 @@ from shoal.spaces import leaves
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
 
 
+def _described(value: Any) -> str:
+    """What came, for an error message: a tensor's shape, else the type."""
+    if isinstance(value, torch.Tensor):
+        return f"of shape {tuple(value.shape)}"
+    kind = type(value)
+    return f"of type {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
+
+
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
-    """Orthogonal weights with gain ``std`` and constant bias: the usual PPO initialisation."""
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias)
+    """Orthogonal weights with gain ``std`` and constant bias: the usual PPO initialisation.
+
+    For a layer with one ``weight`` of 2 or more dimensions (``nn.Linear``, ``nn.Conv2d``...); a layer built
+    with ``bias=False`` gets its weight initialised only.
+    """
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        hint = (": initialise each of its weight_ih_l* and weight_hh_l* with nn.init.orthogonal_, as LSTMPolicy does"
+                if isinstance(layer, nn.RNNBase) else "")
+        raise APIUsageError(f"layer_init initialises a layer with one weight of 2 or more dimensions (nn.Linear, "
+                            f"nn.Conv2d...), got {type(layer).__name__}{hint}")
+    nn.init.orthogonal_(weight, std)
+    if layer.bias is not None:
+        nn.init.constant_(layer.bias, bias)
     return layer
 
 
@@ -64,7 +83,8 @@ class DiscreteHead(nn.Module):
         self.nvec = [int(n) for n in np.asarray(nvec).ravel()]
         if not self.nvec or min(self.nvec) < 1:
             raise APIUsageError(f"DiscreteHead needs at least one dimension, each with >= 1 choice, got nvec {nvec!r}")
-        self.linear = layer_init(nn.Linear(in_features, sum(self.nvec)), std=0.01)
+        self.num_logits = sum(self.nvec)
+        self.linear = layer_init(nn.Linear(in_features, self.num_logits), std=0.01)
         # All dimensions of one size: one (B, D, n) tensor instead of a loop over dimensions.
         self.uniform = len(set(self.nvec)) == 1
 
@@ -81,8 +101,26 @@ class DiscreteHead(nn.Module):
     def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
         return [torch.log_softmax(part, dim=-1) for part in self._dimensions(logits)]
 
+    def _input_error(self, logits: Any, actions: Any = None) -> APIUsageError:
+        expected = f"logits (B, {self.num_logits}) (nvec {self.nvec})"
+        got = f"logits {_described(logits)}"
+        if actions is not None:
+            expected += f" and actions (B, {len(self.nvec)})"
+            got += f" and actions {_described(actions)}"
+        return APIUsageError(f"DiscreteHead: expected torch tensors, {expected}, got {got}")
+
+    def _check_range(self, actions: torch.Tensor, error: RuntimeError) -> None:
+        """APIUsageError from ``error`` if an action is out of its dimension's range."""
+        bad = ((actions < 0) | (actions >= torch.as_tensor(self.nvec, device=actions.device))).nonzero()
+        if len(bad):
+            row, dim = bad[0].tolist()
+            raise APIUsageError(f"DiscreteHead: actions must be integers from 0 to n - 1 in each dimension of nvec "
+                                f"{self.nvec}, got {actions[row, dim].item()} in row {row}, dimension {dim}") from error
+
     def sample(self, logits: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(actions (B, D) int64, log-probability (B,))."""
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_logits):
+            raise self._input_error(logits)
         batch = logits.shape[0]
         actions, logprob = [], None
         if not deterministic:
@@ -98,18 +136,28 @@ class DiscreteHead(nn.Module):
         return (actions[0] if len(actions) == 1 else torch.cat(actions, dim=-1)), logprob
 
     def evaluate(self, logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
+        """(log-probability (B,), entropy (B,)) of ``actions (B, D)``, each from 0 to its ``n - 1``.
+
+        An action out of that range is an APIUsageError on the CPU; on a GPU, torch's indexing asserts.
+        """
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_logits
+                and isinstance(actions, torch.Tensor) and actions.shape == (logits.shape[0], len(self.nvec))):
+            raise self._input_error(logits, actions)
         batch = logits.shape[0]
-        if self.uniform:  # the common case in as few ops as possible: this runs in every gradient step
-            log_p = self._log_probs(logits)[0]  # (B, D, n)
-            logprob = log_p.gather(-1, actions.long().unsqueeze(-1)).view(batch, -1).sum(-1)
-            entropy = -(log_p.exp() * log_p).sum((-1, -2))
+        try:
+            if self.uniform:  # the common case in as few ops as possible: this runs in every gradient step
+                log_p = self._log_probs(logits)[0]  # (B, D, n)
+                logprob = log_p.gather(-1, actions.long().unsqueeze(-1)).view(batch, -1).sum(-1)
+                entropy = -(log_p.exp() * log_p).sum((-1, -2))
+                return logprob, entropy
+            logprob = entropy = 0
+            for dim, log_p in enumerate(self._log_probs(logits)):  # (B, n) per dimension
+                logprob = logprob + log_p.gather(-1, actions[:, dim:dim + 1].long()).squeeze(-1)
+                entropy = entropy - (log_p.exp() * log_p).sum(-1)
             return logprob, entropy
-        logprob = entropy = 0
-        for dim, log_p in enumerate(self._log_probs(logits)):  # (B, n) per dimension
-            logprob = logprob + log_p.gather(-1, actions[:, dim:dim + 1].long()).squeeze(-1)
-            entropy = entropy - (log_p.exp() * log_p).sum(-1)
-        return logprob, entropy
+        except RuntimeError as error:  # gather's "index 5 is out of bounds"
+            self._check_range(actions, error)
+            raise
 
 
 class GaussianHead(nn.Module):
@@ -121,6 +169,7 @@ class GaussianHead(nn.Module):
 
     def __init__(self, in_features: int, size: int):
         super().__init__()
+        self.size = size
         self.linear = layer_init(nn.Linear(in_features, size), std=0.01)
         self.log_std = nn.Parameter(torch.zeros(size))
 
@@ -131,11 +180,23 @@ class GaussianHead(nn.Module):
         z = (actions - mean) * torch.exp(-self.log_std)
         return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
+    def _input_error(self, mean: Any, actions: Any = None) -> APIUsageError:
+        expected = f"means (B, {self.size})" + ("" if actions is None else " and actions of the same shape")
+        got = f"means {_described(mean)}" + ("" if actions is None else f" and actions {_described(actions)}")
+        return APIUsageError(f"GaussianHead: expected torch tensors, {expected}, got {got}")
+
     def sample(self, mean: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(actions (B, D), log-probability (B,))."""
+        if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size):
+            raise self._input_error(mean)
         actions = mean if deterministic else mean + torch.randn_like(mean) * self.log_std.exp()
         return actions, self._log_prob(mean, actions)
 
     def evaluate(self, mean: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
+        if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size
+                and isinstance(actions, torch.Tensor) and actions.shape == mean.shape):
+            raise self._input_error(mean, actions)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(len(mean))
         return self._log_prob(mean, actions), entropy
 
@@ -182,8 +243,19 @@ class Policy(nn.Module):
         check_int(f"{type(self).__name__}: feature_size", feature_size)
         self.binding = binding
         self.feature_size = feature_size
+        self.obs_size = int(np.prod(binding.single_observation_space.shape))
         self.action_head = make_action_head(binding.single_action_space, feature_size)
         self.value_head = layer_init(nn.Linear(feature_size, 1), std=1.0)
+
+    def _obs_error(self, obs: Any, shapes: str = "(B, obs_size)") -> APIUsageError:
+        hint = ""
+        if isinstance(obs, np.ndarray):
+            hint = ": convert it with torch.as_tensor(obs)"
+        elif isinstance(obs, torch.Tensor) and tuple(obs.shape) == (self.obs_size,):
+            hint = ": one observation needs a batch dimension, obs[None]"
+        return APIUsageError(f"{type(self).__name__}: obs must be a torch tensor of shape {shapes} with "
+                             f"obs_size={self.obs_size} ({self.binding.env_name}'s flat observations), got one "
+                             f"{_described(obs)}{hint}")
 
     def unflatten(self, obs: torch.Tensor) -> Any:
         """The nested observation behind flat ``obs (B, obs_size)``: dicts/tuples of tensor views."""
@@ -199,6 +271,8 @@ class Policy(nn.Module):
 
     def forward(self, obs: torch.Tensor, state: State | None = None, starts: torch.Tensor | None = None):
         """``obs (B, obs_size)`` -> (action parameters, value ``(B,)``, state (None: not recurrent))."""
+        if not (isinstance(obs, torch.Tensor) and obs.dim() == 2 and obs.shape[1] == self.obs_size):
+            raise self._obs_error(obs)
         params, value = self.decode(self.encode(obs))
         return params, value, None
 
@@ -224,17 +298,22 @@ class MLPPolicy(Policy):
     """Separate actor and critic MLPs (tanh) over a flat vector observation, as in CleanRL's ``ppo.py``.
 
     ``encode`` returns both towers' outputs side by side ``(B, 2 * hidden_size)``; ``decode`` reads
-    the actor half for the action head and the critic half for the value.
+    the actor half for the action head and the critic half for the value. Refuses an observation whose
+    leaves have different dtypes: its flat form is a byte buffer, not numbers (:class:`MixedPolicy` reads it).
     """
 
     def __init__(self, binding, hidden_size: int = 64, num_layers: int = 2):
         check_int("MLPPolicy: hidden_size", hidden_size)
         check_int("MLPPolicy: num_layers", num_layers)
         super().__init__(binding, feature_size=2 * hidden_size)
-        in_size = int(np.prod(binding.single_observation_space.shape))
+        if len({field.dtype for field in binding.obs_layout.fields}) > 1:
+            raise SpaceError(f"MLPPolicy (policy kind 'mlp') reads the flat observation as numbers; "
+                             f"{binding.env_name}'s is a byte buffer of mixed-dtype leaves "
+                             f"({binding.raw_single_observation_space}): use MixedPolicy (kind 'mixed'), which "
+                             f"unflattens it")
 
         def tower() -> nn.Sequential:
-            layers, width = [], in_size
+            layers, width = [], self.obs_size
             for _ in range(num_layers):
                 layers += [layer_init(nn.Linear(width, hidden_size)), nn.Tanh()]
                 width = hidden_size
@@ -258,6 +337,8 @@ class MLPPolicy(Policy):
     def forward(self, obs: torch.Tensor, state=None, starts=None):
         # decode(encode(obs)) without joining and splitting the towers, and with plain function calls:
         # at these sizes an nn.Module call costs more than its math, and this runs once per env step.
+        if not (isinstance(obs, torch.Tensor) and obs.dim() == 2 and obs.shape[1] == self.obs_size):
+            raise self._obs_error(obs)
         actor = critic = obs.float()
         for actor_layer, critic_layer in self._layer_pairs:
             actor = torch.tanh(F.linear(actor, actor_layer.weight, actor_layer.bias))
@@ -278,6 +359,8 @@ class MLPPolicy(Policy):
         *hidden, (head_weight, head_bias) = layers
 
         def act(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if not (isinstance(obs, torch.Tensor) and obs.dim() == 2 and obs.shape[1] == self.obs_size):
+                raise self._obs_error(obs)
             x = obs.float()
             for weight, bias in hidden:
                 x = torch.tanh(F.linear(x, weight, bias))
@@ -293,15 +376,27 @@ class NatureCNN(Policy):
     Reads the raw observation as ``(C, H, W)`` (channels first, e.g. 4 stacked 84x84 frames) or
     ``(H, W, C)`` (``channels_last``; by default where the last axis is shorter than the first, e.g.
     84x84x4 or 64x64x6); a 2-D ``(H, W)`` frame gets one channel. Frames need at least 36x36 pixels.
+    The raw observation space must be a ``Box`` of 2 or 3 dimensions, else a SpaceError.
     """
 
     def __init__(self, binding, hidden_size: int = 512, channels_last: bool | None = None):
         check_int("NatureCNN: hidden_size", hidden_size)
+        if channels_last is not None and not isinstance(channels_last, (bool, np.bool_)):
+            raise APIUsageError(f"NatureCNN: channels_last must be True, False or None (read from the frame's "
+                                f"shape), got {channels_last!r}")
         super().__init__(binding, feature_size=hidden_size)
-        shape = binding.raw_single_observation_space.shape
+        space = binding.raw_single_observation_space
+        if not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
+            raise SpaceError(f"NatureCNN (policy kind 'cnn') reads frames, a Box of 2 or 3 dimensions; "
+                             f"{binding.env_name}'s observation space is {space}: use MLPPolicy or MixedPolicy "
+                             f"(kind 'mlp' or 'mixed')")
+        shape = space.shape
+        if channels_last and len(shape) == 2:
+            raise APIUsageError(f"NatureCNN: channels_last=True reads (H, W, C) frames; {binding.env_name}'s are "
+                                f"(H, W) = {shape}, one channel: leave channels_last out")
         if channels_last is None:  # channels are the short axis: 4 frames of 84x84, or 6 planes of 64x64
             channels_last = len(shape) == 3 and shape[2] < shape[0]
-        self.channels_last = channels_last
+        self.channels_last = bool(channels_last)
         if len(shape) == 2:
             chw = (1, *shape)
         else:
@@ -311,7 +406,7 @@ class NatureCNN(Policy):
             raise SpaceError(f"NatureCNN needs frames of at least 36x36 pixels; {binding.env_name}'s observations "
                              f"read as {chw[0]} channels of {chw[1]}x{chw[2]}: use policy kind 'mixed' or 'mlp'"
                              f"{'' if len(shape) == 2 else ', or pass channels_last'}")
-        self.scale = 1 / 255 if binding.raw_single_observation_space.dtype == np.uint8 else 1.0
+        self.scale = 1 / 255 if space.dtype == np.uint8 else 1.0
         self.convs = nn.Sequential(
             layer_init(nn.Conv2d(chw[0], 32, 8, stride=4)), nn.ReLU(),
             layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
@@ -428,8 +523,10 @@ class MixedPolicy(Policy):
 class LSTMPolicy(Policy):
     """Any policy with an LSTM between its ``encode`` and ``decode``.
 
-    ``state`` is ``(h, c)``, each ``(B, feature_size)``. ``starts (B,)`` or ``(T, B)`` marks rows whose
-    observation begins a new episode for that agent: their state is zeroed before the step.
+    ``state`` is ``(h, c)``, each ``(B, feature_size)`` (not ``nn.LSTM``'s ``(1, B, feature_size)``).
+    ``starts (B,)`` or ``(T, B)`` marks rows whose observation begins a new episode for that agent: their
+    state is zeroed before the step. ``starts`` is bool, or numbers such as CleanRL's float ``dones``,
+    where any nonzero value marks a start.
     """
 
     is_recurrent = True
@@ -442,6 +539,7 @@ class LSTMPolicy(Policy):
         self.binding = policy.binding
         self.policy = policy
         self.feature_size = policy.feature_size
+        self.obs_size = policy.obs_size
         self.lstm = nn.LSTM(policy.feature_size, policy.feature_size)
         for name, param in self.lstm.named_parameters():
             if "bias" in name:
@@ -455,6 +553,7 @@ class LSTMPolicy(Policy):
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero ``(h, c)`` for ``batch_size`` rows."""
+        check_int("LSTMPolicy.initial_state: batch_size", batch_size)
         zeros = torch.zeros(batch_size, self.feature_size, device=device)
         return zeros, zeros.clone()
 
@@ -469,17 +568,25 @@ class LSTMPolicy(Policy):
 
         Returns (action parameters, values, state); a sequence's outputs are flattened to ``(T * B, ...)``.
         """
-        if state is not None and not (isinstance(state, tuple) and len(state) == 2):
-            raise APIUsageError(f"LSTMPolicy: state must be a tuple (h, c) as initial_state returns, got "
-                                f"{type(state).__name__}")
+        if not (isinstance(obs, torch.Tensor) and 2 <= obs.dim() <= 3 and obs.shape[-1] == self.obs_size):
+            raise self._obs_error(obs, "(B, obs_size) or (T, B, obs_size)")
         sequence = obs.dim() == 3
         steps, batch = (obs.shape[0], obs.shape[1]) if sequence else (1, obs.shape[0])
+        if state is not None and not (isinstance(state, tuple) and len(state) == 2
+                                      and isinstance(state[0], torch.Tensor) and isinstance(state[1], torch.Tensor)
+                                      and state[0].shape == state[1].shape == (batch, self.feature_size)):
+            raise self._state_error(state, batch)
+        if starts is None:
+            starts = torch.zeros(steps, batch, dtype=torch.bool, device=obs.device)
+        elif not (isinstance(starts, torch.Tensor) and starts.shape == obs.shape[:-1]):
+            raise APIUsageError(f"LSTMPolicy: starts must be a torch tensor of shape {tuple(obs.shape[:-1])}, one "
+                                f"per observation, got one {_described(starts)}")
+        elif starts.dtype != torch.bool:
+            starts = starts != 0
+        starts = starts.view(steps, batch, 1)
         features = self.policy.encode(obs.reshape(steps * batch, -1)).view(steps, batch, -1)
         if state is None:
             state = self.initial_state(batch, obs.device)
-        if starts is None:
-            starts = torch.zeros(steps, batch, dtype=torch.bool, device=obs.device)
-        starts = starts.view(steps, batch, 1)
         if steps == 1:  # acting: the cell function itself, without nn.LSTM's ~0.2 ms of per-call checks
             # torch.where, not a product: a zeroed state must not carry NaN from a garbage row.
             h, c = (torch.where(starts[0], 0.0, part) for part in state)
@@ -498,6 +605,16 @@ class LSTMPolicy(Policy):
             hidden.append(out)
         params, value = self.policy.decode(torch.cat(hidden).view(steps * batch, -1))
         return params, value, (h[0], c[0])
+
+    def _state_error(self, state: Any, batch: int) -> APIUsageError:
+        parts = state if isinstance(state, tuple) and len(state) == 2 else None
+        got = type(state).__name__ if parts is None else f"h {_described(parts[0])} and c {_described(parts[1])}"
+        hint = ""
+        if parts is not None and all(isinstance(part, torch.Tensor) and part.dim() == 3 for part in parts):
+            hint = ": that is nn.LSTM's (num_layers, B, feature_size) layout, pass (h[0], c[0])"
+        return APIUsageError(f"LSTMPolicy: state must be a tuple (h, c) as initial_state returns, each a tensor of "
+                             f"shape (B, feature_size) = ({batch}, {self.feature_size}) for {batch} observations, "
+                             f"got {got}{hint}")
 
 
 # ---------------------------------------------------------------- defaults
@@ -571,12 +688,6 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
     if not isinstance(lstm, (bool, np.bool_)):
         raise APIUsageError(f"default_policy: lstm must be True or False, got {lstm!r}")
     space = binding.raw_single_observation_space
-    if kind == "cnn" and not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
-        raise SpaceError(f"policy kind 'cnn' reads frames, a Box of 2 or 3 dimensions; {binding.env_name}'s "
-                         f"observation space is {space}: use 'mlp' or 'mixed'")
-    if kind == "mlp" and len({field.dtype for field in binding.obs_layout.fields}) > 1:
-        raise SpaceError(f"policy kind 'mlp' reads the flat observation as numbers; {binding.env_name}'s is a byte "
-                         f"buffer of mixed-dtype leaves ({space}): use 'mixed', which unflattens it")
     if kind == "auto":
         if _is_image(space):
             kind = "cnn"

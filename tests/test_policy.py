@@ -236,10 +236,11 @@ def test_policy_arguments_of_the_wrong_kind_are_named():
         default_policy(cartpole, hidden_size=-5)
     with pytest.raises(APIUsageError, match="num_layers must be a positive int, got 0"):
         MLPPolicy(cartpole, num_layers=0)
-    with pytest.raises(SpaceError, match="policy kind 'cnn' reads frames"):
+    with pytest.raises(SpaceError, match=r"NatureCNN \(policy kind 'cnn'\) reads frames, a Box of 2 or 3 dimensions"):
         default_policy(cartpole, kind="cnn")
     nested = Binding(env_cls=envs.NestedSingleAgentEnv)
-    with pytest.raises(SpaceError, match="policy kind 'mlp' reads the flat observation as numbers; .* use 'mixed'"):
+    with pytest.raises(SpaceError, match=r"MLPPolicy \(policy kind 'mlp'\) reads the flat observation as numbers; "
+                                         r".* use MixedPolicy"):
         default_policy(nested, kind="mlp")
 
 
@@ -247,7 +248,8 @@ def test_lstm_state_and_head_sizes_are_checked():
     from shoal.errors import APIUsageError
 
     policy = LSTMPolicy(MLPPolicy(make_binding("cartpole"), hidden_size=8))
-    with pytest.raises(APIUsageError, match="state must be a tuple \\(h, c\\) as initial_state returns, got Tensor"):
+    with pytest.raises(APIUsageError, match=r"state must be a tuple \(h, c\) as initial_state returns, each a tensor "
+                                            r"of shape \(B, feature_size\) = \(2, 16\) for 2 observations, got Tensor"):
         policy(torch.zeros(2, 4), torch.zeros(2, 16))
     with pytest.raises(APIUsageError, match="DiscreteHead needs at least one dimension, each with >= 1 choice"):
         DiscreteHead(4, [0])
@@ -286,3 +288,139 @@ def test_the_policy_check_keeps_batch_statistics_and_sees_a_wrong_row_count():
     with pytest.raises(APIUsageError, match=r"OneRowPolicy returns action parameters of shape \(1, 2\) and values "
                                             r"of shape \(1,\) for 2 observations"):
         check_policy(OneRowPolicy(binding), binding)
+
+
+class DictEnv(gymnasium.Env):
+    """A nested observation of mixed dtypes: its flat form is a byte buffer."""
+
+    observation_space = spaces.Dict({"pos": spaces.Box(-1, 1, (3,), np.float32), "k": spaces.Discrete(4)})
+    action_space = spaces.Discrete(2)
+
+
+def test_policies_refuse_observation_spaces_they_cannot_read():
+    cartpole, nested = make_binding("cartpole"), Binding(env_cls=DictEnv)
+    for binding, space in [(cartpole, r"Box\(.*\(4,\), float32\)"), (nested, r"Dict\(.*\)")]:
+        with pytest.raises(SpaceError, match=r"NatureCNN \(policy kind 'cnn'\) reads frames, a Box of 2 or 3 "
+                                             rf"dimensions; \S+'s observation space is {space}: use MLPPolicy"):
+            NatureCNN(binding)
+    frames = _binding(spaces.Box(0, 255, (84, 84), np.uint8))
+    with pytest.raises(APIUsageError, match="channels_last must be True, False or None .*, got 'yes'"):
+        NatureCNN(frames, channels_last="yes")
+    with pytest.raises(APIUsageError, match=r"channels_last=True reads \(H, W, C\) frames; .* \(84, 84\), one channel"):
+        NatureCNN(frames, channels_last=True)
+    with pytest.raises(SpaceError, match=r"MLPPolicy \(policy kind 'mlp'\) reads the flat observation as numbers; "
+                                         r"DictEnv's is a byte buffer of mixed-dtype leaves .*: use MixedPolicy"):
+        MLPPolicy(nested)
+
+
+@pytest.mark.parametrize("make", [lambda b: MLPPolicy(b, hidden_size=8), lambda b: MixedPolicy(b, hidden_size=8),
+                                  lambda b: MLPPolicy(b, hidden_size=8).acting_forward()])
+def test_forward_names_the_observation_shape_it_expects(make):
+    policy = make(make_binding("cartpole"))
+    expected = r"obs must be a torch tensor of shape \(B, obs_size\) with obs_size=4 \(CartPole-v1's flat observations\)"
+    with pytest.raises(APIUsageError, match=expected + r", got one of type numpy.ndarray: convert it with torch.as_tensor"):
+        policy(np.zeros((2, 4), np.float32))
+    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(2, 5\)$"):
+        policy(torch.zeros(2, 5))
+    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(4,\): one observation needs a batch "
+                                                       r"dimension, obs\[None\]"):
+        policy(torch.zeros(4))
+
+
+def test_heads_name_the_shapes_and_actions_they_expect():
+    policy = MLPPolicy(make_binding("cartpole"), hidden_size=8)
+    params = policy(torch.zeros(3, 4))[0]
+    with pytest.raises(APIUsageError, match=r"actions must be integers from 0 to n - 1 in each dimension of nvec "
+                                            r"\[2\], got 5 in row 0, dimension 0"):
+        policy.evaluate_actions(params, torch.tensor([[5], [1], [0]]))
+    with pytest.raises(APIUsageError, match=r"got -1 in row 2, dimension 0"):
+        policy.evaluate_actions(params, torch.tensor([[0], [1], [-1]]))
+    with pytest.raises(APIUsageError, match=r"DiscreteHead: expected torch tensors, logits \(B, 2\) \(nvec \[2\]\) "
+                                            r"and actions \(B, 1\), got logits of shape \(3, 2\) and actions of shape \(3,\)"):
+        policy.evaluate_actions(params, torch.tensor([0, 1, 0]))
+    with pytest.raises(APIUsageError, match=r"expected torch tensors, logits \(B, 2\) \(nvec \[2\]\), got logits "
+                                            r"of shape \(2,\)"):
+        policy.sample_actions(params[0])
+    mixed = DiscreteHead(4, np.array([3, 2]))  # dimensions of different sizes: the other path
+    with pytest.raises(APIUsageError, match=r"nvec \[3, 2\], got 2 in row 1, dimension 1"):
+        mixed.evaluate(torch.zeros(2, 5), torch.tensor([[2, 1], [0, 2]]))
+    gaussian = GaussianHead(4, 2)
+    with pytest.raises(APIUsageError, match=r"GaussianHead: expected torch tensors, means \(B, 2\) and actions of the "
+                                            r"same shape, got means of shape \(3, 2\) and actions of shape \(3,\)"):
+        gaussian.evaluate(torch.zeros(3, 2), torch.zeros(3))
+    with pytest.raises(APIUsageError, match=r"means \(B, 2\), got means of type list"):
+        gaussian.sample([[0.0, 0.0]])
+
+
+def test_lstm_inputs_are_checked_and_float_starts_count_where_nonzero():
+    torch.manual_seed(0)
+    policy = LSTMPolicy(MLPPolicy(make_binding("cartpole"), hidden_size=8))
+    state = policy.initial_state(3)
+    obs = torch.randn(3, 4)
+    dones = torch.tensor([1.0, 0.0, 1.0])  # CleanRL's float dones
+    for got, expected in zip(policy(obs, state, dones), policy(obs, state, dones.bool())):
+        torch.testing.assert_close(got, expected)
+    expected = r"state must be a tuple \(h, c\) as initial_state returns, each a tensor of shape \(B, feature_size\)"
+    with pytest.raises(APIUsageError, match=expected + r" = \(3, 16\) for 3 observations, got h of shape \(1, 3, 16\) "
+                                                       r"and c of shape \(1, 3, 16\): that is nn.LSTM's"):
+        policy(torch.zeros(5, 3, 4), (state[0][None], state[1][None]))
+    with pytest.raises(APIUsageError, match=expected + r" = \(2, 16\) for 2 observations, got h of shape \(3, 16\)"):
+        policy(torch.zeros(2, 4), state)
+    with pytest.raises(APIUsageError, match=r"starts must be a torch tensor of shape \(5, 3\), one per observation, "
+                                            r"got one of shape \(15,\)"):
+        policy(torch.zeros(5, 3, 4), state, torch.zeros(15, dtype=torch.bool))
+    with pytest.raises(APIUsageError, match=r"LSTMPolicy: obs must be a torch tensor of shape \(B, obs_size\) or "
+                                            r"\(T, B, obs_size\) with obs_size=4 .*, got one of shape \(3, 5\)"):
+        policy(torch.zeros(3, 5))
+    with pytest.raises(APIUsageError, match="LSTMPolicy.initial_state: batch_size must be a positive int, got -1"):
+        policy.initial_state(-1)
+
+
+def test_layer_init_needs_one_weight_and_initialises_a_bias_free_layer():
+    from shoal.policy import layer_init
+
+    layer = layer_init(torch.nn.Linear(4, 3, bias=False), std=1.0)
+    torch.testing.assert_close(layer.weight @ layer.weight.T, torch.eye(3))
+    with pytest.raises(APIUsageError, match="layer_init initialises a layer with one weight of 2 or more dimensions "
+                                            r"\(nn.Linear, nn.Conv2d...\), got LSTM: initialise each of its weight_ih"):
+        layer_init(torch.nn.LSTM(4, 4))
+    with pytest.raises(APIUsageError, match="got LayerNorm$"):
+        layer_init(torch.nn.LayerNorm(4))
+
+
+def test_adam_and_clipping_check_their_arguments():
+    from shoal.optim import Adam, clip_grad_norm
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(APIUsageError, match=r"Adam takes an iterable of parameter tensors, got the module Linear "
+                                            r"itself: pass model.parameters\(\)"):
+        Adam(model, 1e-3)
+    parameters = model.parameters()
+    Adam(parameters, 1e-3)
+    with pytest.raises(APIUsageError, match=r"got no parameters \(an iterator already used up\?\)"):
+        Adam(parameters, 1e-3)
+    for lr in [float("nan"), "1e-3", -1.0, True]:
+        with pytest.raises(APIUsageError, match=f"Adam: lr must be a finite number >= 0, got {lr!r}"):
+            Adam(model.parameters(), lr)
+    with pytest.raises(APIUsageError, match="Adam: eps must be a finite number >= 0, got inf"):
+        Adam(model.parameters(), 1e-3, eps=float("inf"))
+    optimizer = Adam(model.parameters(), 1e-3)
+    optimizer.lr = np.float32(5e-4)  # as the trainer anneals it, once per update
+    assert optimizer.lr == pytest.approx(5e-4) and type(optimizer.lr) is float
+    with pytest.raises(APIUsageError, match="Adam: lr must be a finite number >= 0, got nan"):
+        optimizer.lr = float("nan")
+
+    parameters = list(model.parameters())
+    assert float(clip_grad_norm(parameters, 0.5)) == 0.0  # before backward: nothing to clip, as torch's
+    assert all(p.grad is None for p in parameters)
+    for max_norm in [-1.0, 0, float("nan"), "0.5"]:
+        with pytest.raises(APIUsageError, match=f"clip_grad_norm: max_norm must be a finite number > 0, got {max_norm!r}"):
+            clip_grad_norm(parameters, max_norm)
+    with pytest.raises(APIUsageError, match=r"clip_grad_norm takes a list of parameter tensors, e.g. "
+                                            r"list\(model.parameters\(\)\), got Linear"):
+        clip_grad_norm(model, 0.5)
+    model(torch.ones(1, 3)).sum().backward()
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in parameters]))
+    torch.testing.assert_close(clip_grad_norm(parameters, 1e-3), norm)
+    torch.testing.assert_close(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in parameters])),
+                               torch.tensor(1e-3), rtol=1e-3, atol=0)
