@@ -267,6 +267,23 @@ def test_call_get_attr_set_attr(make, backend):
     vecenv.step(np.zeros((4, 1), np.int64))  # still usable after a usage error
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_env_exception_in_call_or_set_attr_is_reported_and_the_vec_env_stays_open(make, backend):
+    vecenv = make(probe(), backend, num_workers=2, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    with pytest.raises(APIUsageError, match=f"(?s)^call\\(\\): env 3 \\(ProbeEnv\\): scaled\\(\\) raised TypeError: "
+                                            f"can't multiply sequence by non-int of type 'float' \\(the vec env stays "
+                                            f"open\\)\n\nWorker traceback:\n{TRACEBACK}.*in scaled\n") as caught:
+        vecenv.call("scaled", [1], factor=1.5, env_ids=[3])
+    if backend == "serial":  # chained to the env's own exception, as a WorkerError is
+        assert isinstance(caught.value.__cause__, TypeError)
+    with pytest.raises(APIUsageError, match="^set_attr\\(\\): env 0 \\(ProbeEnv\\): setting 'unwrapped' raised "
+                                            "AttributeError: property 'unwrapped' of 'ProbeEnv' object has no setter"):
+        vecenv.set_attr("unwrapped", 1)
+    assert "CLOSED" not in repr(vecenv) and vecenv.call("scaled", 2) == [2, 2, 2, 2]
+    assert vecenv.step(np.zeros((4, 1), np.int64))[1].tolist() == [1.0] * 4  # its workers are all still there
+
+
 @pytest.mark.parametrize("backend", PARALLEL)
 def test_call_waits_for_steps_in_flight(make, backend):
     vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2, envs_per_worker=1, batch_size=1)
@@ -350,6 +367,31 @@ def test_bad_ray_arguments(ray_cluster):
         Ray(binding, address="10.0.0.1:6379")
 
 
+def test_ray_actor_options_the_cluster_cannot_provide(no_leaks):
+    ray = sys.modules["ray"]
+    with pytest.raises(APIUsageError, match="Ray: actor_options ask for num_gpus=1 per actor, 1 GPU for 1 actor, but the "
+                                            "Ray cluster has GPU 0 in all \\(it has CPU 2, memory .*\\), so Ray could "
+                                            "never schedule them"):
+        Ray(cartpole(), num_workers=1, actor_options={"num_gpus": 1})
+    with pytest.raises(APIUsageError, match="ask for num_cpus=1 per actor, 3 CPU for 3 actors, but the Ray cluster has "
+                                            "CPU 2 in all"):
+        Ray(cartpole(), num_workers=3, actor_options={"num_cpus": 1})
+    with pytest.raises(APIUsageError, match="ask for resources=\\{'shoal_test': 1\\} per actor, 1 shoal_test for 1 actor, "
+                                            "but the Ray cluster has shoal_test 0 in all"):
+        Ray(cartpole(), num_workers=1, actor_options={"resources": {"shoal_test": 1}})
+    group = ray.util.placement_group([{"CPU": 2}])  # holds every CPU: an actor that needs one waits for it
+    ray.get(group.ready(), timeout=60)
+    try:
+        with pytest.raises(WorkerError, match="worker 0 \\(envs 0-0 of CartPole-v1\\): did not answer startup "
+                                              "\\(building its envs\\) within 2 s: Ray never scheduled the actor of "
+                                              "worker 0: still pending creation, most likely waiting for resources no "
+                                              "node has free \\(each actor asks for num_cpus=1; the cluster has CPU 0 "
+                                              "free now\\)"):
+            Ray(cartpole(), num_workers=1, actor_options={"num_cpus": 1}, startup_timeout=2)
+    finally:
+        ray.util.remove_placement_group(group)
+
+
 def test_local_creators_work_and_unpicklable_bindings_are_a_clear_error(no_leaks, make):
     vecenv = make(shoal.Binding(env_creator=lambda: gymnasium.make("CartPole-v1")), "multiprocessing",
                   num_workers=1, context="spawn")  # the binding travels with cloudpickle
@@ -402,6 +444,13 @@ def test_bad_actions(make, backend):
         vecenv.send(torch.zeros((rows, size), dtype=torch.int64, device="meta"))  # as a GPU tensor would
     with pytest.raises(APIUsageError, match="actions must be one array .* got list: setting an array element"):
         vecenv.send([[0] * size] * (rows - 1) + [[0] * (size + 1)])
+    agents = vecenv.binding.possible_agents
+    for pettingzoo_style in ({agent: 0 for agent in agents}, [{agent: 0 for agent in agents}] * 2):
+        with pytest.raises(APIUsageError, match=f"send\\(actions\\): got a dict of actions \\(PettingZoo's \\{{agent: "
+                                                f"action\\}}\\), but a vec env takes one array of shape \\({rows}, {size}\\) "
+                                                f".* env-major: row e \\* 5 \\+ k holds the action of agent k of env e, "
+                                                f"agents in sorted order \\['agent_0', .*'late'\\]$"):
+            vecenv.send(pettingzoo_style)
     actions = np.zeros((rows, size), np.int64)
     actions[1, 0] = 7
     with pytest.raises(APIUsageError, match="row 1 \\(env 0, slot 1\\) holds \\[7 0 0 0\\]: expected 0 <= a < \\[2 3 4 5\\]"):
@@ -417,11 +466,19 @@ def test_sync_api_needs_a_full_batch(make):
         vecenv.reset()
 
 
-@pytest.mark.parametrize("seed", ["7", [1, 2, 3]])
+@pytest.mark.parametrize("seed", ["7", [1, 2, 3], np.array([1.0, 2.0]), np.array([[1], [2]]), np.array([3, -1])])
 def test_bad_seed(make, seed):
     vecenv = make(cartpole(), "serial", num_workers=2)
-    with pytest.raises(APIUsageError, match="seed must be None, an int >= 0 \\(env i gets seed \\+ i\\) or a list of 2 such seeds"):
+    with pytest.raises(APIUsageError, match="seed must be None, an int >= 0 \\(env i gets seed \\+ i\\) or a list or 1-D "
+                                            "integer array of 2 such seeds, got"):
         vecenv.reset(seed=seed)
+
+
+def test_seeds_as_an_integer_array(make):
+    vecenv = make(cartpole(), "serial", num_workers=3)
+    listed = vecenv.reset(seed=[4, 9, 2])[0].copy()
+    assert np.array_equal(vecenv.reset(seed=np.array([4, 9, 2], np.int32))[0], listed)
+    assert np.array_equal(vecenv.reset(seed=np.arange(3))[0], vecenv.reset(seed=0)[0].copy())
 
 
 def test_ray_missing_is_a_clear_error(monkeypatch):

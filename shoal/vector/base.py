@@ -73,7 +73,7 @@ class Command(enum.Enum):
 class Status(enum.Enum):
     OK = "ok"  # payload: infos per env (reset/step) or values per env (call/get_attr/set_attr)
     FAILED = "failed"  # payload: a Failure; the worker has stopped
-    USAGE_ERROR = "usage error"  # payload: a message about the caller's mistake (no such name); the worker goes on
+    USAGE_ERROR = "usage error"  # payload: a message about a call/get_attr/set_attr gone wrong; the worker goes on
 
 
 class Failure(NamedTuple):
@@ -90,7 +90,8 @@ _MISSING = object()
 
 
 class _UsageError(Exception):
-    """The caller's mistake in call/get_attr/set_attr (a name no env has), not the env's: nothing is broken."""
+    """What went wrong in a call/get_attr/set_attr the caller asked for (a name no env has, or an exception from
+    the env's own method or attribute): the caller's business, not a broken worker, which goes on."""
 
 
 def _owners(env) -> list:
@@ -162,6 +163,7 @@ class EnvGroup:
             return Status.OK, self._access(command, payload)
         except _UsageError as mistake:
             self.current = None
+            self.exception = mistake.__cause__  # the env's own exception, if any (Serial chains it)
             return Status.USAGE_ERROR, str(mistake)
         except Exception as error:
             return Status.FAILED, self._failure(command.value, error)
@@ -172,26 +174,37 @@ class EnvGroup:
         for index in indices:
             self.current, env = self.env_ids[index], self.envs[index]
             self.progress[0] = self.current
-            owner, value = _lookup(env, name)
-            if owner is None:
-                if command is not Command.SET_ATTR:
-                    raise _UsageError(
-                        f"env {self.current} ({self.binding.env_name}) has no attribute {name!r}: looked up on the "
-                        f"emulated env, the env it wraps (.env) and its innermost env (.env.unwrapped)")
-                owner = _owners(env)[-1]  # a new attribute goes to the raw env: passthrough is the point
-            if command is Command.CALL:
-                args, kwargs = rest
-                if not callable(value):
-                    raise _UsageError(f"env {self.current} ({self.binding.env_name}): {name!r} is a "
-                                      f"{type(value).__name__}, not a method: use get_attr")
-                values.append(value(*args, **kwargs))
-            elif command is Command.GET_ATTR:
-                values.append(value)
-            else:
-                setattr(owner, name, rest[0])
-                values.append(None)
+            try:
+                values.append(self._access_one(env, command, name, rest))
+            except _UsageError:
+                raise
+            except Exception as error:  # from the env's own code, which the caller chose to run: the env goes on
+                what = {Command.CALL: f"{name}()", Command.GET_ATTR: f"reading {name!r}",
+                        Command.SET_ATTR: f"setting {name!r}"}[command]
+                raise _UsageError(f"env {self.current} ({self.binding.env_name}): {what} raised "
+                                  f"{type(error).__name__}: {error} (the vec env stays open)\n\n"
+                                  f"Worker traceback:\n{traceback.format_exc()}") from error
         self.current = None
         return values
+
+    def _access_one(self, env, command: Command, name: str, rest: list) -> Any:
+        owner, value = _lookup(env, name)
+        if owner is None:
+            if command is not Command.SET_ATTR:
+                raise _UsageError(
+                    f"env {self.current} ({self.binding.env_name}) has no attribute {name!r}: looked up on the "
+                    f"emulated env, the env it wraps (.env) and its innermost env (.env.unwrapped)")
+            owner = _owners(env)[-1]  # a new attribute goes to the raw env: passthrough is the point
+        if command is Command.CALL:
+            args, kwargs = rest
+            if not callable(value):
+                raise _UsageError(f"env {self.current} ({self.binding.env_name}): {name!r} is a "
+                                  f"{type(value).__name__}, not a method: use get_attr")
+            return value(*args, **kwargs)
+        if command is Command.GET_ATTR:
+            return value
+        setattr(owner, name, rest[0])
+        return None
 
     def _failure(self, command: str, error: BaseException) -> Failure:
         self.exception = error
@@ -511,6 +524,10 @@ class VecEnv(abc.ABC):
             f"{self._describe(worker)} failed in {failure.command} at its step {failure.step}, in {where}: "
             f"{failure.error}", failure.traceback, failure.env_id)
 
+    def _usage_error(self, worker: int, message: str) -> APIUsageError:
+        """For a call/get_attr/set_attr that went wrong on ``worker`` but left it working (Status.USAGE_ERROR)."""
+        return APIUsageError(message)
+
     def _unreadable_error(self, worker: int, error: BaseException, trace: str) -> WorkerError:
         """For an answer that came from ``worker`` but does not unpickle in this process."""
         command = self._sent[worker][1].value if worker in self._sent else "start"
@@ -540,9 +557,12 @@ class VecEnv(abc.ABC):
         running = {worker: self._running_env(worker) for worker in sorted(workers)}
         names = [self._describe(w) + ("" if env is None else f", running env {env}") for w, env in running.items()]
         first, env = next(iter(running.items()))
-        return WorkerError(
-            f"{'; '.join(names)}: did not answer {what} within {timeout} s: an env hangs or is too slow "
-            f"(raise the timeout if it is only slow)", env_id=self._envs_of(first).start if env is None else env)
+        return WorkerError(f"{'; '.join(names)}: did not answer {what} within {timeout} s: {self._why_late(workers)}",
+                           env_id=self._envs_of(first).start if env is None else env)
+
+    def _why_late(self, workers: set[int]) -> str:
+        """What may keep ``workers`` from answering, for the timeout error (a backend may know more)."""
+        return "an env hangs or is too slow (raise the timeout if it is only slow)"
 
     def _crashed_env(self, worker: int) -> int:
         """The env a dead worker was running when it died, where the backend can tell; else its first."""
@@ -626,16 +646,18 @@ class VecEnv(abc.ABC):
             return [None] * self.num_envs
         if is_int(seed) and seed >= 0:
             return [int(seed) + i for i in range(self.num_envs)]
-        if isinstance(seed, Sequence) and len(seed) == self.num_envs and all(
-                s is None or is_int(s) and s >= 0 for s in seed):
-            return [None if s is None else int(s) for s in seed]
-        raise APIUsageError(f"seed must be None, an int >= 0 (env i gets seed + i) or a list of {self.num_envs} "
-                            f"such seeds, got {seed!r}")
+        seeds = list(seed) if isinstance(seed, np.ndarray) and seed.ndim == 1 else seed
+        if isinstance(seeds, Sequence) and len(seeds) == self.num_envs and all(
+                s is None or is_int(s) and s >= 0 for s in seeds):
+            return [None if s is None else int(s) for s in seeds]
+        raise APIUsageError(f"seed must be None, an int >= 0 (env i gets seed + i) or a list or 1-D integer array of "
+                            f"{self.num_envs} such seeds, got {seed!r}")
 
     # -------------------------------------------------------------- async API
 
-    def async_reset(self, seed: int | Sequence[int | None] | None = None) -> None:
-        """Start resetting every env; env ``i`` gets ``seed + i``. Collect the result with :meth:`recv`.
+    def async_reset(self, seed: int | Sequence[int | None] | np.ndarray | None = None) -> None:
+        """Start resetting every env; env ``i`` gets ``seed + i``, or ``seed[i]`` for a list or 1-D integer array.
+        Collect the result with :meth:`recv`.
 
         Steps still in flight are finished and their results dropped.
         """
@@ -708,13 +730,12 @@ class VecEnv(abc.ABC):
                     (rows,), (self.batch_size, self.max_agents, self._atn_size)):
                 array = array.reshape(expected)
             else:
-                raise APIUsageError(
-                    f"send(actions): expected shape {expected} (batch_size {self.batch_size} envs x max_agents "
-                    f"{self.max_agents} slots, atn_size {self._atn_size}) for {layout.flat_space}, got {array.shape}")
+                raise self._dict_actions_error(array) or APIUsageError(
+                    f"send(actions): expected {self._actions_shape()}, got {array.shape}")
         try:
             bad = layout.invalid_rows(array)
         except SpaceError as error:
-            raise APIUsageError(f"send(actions): {error}") from None
+            raise self._dict_actions_error(array) or APIUsageError(f"send(actions): {error}") from None
         if bad is None:
             return array
         bad &= self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
@@ -726,13 +747,29 @@ class VecEnv(abc.ABC):
                                 f"{array[row]}: expected {allowed}")
         return array
 
+    def _actions_shape(self) -> str:
+        return (f"shape {(self.batch_size * self.max_agents, self._atn_size)} (batch_size {self.batch_size} envs x "
+                f"max_agents {self.max_agents} slots, atn_size {self._atn_size}) for {self.single_action_space}")
+
+    def _dict_actions_error(self, array: np.ndarray) -> APIUsageError | None:
+        """For actions that hold a dict (PettingZoo's ``{agent: action}``), which are refused anyway: say so."""
+        if array.dtype != object or not any(isinstance(item, dict) for item in array.flat):
+            return None
+        agents = self.binding.possible_agents
+        order = "" if not self.binding.is_multiagent else (
+            f", env-major: row e * {self.max_agents} + k holds the action of agent k of env e, agents in sorted "
+            f"order {list(agents[:8])}" + ("..." if len(agents) > 8 else ""))
+        return APIUsageError(f"send(actions): got a dict of actions (PettingZoo's {{agent: action}}), but a vec env "
+                             f"takes one array of {self._actions_shape()}{order}")
+
     def _batch_env_ids(self) -> np.ndarray:
         return np.concatenate([np.arange(self._envs_of(w).start, self._envs_of(w).stop) for w in self._batch_workers])
 
     # -------------------------------------------------------------- sync API
 
-    def reset(self, seed: int | Sequence[int | None] | None = None) -> tuple[np.ndarray, list]:
-        """Reset every env (env ``i`` gets ``seed + i``). Returns ``(obs (num_agents, obs_size), infos)``."""
+    def reset(self, seed: int | Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, list]:
+        """Reset every env (env ``i`` gets ``seed + i``, or ``seed[i]`` for a list or 1-D integer array).
+        Returns ``(obs (num_agents, obs_size), infos)``."""
         self._check_sync("reset()")
         self.async_reset(seed)
         batch = self.recv()
@@ -800,7 +837,7 @@ class VecEnv(abc.ABC):
             base = worker * self.envs_per_worker
             values.update({base + index: value for index, value in zip(by_worker[worker], payload)})
         if mistakes:
-            raise APIUsageError(f"{command.value}(): {mistakes[min(mistakes)]}")
+            raise self._usage_error(min(mistakes), f"{command.value}(): {mistakes[min(mistakes)]}")
         return [values[int(env_id)] for env_id in ids]
 
     # -------------------------------------------------------------- lifetime

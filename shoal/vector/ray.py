@@ -31,9 +31,11 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, _unpicklable,
-                               check_seconds, default_num_workers, handle_in_worker, send_command, serve, split_arrays,
-                               start_worker)
+from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failure, Poller, Status, VecEnv,
+                               _unpicklable, check_seconds, default_num_workers, handle_in_worker, send_command, serve,
+                               split_arrays, start_worker)
+
+_RESOURCE_OPTIONS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}  # ray.remote option -> Ray resource
 
 
 def import_ray():
@@ -44,6 +46,23 @@ def import_ray():
         raise APIUsageError(
             f"the Ray backend needs ray, which is not installed ({error}): pip install 'shoal[ray]'") from error
     return ray
+
+
+def _asked_resources(actor_options: dict) -> dict[str, tuple[str, float]]:
+    """Ray resource -> (the option that asks for it, amount), for what ``actor_options`` ask of each actor."""
+    asked = {resource: (f"{option}={actor_options[option]}", actor_options[option])
+             for option, resource in _RESOURCE_OPTIONS.items() if actor_options.get(option)}
+    asked.update({name: (f"resources={{{name!r}: {amount}}}", amount)
+                  for name, amount in (actor_options.get("resources") or {}).items() if amount})
+    return asked
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    """``ray.cluster_resources()`` or ``ray.available_resources()`` for a message, without Ray's bookkeeping
+    (per-node markers, placement-group bundles)."""
+    return ", ".join(f"{name} {amount:g}" for name, amount in sorted(resources.items())
+                     if not name.startswith("node:") and "_group_" not in name and name != "object_store_memory"
+                     ) or "nothing"
 
 
 def _map_driver_memory(path: str, identity: tuple[int, int], layout: ArrayLayout) -> dict[str, np.ndarray]:
@@ -149,7 +168,8 @@ class Ray(VecEnv):
         address: the Ray cluster to join when Ray is not initialized yet (None starts a local one);
             when it is, None, "auto" or that cluster's address. shoal leaves a Ray it started running;
             call ``ray.shutdown()`` when done with it.
-        actor_options: passed to ``ray.remote`` for each actor, e.g. ``{"num_cpus": 1}``.
+        actor_options: passed to ``ray.remote`` for each actor, e.g. ``{"num_cpus": 1}``. Resources that all
+            actors together ask for beyond what the cluster has are an APIUsageError before any actor starts.
         shared_memory: let actors on this node write into this process's memory (default True; Linux only,
             elsewhere results travel through Ray's object store).
     """
@@ -184,6 +204,8 @@ class Ray(VecEnv):
             raise APIUsageError(f"Ray: address={address!r}, but this process is already connected to the Ray cluster "
                                 f"at {ray.get_runtime_context().gcs_address}: pass address=None to use that one, or "
                                 f"call ray.shutdown() first")
+        self._asked = _asked_resources(actor_options or {})
+        self._check_resources()
         try:
             ray.cloudpickle.dumps(binding)
         except Exception as error:
@@ -229,6 +251,46 @@ class Ray(VecEnv):
                 self.close()
                 raise
         self._start(buffers, actions)
+
+    def _check_resources(self) -> None:
+        """APIUsageError when the cluster has less of a resource than all actors together ask for: Ray would keep
+        them waiting to be scheduled until ``startup_timeout``."""
+        have = self._ray.cluster_resources()
+        for resource, (option, amount) in self._asked.items():
+            if amount * self.num_workers > have.get(resource, 0):
+                actors = "1 actor" if self.num_workers == 1 else f"{self.num_workers} actors"
+                raise APIUsageError(
+                    f"Ray: actor_options ask for {option} per actor, {amount * self.num_workers:g} {resource} for "
+                    f"{actors}, but the Ray cluster has {resource} {have.get(resource, 0):g} in all (it has "
+                    f"{_amounts(have)}), so Ray could never schedule them: ask for less, use fewer workers, or add "
+                    f"nodes that have it")
+
+    def _why_late(self, workers: set[int]) -> str:
+        why = super()._why_late(workers)
+        if self._state is not AsyncState.CLOSED:  # the vec env has started: every actor was scheduled
+            return why
+        asks = ", ".join(option for option, _ in self._asked.values()) or "no resources"
+        available = self._ray.available_resources()  # leaves out what is used up
+        free = ", ".join(f"{name} {available.get(name, 0):g}" for name in self._asked) or _amounts(available)
+        pending = self._pending(workers)
+        if pending is None:
+            return f"{why}; or Ray never scheduled its actor (each asks for {asks}; the cluster has {free} free now)"
+        if pending:
+            which = f"actor of worker {pending[0]}" if len(pending) == 1 else f"actors of workers {pending}"
+            return (f"Ray never scheduled the {which}: still pending creation, most likely waiting for resources no "
+                    f"node has free (each actor asks for {asks}; the cluster has {free} free now): free them, ask for "
+                    f"less in actor_options, or use fewer workers")
+        return why
+
+    def _pending(self, workers: set[int]) -> list[int] | None:
+        """Which of ``workers`` Ray has not created an actor for yet; None when Ray cannot tell."""
+        try:  # Ray's public state API (ray.util.state) needs the dashboard, which a Ray that shoal starts leaves off
+            from ray._private import state
+
+            return [worker for worker in sorted(workers)
+                    if state.actors(self._actors[worker]._actor_id.hex())["State"] == "PENDING_CREATION"]
+        except Exception:
+            return None
 
     def _close_shared_fd(self) -> None:
         if self._shared_fd is not None:

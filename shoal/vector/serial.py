@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import WorkerError
+from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import Command, EnvGroup, Failure, Status, VecEnv
 
 
@@ -61,6 +61,11 @@ class Serial(VecEnv):
     def _failure_error(self, worker: int, failure: Failure) -> WorkerError:
         error = super()._failure_error(worker, failure)
         error.__cause__ = self._groups[worker].exception  # the real exception, for debuggers
+        return error
+
+    def _usage_error(self, worker: int, message: str) -> APIUsageError:
+        error = super()._usage_error(worker, message)
+        error.__cause__ = self._groups[worker].exception  # the env's own exception, if one was raised
         return error
 
     def _shutdown(self) -> None:
