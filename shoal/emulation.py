@@ -21,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, index_leaves
+from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -896,19 +896,12 @@ class EmulatedEnv:
         if binding.max_agents == 1 and array.shape == (layout.size,):
             array = array[None]
         if array.shape != expected:
-            if isinstance(actions, dict):
-                raw = "a dict of raw actions by agent id" if binding.is_multiagent else "the raw action"
-                raise APIUsageError(
-                    f"{where}: actions came as a dict with keys {_short(list(actions))}: with emulate_flat_atn=True, "
-                    f"step takes one array of shape {expected} (max_agents, action size), the flat action of the "
-                    f"agent in slot i in row i (binding.flatten_action flattens one); to pass {raw}, build the "
-                    f"Binding with emulate_flat_atn=False")
-            raise APIUsageError(f"{where}: actions must have shape {expected} (max_agents, action size), "
-                                f"got {array.shape}")
+            raise self._dict_actions_error(actions, array) or APIUsageError(
+                f"{where}: actions must have shape {expected} (max_agents, action size), got {array.shape}")
         try:
             bad = layout.invalid_rows(array)
         except SpaceError as error:
-            raise APIUsageError(f"{where}: {error}") from None
+            raise self._dict_actions_error(actions, array) or APIUsageError(f"{where}: {error}") from None
         if bad is None:
             return array
         bad_rows = np.flatnonzero(bad[live_slots])  # dead agents' rows may hold anything
@@ -922,6 +915,19 @@ class EmulatedEnv:
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
                                 f"{array[slot]} is out of range: expected {layout.allowed()}")
         return array
+
+    def _dict_actions_error(self, actions, array: np.ndarray) -> APIUsageError | None:
+        """For actions that are or hold a dict, which are refused anyway: say so."""
+        if not holds_dict(actions, array):
+            return None
+        binding = self.binding
+        raw = "a dict of raw actions by agent id" if binding.is_multiagent else "the raw action"
+        came = f"a dict with keys {_short(list(actions))}" if isinstance(actions, dict) else "dicts"
+        return APIUsageError(
+            f"{binding.env_name}, step {self.tick + 1}: actions came as {came}: with emulate_flat_atn=True, step takes "
+            f"one array of shape {(binding.max_agents, binding.atn_layout.size)} (max_agents, action size), the flat "
+            f"action of the agent in slot i in row i (binding.flatten_action flattens one); to pass {raw}, build the "
+            f"Binding with emulate_flat_atn=False")
 
     def _outputs(self, infos: dict) -> tuple:
         if self._plain_outputs:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from shoal.errors import APIUsageError, check_int, is_int
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
@@ -91,7 +93,8 @@ class Logger:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.title = title
         self.start_step = check_int("Logger: start_step", start_step, minimum=0)
-        if isinstance(print_interval, bool) or not isinstance(print_interval, (int, float)) or not print_interval >= 0:
+        if (isinstance(print_interval, (bool, np.bool_)) or not isinstance(print_interval, (int, float, np.number))
+                or not print_interval >= 0):
             raise APIUsageError(f"Logger: print_interval must be a number of seconds >= 0, got {print_interval!r}")
         self.print_interval = print_interval
         self.latest: dict[str, Any] = {}
@@ -241,7 +244,9 @@ class Logger:
             self._console.print(text, highlight=False)
 
     def close(self) -> None:
-        """Stop the dashboard and flush and close every sink."""
+        """Stop the dashboard and flush and close every sink. Closing again does nothing."""
+        if self._closed:
+            return
         self._closed = True
         if self._live is not None:
             self._live.stop()

@@ -37,7 +37,8 @@ class Adam:
     """
 
     def __init__(self, parameters, lr: float, eps: float = 1e-5):
-        if isinstance(parameters, (torch.Tensor, torch.nn.Module)):
+        if isinstance(parameters, torch.Tensor) or (isinstance(parameters, torch.nn.Module)
+                                                    and not isinstance(parameters, torch.nn.ParameterList)):
             what = "a tensor: pass [tensor]" if isinstance(parameters, torch.Tensor) else (
                 f"the module {type(parameters).__name__} itself: pass model.parameters()")
             raise APIUsageError(f"Adam takes an iterable of parameter tensors, got {what}")
@@ -102,6 +103,10 @@ class Adam:
             fits = False
         if not fits:
             raise APIUsageError("the optimizer state is not Adam's state for this network's parameters")
+        try:  # checked before any state is loaded: a refused state dict leaves this optimizer as it was
+            lr = _number("Adam: the state dict's lr", float(group["lr"]), 0.0)
+        except (TypeError, ValueError, RuntimeError):
+            raise APIUsageError(f"Adam: the state dict's lr must be a number, got {group['lr']!r}") from None
         for state, m, v in zip(states, self.exp_avgs, self.exp_avg_sqs):
             if state is None:  # torch.optim.Adam keeps none for a parameter that never had a gradient
                 m.zero_()
@@ -110,7 +115,7 @@ class Adam:
                 m.copy_(state["exp_avg"])
                 v.copy_(state["exp_avg_sq"])
         self.count = max((int(state["step"]) for state in states if state is not None), default=0)
-        self.lr = group["lr"]
+        self.lr = lr
 
 
 def clip_grad_norm(parameters: list[torch.Tensor] | torch.Tensor, max_norm: float) -> torch.Tensor:

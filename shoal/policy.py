@@ -64,7 +64,7 @@ def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -
         raise APIUsageError(f"layer_init initialises a layer with one weight of 2 or more dimensions (nn.Linear, "
                             f"nn.Conv2d...), got {type(layer).__name__}{hint}")
     nn.init.orthogonal_(weight, std)
-    if layer.bias is not None:
+    if getattr(layer, "bias", None) is not None:
         nn.init.constant_(layer.bias, bias)
     return layer
 

@@ -256,7 +256,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):  # mps, xpu ...: usable only where this torch build supports them
         try:
             torch.zeros(1, device=device)
-        except (RuntimeError, AssertionError):
+        except Exception:  # RuntimeError, AssertionError, ModuleNotFoundError (hpu) ... depending on the device type
             raise APIUsageError(f"device {name!r} is not available in this torch build: expected auto, cpu, cuda or "
                                 f"cuda:N") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
@@ -660,6 +660,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             save(*completed)
         raise
     finally:  # the logger is closed even if it was passed in: its files are complete only then
+        policy.train()  # as it came, also when a rollout (in eval mode) was cut short
         logger.close()
         if own_vecenv:
             vecenv.close()

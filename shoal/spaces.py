@@ -279,6 +279,11 @@ def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
                          f"{type(value).__name__}: {str(error).splitlines()[0]}") from None
 
 
+def holds_dict(value: Any, array: np.ndarray) -> bool:
+    """Whether ``value`` (given as ``array``) is or holds a dict: PettingZoo's ``{agent: action}`` habit."""
+    return isinstance(value, dict) or array.dtype == object and any(isinstance(item, dict) for item in array.flat)
+
+
 def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch")
 
@@ -825,9 +830,13 @@ class ActionLayout:
         """The nested action behind ``flat`` (numpy array or torch tensor, any leading dims).
 
         A numpy array or a CPU tensor is checked against :attr:`flat_space` (SpaceError outside it, NaN
-        included, or for floats where it is discrete). A tensor on a GPU is **not** checked (that would wait for the GPU): a value outside
-        the space, or NaN, comes back as some wrong action, so check it there if it may happen.
+        included, or for floats where it is discrete, on any device). The values of a tensor on a GPU are
+        **not** checked (that would wait for the GPU): a value outside the space, or NaN, comes back as
+        some wrong action, so check it there if it may happen.
         """
+        if self.is_discrete and _is_torch(flat) and flat.is_floating_point():  # the dtype needs no GPU sync
+            dtype = str(flat.dtype).removeprefix("torch.")
+            raise SpaceError(f"{self.flat_space} takes integer actions, got dtype {dtype}")
         values = flat if isinstance(flat, np.ndarray) else _cpu_values(flat) if _is_torch(flat) else None
         if values is not None and values.shape[-1:] == (self.size,):
             row = self._first_invalid_row(values)

@@ -1144,6 +1144,9 @@ def test_a_dict_of_actions_for_flat_actions_says_a_dict_came_and_how_to_pass_raw
                                             r"\['move', 'attack'\]: .* to pass the raw action, build the Binding "
                                             r"with emulate_flat_atn=False"):
         single.step(action)
+    cartpole = started(shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)))
+    with pytest.raises(APIUsageError, match=r"CartPole-v1, step 1: actions came as dicts: .* to pass the raw action"):
+        cartpole.step([{0: 1}])
 
 
 def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():

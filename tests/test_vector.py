@@ -459,6 +459,15 @@ def test_bad_actions(make, backend):
     vecenv.recv()
 
 
+def test_dict_actions_to_a_single_agent_vec_env_are_named_without_pettingzoo(make):
+    vecenv = make(shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)), "serial", num_workers=1,
+                  envs_per_worker=2)
+    vecenv.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"^send\(actions\): got a dict of actions, but a vec env takes one "
+                                            r"array of shape \(2, 1\)"):
+        vecenv.send([{0: 1}, {0: 0}])
+
+
 def test_sync_api_needs_a_full_batch(make):
     vecenv = make(cartpole(), "serial", num_workers=2, batch_size=1)
     with pytest.raises(APIUsageError, match="reset\\(\\) needs batch_size == num_envs \\(2\\), got batch_size=1: "

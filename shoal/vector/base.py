@@ -31,7 +31,7 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int
-from shoal.spaces import as_array
+from shoal.spaces import as_array, holds_dict
 
 
 class Batch(NamedTuple):
@@ -730,12 +730,12 @@ class VecEnv(abc.ABC):
                     (rows,), (self.batch_size, self.max_agents, self._atn_size)):
                 array = array.reshape(expected)
             else:
-                raise self._dict_actions_error(array) or APIUsageError(
+                raise self._dict_actions_error(actions, array) or APIUsageError(
                     f"send(actions): expected {self._actions_shape()}, got {array.shape}")
         try:
             bad = layout.invalid_rows(array)
         except SpaceError as error:
-            raise self._dict_actions_error(array) or APIUsageError(f"send(actions): {error}") from None
+            raise self._dict_actions_error(actions, array) or APIUsageError(f"send(actions): {error}") from None
         if bad is None:
             return array
         bad &= self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
@@ -751,14 +751,16 @@ class VecEnv(abc.ABC):
         return (f"shape {(self.batch_size * self.max_agents, self._atn_size)} (batch_size {self.batch_size} envs x "
                 f"max_agents {self.max_agents} slots, atn_size {self._atn_size}) for {self.single_action_space}")
 
-    def _dict_actions_error(self, array: np.ndarray) -> APIUsageError | None:
+    def _dict_actions_error(self, actions, array: np.ndarray) -> APIUsageError | None:
         """For actions that hold a dict (PettingZoo's ``{agent: action}``), which are refused anyway: say so."""
-        if array.dtype != object or not any(isinstance(item, dict) for item in array.flat):
+        if not holds_dict(actions, array):
             return None
         agents = self.binding.possible_agents
-        order = "" if not self.binding.is_multiagent else (
-            f", env-major: row e * {self.max_agents} + k holds the action of agent k of env e, agents in sorted "
-            f"order {list(agents[:8])}" + ("..." if len(agents) > 8 else ""))
+        if not self.binding.is_multiagent:
+            return APIUsageError(f"send(actions): got a dict of actions, but a vec env takes one array of "
+                                 f"{self._actions_shape()}")
+        order = (f", env-major: row e * {self.max_agents} + k holds the action of agent k of env e, agents in sorted "
+                 f"order {list(agents[:8])}" + ("..." if len(agents) > 8 else ""))
         return APIUsageError(f"send(actions): got a dict of actions (PettingZoo's {{agent: action}}), but a vec env "
                              f"takes one array of {self._actions_shape()}{order}")
 
