@@ -215,6 +215,19 @@ class ProbeEnv(CrashingEnv):
     def scaled(self, value, factor=1):
         return value * factor
 
+    def count(self) -> int:
+        """How often it was called: a side effect, to tell repeated calls apart."""
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.calls
+
+    def unprintable(self):
+        """Raises an exception whose str() fails."""
+        class Unprintable(Exception):
+            def __str__(self):
+                raise RuntimeError("no text")
+
+        raise Unprintable()
+
     def lock(self):
         """Something that does not pickle."""
         import threading

@@ -245,6 +245,7 @@ def test_call_get_attr_set_attr(make, backend):
     else:
         assert pids[0] == pids[1] != pids[2] == pids[3] and os.getpid() not in pids
     assert vecenv.call("scaled", 3, factor=2, env_ids=[3, 0]) == [6, 6]
+    assert vecenv.call("count", env_ids=[1, 1, 0, 1]) == [1, 2, 1, 3]  # a repeated env runs again, in order
     assert vecenv.get_attr("tick") == [1, 1, 1, 1]  # on the emulated env
     vecenv.set_attr("crash_step", 99, env_ids=[1])  # not on the emulated env: passes through to the raw env
     assert vecenv.get_attr("crash_step") == [10**9, 99, 10**9, 10**9]
@@ -280,6 +281,9 @@ def test_an_env_exception_in_call_or_set_attr_is_reported_and_the_vec_env_stays_
     with pytest.raises(APIUsageError, match="^set_attr\\(\\): env 0 \\(ProbeEnv\\): setting 'unwrapped' raised "
                                             "AttributeError: property 'unwrapped' of 'ProbeEnv' object has no setter"):
         vecenv.set_attr("unwrapped", 1)
+    with pytest.raises(APIUsageError, match=r"env 1 \(ProbeEnv\): unprintable\(\) raised Unprintable: <exception "
+                                            r"str\(\) failed> \(the vec env stays open\)"):
+        vecenv.call("unprintable", env_ids=[1])
     assert "CLOSED" not in repr(vecenv) and vecenv.call("scaled", 2) == [2, 2, 2, 2]
     assert vecenv.step(np.zeros((4, 1), np.int64))[1].tolist() == [1.0] * 4  # its workers are all still there
 

@@ -182,7 +182,7 @@ class EnvGroup:
                 what = {Command.CALL: f"{name}()", Command.GET_ATTR: f"reading {name!r}",
                         Command.SET_ATTR: f"setting {name!r}"}[command]
                 raise _UsageError(f"env {self.current} ({self.binding.env_name}): {what} raised "
-                                  f"{type(error).__name__}: {error} (the vec env stays open)\n\n"
+                                  f"{_exception_text(error)} (the vec env stays open)\n\n"
                                   f"Worker traceback:\n{traceback.format_exc()}") from error
         self.current = None
         return values
@@ -208,7 +208,7 @@ class EnvGroup:
 
     def _failure(self, command: str, error: BaseException) -> Failure:
         self.exception = error
-        return Failure(self.current, self.steps, command, f"{type(error).__name__}: {error}", traceback.format_exc())
+        return Failure(self.current, self.steps, command, _exception_text(error), traceback.format_exc())
 
     def close(self) -> None:
         """Close every env, ignoring their errors: this runs on the way out."""
@@ -218,6 +218,15 @@ class EnvGroup:
             except Exception:
                 pass
         self.envs = []
+
+
+def _exception_text(error: BaseException) -> str:
+    """``"Type: message"`` of an exception, also one whose ``__str__`` fails (as the traceback module shows it)."""
+    try:
+        text = str(error)
+    except Exception:
+        text = "<exception str() failed>"
+    return f"{type(error).__name__}: {text}"
 
 
 # The wire format of the pipes and sockets between a vec env and its workers. The hot path skips pickle:
@@ -831,16 +840,15 @@ class VecEnv(abc.ABC):
         self._settle(by_worker)  # a worker answers in order: its step comes first
         for worker, indices in by_worker.items():
             self._send_or_close(worker, command, (indices, name, *rest))
-        values, mistakes = {}, {}
+        results, mistakes = {}, {}  # worker -> its results, in the order of its env_ids (repeats included)
         for worker, status, payload in self._collect(set(by_worker), f"{command.value}({name!r})"):
             if status is Status.USAGE_ERROR:
                 mistakes[worker] = payload
                 continue
-            base = worker * self.envs_per_worker
-            values.update({base + index: value for index, value in zip(by_worker[worker], payload)})
+            results[worker] = iter(payload)
         if mistakes:
             raise self._usage_error(min(mistakes), f"{command.value}(): {mistakes[min(mistakes)]}")
-        return [values[int(env_id)] for env_id in ids]
+        return [next(results[int(env_id) // self.envs_per_worker]) for env_id in ids]
 
     # -------------------------------------------------------------- lifetime
 
