@@ -630,21 +630,24 @@ def test_an_answer_that_does_not_unpickle_in_the_parent_is_a_worker_error(no_lea
         vecenv.step(np.zeros((2, 1), np.int64))
 
 
-@pytest.mark.parametrize("backend", ["multiprocessing", "ray"])
-def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refused(no_leaks, backend):
-    vecenv = shoal.vector.make(probe(), backend, num_workers=2)
-    vecenv.reset(seed=0)
-    with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: TypeError"):
-        vecenv.call("pid", Unpicklable(code=3))
-    with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers"):
-        vecenv.call("pid", lambda: 1)  # local Ray actors take commands on a socket, pickled as Multiprocessing's
-    assert len(vecenv.call("pid")) == 2  # still usable
-    vecenv.close()
-
-
 # Local Ray actors take commands on a socket; with shared_memory=False (as on another node) by Ray calls.
 WORKER_PATHS = [("multiprocessing", {}), ("ray", {}), ("ray", {"shared_memory": False})]
 WORKER_PATH_IDS = ["multiprocessing", "ray", "ray-calls"]
+
+
+@pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
+def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refused(no_leaks, backend, options):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, **options)
+    vecenv.reset(seed=0)
+    with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: .*TypeError"):
+        vecenv.call("pid", Unpicklable(code=3))
+    with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: .*TypeError"):
+        vecenv.set_attr("note", Unpicklable(code=3), env_ids=[1])
+    if options.get("shared_memory", True):  # Ray calls send arguments with cloudpickle, which takes a lambda
+        with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers"):
+            vecenv.call("pid", lambda: 1)  # local Ray actors take commands on a socket, pickled as Multiprocessing's
+    assert len(vecenv.call("pid")) == 2  # still usable
+    vecenv.close()
 
 
 @pytest.mark.parametrize("mid_step", [False, True], ids=["idle", "mid-step"])

@@ -35,6 +35,7 @@ from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failu
                                _unpicklable, check_seconds, default_num_workers, handle_in_worker, send_command, serve,
                                split_arrays, start_worker)
 
+_ACCESS = (Command.CALL, Command.GET_ATTR, Command.SET_ATTR)  # the commands that run code the caller chose
 _RESOURCE_OPTIONS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}  # ray.remote option -> Ray resource
 
 
@@ -341,6 +342,14 @@ class Ray(VecEnv):
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env "
                                   f"{env}: {type(error).__name__}", str(error), env) from None
             except ray.exceptions.RayError as error:
+                if (command in _ACCESS and isinstance(error, ray.exceptions.RayTaskError)
+                        and isinstance(error, ray.exceptions.RaySystemError)):
+                    # The actor catches whatever env code raises, so a task that failed before it ran is Ray's
+                    # failure to unpickle the arguments there: the caller's, and the actor is unharmed.
+                    first = (str(error).strip().splitlines() or [""])[-1]
+                    answers.append((worker, Status.USAGE_ERROR,
+                                    f"the command's arguments do not unpickle in the worker: {first}"))
+                    continue
                 if (isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception)
                         and not isinstance(error, ray.exceptions.RayTaskError)):
                     # the answer came, but does not unpickle here (Ray's own trouble carries a str; an argument
