@@ -32,6 +32,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number, Python's or numpy's (a bool is not)."""
+    return is_int(value) or isinstance(value, (float, np.floating))
+
+
 def check_int(what: str, value: Any, minimum: int = 1) -> int:
     """``int(value)`` if it is an integer >= ``minimum``; else APIUsageError naming ``what``."""
     if not is_int(value) or value < minimum:

@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
-from shoal.errors import APIUsageError, check_int, is_int
+from shoal.errors import APIUsageError, check_int, is_int, is_number
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
 CSV_FIELDS = [
@@ -93,8 +91,7 @@ class Logger:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.title = title
         self.start_step = check_int("Logger: start_step", start_step, minimum=0)
-        if (isinstance(print_interval, (bool, np.bool_)) or not isinstance(print_interval, (int, float, np.number))
-                or not print_interval >= 0):
+        if not is_number(print_interval) or not print_interval >= 0:
             raise APIUsageError(f"Logger: print_interval must be a number of seconds >= 0, got {print_interval!r}")
         self.print_interval = print_interval
         self.latest: dict[str, Any] = {}

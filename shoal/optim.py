@@ -6,15 +6,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from shoal.errors import APIUsageError, is_int
+from shoal.errors import APIUsageError, is_number
 
 
 def _number(what: str, value: Any, low: float, strict: bool = False) -> float:
     """``float(value)`` if it is a finite number >= ``low`` (> ``low`` if ``strict``); else APIUsageError."""
-    if not ((is_int(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
+    if not (is_number(value) and math.isfinite(value)
             and (value > low if strict else value >= low)):
         raise APIUsageError(f"{what} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
     return float(value)

@@ -30,7 +30,7 @@ import torch
 
 from shoal.checkpoint import check_run_dir, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, TrainingError, check_int, is_int
+from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
 from shoal.policy import Policy, check_policy, default_policy
 from shoal.spaces import _short
@@ -150,7 +150,7 @@ class PPOConfig:
         numbers = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
         for name in numbers + [name for name in ("target_kl", "stop_at_return") if getattr(self, name) is not None]:
             value = getattr(self, name)
-            if not (is_int(value) or isinstance(value, (float, np.floating))) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise APIUsageError(f"{name} must be a finite number, got {value!r}")
         for name in ["learning_rate", "clip_coef", "max_grad_norm"] + (["target_kl"] if self.target_kl is not None else []):
             if not getattr(self, name) > 0:
@@ -205,7 +205,7 @@ class TrainResult:
     def first_reached(self, target: float, window: int = 20) -> tuple[int, float] | None:
         """(global_step, seconds) when the mean of ``window`` consecutive episode returns first reached ``target``."""
         window = check_int("TrainResult.first_reached: window", window)
-        if isinstance(target, bool) or not isinstance(target, (int, float, np.number)) or math.isnan(target):
+        if not is_number(target) or math.isnan(target):
             raise APIUsageError(f"TrainResult.first_reached: target must be a number, got {target!r}")
         returns = deque(maxlen=window)
         for step, seconds, ret, _ in self.episodes:

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int
+from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int, is_number
 from shoal.spaces import as_array, holds_dict
 
 
@@ -412,7 +412,7 @@ def default_num_workers() -> int:
 
 def check_seconds(backend: str, name: str, value: Any) -> float | None:
     """``value`` if it is a positive number of seconds, None for None or infinity (no limit); else APIUsageError."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+    if value is not None and (not is_number(value) or not value > 0):
         raise APIUsageError(f"{backend}: {name} must be a positive number of seconds or None, got {value!r}")
     return None if value == math.inf else value
 
