@@ -740,7 +740,7 @@ class EmulatedEnv:
                 value = array.item()
                 n, start = self._lone_discrete
                 if 0 <= value < n:
-                    action = value + start
+                    action = value + start  # a Python int: every Discrete takes one, and envs compare it fastest
         if action is None:
             action = self._unflatten_actions(actions, [SINGLE_AGENT_ID], np.zeros(1, np.intp))[SINGLE_AGENT_ID]
         self.tick += 1

@@ -303,7 +303,7 @@ def _cpu_values(tensor) -> np.ndarray | None:
 def _torch_dtype(dtype: np.dtype):
     import torch
 
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype  # torch knows no other order
 
 
 # ---------------------------------------------------------------- observations
@@ -320,16 +320,29 @@ def _(space: spaces.Box):
     return space.dtype, space.shape, space.low, space.high
 
 
+def _last_values(space: spaces.Space, start: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``start + counts - 1`` of a Discrete/MultiDiscrete, in its dtype; SpaceError where that passes the dtype's
+    end (gymnasium builds such a space, but its values past the end cannot exist)."""
+    python_ints = [np.array(np.asarray(values).tolist(), object) for values in (start, counts)]
+    last = python_ints[0] + python_ints[1] - 1  # nothing wraps around
+    info = np.iinfo(space.dtype)
+    beyond = [int(value) for value in np.ravel(last) if not info.min <= value <= info.max]
+    if beyond:
+        raise SpaceError(f"{space}: start + n - 1 = {beyond[0]} lies past the end of its dtype {space.dtype} "
+                         f"({info.min} to {info.max}): use a wider dtype or a smaller start")
+    return np.array(last, object).astype(space.dtype)
+
+
 @_obs_leaf.register(spaces.Discrete)
 def _(space: spaces.Discrete):
     start = np.asarray(space.start, space.dtype)
-    return space.dtype, (), start, start + np.asarray(space.n - 1, space.dtype)
+    return space.dtype, (), start, _last_values(space, start, space.n)
 
 
 @_obs_leaf.register(spaces.MultiDiscrete)
 def _(space: spaces.MultiDiscrete):
     start = np.broadcast_to(np.asarray(space.start, space.dtype), space.shape)
-    return space.dtype, space.shape, start, start + space.nvec - 1
+    return space.dtype, space.shape, start, _last_values(space, start, space.nvec)
 
 
 @_obs_leaf.register(spaces.MultiBinary)
@@ -447,7 +460,10 @@ class ObservationLayout:
 
     def __init__(self, space: spaces.Space):
         self.space = space
-        specs = [(leaf.path, *_obs_leaf(leaf.space)) for leaf in _require_leaves(leaves(space), space)]
+        # In native byte order: torch reads no other, and values convert exactly ('>f4' leaves flatten to '<f4').
+        specs = [(path, np.dtype(dtype).newbyteorder("="), *rest)
+                 for path, dtype, *rest in ((leaf.path, *_obs_leaf(leaf.space))
+                                            for leaf in _require_leaves(leaves(space), space))]
         dtypes = {np.dtype(spec[1]) for spec in specs}
         if len(dtypes) == 1:
             self.dtype = dtypes.pop()
@@ -687,7 +703,8 @@ class _ActionField(NamedTuple):
     start: int  # offset in the flat action
     size: int
     offset: Any  # added on unflatten: a discrete leaf's `start`; None for Box (keeps -0.0) and for start 0
-    limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them, else None
+    limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them; a float
+    # leaf's largest finite value where the flat dtype is wider; else None
 
 
 @functools.singledispatch
@@ -698,12 +715,14 @@ def _action_leaf(space: spaces.Space):
 
 @_action_leaf.register(spaces.Discrete)
 def _(space: spaces.Discrete):
+    _last_values(space, space.start, space.n)
     return True, np.array([space.n], np.int64), np.asarray(space.start, space.dtype)
 
 
 @_action_leaf.register(spaces.MultiDiscrete)
 def _(space: spaces.MultiDiscrete):
     start = np.broadcast_to(np.asarray(space.start, space.dtype), space.shape)
+    _last_values(space, start, space.nvec)
     return True, space.nvec.astype(np.int64).ravel(), start
 
 
@@ -749,13 +768,18 @@ class ActionLayout:
         if self.is_discrete:
             self.flat_space = spaces.MultiDiscrete(np.concatenate([b for _, _, b, _ in described]))
         else:
-            dtype = np.result_type(*[leaf.space.dtype for leaf, *_ in described])
+            dtype = np.result_type(*[leaf.space.dtype for leaf, *_ in described]).newbyteorder("=")
             dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
             self.flat_space = spaces.Box(
                 np.concatenate([b[0] for _, _, b, _ in described]).astype(dtype),
                 np.concatenate([b[1] for _, _, b, _ in described]).astype(dtype),
                 dtype=dtype,
             )
+            # A float leaf narrower than the flat dtype: a finite flat action past the leaf's range goes to the
+            # leaf's largest finite value, as a float to an integer leaf goes to the nearest integer, not to inf.
+            self.fields = [field._replace(limits=np.finfo(field.dtype).max)
+                           if field.dtype.kind == "f" and np.finfo(field.dtype).max < np.finfo(dtype).max else field
+                           for field in self.fields]
         self.dtype = self.flat_space.dtype
         # the action sent for an agent that must act but has no data yet (zeros, inside a Box's bounds)
         self.neutral = (np.zeros(self.size, self.dtype) if self.is_discrete
@@ -798,9 +822,11 @@ class ActionLayout:
             batch = array.shape[: array.ndim - len(field.shape)]
             if array.shape[len(batch):] != field.shape:
                 raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got {array.shape}")
-            if array.dtype.kind not in ("iub" if self.is_discrete else "iufb"):
-                raise SpaceError(f"action leaf {_path_str(path)}: expected "
-                                 f"{'integers' if self.is_discrete else 'numbers'}, got {array.dtype}")
+            kinds = "iufb" if field.dtype.kind == "f" else "b" if field.dtype.kind == "b" else "iub"  # as contains
+            if array.dtype.kind not in kinds:
+                expected = {"iufb": "numbers", "b": "bools", "iub": "integers"}[kinds]
+                raise SpaceError(f"action leaf {_path_str(path)}: expected {expected} (its dtype is {field.dtype}), "
+                                 f"got {array.dtype}")
             shifted = (array if field.offset is None else array - field.offset).reshape(batch + (field.size,))
             if self.is_discrete:
                 nvec = self.flat_space.nvec[field.start:field.start + field.size]
@@ -868,12 +894,15 @@ class ActionLayout:
 
             pieces = [(field, piece if field.offset is None else
                        piece + torch.tensor(np.asarray(field.offset), device=flat.device)) for field, piece in pieces]
-            return [(_nearest_integers(piece, field.dtype) if field.dtype.kind in "iu" and piece.is_floating_point()
-                     else piece.round() if field.dtype.kind == "b" and piece.is_floating_point() else piece)
+            return [(_nearest_integers(piece, field.dtype, field.limits)
+                     if field.dtype.kind in "iu" and piece.is_floating_point()
+                     else piece.round() if field.dtype.kind == "b" and piece.is_floating_point()
+                     else _saturated(piece, field.limits) if field.limits is not None else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
         values = [(_nearest_integers(piece, field.dtype, field.limits) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
-                   else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f" else piece)
+                   else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f"
+                   else _saturated(piece, field.limits) if field.limits is not None else piece)
                   .astype(field.dtype) for field, piece in pieces]
         # One discrete action is a numpy scalar, one Box action an array (0-d for shape ()), as the spaces sample them.
         return [value[()] for value in values] if self.is_discrete else values
@@ -889,9 +918,17 @@ def _rounded_past(space: spaces.Box) -> tuple[np.ndarray, np.ndarray] | None:
     return (space.low, space.high) if past else None
 
 
+def _saturated(values, largest: float):
+    """Finite ``values`` held to [-largest, largest] (numpy array or torch tensor); infinities and NaN stay."""
+    if _is_torch(values):
+        return values.clamp(-largest, largest).where(values.isfinite(), values)
+    return np.where(np.isfinite(values), np.clip(values, -largest, largest), values)
+
+
 def _nearest_integers(values, dtype: np.dtype, limits: tuple | None = None):
     """Floats rounded to the nearest integer, held to ``dtype``'s range (numpy array or torch tensor), and
-    to a leaf's ``limits`` (low, high) where given (numpy only: torch has no uint64 minimum).
+    to a leaf's ``limits`` (low, high) where given (for a tensor, signed integers only: torch does not compare
+    uint64).
 
     A plain cast wraps where a float lies at or past the range's end, and float64 cannot hold int64's
     largest value: 2**63 - 1 becomes 2**63, which an int64 cast turns into -2**63.
@@ -903,10 +940,14 @@ def _nearest_integers(values, dtype: np.dtype, limits: tuple | None = None):
         rounded = values.round()
         integers = rounded.to(_torch_dtype(dtype))
         integers = torch.where(rounded >= float(info.max), torch.tensor(info.max, dtype=integers.dtype), integers)
-        return torch.where(rounded <= float(info.min), torch.tensor(info.min, dtype=integers.dtype), integers)
+        integers = torch.where(rounded <= float(info.min), torch.tensor(info.min, dtype=integers.dtype), integers)
+        if limits is not None and dtype.kind == "i":  # torch has no uint64 comparisons: those stay unclamped
+            low, high = (torch.as_tensor(np.asarray(limit, dtype), device=integers.device) for limit in limits)
+            integers = torch.minimum(torch.maximum(integers, low), high)
+        return integers
     rounded = np.rint(values)
     with np.errstate(invalid="ignore"):  # the values cast past the end are replaced below
         integers = np.asarray(rounded.astype(dtype))
     integers[rounded >= float(info.max)] = info.max
     integers[rounded <= float(info.min)] = info.min
-    return integers if limits is None else np.clip(integers, *limits).astype(dtype)
+    return integers if limits is None else np.clip(integers, *limits, out=integers)  # out=: a 0-d array stays one

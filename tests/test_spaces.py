@@ -763,7 +763,7 @@ def test_action_flatten_rejects_bad_leaves():
     with pytest.raises(SpaceError, match=r"action leaf \['attack'\]\['b_style'\]: expected shape \(2,\), got \(3,\)"):
         layout.flatten(action)
     action = {"z_move": 2.7, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
-    with pytest.raises(SpaceError, match=r"action leaf \['z_move'\]: expected integers, got float64"):
+    with pytest.raises(SpaceError, match=r"action leaf \['z_move'\]: expected integers \(its dtype is int64\), got float64"):
         layout.flatten(action)
     action = {"z_move": 7, "attack": {"y_target": -1, "b_style": np.array([2, 0])}}
     with pytest.raises(SpaceError, match=r"action leaf \['z_move'\]: expected values from \[0\] to \[6\], got 7"):
@@ -772,7 +772,7 @@ def test_action_flatten_rejects_bad_leaves():
     with pytest.raises(SpaceError, match=r"\['attack'\]\['y_target'\]: expected values from \[-2\] to \[2\]"):
         layout.flatten(action)
     boxes = ActionLayout(spaces.Dict({"steer": spaces.Box(-1, 1, (2,), np.float32)}))
-    with pytest.raises(SpaceError, match=r"action leaf \['steer'\]: expected numbers, got <U3"):
+    with pytest.raises(SpaceError, match=r"action leaf \['steer'\]: expected numbers \(its dtype is float32\), got <U3"):
         boxes.flatten({"steer": np.array(["0.5", "1.0"])})
 
 
@@ -891,3 +891,34 @@ def test_flat_actions_in_a_cpu_tensor_are_checked_as_numpy_ones_are():
     with pytest.raises(SpaceError, match=r"MultiDiscrete\(\[3\]\) takes integer actions, got dtype float32"):
         discrete.unflatten(torch.tensor([1.0]))
     assert int(discrete.unflatten(torch.tensor([2]))) == 2
+
+
+def test_odd_corners_of_spaces_from_fuzzing():
+    # Non-native byte order: the flat array is native (torch reads no other), the values exact.
+    layout = ObservationLayout(spaces.Box(-1, 1, (3,), np.dtype(">f4")))
+    flat = layout.flatten(np.array([0.5, -0.25, 1], ">f4"))
+    assert layout.dtype == np.float32 and flat.tolist() == [0.5, -0.25, 1.0]
+    assert layout.unflatten(torch.from_numpy(flat[None])).tolist() == [[0.5, -0.25, 1.0]]
+    mixed = ObservationLayout(spaces.Dict({"a": spaces.Box(-1, 1, (2,), np.dtype(">i8")), "b": spaces.Discrete(3)}))
+    flat = mixed.flatten({"a": np.array([-1, 1], ">i8"), "b": 2})
+    assert mixed.unflatten(torch.from_numpy(flat[None]))["a"].tolist() == [[-1, 1]]
+    # A start whose last value passes the dtype's end: gymnasium builds it, its values cannot exist.
+    for space in (spaces.MultiDiscrete([5], np.int8, start=[125]), spaces.Discrete(5, start=2**63 - 3)):
+        for build in (ObservationLayout, ActionLayout):
+            with pytest.raises(SpaceError, match=r"start \+ n - 1 = \d+ lies past the end of its dtype"):
+                build(space)
+    # One integer Box action of shape () is a 0-d array, also at int64's ends; a tensor keeps the leaf's bounds.
+    extreme = ActionLayout(spaces.Box(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (), np.int64))
+    assert type(extreme.unflatten(extreme.flat_space.high)) is np.ndarray
+    bounded = ActionLayout(spaces.Box(-(2**62 - 1), 2**62 - 1, (1,), np.int64))
+    assert bounded.unflatten(torch.from_numpy(bounded.flat_space.high)).tolist() == [2**62 - 1]
+    # A float leaf narrower than the flat dtype: finite actions past its range saturate, infinities stay.
+    narrow = ActionLayout(spaces.Tuple((spaces.Box(-np.inf, np.inf, (1,), np.float16), spaces.Box(-1, 1, (1,)))))
+    for flat in (np.array([1e5, 0.0]), torch.tensor([1e5, 0.0], dtype=torch.float64)):
+        assert narrow.unflatten(flat)[0].tolist() == [65504.0]
+    assert narrow.unflatten(np.array([-np.inf, 0.0]))[0].tolist() == [-np.inf]
+    # A raw float for an integer or bool Box is refused, as the space's contains does.
+    with pytest.raises(SpaceError, match=r"expected integers \(its dtype is int64\), got float64"):
+        ActionLayout(spaces.Box(0, 3, (1,), np.int64)).flatten(np.array([1.5]))
+    with pytest.raises(SpaceError, match=r"expected bools \(its dtype is bool\), got float64"):
+        ActionLayout(spaces.Box(0, 1, (1,), bool)).flatten(np.array([0.5]))
