@@ -192,7 +192,7 @@ class Binding:
         record_episode_statistics: put ``{"return", "length"}`` in ``infos[agent]["episode"]`` at its end.
 
     >>> binding = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
-    >>> binding.single_observation_space, binding.single_action_space, binding.max_agents
+    >>> binding.single_observation_space, binding.single_action_space, binding.max_agents  # doctest: +ELLIPSIS
     (Box(..., (4,), float32), MultiDiscrete([2]), 1)
     """
 

@@ -546,6 +546,12 @@ def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "WorkerError" in done.stderr and 'must sit under `if __name__ == "__main__":`' in done.stderr
+    guarded = ("import gymnasium, shoal\nfrom shoal.vector import Multiprocessing\nif __name__ == '__main__':\n"
+               "    binding = shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',))\n"
+               "    Multiprocessing(binding, num_workers=1).close()\n")
+    done = subprocess.run([sys.executable, "-"], input=guarded, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)  # `python - < script.py`: a script read from stdin cannot be imported again
+    assert "a script read from stdin cannot be imported again: save it to a file" in done.stderr
 
 
 @pytest.mark.parametrize("backend", PARALLEL)

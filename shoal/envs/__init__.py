@@ -2,7 +2,7 @@
 ``"pettingzoo:<registry id>"``.
 
 >>> from shoal.envs import make_binding
->>> make_binding("cartpole")
+>>> make_binding("cartpole")  # doctest: +ELLIPSIS
 Binding('CartPole-v1', max_agents=1, obs=Box(..., (4,), float32), actions=MultiDiscrete([2]))
 
 :func:`preset` gives the PPO settings shoal recommends for a name (``shoal train`` starts from them).

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from multiprocessing import connection
@@ -230,6 +231,10 @@ class Multiprocessing(VecEnv):
             how = f"exited with code {code}"
         if self._workers_up or code is None or code < 0:
             why = "the process died without a Python error (out of memory? killed? a crash in C code?)"
+        elif getattr(sys.modules["__main__"], "__file__", None) == "<stdin>":  # `python - < script.py`
+            why = ("the process failed while starting: it imports your main script first (start method forkserver "
+                   "or spawn), and a script read from stdin cannot be imported again: save it to a file, or pass "
+                   "context='fork'")
         else:  # it failed before shoal's code ran in it, so nothing could be reported
             why = ("the process failed while starting, before it could report: it imports your main script first "
                    "(start method forkserver or spawn), so code that builds a vec env must sit under "
