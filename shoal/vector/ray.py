@@ -264,7 +264,7 @@ class Ray(VecEnv):
                     f"Ray: actor_options ask for {option} per actor, {amount * self.num_workers:g} {resource} for "
                     f"{actors}, but the Ray cluster has {resource} {have.get(resource, 0):g} in all (it has "
                     f"{_amounts(have)}), so Ray could never schedule them: ask for less, use fewer workers, or add "
-                    f"nodes that have it")
+                    f"nodes that have it (an autoscaling cluster: ray.autoscaler.sdk.request_resources first)")
 
     def _why_late(self, workers: set[int]) -> str:
         why = super()._why_late(workers)
