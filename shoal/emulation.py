@@ -652,24 +652,33 @@ class EmulatedEnv:
         else:
             agents = list(obs)
             slots = self._write_agents(agents, list(obs.values()))
-        left = ()  # agents that left env.agents without a flag: they are truncated at this step
-        if live and not listed.issuperset(live):
-            left = [agent for agent in live if agent not in listed and not terminals.get(agent)
-                    and not truncations.get(agent)]
+        terminals, truncations = self._flag_dict(terminals, "terminated"), self._flag_dict(truncations, "truncated")
+        flagged = any(terminals.values()) or any(truncations.values())
+        left = ()  # agents that acted or were shown, and are not in env.agents without a flag: truncated now
+        if not (listed.issuperset(live) and listed.issuperset(agents)):
+            left = [agent for agent in dict.fromkeys(live + agents) if agent not in listed
+                    and not terminals.get(agent) and not truncations.get(agent)]
         unseen = dark = ()
         if live and not all(map(obs.__contains__, live)):
             missing = [agent for agent in live if agent not in obs]
             unseen = [agent for agent in missing if terminals.get(agent) or truncations.get(agent) or agent in left]
             dark = [agent for agent in missing if agent not in unseen]
-            if unseen:  # they ended without a final observation: deliver their reward and flag anyway
-                unseen_slots = [binding.agent_slots[agent] for agent in unseen]
-                self.obs[unseen_slots] = 0
-                self.masks[unseen_slots] = True
-                agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
+        if flagged:  # flags for agents that neither acted nor were shown (they appear, or come back, ending)
+            late = [agent for flags in (terminals, truncations) for agent, flag in flags.items()
+                    if flag and agent not in obs]
+            if late:
+                acting_before = set(live)
+                unseen = [*unseen, *(agent for agent in dict.fromkeys(late)
+                                     if agent not in acting_before and agent not in self._ended)]
+        if unseen:  # they ended without a final observation: deliver their reward and flag anyway
+            unseen_slots = [binding.agent_slots[agent] for agent in unseen]
+            self.obs[unseen_slots] = 0
+            self.masks[unseen_slots] = True
+            agents, slots = agents + unseen, np.concatenate([np.asarray(slots, np.intp), unseen_slots])
         reward_values = self._rewards_of(env_rewards, agents)
         self.rewards[slots] = reward_values if rewards is env_rewards else self._rewards_of(rewards, agents, True)
-        self.terminals[slots] = self._flags(_per_agent(terminals, agents, False), agents, "terminated")
-        self.truncations[slots] = self._flags(_per_agent(truncations, agents, False), agents, "truncated")
+        self.terminals[slots] = _per_agent(terminals, agents, False)
+        self.truncations[slots] = _per_agent(truncations, agents, False)
         if left:
             self.truncations[[binding.agent_slots[agent] for agent in left]] = True
         acted = acting[slots]  # not an agent that just appeared, nor one seen again after its end
@@ -679,7 +688,7 @@ class EmulatedEnv:
             dark_slots = [binding.agent_slots[agent] for agent in dark]
             self._episode_return[dark_slots] += self._rewards_of(env_rewards, dark)
             self._episode_length[dark_slots] += 1
-        out_infos = {agent: infos[agent] for agent in (agents + dark if dark else agents) if infos.get(agent)}
+        out_infos = {agent: info for agent, info in infos.items() if info}  # passthrough: every agent's, dark too
         self._check_infos(out_infos)
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's
             out_infos = {agent: {key: value for key, value in info.items() if key != "reset_info"}
@@ -692,12 +701,14 @@ class EmulatedEnv:
         if episode_over:  # an agent the env dropped without a flag was cut off: it is truncated
             cut = self.masks & ~self.terminals & ~self.truncations
             self.truncations[cut] = True
-        if episode_over or left or any(terminals.values()) or any(truncations.values()):
+        if episode_over or left or flagged:
             for slot in np.flatnonzero(self.masks & (self.terminals | self.truncations)):
                 agent = binding.possible_agents[slot]
                 self._ended.add(agent)
                 episode = float(self._episode_return[slot]), int(self._episode_length[slot])
-                out_infos[agent] = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
+                final = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
+                if final:  # empty only without an observation, env infos or statistics: nothing to say
+                    out_infos[agent] = final
         if self._ended:
             self._gone |= self._ended.difference(self._gone, listed)
         if episode_over:
@@ -777,6 +788,12 @@ class EmulatedEnv:
         if self._plain_outputs:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)
+
+    def _flag_dict(self, flags: dict, name: str) -> dict:
+        """A multi-agent env's flags by agent as bools (checked by :meth:`_flags`)."""
+        values = list(flags.values())
+        checked = self._flags(values, list(flags), name)
+        return flags if checked is values else dict(zip(flags, checked))
 
     def _flags(self, values: list, agents: list, name: str) -> list:
         """``values`` as bools; EnvError for one that is not a bool (numpy's, or an integer 0 or 1, pass too)."""

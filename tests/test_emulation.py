@@ -1184,3 +1184,48 @@ def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
     with pytest.raises(TypeError, match=r"helper\(\) got an unexpected keyword argument 'seed'"):
         shoal.Binding(env_cls=OwnTypeError).make_env().reset()
 
+
+
+def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_every_info_passes_through():
+    # b appears at step 1 already terminated, listed but with no observation: its flag and reward come with mask
+    # True, and it never acts (it used to act at step 2 and be reported truncated at step 3)
+    def appears_ending(t, env):
+        env.agents = ["a", "b"] if t < 3 else ["a"]
+        rewards = {"a": 1.0, "b": 5.0 if t == 1 else 7.0}
+        return ({"a": np.full(1, t, np.float32)}, rewards, {"a": False, "b": t == 1}, {"a": False, "b": False},
+                {"b": {"note": t}})
+
+    env = scripted(appears_ending, reset_agents=("a",))
+    _, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and terminals.tolist() == [False, True] and rewards.tolist() == [1, 5]
+    assert infos["b"]["note"] == 1 and infos["b"]["episode"] == {"return": 0.0, "length": 0}
+    assert "final_observation" not in infos["b"]
+    for t in (2, 3):
+        _, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+        assert env.masks.tolist() == [True, False] and not terminals[1] and not truncations[1]
+        assert infos == {"b": {"note": t}}  # an ended agent's own infos pass through
+    assert env.env.acted == [["a"], ["a"], ["a"]]
+
+    # b is shown at step 1 but never listed and not flagged: it is truncated there, with its final observation
+    def shown_unlisted(t, env):
+        return ({agent: np.full(1, t, np.float32) for agent in ("a", "b") if t == 1 or agent == "a"},
+                {"a": 0.0}, {"a": False}, {"a": False}, {})
+
+    env = scripted(shown_unlisted, reset_agents=("a",))
+    _, _, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and truncations.tolist() == [False, True]
+    assert infos["b"]["final_observation"].tolist() == [1.0]
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, False] and env.env.acted == [["a"], ["a"]]
+
+
+def test_an_agent_that_leaves_unflagged_and_unseen_with_nothing_to_say_has_no_infos_entry():
+    def leaves(t, env):
+        env.agents = ["a"]
+        return {"a": np.ones(1, np.float32)}, {"a": 0.0}, {"a": False}, {"a": False}, {}
+
+    binding = shoal.Binding(env_creator=ScriptedEnv, env_args=(leaves,), record_episode_statistics=False)
+    env = binding.make_env()
+    env.reset(seed=0)
+    _, _, _, truncations, infos = env.step(np.zeros((2, 1), np.int64))
+    assert truncations.tolist() == [False, True] and infos == {}
