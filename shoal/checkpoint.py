@@ -99,8 +99,11 @@ def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> Non
     A new run (``resumed_update`` None) needs a directory without checkpoints; a resumed one refuses
     checkpoints beyond the one it resumes from (the two histories would mix, and pruning would delete
     the new ones), except a damaged one that :func:`load_checkpoint` skipped: it is renamed
-    ``*.damaged``, with a warning, so the run's new checkpoints are the newest.
+    ``*.damaged``, with a warning, so the run's new checkpoints are the newest. Temporary files of
+    checkpoint writes a killed run left unfinished are removed.
     """
+    for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):  # a killed run's unfinished write
+        stale.unlink(missing_ok=True)
     found = _numbered_checkpoints(run_dir)
     if resumed_update is None:
         if found:

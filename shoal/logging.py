@@ -19,6 +19,7 @@ import csv
 import io
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -144,11 +145,20 @@ class Logger:
         kept: list[dict] = []
         if path.exists() and self.start_step:  # resumed: keep rows up to the checkpoint's step
             kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
-        self._csv_file = open(path, "w", newline="")
+        # Written whole into a temporary file, then renamed over the old one: a run killed meanwhile leaves
+        # the old file as it was, never an empty one. Rows are appended from then on.
+        fd, temporary = tempfile.mkstemp(prefix=".progress.", suffix=".tmp", dir=self.run_dir)
+        try:
+            with os.fdopen(fd, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        self._csv_file = open(path, "a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        self._csv.writeheader()
-        self._csv.writerows(kept)
-        self._csv_file.flush()
 
     def _start_dashboard(self) -> None:
         from rich.live import Live

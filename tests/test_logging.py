@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -174,3 +175,24 @@ def test_numpy_and_torch_metrics_are_logged_as_numbers_and_anything_else_is_refu
         Logger(tmp_path, dashboard=False, start_step="5")
     with pytest.raises(APIUsageError, match="Logger: print_interval must be a number of seconds >= 0, got -1"):
         Logger(None, dashboard=False, print_interval=-1)
+
+
+def test_a_resumed_run_rewrites_progress_csv_whole_or_not_at_all(tmp_path, monkeypatch):
+    with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
+        for step in (100, 200, 300):
+            logger.log(step, {"loss/value": 1.0})
+    before = (tmp_path / "progress.csv").read_text()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt  # as if the run were stopped while it rewrites the file
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=200)
+    assert (tmp_path / "progress.csv").read_text() == before and sorted(tmp_path.iterdir()) == [
+        tmp_path / "progress.csv"]
+    monkeypatch.undo()
+    with Logger(tmp_path, dashboard=False, tensorboard=False, start_step=200) as logger:
+        logger.log(300, {"loss/value": 2.0})
+    assert [(row["global_step"], row["loss/value"]) for row in read_progress(tmp_path)] == [
+        (100, 1.0), (200, 1.0), (300, 2.0)]

@@ -801,10 +801,13 @@ def test_resuming_past_a_damaged_newest_checkpoint_sets_it_aside(tmp_path):
     config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=1, keep_checkpoints=2)
     train(config, binding)
     (tmp_path / "checkpoints" / "update_000005.pt").write_bytes(b"not a checkpoint")  # a disk fault
+    unfinished = tmp_path / "checkpoints" / ".update_000006.pt.x1y2.tmp"  # a write cut short by a kill
+    unfinished.write_bytes(b"half a checkpoint")
     with pytest.warns(UserWarning, match="update_000005.pt.*renamed it update_000005.pt.damaged"):
         resumed = train(dataclasses.replace(config, total_timesteps=4 * 16 * 7), binding, resume_from=tmp_path)
     assert resumed.start_step == 4 * 16 * 4 and resumed.updates == 7
     assert [path.name for path in list_checkpoints(tmp_path)] == ["update_000006.pt", "update_000007.pt"]
+    assert not unfinished.exists()
 
 
 def test_parameters_broken_by_the_last_step_of_an_update_are_not_checkpointed(tmp_path, monkeypatch):
