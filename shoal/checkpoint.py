@@ -99,11 +99,9 @@ def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> Non
     A new run (``resumed_update`` None) needs a directory without checkpoints; a resumed one refuses
     checkpoints beyond the one it resumes from (the two histories would mix, and pruning would delete
     the new ones), except a damaged one that :func:`load_checkpoint` skipped: it is renamed
-    ``*.damaged``, with a warning, so the run's new checkpoints are the newest. Temporary files of
-    checkpoint writes a killed run left unfinished are removed.
+    ``*.damaged``, with a warning, so the run's new checkpoints are the newest. A resumed run removes the
+    temporary files of checkpoint writes the killed run left unfinished.
     """
-    for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):  # a killed run's unfinished write
-        stale.unlink(missing_ok=True)
     found = _numbered_checkpoints(run_dir)
     if resumed_update is None:
         if found:
@@ -123,6 +121,8 @@ def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> Non
         raise APIUsageError(f"run_dir {str(run_dir)!r} holds {path.name}, newer than the checkpoint resumed from "
                             f"(update {resumed_update}): continue into a new run_dir (--run-dir), or delete the "
                             f"newer checkpoints")
+    for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):  # writes a killed run left unfinished
+        stale.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:

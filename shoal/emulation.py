@@ -663,9 +663,9 @@ class EmulatedEnv:
             missing = [agent for agent in live if agent not in obs]
             unseen = [agent for agent in missing if terminals.get(agent) or truncations.get(agent) or agent in left]
             dark = [agent for agent in missing if agent not in unseen]
-        if flagged:  # flags for agents that neither acted nor were shown (they appear, or come back, ending)
+        if flagged:  # listed agents that neither acted nor were shown, flagged: they appear, or come back, ending
             late = [agent for flags in (terminals, truncations) for agent, flag in flags.items()
-                    if flag and agent not in obs]
+                    if flag and agent not in obs and agent in listed]
             if late:
                 acting_before = set(live)
                 unseen = [*unseen, *(agent for agent in dict.fromkeys(late)
@@ -692,7 +692,7 @@ class EmulatedEnv:
         self._check_infos(out_infos)
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's
             out_infos = {agent: {key: value for key, value in info.items() if key != "reset_info"}
-                         for agent, info in out_infos.items()}
+                         for agent, info in out_infos.items() if info.keys() != {"reset_info"}}
         self.obs[was_live & ~self.masks] = 0
 
         ended = self._ended
@@ -817,14 +817,17 @@ class EmulatedEnv:
 
     def _final_info(self, slot: int, info: dict | None, episode: tuple[float, int], observed: bool = True) -> dict:
         """An ending agent's infos: its own (copied), its final observation (if the env gave one) and its
-        episode (return, length)."""
+        episode (return, length), if it acted at all."""
         final = dict(info) if info else {}
         if observed:
             final["final_observation"] = self.obs[slot].copy()
         else:  # the key is shoal's: the trainer must not bootstrap from an env value of that name
             final.pop("final_observation", None)
         if self.binding.record_episode_statistics:
-            final["episode"] = {"return": episode[0], "length": episode[1]}
+            if episode[1]:
+                final["episode"] = {"return": episode[0], "length": episode[1]}
+            else:  # it appeared ending: no episode of its own to count
+                final.pop("episode", None)
         return final
 
     def _rewards_of(self, rewards: dict, agents: list, shaped: bool = False) -> np.ndarray:

@@ -19,6 +19,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -142,17 +143,25 @@ class Logger:
 
     def _open_csv(self) -> None:
         path = self.run_dir / "progress.csv"
-        kept: list[dict] = []
-        if path.exists() and self.start_step:  # resumed: keep rows up to the checkpoint's step
-            kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
-        # Written whole into a temporary file, then renamed over the old one: a run killed meanwhile leaves
-        # the old file as it was, never an empty one. Rows are appended from then on.
+        if not (path.exists() and self.start_step):  # a new run
+            self._csv_file = open(path, "w", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            self._csv.writeheader()
+            self._csv_file.flush()
+            return
+        # Resumed: keep the rows up to the checkpoint's step. They are written whole into a temporary file,
+        # then renamed over the old one: a run killed meanwhile leaves the old file as it was, never an empty
+        # one. Rows are appended from then on.
+        for stale in self.run_dir.glob(".progress.*.tmp"):  # such a killed run's unfinished rewrite
+            stale.unlink(missing_ok=True)
+        kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
         fd, temporary = tempfile.mkstemp(prefix=".progress.", suffix=".tmp", dir=self.run_dir)
         try:
             with os.fdopen(fd, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(kept)
+            shutil.copymode(path, temporary)  # mkstemp makes it private: keep the file's own mode
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)

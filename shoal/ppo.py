@@ -124,7 +124,11 @@ class PPOConfig:
     """stop early once the mean return of the last 20 episodes reaches this"""
 
     def validate(self) -> None:
-        """Raise :class:`APIUsageError` naming the first bad field."""
+        """Raise :class:`APIUsageError` naming the first bad field. Numpy numbers become Python numbers (the
+        config goes to JSON and into checkpoints)."""
+        for field_ in dataclasses.fields(self):
+            if isinstance(getattr(self, field_.name), np.generic):
+                setattr(self, field_.name, getattr(self, field_.name).item())
         for name in ("torch_deterministic", "dashboard", "tensorboard", "wandb", "anneal_lr", "norm_adv",
                      "clip_vloss", "lstm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):

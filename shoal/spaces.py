@@ -942,7 +942,8 @@ def _nearest_integers(values, dtype: np.dtype, limits: tuple | None = None):
         integers = torch.where(rounded >= float(info.max), torch.tensor(info.max, dtype=integers.dtype), integers)
         integers = torch.where(rounded <= float(info.min), torch.tensor(info.min, dtype=integers.dtype), integers)
         if limits is not None and dtype.kind == "i":  # torch has no uint64 comparisons: those stay unclamped
-            low, high = (torch.as_tensor(np.asarray(limit, dtype), device=integers.device) for limit in limits)
+            native = dtype.newbyteorder("=")  # torch reads no other byte order
+            low, high = (torch.as_tensor(np.asarray(limit, native), device=integers.device) for limit in limits)
             integers = torch.minimum(torch.maximum(integers, low), high)
         return integers
     rounded = np.rint(values)

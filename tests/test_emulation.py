@@ -1198,8 +1198,7 @@ def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_
     env = scripted(appears_ending, reset_agents=("a",))
     _, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
     assert env.masks.tolist() == [True, True] and terminals.tolist() == [False, True] and rewards.tolist() == [1, 5]
-    assert infos["b"]["note"] == 1 and infos["b"]["episode"] == {"return": 0.0, "length": 0}
-    assert "final_observation" not in infos["b"]
+    assert infos["b"] == {"note": 1}  # no final observation, and no episode: it never acted
     for t in (2, 3):
         _, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
         assert env.masks.tolist() == [True, False] and not terminals[1] and not truncations[1]
@@ -1214,7 +1213,7 @@ def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_
     env = scripted(shown_unlisted, reset_agents=("a",))
     _, _, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
     assert env.masks.tolist() == [True, True] and truncations.tolist() == [False, True]
-    assert infos["b"]["final_observation"].tolist() == [1.0]
+    assert infos["b"]["final_observation"].tolist() == [1.0] and "episode" not in infos["b"]
     env.step(np.zeros((2, 1), np.int64))
     assert env.masks.tolist() == [True, False] and env.env.acted == [["a"], ["a"]]
 
@@ -1229,3 +1228,15 @@ def test_an_agent_that_leaves_unflagged_and_unseen_with_nothing_to_say_has_no_in
     env.reset(seed=0)
     _, _, _, truncations, infos = env.step(np.zeros((2, 1), np.int64))
     assert truncations.tolist() == [False, True] and infos == {}
+
+
+def test_flags_of_agents_the_env_never_listed_are_ignored_and_a_bare_reset_info_leaves_no_entry():
+    # some envs flag every possible agent, inactive ones True: those are no episodes
+    def flags_everyone(t, env):
+        return ({"a": np.full(1, t, np.float32)}, {"a": 1.0}, {"a": False, "b": True}, {"a": False, "b": False},
+                {"a": {"reset_info": "the env's"}})
+
+    env = scripted(flags_everyone, reset_agents=("a",))
+    for _ in range(3):
+        _, _, terminals, _, infos = env.step(np.zeros((2, 1), np.int64))
+        assert env.masks.tolist() == [True, False] and not terminals.any() and infos == {}

@@ -192,7 +192,11 @@ def test_a_resumed_run_rewrites_progress_csv_whole_or_not_at_all(tmp_path, monke
     assert (tmp_path / "progress.csv").read_text() == before and sorted(tmp_path.iterdir()) == [
         tmp_path / "progress.csv"]
     monkeypatch.undo()
+    (tmp_path / ".progress.abc.tmp").write_text("a rewrite a killed run left unfinished")
+    (tmp_path / "progress.csv").chmod(0o644)
     with Logger(tmp_path, dashboard=False, tensorboard=False, start_step=200) as logger:
         logger.log(300, {"loss/value": 2.0})
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "progress.csv"]
+    assert (tmp_path / "progress.csv").stat().st_mode & 0o777 == 0o644  # not the temporary file's 0o600
     assert [(row["global_step"], row["loss/value"]) for row in read_progress(tmp_path)] == [
         (100, 1.0), (200, 1.0), (300, 2.0)]

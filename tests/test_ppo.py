@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -580,6 +581,24 @@ def test_bad_config_values_are_named(field, value, message):
     layout = {"num_workers": 1} if (field, value) == ("envs_per_batch", 2) else {}
     with pytest.raises(APIUsageError, match=message):
         train(PPOConfig(**{**QUICK, **layout, field: value}), make_binding("cartpole"))
+
+
+def test_numpy_numbers_in_the_config_are_saved_as_python_numbers(tmp_path):
+    config = PPOConfig(**{**QUICK, "total_timesteps": 64}, learning_rate=np.float32(1e-3), ent_coef=np.int64(0),
+                       run_dir=str(tmp_path))
+    train(config, make_binding("cartpole"))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["learning_rate"] == pytest.approx(1e-3) and saved["ent_coef"] == 0
+
+
+def test_a_refused_new_run_leaves_the_directory_as_it_was(tmp_path):
+    config = PPOConfig(**{**QUICK, "total_timesteps": 64}, run_dir=str(tmp_path))
+    train(config, make_binding("cartpole"))
+    writing = tmp_path / "checkpoints" / ".update_000002.pt.x1y2.tmp"  # maybe a run that is writing right now
+    writing.write_bytes(b"half a checkpoint")
+    with pytest.raises(APIUsageError, match="already holds checkpoints of an earlier run"):
+        train(config, make_binding("cartpole"))
+    assert writing.exists()
 
 
 def test_train_result_and_checkpoint_helpers_check_their_arguments(tmp_path):

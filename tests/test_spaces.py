@@ -910,8 +910,9 @@ def test_odd_corners_of_spaces_from_fuzzing():
     # One integer Box action of shape () is a 0-d array, also at int64's ends; a tensor keeps the leaf's bounds.
     extreme = ActionLayout(spaces.Box(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (), np.int64))
     assert type(extreme.unflatten(extreme.flat_space.high)) is np.ndarray
-    bounded = ActionLayout(spaces.Box(-(2**62 - 1), 2**62 - 1, (1,), np.int64))
-    assert bounded.unflatten(torch.from_numpy(bounded.flat_space.high)).tolist() == [2**62 - 1]
+    for dtype in (np.dtype(np.int64), np.dtype(">i8")):
+        bounded = ActionLayout(spaces.Box(-(2**62 - 1), 2**62 - 1, (1,), dtype))
+        assert bounded.unflatten(torch.from_numpy(bounded.flat_space.high)).tolist() == [2**62 - 1]
     # A float leaf narrower than the flat dtype: finite actions past its range saturate, infinities stay.
     narrow = ActionLayout(spaces.Tuple((spaces.Box(-np.inf, np.inf, (1,), np.float16), spaces.Box(-1, 1, (1,)))))
     for flat in (np.array([1e5, 0.0]), torch.tensor([1e5, 0.0], dtype=torch.float64)):
