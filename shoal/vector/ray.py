@@ -346,9 +346,9 @@ class Ray(VecEnv):
                         and isinstance(error, ray.exceptions.RaySystemError)):
                     # The actor catches whatever env code raises, so a task that failed before it ran is Ray's
                     # failure to unpickle the arguments there: the caller's, and the actor is unharmed.
-                    first = (str(error).strip().splitlines() or [""])[-1]
+                    last_line = (str(error).strip().splitlines() or [""])[-1]  # the unpickling error itself
                     answers.append((worker, Status.USAGE_ERROR,
-                                    f"the command's arguments do not unpickle in the worker: {first}"))
+                                    f"the command's arguments do not unpickle in the worker: {last_line}"))
                     continue
                 if (isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception)
                         and not isinstance(error, ray.exceptions.RayTaskError)):
