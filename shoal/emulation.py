@@ -542,6 +542,11 @@ class EmulatedEnv:
         self.obs[:] = 0
         self.masks[:] = False
         self._write_agents(list(obs), list(obs.values()))
+        listed = set(self._listed())
+        if not listed.issuperset(obs):  # shown but not listed: it will not act, so its observation is no start
+            unlisted = [self.binding.agent_slots[agent] for agent in obs if agent not in listed]
+            self.obs[unlisted] = 0
+            self.masks[unlisted] = False
         return {agent: dict(info) for agent, info in infos.items() if info}
 
     def _write_agents(self, agents: list, values: list) -> np.ndarray | list[int]:

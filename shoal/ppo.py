@@ -479,7 +479,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     # The new observation: store it, act on it.
                     start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
                     ended = terminal | truncation
-                    if max_agents > 1 and ended.any():
+                    if binding.is_multiagent and ended.any():
                         # An observation that came with its agent's own end is *final*: nothing follows from it,
                         # even if the slot is live again next step (a respawn, an agent of the next episode).
                         # Only an agent of the episode the env began in this step has a first one instead.
@@ -878,7 +878,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
                 ended = terminal | truncation
                 starts = torch.as_tensor(ended | ~last_mask, device=device)
                 last_mask = env.masks.copy()
-                if binding.max_agents > 1 and ended.any():
+                if binding.is_multiagent and ended.any():
                     first = np.zeros(binding.max_agents, bool)
                     first[[binding.agent_slots[agent] for agent, info in infos.items() if "reset_info" in info]] = True
                     last_mask &= ~(ended & ~first)

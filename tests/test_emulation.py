@@ -1240,3 +1240,19 @@ def test_flags_of_agents_the_env_never_listed_are_ignored_and_a_bare_reset_info_
     for _ in range(3):
         _, _, terminals, _, infos = env.step(np.zeros((2, 1), np.int64))
         assert env.masks.tolist() == [True, False] and not terminals.any() and infos == {}
+
+
+def test_an_agent_shown_but_not_listed_at_reset_is_not_live():
+    class ShownAtReset(ScriptedEnv):
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            self.agents = ["b"]  # a is shown but will not act
+            return obs, infos
+
+    binding = shoal.Binding(env_creator=ShownAtReset, env_args=(lambda t, env: (
+        {"b": np.ones(1, np.float32)}, {"b": 0.0}, {"b": False}, {"b": False}, {}),))
+    env = binding.make_env()
+    obs, _ = env.reset(seed=0)
+    assert env.masks.tolist() == [False, True] and obs.tolist() == [[0], [0]]
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.env.acted == [["b"]]

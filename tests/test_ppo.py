@@ -878,6 +878,39 @@ class DiesBeforeTheEnd(ParallelEnv):
         return obs, {agent: 1.0 for agent in obs}, terminals, {agent: False for agent in obs}, {}
 
 
+class OneAgentShownLate(ParallelEnv):
+    """A PettingZoo env of one agent, listed but not shown at reset, shown at step 1, ended at step 2 with an
+    observation (the autoreset shows nothing): one transition per episode, step 1's. Logs each step's count."""
+
+    metadata = {"name": "one_agent_shown_late"}
+    possible_agents = ["a"]
+    counted: list = []
+
+    def observation_space(self, agent):
+        return gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+
+    def action_space(self, agent):
+        return gymnasium.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, ["a"]
+        return {}, {}
+
+    def step(self, actions):
+        self.t += 1
+        type(self).counted.append(int(self.t == 2))  # (step 1's obs, its action, step 2's reward)
+        return {"a": np.full(1, 0.5, np.float32)}, {"a": 1.0}, {"a": self.t == 2}, {"a": False}, {}
+
+
+@pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
+def test_a_one_agent_pettingzoo_env_follows_the_final_observation_rule(lstm):
+    OneAgentShownLate.counted = []
+    result = train(PPOConfig(num_envs=1, num_steps=12, total_timesteps=12 * 3, lstm=lstm, dashboard=False,
+                             tensorboard=False), Binding(env_cls=OneAgentShownLate))
+    # every other step's action starts no transition: twice as many env steps as transitions
+    assert result.global_step == sum(OneAgentShownLate.counted[:result.updates * 12]) == result.updates * 12 // 2
+
+
 @pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
 def test_an_agents_final_observation_starts_no_transition_even_when_its_slot_is_live_next_step(lstm):
     # b's last observation comes at step 1 (mask True, with its flag); at step 2 the env resets and b's slot
