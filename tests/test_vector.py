@@ -626,13 +626,13 @@ def test_an_answer_that_does_not_unpickle_in_the_parent_is_a_worker_error(no_lea
     vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
     vecenv.reset(seed=0)
     with pytest.raises(WorkerError, match=f"worker 1 \\(envs 1-1 of UnreadableAnswersEnv\\): its answer to call at "
-                                          f"step 0 {unpickling}") as caught:
+                                          f"its step 0 {unpickling}") as caught:
         vecenv.call("unreadable", env_ids=[1])
     assert caught.value.env_id == 1 and "ValueError" in caught.value.worker_traceback
     vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
     vecenv.reset(seed=0)
     vecenv.set_attr("unreadable_info", True, env_ids=[0])
-    with pytest.raises(WorkerError, match=f"worker 0 .*: its answer to step at step 1 {unpickling}"):
+    with pytest.raises(WorkerError, match=f"worker 0 .*: its answer to step at its step 1 {unpickling}"):
         vecenv.step(np.zeros((2, 1), np.int64))
 
 

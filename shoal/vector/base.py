@@ -476,7 +476,7 @@ class VecEnv(abc.ABC):
         self._ready: deque = deque()  # (worker, infos) answered but not yet returned by recv()
         self._batch_workers: list[int] = []  # the workers of the batch recv() returned last
         self._batch_rows: slice | np.ndarray = slice(0, 0)
-        self._steps = 0
+        self._steps = [0] * self.num_workers  # steps sent to each worker: its own count, as its failures give it
         self._sent: dict[int, tuple[float, Command]] = {}  # worker -> (when, what) of its newest command
         self._owner_pid = os.getpid()
         self._closed = False  # from here on the backend may own processes or memory: close() releases them
@@ -543,8 +543,8 @@ class VecEnv(abc.ABC):
         envs = self._envs_of(worker)
         env = envs.start if len(envs) == 1 else None  # else which of its envs is unknown: the answer is one message
         return WorkerError(
-            f"{self._describe(worker)}: its answer to {command} at step {self._steps} could not be unpickled in the "
-            f"parent: {type(error).__name__}: {error}. Infos and call() results must unpickle in this process too "
+            f"{self._describe(worker)}: its answer to {command} at its step {self._steps[worker]} could not be "
+            f"unpickled in the parent: {type(error).__name__}: {error}. Infos and call() results must unpickle in this process too "
             f"(a class it cannot import, or an exception whose __init__ does not take its args, do not)", trace, env)
 
     def _receive(self, conns: dict, ready: list) -> list[tuple[int, Status, Any]]:
@@ -624,7 +624,7 @@ class VecEnv(abc.ABC):
 
     def _last_command(self, workers: set[int]) -> str:
         commands = {self._sent[worker][1] for worker in workers if worker in self._sent}
-        return "reset" if commands == {Command.RESET} else f"step {self._steps}"
+        return "reset" if commands == {Command.RESET} else f"step {self._steps[min(workers)]}"
 
     def _settle(self, workers) -> None:
         """Bring in the reset/step answers still out for ``workers``; they wait in ``_ready`` for recv()."""
@@ -712,8 +712,8 @@ class VecEnv(abc.ABC):
         """
         self._check_state(AsyncState.HOLDING, "send(actions)")
         self._actions[self._batch_rows] = self._checked_actions(actions)
-        self._steps += 1
         for worker in self._batch_workers:
+            self._steps[worker] += 1
             self._send_or_close(worker, Command.STEP, None)
         self._in_flight.update(self._batch_workers)
         self._state = AsyncState.WAITING

@@ -339,8 +339,8 @@ class Ray(VecEnv):
                 status, payload = ray.get(ref) if result is None else result
             except ray.exceptions.RayActorError as error:
                 env = self._crashed_env(worker)
-                raise WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env "
-                                  f"{env}: {type(error).__name__}", str(error), env) from None
+                raise WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
+                                  f"running env {env}: {type(error).__name__}", str(error), env) from None
             except ray.exceptions.RayError as error:
                 if (command in _ACCESS and isinstance(error, ray.exceptions.RayTaskError)
                         and isinstance(error, ray.exceptions.RaySystemError)):
@@ -355,7 +355,7 @@ class Ray(VecEnv):
                     # the answer came, but does not unpickle here (Ray's own trouble carries a str; an argument
                     # that did not unpickle in the actor comes as a RayTaskError)
                     raise self._unreadable_error(worker, error.client_exc, error.traceback_str or "") from None
-                raise WorkerError(f"{self._describe(worker)}: its Ray call failed at step {self._steps}: "
+                raise WorkerError(f"{self._describe(worker)}: its Ray call failed at its step {self._steps[worker]}: "
                                   f"{type(error).__name__}", str(error), self._envs_of(worker).start) from None
             if status is Status.OK and command in (Command.RESET, Command.STEP):
                 buffers, payload = payload
@@ -368,8 +368,8 @@ class Ray(VecEnv):
 
     def _death_error(self, worker: int) -> WorkerError:
         env = self._crashed_env(worker)
-        return WorkerError(f"{self._describe(worker)}: its Ray actor died at step {self._steps}, running env {env}: "
-                           f"it closed its connection without a Python error (out of memory? killed? a crash in C "
+        return WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
+                           f"running env {env}: it closed its connection without a Python error (out of memory? killed? a crash in C "
                            f"code?)", env_id=env)
 
     def _check_sendable(self, value: Any) -> None:
