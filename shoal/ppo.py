@@ -480,12 +480,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     start = terminal | truncation | ~last_mask[batch_slots]  # this obs begins an agent's episode
                     ended = terminal | truncation
                     if binding.is_multiagent and ended.any():
-                        # An observation that came with its agent's own end is *final*: nothing follows from it,
-                        # even if the slot is live again next step (a respawn, an agent of the next episode).
-                        # Only an agent of the episode the env began in this step has a first one instead.
-                        first = np.zeros(len(mask), bool)
-                        first[restarted] = True
-                        mask = mask & ~(ended & ~first)
+                        mask = _without_final(mask, ended, restarted)
                     obs[at], masks[at], starts[at] = batch.obs, mask, start  # copies: the batch is a shared buffer
                     live = None if mask.all() else np.flatnonzero(mask)  # dead slots: no forward pass, action 0
                     if live is not None:
@@ -728,6 +723,16 @@ def episode_statistics(episode: Any, env_name: str, agent: Any) -> tuple[float, 
                         f"is the env's own: rename that key in the env, or switch the option back on")
 
 
+def _without_final(mask: np.ndarray, ended: np.ndarray, first_rows: list) -> np.ndarray:
+    """``mask`` without the rows whose observation is *final*: it came with its agent's own end, so nothing
+    follows from it, even if the slot is live again next step (a respawn, an agent of the next episode). Only
+    an agent of the episode the env began in this step (``first_rows``, its info has "reset_info") has a first
+    observation there instead."""
+    first = np.zeros(len(mask), bool)
+    first[first_rows] = True
+    return mask & ~(ended & ~first)
+
+
 def _step_index(t: np.ndarray, rows: np.ndarray, span: slice | None):
     """Index of the pairs (t[i], rows[i]) into (T + 1, N) storage: an int and a slice (fast, views) when
     the batch is one time step of contiguous slots, as in every synchronous rollout."""
@@ -879,9 +884,8 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
                 starts = torch.as_tensor(ended | ~last_mask, device=device)
                 last_mask = env.masks.copy()
                 if binding.is_multiagent and ended.any():
-                    first = np.zeros(binding.max_agents, bool)
-                    first[[binding.agent_slots[agent] for agent, info in infos.items() if "reset_info" in info]] = True
-                    last_mask &= ~(ended & ~first)
+                    last_mask = _without_final(last_mask, ended, [binding.agent_slots[agent] for agent, info
+                                                                  in infos.items() if "reset_info" in info])
                 for agent, info in infos.items():
                     if "episode" in info and ended[binding.agent_slots[agent]]:
                         returns.append(episode_statistics(info["episode"], binding.env_name, agent)[0])
