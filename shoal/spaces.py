@@ -703,8 +703,8 @@ class _ActionField(NamedTuple):
     start: int  # offset in the flat action
     size: int
     offset: Any  # added on unflatten: a discrete leaf's `start`; None for Box (keeps -0.0) and for start 0
-    limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them; a float
-    # leaf's largest finite value where the flat dtype is wider; else None
+    limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them, else None
+    largest: float | None = None  # a float Box leaf's largest finite value where the flat dtype is wider
 
 
 @functools.singledispatch
@@ -777,7 +777,7 @@ class ActionLayout:
             )
             # A float leaf narrower than the flat dtype: a finite flat action past the leaf's range goes to the
             # leaf's largest finite value, as a float to an integer leaf goes to the nearest integer, not to inf.
-            self.fields = [field._replace(limits=np.finfo(field.dtype).max)
+            self.fields = [field._replace(largest=np.finfo(field.dtype).max)
                            if field.dtype.kind == "f" and np.finfo(field.dtype).max < np.finfo(dtype).max else field
                            for field in self.fields]
         self.dtype = self.flat_space.dtype
@@ -897,12 +897,13 @@ class ActionLayout:
             return [(_nearest_integers(piece, field.dtype, field.limits)
                      if field.dtype.kind in "iu" and piece.is_floating_point()
                      else piece.round() if field.dtype.kind == "b" and piece.is_floating_point()
-                     else _saturated(piece, field.limits) if field.limits is not None else piece)
+                     else _saturated(piece, field.largest) if field.largest is not None else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
-        values = [(_nearest_integers(piece, field.dtype, field.limits) if field.dtype.kind in "iu" and piece.dtype.kind == "f"
+        values = [(_nearest_integers(piece, field.dtype, field.limits)
+                   if field.dtype.kind in "iu" and piece.dtype.kind == "f"
                    else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f"
-                   else _saturated(piece, field.limits) if field.limits is not None else piece)
+                   else _saturated(piece, field.largest) if field.largest is not None else piece)
                   .astype(field.dtype) for field, piece in pieces]
         # One discrete action is a numpy scalar, one Box action an array (0-d for shape ()), as the spaces sample them.
         return [value[()] for value in values] if self.is_discrete else values
