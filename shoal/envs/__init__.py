@@ -55,8 +55,8 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
         return Binding(env_creator=make_atari_env, env_args=(game,), env_kwargs=env_kwargs,
                        env_name=f"{game} (Atari)", record_episode_statistics=False)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # opencv, for AtariPreprocessing
-        raise APIUsageError(f"Atari envs need a package that is not installed: {_missing(error)}; the atari extra installs "
-                            f"it: ./install.sh atari") from None
+        raise APIUsageError(f"Atari envs need a package that is not installed: {_missing(error)}; the atari extra "
+                            f"installs it: ./install.sh atari") from None
 
 
 def gym(env_id: str, **env_kwargs: Any) -> Binding:
@@ -74,7 +74,8 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
     try:
         return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
-        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {_missing(error)}") from None
+        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: "
+                            f"{_missing(error)}") from None
 
 
 def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:

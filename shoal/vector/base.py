@@ -264,8 +264,7 @@ def serve(group: EnvGroup, conn) -> None:
             try:
                 command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
             except Exception as error:  # arguments that pickled in the parent do not unpickle here: the caller's
-                conn.send((Status.USAGE_ERROR, f"the command's arguments do not unpickle in the worker: "
-                                               f"{type(error).__name__}: {error}"))
+                conn.send((Status.USAGE_ERROR, unpickled_arguments_error(f"{type(error).__name__}: {error}")))
                 continue
             if command is Command.CLOSE:
                 break
@@ -285,6 +284,11 @@ def serve(group: EnvGroup, conn) -> None:
     finally:
         group.close()
         conn.close()
+
+
+def unpickled_arguments_error(error: str) -> str:
+    """The USAGE_ERROR message for a command whose arguments do not unpickle in the worker (``error``: why)."""
+    return f"the command's arguments do not unpickle in the worker: {error}"
 
 
 def handle_in_worker(group: EnvGroup, command: Command, payload: Any) -> tuple[Status, Any]:
@@ -544,8 +548,9 @@ class VecEnv(abc.ABC):
         env = envs.start if len(envs) == 1 else None  # else which of its envs is unknown: the answer is one message
         return WorkerError(
             f"{self._describe(worker)}: its answer to {command} at its step {self._steps[worker]} could not be "
-            f"unpickled in the parent: {type(error).__name__}: {error}. Infos and call() results must unpickle in this process too "
-            f"(a class it cannot import, or an exception whose __init__ does not take its args, do not)", trace, env)
+            f"unpickled in the parent: {type(error).__name__}: {error}. Infos and call() results must unpickle in "
+            f"this process too (a class it cannot import, or an exception whose __init__ does not take its args, "
+            f"do not)", trace, env)
 
     def _receive(self, conns: dict, ready: list) -> list[tuple[int, Status, Any]]:
         """The answers waiting on the ``ready`` ones of ``conns`` (connection -> worker), for backends whose

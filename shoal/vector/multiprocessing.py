@@ -241,8 +241,8 @@ class Multiprocessing(VecEnv):
                    "`if __name__ == \"__main__\":`; or the binding could not be unpickled there. Its own traceback "
                    "is on stderr above")
         env = self._crashed_env(worker)
-        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at its step {self._steps[worker]}, "
-                           f"running env {env}: {why}", env_id=env)
+        return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at its step "
+                           f"{self._steps[worker]}, running env {env}: {why}", env_id=env)
 
     def _shutdown(self) -> None:
         processes, conns = getattr(self, "_processes", []), getattr(self, "_conns", [])

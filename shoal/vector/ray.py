@@ -33,7 +33,7 @@ from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failure, Poller, Status, VecEnv,
                                _unpicklable, check_seconds, default_num_workers, handle_in_worker, send_command, serve,
-                               split_arrays, start_worker)
+                               split_arrays, start_worker, unpickled_arguments_error)
 
 _ACCESS = (Command.CALL, Command.GET_ATTR, Command.SET_ATTR)  # the commands that run code the caller chose
 _RESOURCE_OPTIONS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}  # ray.remote option -> Ray resource
@@ -347,8 +347,7 @@ class Ray(VecEnv):
                     # The actor catches whatever env code raises, so a task that failed before it ran is Ray's
                     # failure to unpickle the arguments there: the caller's, and the actor is unharmed.
                     last_line = (str(error).strip().splitlines() or [""])[-1]  # the unpickling error itself
-                    answers.append((worker, Status.USAGE_ERROR,
-                                    f"the command's arguments do not unpickle in the worker: {last_line}"))
+                    answers.append((worker, Status.USAGE_ERROR, unpickled_arguments_error(last_line)))
                     continue
                 if (isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception)
                         and not isinstance(error, ray.exceptions.RayTaskError)):
@@ -369,8 +368,8 @@ class Ray(VecEnv):
     def _death_error(self, worker: int) -> WorkerError:
         env = self._crashed_env(worker)
         return WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
-                           f"running env {env}: it closed its connection without a Python error (out of memory? killed? a crash in C "
-                           f"code?)", env_id=env)
+                           f"running env {env}: it closed its connection without a Python error (out of memory? "
+                           f"killed? a crash in C code?)", env_id=env)
 
     def _check_sendable(self, value: Any) -> None:
         if self._conns:  # commands go on the actors' sockets, pickled as Multiprocessing pickles them
