@@ -79,6 +79,7 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.logger import Logger
 
     torch.set_num_threads(1)
 
@@ -117,6 +118,7 @@ def _sb3(kind: str, seed: int, steps: int) -> dict:
     started, cpu = time.perf_counter(), time.process_time()
     env = make_vec_env("CartPole-v1", n_envs=m["num_envs"], seed=seed)
     model = PPO("MlpPolicy", env, **kwargs)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes a /tmp/SB3-* folder every run
     callback = Target(stop=kind == "best")
     callback.started = started
     model.learn(total_timesteps=steps, callback=callback)
