@@ -21,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves
+from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves, leaves
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -84,7 +84,14 @@ def _agent_order(agent) -> tuple:
     if isinstance(agent, (int, np.integer)):
         return ((0, int(agent), ""),)
     parts = re.split(r"(\d+)", str(agent))
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part)
+    return tuple((0, int(part), "") if part.isdecimal() else (1, 0, part) for part in parts if part)
+
+
+def _same_space(a: spaces.Space, b: spaces.Space) -> bool:
+    """``a == b`` without gymnasium's tolerance, which calls Box bounds equal when ``np.allclose`` does."""
+    return a == b and all(not isinstance(x.space, spaces.Box) or (np.array_equal(x.space.low, y.space.low)
+                                                                  and np.array_equal(x.space.high, y.space.high))
+                          for x, y in zip(leaves(a), leaves(b)))
 
 
 def _infer_space(value: Any) -> spaces.Space:
@@ -356,7 +363,7 @@ class Binding:
                            f"got {type(first).__name__} {_short(first)}")
         for agent in self.possible_agents[1:]:
             other = space_of(agent)
-            if other != first:
+            if not _same_space(other, first):
                 raise SpaceError(
                     f"{self.env_name}: every agent needs the same {method} to share one flat layout: "
                     f"agent {self.possible_agents[0]!r} has {first}, agent {agent!r} has {other}"
@@ -406,7 +413,8 @@ class Binding:
         return result
 
     def make_env(self, buffers: Buffers | None = None) -> "EmulatedEnv":
-        """A new emulated env; it writes into ``buffers`` (``max_agents`` rows) when given."""
+        """A new emulated env; it writes into ``buffers`` (``max_agents`` rows) when given, as vec envs do, and
+        then keeps to the flat data contract whatever ``emulate_flat_obs`` and ``emulate_const_num_agents`` say."""
         return EmulatedEnv(self, buffers)
 
     # -------------------------------------------------------------- flatten / unflatten
@@ -459,7 +467,8 @@ class EmulatedEnv:
         self.obs, self.rewards, self.terminals, self.truncations, self.masks = self.buffers
         self._write_obs = binding.obs_layout.writer(self.obs)
         self._write_rows = binding.obs_layout.rows_writer(self.obs)
-        self._plain_outputs = binding.emulate_flat_obs and binding.emulate_const_num_agents
+        self._plain_outputs = buffers is not None or binding.emulate_flat_obs and binding.emulate_const_num_agents
+        self._nested_final = buffers is None and not binding.emulate_flat_obs  # final observations as obs come
         leaf = binding.raw_single_action_space
         self._lone_discrete = ((int(leaf.n), leaf.start.item()) if binding.emulate_flat_atn
                                and isinstance(leaf, spaces.Discrete) else None)
@@ -601,10 +610,16 @@ class EmulatedEnv:
         except SpaceError as error:
             raise self._misfit([SINGLE_AGENT_ID], error) from None
 
-    def _misfit(self, agents: list, error: SpaceError) -> EnvError:
+    def _misfit(self, agents: list, error: SpaceError) -> Exception:
+        """EnvError for an observation that does not fit its space; APIUsageError where the feature_parser made it."""
+        binding = self.binding
         who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {agents[:8]}"
-        return EnvError(f"{self.binding.env_name}, {who}, step {self.tick}: observation does not fit "
-                        f"{self.binding.raw_single_observation_space}: {error}")
+        if binding.feature_parser is not None:
+            return APIUsageError(f"{binding.env_name}, {who}, step {self.tick}: the feature_parser's output does not "
+                                 f"fit the featurized observation space {binding.raw_single_observation_space} (given "
+                                 f"as feature_space=, or inferred from its output at reset(seed=0)): {error}")
+        return EnvError(f"{binding.env_name}, {who}, step {self.tick}: observation does not fit "
+                        f"{binding.raw_single_observation_space}: {error}")
 
     def step(self, actions):
         """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``."""
@@ -772,8 +787,10 @@ class EmulatedEnv:
             env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
         reward = env_reward
         if binding.reward_shaper is not None:
-            reward = self._shaped({SINGLE_AGENT_ID: env_reward}, {SINGLE_AGENT_ID: info})
+            shaper_infos = {SINGLE_AGENT_ID: info}
+            reward = self._shaped({SINGLE_AGENT_ID: env_reward}, shaper_infos)
             reward = self._rewards_of(reward, [SINGLE_AGENT_ID], True)[0]
+            info = shaper_infos.get(SINGLE_AGENT_ID)  # the shaper's edits show, as for a multi-agent env
         self._write_single(obs)
         if type(terminal) is not bool or type(truncation) is not bool:
             terminal, = self._flags([terminal], [SINGLE_AGENT_ID], "terminated")
@@ -825,7 +842,8 @@ class EmulatedEnv:
         episode (return, length), if it acted at all."""
         final = dict(info) if info else {}
         if observed:
-            final["final_observation"] = self.obs[slot].copy()
+            row = self.obs[slot].copy()
+            final["final_observation"] = self.binding.unflatten_observation(row) if self._nested_final else row
         else:  # the key is shoal's: the trainer must not bootstrap from an env value of that name
             final.pop("final_observation", None)
         if self.binding.record_episode_statistics:
@@ -929,16 +947,15 @@ class EmulatedEnv:
             raise self._dict_actions_error(actions, array) or APIUsageError(f"{where}: {error}") from None
         if bad is None:
             return array
-        bad_rows = np.flatnonzero(bad[live_slots])  # dead agents' rows may hold anything
-        unseen = ~self.masks[live_slots[bad_rows]]
-        if unseen.any():  # agents the env lists but has not shown yet: dark slots, whose rows go unchecked
-            array = array.copy()
-            array[live_slots[bad_rows[unseen]]] = binding.atn_layout.neutral
-            bad_rows = bad_rows[~unseen]
-        if len(bad_rows):
-            slot = live_slots[bad_rows[0]]
+        shown = np.flatnonzero(bad & self.masks)  # the slots the last step returned with mask True: checked
+        if len(shown):
+            slot = shown[0]
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
                                 f"{array[slot]} is out of range: expected {layout.allowed()}")
+        dark = live_slots[bad[live_slots]]  # agents the env lists but has not shown: their rows go unchecked
+        if len(dark):
+            array = array.copy()
+            array[dark] = layout.neutral
         return array
 
     def _dict_actions_error(self, actions, array: np.ndarray) -> APIUsageError | None:

@@ -413,6 +413,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     try:
         while global_step < config.total_timesteps:
             update += 1
+            rollout_start_step = global_step
             frac = 1.0 - global_step / config.total_timesteps
             lr = config.learning_rate * frac if config.anneal_lr else config.learning_rate
             optimizer.lr = lr
@@ -517,6 +518,12 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                     in_flight[batch_slots] = True
                     last_mask[batch_slots] = mask
 
+            if global_step == rollout_start_step:  # else no step ever counts, and the run would never end
+                raise TrainingError(
+                    f"update {update} (step {global_step:,}): the rollout ({T} steps x {config.num_envs} envs) held no "
+                    f"transition: no agent was shown (mask True) at two steps in a row, so there is nothing to "
+                    f"learn from. Does {binding.env_name} return observations for the agents it lists? If its agents "
+                    f"appear later, raise num_steps")
             learn_start = time.perf_counter()
             # ------------------------------------------------------------ GAE
             # A transition counts iff the masks that came with its obs and with its reward are both True

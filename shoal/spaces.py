@@ -274,6 +274,8 @@ def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
     try:
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:  # ragged lists, a GPU tensor or one that requires grad
+        if _is_torch(value) and value.device.type == "cpu" and value.is_floating_point() and not value.requires_grad:
+            return value.double().numpy()  # a dtype numpy lacks (bfloat16): float64 holds its values exactly
         where = what if path is None else f"{what} {_path_str(path)}"
         raise SpaceError(f"{where} must be one array (numpy, a CPU tensor or equal-length nested lists), got "
                          f"{type(value).__name__}: {str(error).splitlines()[0]}") from None
@@ -515,9 +517,10 @@ class ObservationLayout:
         if out is None:
             out = np.zeros(batch + (self.size,), self.dtype)
         elif not (isinstance(out, np.ndarray) and out.shape == batch + (self.size,) and out.dtype == self.dtype
-                  and out.flags.c_contiguous):
-            raise SpaceError(f"out must be a C-contiguous numpy array of shape {batch + (self.size,)} and dtype "
-                             f"{self.dtype}, got {_describe(out)}")
+                  and out.flags.c_contiguous and out.flags.writeable):
+            read_only = " (read-only)" if isinstance(out, np.ndarray) and not out.flags.writeable else ""
+            raise SpaceError(f"out must be a writable, C-contiguous numpy array of shape {batch + (self.size,)} and "
+                             f"dtype {self.dtype}, got {_describe(out)}{read_only}")
         records = out.view(self.struct)[..., 0]
         for path, item in pairs:
             field = self._by_path[path]
@@ -677,8 +680,8 @@ class ObservationLayout:
                 piece = piece.contiguous()
             try:
                 typed = piece.view(_torch_dtype(field.dtype))
-            except RuntimeError:  # storage offset not aligned: one copy
-                typed = piece.contiguous().view(_torch_dtype(field.dtype))
+            except RuntimeError:  # storage offset not aligned: one copy into fresh (aligned) memory
+                typed = piece.clone(memory_format=torch.contiguous_format).view(_torch_dtype(field.dtype))
             return typed.reshape(batch + field.shape)
         return flat[..., start:start + count].reshape(batch + field.shape)
 
@@ -716,14 +719,23 @@ def _action_leaf(space: spaces.Space):
 @_action_leaf.register(spaces.Discrete)
 def _(space: spaces.Discrete):
     _last_values(space, space.start, space.n)
-    return True, np.array([space.n], np.int64), np.asarray(space.start, space.dtype)
+    return True, _flat_counts(space, space.n), np.asarray(space.start, space.dtype)
 
 
 @_action_leaf.register(spaces.MultiDiscrete)
 def _(space: spaces.MultiDiscrete):
     start = np.broadcast_to(np.asarray(space.start, space.dtype), space.shape)
     _last_values(space, start, space.nvec)
-    return True, space.nvec.astype(np.int64).ravel(), start
+    return True, _flat_counts(space, space.nvec), start
+
+
+def _flat_counts(space: spaces.Space, counts) -> np.ndarray:
+    """A discrete leaf's choice counts as the flat MultiDiscrete's int64 ``nvec``; SpaceError past int64."""
+    counts = np.asarray(counts).ravel()
+    if counts.dtype.kind == "u" and counts.max(initial=0) > np.iinfo(np.int64).max:
+        raise SpaceError(f"action space {space}: {counts.max()} choices, more than the flat MultiDiscrete's int64 "
+                         f"counts hold (at most 2**63 - 1)")
+    return counts.astype(np.int64)
 
 
 @_action_leaf.register(spaces.MultiBinary)
@@ -827,6 +839,8 @@ class ActionLayout:
                 expected = {"iufb": "numbers", "b": "bools", "iub": "integers"}[kinds]
                 raise SpaceError(f"action leaf {_path_str(path)}: expected {expected} (its dtype is {field.dtype}), "
                                  f"got {array.dtype}")
+            if not self.is_discrete and _rounds_in(field.dtype, self.dtype):
+                _check_exact(array, field, self.dtype)
             shifted = (array if field.offset is None else array - field.offset).reshape(batch + (field.size,))
             if self.is_discrete:
                 nvec = self.flat_space.nvec[field.start:field.start + field.size]
@@ -892,14 +906,16 @@ class ActionLayout:
         if _is_torch(flat):
             import torch
 
-            pieces = [(field, piece if field.offset is None else
-                       piece + torch.tensor(np.asarray(field.offset), device=flat.device)) for field, piece in pieces]
+            # In int64 (torch adds no unsigned tensors); a uint64 start past int64 wraps there and back exactly.
+            pieces = [(field, piece if field.offset is None else piece.to(torch.int64)
+                       + torch.as_tensor(np.asarray(field.offset).astype(np.int64), device=flat.device))
+                      for field, piece in pieces]
             return [(_nearest_integers(piece, field.dtype, field.limits)
                      if field.dtype.kind in "iu" and piece.is_floating_point()
                      else piece.round() if field.dtype.kind == "b" and piece.is_floating_point()
                      else _saturated(piece, field.largest) if field.largest is not None else piece)
                     .to(_torch_dtype(field.dtype)) for field, piece in pieces]
-        pieces = [(field, piece if field.offset is None else piece + field.offset) for field, piece in pieces]
+        pieces = [(field, piece if field.offset is None else _shifted(piece, field)) for field, piece in pieces]
         values = [(_nearest_integers(piece, field.dtype, field.limits)
                    if field.dtype.kind in "iu" and piece.dtype.kind == "f"
                    else np.rint(piece) if field.dtype.kind == "b" and piece.dtype.kind == "f"
@@ -919,9 +935,38 @@ def _rounded_past(space: spaces.Box) -> tuple[np.ndarray, np.ndarray] | None:
     return (space.low, space.high) if past else None
 
 
+def _shifted(piece: np.ndarray, field: _ActionField) -> np.ndarray:
+    """A discrete leaf's flat choices plus its start, exactly: numpy adds int64 and uint64 as float64, so an
+    unsigned leaf adds in its own dtype (the choices and the sum fit it) and a signed one in int64."""
+    return piece.astype(field.dtype if field.dtype.kind == "u" else np.int64, copy=False) + field.offset
+
+
+def _rounds_in(leaf: np.dtype, flat: np.dtype) -> bool:
+    """Whether some values of an integer leaf round in the float flat dtype (int64 in float64: past 2**53)."""
+    return leaf.kind in "iu" and np.iinfo(leaf).bits > np.finfo(flat).nmant + 1
+
+
+def _check_exact(array: np.ndarray, field: _ActionField, flat: np.dtype) -> None:
+    """SpaceError for an integer action value that would not come back from the float flat dtype as it went in
+    (the ends of the leaf's range do: they come back held to it)."""
+    exact = 2 ** (np.finfo(flat).nmant + 1)  # every integer up to this one is held exactly
+    if not ((array > exact) | (array < -exact)).any():
+        return
+    back = _nearest_integers(array.astype(flat), field.dtype, field.limits)
+    for went, came in zip(array.ravel().tolist(), back.ravel().tolist()):
+        if went != came:
+            raise SpaceError(f"action leaf {_path_str(field.path)}: {went} has no exact {flat} value, it would reach "
+                             f"the env as {came} (the flat action holds integers exactly up to +-2**"
+                             f"{np.finfo(flat).nmant + 1})")
+
+
 def _saturated(values, largest: float):
     """Finite ``values`` held to [-largest, largest] (numpy array or torch tensor); infinities and NaN stay."""
     if _is_torch(values):
+        import torch
+
+        if torch.finfo(values.dtype).max <= largest:  # nothing finite lies past it (and float16 cannot hold it)
+            return values
         return values.clamp(-largest, largest).where(values.isfinite(), values)
     return np.where(np.isfinite(values), np.clip(values, -largest, largest), values)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium
 import numpy as np
 import pytest
+import torch
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
@@ -1256,3 +1257,73 @@ def test_an_agent_shown_but_not_listed_at_reset_is_not_live():
     assert env.masks.tolist() == [False, True] and obs.tolist() == [[0], [0]]
     env.step(np.zeros((2, 1), np.int64))
     assert env.env.acted == [["b"]]
+
+
+def test_more_corners_of_emulation_from_probing():
+    # Agents whose Box bounds differ a little (np.allclose calls them equal) are refused all the same.
+    class CloseBounds(TwoAgents):
+        def observation_space(self, agent):
+            return spaces.Box(0, 100_000 if agent == "a" else 100_001, (1,), np.float32)
+
+    with pytest.raises(SpaceError, match=r"every agent needs the same observation_space.*'b' has Box\(0.0, 100001.0"):
+        shoal.Binding(env_cls=CloseBounds)
+    # Ids whose digits int() cannot read ("²" is a digit to str.isdigit) sort as text.
+    class OddIds(TwoAgents):
+        possible_agents = ["x1²", "x1"]
+
+    assert shoal.Binding(env_cls=OddIds).possible_agents == ("x1", "x1²")
+    # A feature_parser whose output does not fit its space is blamed, not the env.
+    grows = iter(range(100))
+    binding = shoal.Binding(env_cls=NestedSingleAgentEnv,
+                            feature_parser=lambda obs: np.zeros(2 + 2 * min(next(grows), 1)))  # (2,), then (4,)
+    with pytest.raises(APIUsageError, match=r"the feature_parser's output does not fit the featurized observation "
+                                            r"space Box\(-inf, inf, \(2,\), float64\).*expected shape \(2,\), got \(4,\)"):
+        binding.make_env().reset(seed=0)
+
+
+def test_the_rows_of_the_agents_shown_at_the_last_step_must_hold_valid_actions():
+    # The rule vec envs check too: a row whose mask was True (an agent that just ended included) must hold a
+    # valid action; a dark agent's row gets the neutral action; other rows may hold anything.
+    def b_ends_then_a_goes_on(t, env):
+        env.agents = ["a"] if t == 1 else env.agents
+        return ({"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)} if t == 1 else {"a": np.ones(1, np.float32)},
+                {}, {"b": t == 1}, {}, {})
+
+    env = scripted(b_ends_then_a_goes_on)
+    env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True]  # b delivered with its terminal flag
+    with pytest.raises(APIUsageError, match=r"agent 'b' \(slot 1\): action \[-1\] is out of range"):
+        env.step(np.array([[0], [-1]]))
+    env.step(np.array([[1], [0]]))
+    env.step(np.array([[1], [-1]]))  # b's slot is dark now: anything goes
+    assert env.env.acted[-1] == ["a"]
+
+
+def test_single_agent_hooks_and_options_work_as_for_many_agents():
+    # A reward shaper that replaces the agent's infos: its infos show in step's, as with a multi-agent env.
+    def shaper(rewards, infos):
+        infos[0] = {"shaped_from": rewards[0]}
+        return rewards
+
+    env = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), reward_shaper=shaper).make_env()
+    env.reset(seed=0)
+    assert env.step([[0]])[4] == {0: {"shaped_from": 1.0}}
+    # emulate_flat_obs=False: the final observation in infos is nested, as the observations are.
+    binding = shoal.Binding(env_creator=NestedSingleAgentEnv, env_kwargs={"max_steps": 2}, emulate_flat_obs=False)
+    env = binding.make_env()
+    env.reset(seed=0)
+    action = binding.flatten_action(binding.raw_single_action_space.sample())[None]
+    env.step(action)
+    infos = env.step(action)[4]
+    final = infos[0]["final_observation"]
+    assert isinstance(final, dict) and final["self"]["pos"].tolist() == [2.0, -2.0]
+    assert binding.raw_single_observation_space.contains(final)
+    # With buffers (as vec envs build them) the flat contract holds whatever the options say.
+    flat_env = binding.make_env(Buffers.allocate(binding))
+    flat_env.reset(seed=0)
+    flat_env.step(action)
+    assert isinstance(flat_env.step(action)[4][0]["final_observation"], np.ndarray)
+    # A bfloat16 CPU tensor of actions is taken like any other.
+    pendulum = shoal.Binding(env_creator=gymnasium.make, env_args=("Pendulum-v1",)).make_env()
+    pendulum.reset(seed=0)
+    pendulum.step(torch.tensor([[0.5]], dtype=torch.bfloat16))

@@ -920,3 +920,26 @@ def test_an_agents_final_observation_starts_no_transition_even_when_its_slot_is_
     result = train(PPOConfig(num_envs=2, num_steps=12, total_timesteps=2 * 12 * 4, lstm=lstm, dashboard=False,
                              tensorboard=False), Binding(env_cls=DiesBeforeTheEnd))
     assert result.global_step == DiesBeforeTheEnd.received - 2 * 2  # less the actions still in flight at the end
+
+
+def test_an_env_that_never_shows_an_agent_is_an_error_not_an_endless_run():
+    class Silent(ParallelEnv):
+        metadata = {"name": "silent"}
+        possible_agents = ["a", "b"]
+
+        def observation_space(self, agent):
+            return gymnasium.spaces.Box(-1, 1, (2,), np.float32)
+
+        def action_space(self, agent):
+            return gymnasium.spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            self.agents = ["a", "b"]
+            return {}, {}
+
+        def step(self, actions):
+            return {}, {}, {}, {}, {}
+
+    with pytest.raises(TrainingError, match=r"update 1 \(step 0\): the rollout \(16 steps x 4 envs\) held no "
+                                            r"transition.*Does silent return observations"):
+        train(PPOConfig(**QUICK, run_dir=None), Binding(env_cls=Silent))

@@ -480,7 +480,7 @@ def test_flatten_and_unflatten_check_what_users_pass():
     good = {"pos": np.zeros(2, np.float32), "hp": 1}
     with pytest.raises(SpaceError, match=r"observation leaf \['hp'\]: 9 lies outside its range"):
         observations.flatten({**good, "hp": 9})
-    with pytest.raises(SpaceError, match=r"out must be a C-contiguous numpy array of shape \(16,\) and dtype uint8, "
+    with pytest.raises(SpaceError, match=r"out must be a writable, C-contiguous numpy array of shape \(16,\) and dtype uint8, "
                                          r"got ndarray of shape \(16,\) and dtype float64"):
         observations.flatten(good, out=np.zeros(16))
     with pytest.raises(SpaceError, match="flat observation must be a numpy array or a torch tensor, got list"):
@@ -923,3 +923,40 @@ def test_odd_corners_of_spaces_from_fuzzing():
         ActionLayout(spaces.Box(0, 3, (1,), np.int64)).flatten(np.array([1.5]))
     with pytest.raises(SpaceError, match=r"expected bools \(its dtype is bool\), got float64"):
         ActionLayout(spaces.Box(0, 1, (1,), bool)).flatten(np.array([0.5]))
+
+
+def test_more_corners_of_spaces_from_probing():
+    # A torch flat observation whose storage starts at an odd byte: copied once, not torch's alignment error.
+    layout = ObservationLayout(spaces.Dict({"pos": spaces.Box(-1, 1, (2,), np.float32), "hp": spaces.Discrete(5)}))
+    flat = layout.flatten({"pos": np.array([0.5, -0.5], np.float32), "hp": 3})
+    buffer = torch.zeros(1 + layout.size, dtype=torch.uint8)
+    buffer[1:] = torch.from_numpy(flat)
+    nested = layout.unflatten(buffer[1:])
+    assert nested["pos"].tolist() == [0.5, -0.5] and int(nested["hp"]) == 3
+    # A read-only out= is named, not numpy's assignment error.
+    out = np.zeros(layout.size, np.uint8)
+    out.flags.writeable = False
+    with pytest.raises(SpaceError, match=r"out must be a writable.*\(read-only\)"):
+        layout.flatten({"pos": np.zeros(2, np.float32), "hp": 0}, out=out)
+    # float16 tensors (autocast) where a float leaf is narrower than the flat dtype.
+    mixed = ActionLayout(spaces.Dict({"x": spaces.Box(-1, 1, (1,), np.float32), "y": spaces.Box(-1, 1, (1,))}))
+    assert mixed.unflatten(torch.tensor([0.5, 0.5], dtype=torch.float16))["x"].tolist() == [0.5]
+    # An unsigned discrete leaf with a start: exact on numpy and torch, also a uint64 start past 2**53.
+    for space, flat_values, expected in [(spaces.Discrete(3, start=1, dtype=np.uint32), [1], 2),
+                                         (spaces.Discrete(3, start=2**64 - 3, dtype=np.uint64), [2], 2**64 - 1),
+                                         (spaces.Discrete(3, start=2**63 - 2, dtype=np.uint64), [2], 2**63)]:
+        actions = ActionLayout(space)
+        for flat in (np.array(flat_values), np.array(flat_values, np.uint64), torch.tensor(flat_values)):
+            assert np.asarray(actions.unflatten(flat)).item() == expected, (space, flat)  # int() fails on torch's
+        assert int(actions.unflatten_rows(np.array([flat_values]), [0])[0]) == expected
+    assert ActionLayout(spaces.Discrete(200, start=-100, dtype=np.int16)).unflatten(np.array([199], np.uint64)) == 99
+    # An integer Box action that the float64 flat action cannot hold exactly is refused, not rounded;
+    # the ends of int64 come back exactly (held to the leaf's range).
+    big = ActionLayout(spaces.Box(0, 2**62, (), np.int64))
+    with pytest.raises(SpaceError, match=r"9007199254740993 has no exact float64 value, it would reach the env as "
+                                         r"9007199254740992"):
+        big.flatten(np.array(2**53 + 1))
+    assert big.unflatten(big.flatten(np.array(2**60))).tolist() == 2**60
+    # More choices than the flat MultiDiscrete's int64 counts hold.
+    with pytest.raises(SpaceError, match=r"9223372036854775808 choices, more than the flat MultiDiscrete's int64"):
+        ActionLayout(spaces.Discrete(2**63, dtype=np.uint64))
