@@ -6,17 +6,20 @@ and renamed over its final name (``os.replace`` is atomic on POSIX), so a run ki
 leaves the previous checkpoint intact and never a half-written one under a checkpoint's name.
 
 Layout: ``RUN_DIR/checkpoints/update_000050.pt`` ... the newest is the one with the highest number.
+One run at a time writes into a run directory: :func:`lock_run_dir`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
 import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -93,33 +96,76 @@ def _numbered_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(match.group(1)), path) for path in directory.iterdir() if (match := _NAME.match(path.name)))
 
 
-def check_run_dir(run_dir: str | os.PathLike, resumed_update: int | None) -> None:
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (made if missing) while the block runs; APIUsageError if another run
+    holds it.
+
+    The lock is ``flock`` on the directory itself, so it leaves no file behind and ends with the process, however
+    that dies. ``run_dir``, if made here and still empty at the end (the run was refused before writing), is
+    removed.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        made = False
+    descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # a file there: NotADirectoryError
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise APIUsageError(f"another run is using run_dir {str(run_dir)!r} (it holds the directory's lock): wait "
+                            f"until it ends, or choose another run_dir") from None
+    try:
+        yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):  # fails, as it should, once the run wrote something
+                run_dir.rmdir()  # while still locked: no other run can be inside it yet
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
     """Before a run writes checkpoints into ``run_dir``: APIUsageError unless those there are its own past.
 
-    A new run (``resumed_update`` None) needs a directory without checkpoints; a resumed one refuses
-    checkpoints beyond the one it resumes from (the two histories would mix, and pruning would delete
-    the new ones), except a damaged one that :func:`load_checkpoint` skipped: it is renamed
-    ``*.damaged``, with a warning, so the run's new checkpoints are the newest. A resumed run removes the
-    temporary files of checkpoint writes the killed run left unfinished.
+    ``resumed`` is the checkpoint the run resumes from (:func:`load_checkpoint`), None for a new run. A new run, and
+    one resumed from a checkpoint of another directory, need a directory without checkpoints. A run resumed in its
+    own directory refuses checkpoints beyond the one it resumes from (the two histories would mix, and pruning
+    would delete the new ones), except a damaged one: it is renamed ``*.damaged``, with a warning unless
+    :func:`load_checkpoint` already skipped it with one, so the run's new checkpoints are the newest. A resumed run
+    removes the temporary files of checkpoint writes the killed run left unfinished.
     """
     found = _numbered_checkpoints(run_dir)
-    if resumed_update is None:
+    if resumed is None:
         if found:
             raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
                                 f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume {run_dir}) "
                                 f"or choose a new run_dir")
         return
+    origin = resumed.get("path")  # absent from a checkpoint dict not made by load_checkpoint
+    if origin is None or Path(origin).parent.resolve() != (Path(run_dir) / "checkpoints").resolve():
+        if found:
+            raise APIUsageError(f"run_dir {str(run_dir)!r} holds checkpoints of another run (newest "
+                                f"{found[-1][1].name}), and the checkpoint resumed from"
+                                f"{f', {origin},' if origin else ''} is not one of them: continue into a run_dir "
+                                f"without checkpoints (--run-dir)")
+        return
+    reported = {Path(path).name for path in resumed.get("damaged", ())}
     for update, path in found:
-        if update <= resumed_update:
+        if update <= resumed["update"]:
             continue
         try:
             _load_file(path, "cpu")
         except APIUsageError as error:
             os.replace(path, path.with_name(path.name + ".damaged"))
-            warnings.warn(f"{error}: renamed it {path.name}.damaged", stacklevel=2)
+            if path.name not in reported:
+                warnings.warn(f"{error}: renamed it {path.name}.damaged", stacklevel=2)
             continue
         raise APIUsageError(f"run_dir {str(run_dir)!r} holds {path.name}, newer than the checkpoint resumed from "
-                            f"(update {resumed_update}): continue into a new run_dir (--run-dir), or delete the "
+                            f"(update {resumed['update']}): continue into a new run_dir (--run-dir), or delete the "
                             f"newer checkpoints")
     for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):  # writes a killed run left unfinished
         stale.unlink(missing_ok=True)
@@ -141,22 +187,25 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file, or the newest one of a run directory that can be read (an older one,
-    with a warning, if the newest is damaged)."""
+    with a warning, if the newest is damaged; the paths of those it skipped are under ``"damaged"``)."""
     path = Path(path)
     if not path.is_dir():
         return _load_file(path, map_location)
     latest_checkpoint(path)  # the errors for a missing directory or one without checkpoints
-    damaged = []
+    damaged: dict[str, str] = {}  # path -> why it cannot be read
     for candidate in reversed(list_checkpoints(path)):
         try:
             payload = _load_file(candidate, map_location)
         except APIUsageError as error:
-            damaged.append(str(error))
+            damaged[str(candidate)] = str(error)
             continue
         if damaged:
-            warnings.warn(f"{'; '.join(damaged)}: loaded the newest one that can be, {candidate}", stacklevel=2)
+            warnings.warn(f"{'; '.join(damaged.values())}: loaded the newest one that can be, {candidate}",
+                          stacklevel=2)
+            payload["damaged"] = list(damaged)
         return payload
-    raise APIUsageError(damaged[0] + (f"; nor can the {len(damaged) - 1} older one(s)" if len(damaged) > 1 else ""))
+    errors = list(damaged.values())
+    raise APIUsageError(errors[0] + (f"; nor can the {len(errors) - 1} older one(s)" if len(errors) > 1 else ""))
 
 
 def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:

@@ -14,7 +14,9 @@ Bad input gets one message and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -91,9 +93,19 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
     return value
 
 
-def _default_run_dir(env: str, seed: int) -> str:
+def _make_default_run_dir(env: str, seed: int) -> str:
+    """Make ``runs/<env>__<seed>__<time>`` and return it; while that name is taken (a run started in the same
+    second), the first free one of ``..._2``, ``..._3`` ... Made exclusively, so two runs never get one name."""
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in env)
-    return str(Path("runs") / f"{slug}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    name = f"{slug}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    Path("runs").mkdir(exist_ok=True)
+    for number in itertools.count(1):
+        run_dir = Path("runs") / (name if number == 1 else f"{name}_{number}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return str(run_dir)
 
 
 def _train(argv: list[str]) -> int:
@@ -118,15 +130,13 @@ def _train(argv: list[str]) -> int:
     if checkpoint is not None and config.env != checkpoint["env"]:
         raise UsageError(f"--resume {resume}: that run trained on env {checkpoint['env']!r}, not {config.env!r}; "
                          f"drop --env or start a new run")
-    if checkpoint is not None and checkpoint["global_step"] >= config.total_timesteps:
-        raise UsageError(f"--resume {resume}: the run is already at step {checkpoint['global_step']:,} of "
-                         f"total_timesteps {config.total_timesteps:,}: pass a larger --total-timesteps to go on")
-    if config.run_dir is None:
-        config.run_dir = _default_run_dir(config.env, config.seed)
     config.validate()
     binding = make_binding(config.env)
+    made_run_dir = config.run_dir is None
+    if made_run_dir:
+        config.run_dir = _make_default_run_dir(config.env, config.seed)
     try:
-        result = train(config, binding, resume_from=checkpoint["path"] if checkpoint else None)
+        result = train(config, binding, resume_from=checkpoint)  # the checkpoint as loaded: damage is told once
     except KeyboardInterrupt:  # train wrote a final checkpoint: say where, and how to go on
         saved = list_checkpoints(config.run_dir)
         if not saved:
@@ -137,6 +147,11 @@ def _train(argv: list[str]) -> int:
               f"(update {last['update']}): {saved[-1]}\n"
               f"resume with: shoal train --resume {config.run_dir}", file=sys.stderr)
         return 130
+    except BaseException:
+        if made_run_dir:
+            with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
+                Path(config.run_dir).rmdir()
+        raise
     reached = result.first_reached(475.0) if config.env == "cartpole" else None
     print(f"trained {result.global_step:,} steps in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
           f"mean return of the last 20 episodes: {result.mean_return():.1f}"

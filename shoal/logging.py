@@ -290,7 +290,8 @@ class Logger:
 
 
 def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
-    """The rows of ``RUN_DIR/progress.csv`` as floats (empty cells left out)."""
+    """The rows of ``RUN_DIR/progress.csv`` as floats (empty cells left out); APIUsageError for a file that is not
+    such a CSV (not text, a row without its global_step, a cell that is not a number)."""
     path = Path(run_dir) / "progress.csv"
     if not path.is_file():
         raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
@@ -301,17 +302,24 @@ def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         except (TypeError, ValueError):
             raise APIUsageError(f"{path}, line {line}: a cell that is not a number; progress.csv holds only "
                                 f"numbers") from None
+        if "global_step" not in rows[-1]:
+            raise APIUsageError(f"{path}, line {line}: no global_step; expected a progress.csv written by "
+                                f"`shoal train`, whose every row starts with one")
     return rows
 
 
 def _complete_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of every complete row of a progress.csv. A last line without its line end is a row
     cut short by a run killed while writing it (even mid-number, where it would still parse): left out."""
-    with open(path, newline="") as file:
-        text = file.read()
-    if not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-    return list(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2))
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            text = file.read()
+        if not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        return list(enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2))
+    except (UnicodeDecodeError, csv.Error) as error:  # not UTF-8, or not CSV (a field past csv's size limit)
+        raise APIUsageError(f"{path} is not a CSV text file ({type(error).__name__}: {error}): expected the "
+                            f"progress.csv of a run of `shoal train`") from None
 
 
 def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,

@@ -28,7 +28,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from shoal.checkpoint import check_run_dir, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from shoal.checkpoint import (check_run_dir, list_checkpoints, load_checkpoint, lock_run_dir, rng_states,
+                              save_checkpoint, set_rng_states)
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
@@ -159,8 +160,9 @@ class PPOConfig:
         for name in ["learning_rate", "clip_coef", "max_grad_norm"] + (["target_kl"] if self.target_kl is not None else []):
             if not getattr(self, name) > 0:
                 raise APIUsageError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.vf_coef < 0:
-            raise APIUsageError(f"vf_coef must be >= 0, got {self.vf_coef!r}")
+        for name in ("ent_coef", "vf_coef"):
+            if getattr(self, name) < 0:
+                raise APIUsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.policy not in ("auto", "mlp", "cnn", "mixed"):
             raise APIUsageError(f"policy must be auto, mlp, cnn or mixed, got {self.policy!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
@@ -302,7 +304,7 @@ def make_policy(config: PPOConfig, binding) -> Policy:
 
 
 def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None, vecenv=None,
-          resume_from: str | Path | None = None) -> TrainResult:
+          resume_from: str | Path | dict | None = None) -> TrainResult:
     """Train ``policy`` (default: :func:`make_policy`) with PPO on ``binding``'s env.
 
     Args:
@@ -311,11 +313,14 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         policy: a :class:`~shoal.policy.Policy`; built from the binding's spaces when None.
         logger: a :class:`~shoal.logging.Logger` (closed at the end); built from the config when None.
         vecenv: an already made vector env (it is not closed here); made from the config when None.
-        resume_from: a checkpoint file or run directory to continue from (model, optimizer,
-            global step, update count and RNG states).
+        resume_from: a checkpoint file or run directory to continue from (model, optimizer, global step,
+            update count, episode count, wall time and RNG states), or the checkpoint ``load_checkpoint`` loaded.
+            Its step must be below ``config.total_timesteps``.
 
-    On Ctrl-C (``KeyboardInterrupt``) with a ``run_dir``, a final checkpoint is written before the
-    exception goes on, so ``resume_from=run_dir`` continues the run.
+    With a ``run_dir``, the run holds that directory's lock until it returns (another run into it is an
+    APIUsageError), and the directory must hold no checkpoints unless they are the resumed run's own past. On
+    Ctrl-C (``KeyboardInterrupt``) a final checkpoint is written there before the exception goes on, so
+    ``resume_from=run_dir`` continues the run.
 
     >>> from shoal.envs import make_binding
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
@@ -328,8 +333,25 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
     if vecenv is not None:
         _check_vecenv(vecenv, binding)
-    if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
-        raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, got {resume_from!r}")
+    if resume_from is not None and not isinstance(resume_from, (str, os.PathLike, dict)):
+        raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, or a checkpoint dict "
+                            f"(load_checkpoint), got {resume_from!r}")
+    checkpoint = None
+    if resume_from is not None:  # loaded on the CPU: RNG states must stay CPU tensors
+        checkpoint = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from)
+        check_compatible(checkpoint, binding, config)
+        if checkpoint["global_step"] >= config.total_timesteps:
+            raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the run is already at step "
+                                f"{checkpoint['global_step']:,} of total_timesteps {config.total_timesteps:,}: pass a "
+                                f"larger total_timesteps (shoal train --total-timesteps) to go on")
+    if config.run_dir is None:
+        return _train(config, binding, policy, logger, vecenv, checkpoint)
+    with lock_run_dir(config.run_dir):  # two runs writing into one directory would corrupt each other's files
+        return _train(config, binding, policy, logger, vecenv, checkpoint)
+
+
+def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, checkpoint: dict | None) -> TrainResult:
+    """:func:`train` once its arguments are checked and its run directory is locked."""
     started = time.perf_counter()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -343,17 +365,17 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     policy = policy.to(device)
     optimizer = Adam(policy.parameters(), config.learning_rate)
     parameters = list(policy.parameters())
-    global_step = update = 0
-    if resume_from is not None:
-        checkpoint = load_checkpoint(resume_from)  # on the CPU: RNG states must stay CPU tensors
-        check_compatible(checkpoint, binding, config)
+    global_step = update = earlier_episodes = 0
+    earlier_wall_time = 0.0  # earlier_*: the resumed run's episodes and seconds before this call
+    if checkpoint is not None:
         load_policy_state(policy, checkpoint)
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, update = checkpoint["global_step"], checkpoint["update"]
+        earlier_episodes = checkpoint.get("episodes", 0)  # 0 from a checkpoint written before these keys existed
+        earlier_wall_time = checkpoint.get("wall_time", 0.0)
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
-        check_run_dir(config.run_dir, update if resume_from is not None else None)
-        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        check_run_dir(config.run_dir, checkpoint)
         (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     if logger is None:
         from shoal.logging import Logger
@@ -398,17 +420,19 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     step_at_start, clock = global_step, time.perf_counter()
     slot_rows = _SlotRows(max_agents)
 
-    def save(at_update: int, at_step: int) -> None:
+    def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float) -> None:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
             raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
-                                f"{_NOT_FINITE}; its last checkpoint is kept")
+                                f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
         save_checkpoint(config.run_dir, at_update, {
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
             "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
+            "episodes": at_episodes, "wall_time": at_wall_time,
         }, keep=config.keep_checkpoints)
 
-    completed = update, global_step  # (update, global_step) after the last completed update
+    # (update, global_step, episode total, wall time) after the last completed update: what a checkpoint records
+    completed = update, global_step, earlier_episodes, earlier_wall_time
     vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
     try:
         while global_step < config.total_timesteps:
@@ -613,7 +637,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 if not all(map(math.isfinite, losses)):  # the parameters were or are about to be NaN or inf
                     raise TrainingError(f"update {update} (step {global_step:,}): the losses are not finite (policy "
                                         f"{losses[0]}, value {losses[1]}, entropy {losses[2]}): {_NOT_FINITE}"
-                                        f"{'; its last checkpoint is kept' if config.run_dir else ''}")
+                                        f"{_kept_checkpoint(config.run_dir)}")
 
             # The next rollout starts from row T: its action is already in flight.
             for array in (obs, actions, logprobs, values, masks, starts):
@@ -623,18 +647,20 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                 rollout_state[0].copy_(next_rollout_state[0])
                 rollout_state[1].copy_(next_rollout_state[1])
             learn_time += time.perf_counter() - learn_start
-            completed = update, global_step
+            episode_total = earlier_episodes + len(result.episodes)
+            wall_time = earlier_wall_time + time.perf_counter() - started
+            completed = update, global_step, episode_total, wall_time
 
             # ------------------------------------------------------------ log
             busy = sim_time + inference_time + learn_time
             metrics = {
                 "global_step": global_step,
                 "update": update,
-                "wall_time": time.perf_counter() - started,
+                "wall_time": wall_time,
                 "episode/return": float(np.mean([r for r, _ in finished])) if finished else math.nan,
                 "episode/length": float(np.mean([n for _, n in finished])) if finished else math.nan,
                 "episode/count": len(finished),
-                "episode/total": len(result.episodes),
+                "episode/total": episode_total,
                 "episode/return_mean20": float(np.mean(recent_returns)) if recent_returns else math.nan,
                 "lr": lr,
                 "perf/steps_per_second": (global_step - step_at_start) / max(time.perf_counter() - clock, 1e-9),
@@ -653,7 +679,7 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             last = global_step >= config.total_timesteps or solved
             if config.run_dir is not None and (last or (config.checkpoint_interval
                                                         and update % config.checkpoint_interval == 0)):
-                save(update, global_step)
+                save(*completed)
             if solved:
                 logger.message(f"solved: mean return of the last 20 episodes {np.mean(recent_returns):.1f} "
                                f">= {config.stop_at_return} at step {global_step:,}")
@@ -759,6 +785,12 @@ def _expand(values: np.ndarray, live: np.ndarray | None, size: int) -> np.ndarra
 
 _NOT_FINITE = ("the policy's outputs or gradients overflowed or became NaN (a learning rate or rewards too large, or a "
                "policy whose forward gives them); stopped without writing a checkpoint of it")
+
+
+def _kept_checkpoint(run_dir: str | None) -> str:
+    """The end of a divergence message: the run's newest checkpoint, which stays the newest, if it has one."""
+    saved = list_checkpoints(run_dir) if run_dir is not None else []
+    return f"; its last checkpoint, {saved[-1]}, is kept" if saved else ""
 
 
 def _describe_policy(policy: Policy) -> str:

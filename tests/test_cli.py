@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
-from shoal.checkpoint import list_checkpoints, load_checkpoint
+from shoal import cli
+from shoal.checkpoint import list_checkpoints, load_checkpoint, lock_run_dir
 from shoal.cli import main
 from shoal.logging import read_progress
 
@@ -70,6 +72,7 @@ def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
     (["train", "--total-timesteps", "-1"], "total_timesteps must be a positive integer"),
     (["train", "--num-envs", "8", "--envs-per-batch", "3"], r"envs_per_batch \(3\) must divide num_envs \(8\)"),
     (["train", "--learning-rate", "-0.1"], "learning_rate must be > 0"),
+    (["train", "--ent-coef", "-1"], r"ent_coef must be >= 0, got -1.0"),
     (["train", "--device", "tpu7"], "device 'tpu7' is not a torch device"),
     (["train", "--device", "mps"], "device 'mps' is not available in this torch build"),
     (["train", "--resume", "/nonexistent/run"], "'/nonexistent/run' does not exist: expected a checkpoint"),
@@ -127,15 +130,63 @@ def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys, mo
     code, out, _ = run(capsys, "train", "--resume", str(first), "--total-timesteps", "96", "--run-dir", str(branch))
     assert code == 0 and f"run directory: {branch}" in out
     assert min(path.name for path in (branch / "checkpoints").glob("*.pt")) == "update_000002.pt"
+    code, _, err = run(capsys, "train", "--resume", str(first), "--total-timesteps", "128", "--run-dir", str(branch))
+    assert code == 2 and "holds checkpoints of another run (newest update_000003.pt)" in err  # branch is a run now
     loose = tmp_path / "models" / "cartpole.pt"  # a checkpoint kept outside a run directory starts a new one
     loose.parent.mkdir()
     loose.write_bytes(first.read_bytes())
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(capsys, "train", "--resume", str(loose), "--total-timesteps", "96")
     assert code == 0 and "run directory: runs/cartpole__1__" in out and os.listdir(loose.parent) == ["cartpole.pt"]
+    made = os.listdir("runs")
+    code, _, err = run(capsys, "train", "--resume", str(loose), "--total-timesteps", "16")
+    assert code == 2 and "the run is already at step 32 of total_timesteps 16" in err
+    assert os.listdir("runs") == made  # the run directory made for it is gone again
     (tmp_path / "a_file").write_text("")
     code, _, err = run(capsys, "train", *FAST, "--run-dir", str(tmp_path / "a_file" / "run"))
     assert code == 2 and err.count("error:") == 1 and "a_file" in err
+
+
+def test_default_run_dirs_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda _: "20250101-120000")
+    Path("runs").mkdir()
+    Path("runs/cartpole__1__20250101-120000_3").write_text("")  # a file under one of the names: skipped too
+    names = [cli._make_default_run_dir("cartpole", 1) for _ in range(3)]
+    assert names == [f"runs/cartpole__1__20250101-120000{suffix}" for suffix in ("", "_2", "_4")]
+    assert all(Path(name).is_dir() for name in names)
+
+
+def test_a_run_dir_in_use_is_refused(tmp_path, capsys):
+    with lock_run_dir(tmp_path):  # as another `shoal train --run-dir` holds it
+        code, _, err = run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", str(tmp_path))
+    assert code == 2 and f"error: another run is using run_dir '{tmp_path}'" in err and os.listdir(tmp_path) == []
+
+
+def test_a_damaged_newest_checkpoint_is_reported_once_on_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", str(run_dir),
+               "--checkpoint-interval", "1")[0] == 0
+    list_checkpoints(run_dir)[-1].write_bytes(b"not a checkpoint")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", "96")
+    assert code == 0 and "trained 96 steps" in out
+    assert [str(warning.message).split(": ")[-1] for warning in caught] == [
+        f"loaded the newest one that can be, {run_dir}/checkpoints/update_000001.pt"]
+
+
+def test_plot_of_a_file_that_is_not_a_progress_csv_is_one_clear_error(tmp_path, capsys):
+    for name, content, message in [
+        ("no_step", b"episode/return_mean20\n1\n", "progress.csv, line 2: no global_step; expected a progress.csv"),
+        ("binary", b"\xff\xfe\x00garbage\n", "progress.csv is not a CSV text file (UnicodeDecodeError: "),
+        ("huge", b"global_step\n" + b"1" * 200_000 + b"\n", "progress.csv is not a CSV text file (Error: field "
+                                                            "larger than field limit"),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.csv").write_bytes(content)
+        code, _, err = run(capsys, "plot", str(tmp_path / name), "--out", str(tmp_path / "x.png"))
+        assert code == 2 and err.count("error:") == 1 and message in err, err
 
 
 def test_wandb_without_a_login_is_one_clear_error(tmp_path):

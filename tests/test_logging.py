@@ -94,6 +94,22 @@ def test_progress_csv_cut_short_by_a_kill_still_reads_and_a_bad_cell_is_named(tm
         read_progress(tmp_path)
 
 
+def test_a_file_that_is_not_a_progress_csv_is_named_with_what_is_wrong(tmp_path):
+    path = tmp_path / "progress.csv"
+    path.write_text("global_step,loss/value\n100,1.0\n,2.0\n")
+    with pytest.raises(APIUsageError, match="progress.csv, line 3: no global_step; expected a progress.csv written"):
+        read_progress(tmp_path)
+    path.write_text("loss/value\n1.0\n")
+    with pytest.raises(APIUsageError, match="progress.csv, line 2: no global_step"):
+        plot_runs([tmp_path], tmp_path / "x.png", metric="loss/value")
+    path.write_bytes(b"global_step\n\xff\n")
+    with pytest.raises(APIUsageError, match=r"progress.csv is not a CSV text file \(UnicodeDecodeError: 'utf-8' "
+                                            r"codec can't decode byte 0xff in position 12"):
+        read_progress(tmp_path)
+    with pytest.raises(APIUsageError, match="progress.csv is not a CSV text file"):  # nor resumed into
+        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=100)
+
+
 def test_plot_one_line_per_run(tmp_path):
     for name, scale in (("a", 1), ("b", 2)):
         with Logger(tmp_path / name, dashboard=False, tensorboard=False) as logger:

@@ -6,11 +6,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import gymnasium
 from pettingzoo import ParallelEnv
@@ -21,8 +23,8 @@ import torch
 import envs
 from shoal import Binding
 from shoal import ppo, vector
-from shoal.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, save_atomic, save_checkpoint,
-                              set_rng_states)
+from shoal.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, lock_run_dir, save_atomic,
+                              save_checkpoint, set_rng_states)
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError, TrainingError
 from shoal.logging import read_progress
@@ -546,7 +548,7 @@ def test_resume_with_another_network_is_refused(tmp_path):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path), lstm=True), make_binding("cartpole"))
     with pytest.raises(APIUsageError, match=r"holds LSTMPolicy\(MLPPolicy\) weights trained with policy='auto', "
                                             r"hidden_size=0, lstm=True, not this MLPPolicy's network: build the policy"):
-        train(PPOConfig(**QUICK), make_binding("cartpole"), resume_from=tmp_path)
+        train(PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}), make_binding("cartpole"), resume_from=tmp_path)
 
 
 # ---------------------------------------------------------------- config errors
@@ -564,6 +566,7 @@ def test_resume_with_another_network_is_refused(tmp_path):
     ("max_grad_norm", 0, "max_grad_norm must be > 0, got 0"),
     ("target_kl", -1.0, "target_kl must be > 0, got -1.0"),
     ("vf_coef", -1.0, "vf_coef must be >= 0, got -1.0"),
+    ("ent_coef", -0.01, "ent_coef must be >= 0, got -0.01"),
     ("ent_coef", float("nan"), "ent_coef must be a finite number, got nan"),
     ("stop_at_return", "high", "stop_at_return must be a finite number, got 'high'"),
     ("hidden_size", 1.5, "hidden_size must be an integer >= 0, got 1.5"),
@@ -798,9 +801,20 @@ def test_training_stops_when_the_losses_or_actions_stop_being_finite(tmp_path):
         policy = NaNPolicy(binding)
         policy.poisoned = True
         config = PPOConfig(**{**QUICK, "num_envs": 4, "num_steps": 80}, run_dir=str(tmp_path / env.replace(":", "_")))
-        with pytest.raises(TrainingError, match=match + r".*stopped without writing a checkpoint of it"):
-            train(config, binding, policy=policy)
+        with pytest.raises(TrainingError, match=match + r".*stopped without writing a checkpoint of it$"):
+            train(config, binding, policy=policy)  # and no word of a kept checkpoint: there is none
         assert list_checkpoints(config.run_dir) == []
+
+
+def test_a_run_that_diverges_after_a_checkpoint_names_the_one_kept(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path))
+    train(config, binding)
+    policy = NaNPolicy(binding)
+    policy.poisoned = True
+    with pytest.raises(TrainingError, match=r"update 6 .*: the losses are not finite .*stopped without writing a "
+                                            r"checkpoint of it; its last checkpoint, .*update_000005.pt, is kept$"):
+        train(dataclasses.replace(config, total_timesteps=4 * 16 * 7), binding, policy=policy, resume_from=tmp_path)
 
 
 def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
@@ -815,6 +829,81 @@ def test_a_run_dir_holding_another_runs_checkpoints_is_refused(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 5  # nothing of the earlier run was touched
 
 
+def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path))
+    with lock_run_dir(tmp_path):  # as a run in another process holds it
+        with pytest.raises(APIUsageError, match=r"another run is using run_dir '.*' \(it holds the directory's "
+                                                r"lock\): wait until it ends, or choose another run_dir"):
+            train(config, binding)
+    assert os.listdir(tmp_path) == []  # the refused run wrote nothing
+    with pytest.raises(APIUsageError, match="is not CartPole-v1's"):  # refused while it holds the lock
+        train(config, binding, policy=MLPPolicy(make_binding("gym:Pendulum-v1")))
+    train(config, binding)  # a run that ended, even with an error, holds the lock no longer
+    with pytest.raises(APIUsageError, match="already holds checkpoints"):
+        train(config, binding)
+    train(dataclasses.replace(config, total_timesteps=4 * 16 * 6), binding, resume_from=config.run_dir)
+
+
+def test_a_refused_run_leaves_no_directory_it_made(tmp_path):
+    cartpole, pendulum = make_binding("cartpole"), make_binding("gym:Pendulum-v1")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path / "new"))
+    with pytest.raises(APIUsageError, match="is not CartPole-v1's"):
+        train(config, cartpole, policy=MLPPolicy(pendulum))
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_into_a_run_dir_with_another_runs_checkpoints_is_refused(tmp_path):
+    binding = make_binding("cartpole")
+    first, other = (PPOConfig(**QUICK, run_dir=str(tmp_path / name), seed=seed) for name, seed in (("a", 1), ("b", 2)))
+    train(first, binding)
+    train(other, binding)
+    before = {path.name: path.read_bytes() for path in list_checkpoints(other.run_dir)}
+    longer = dataclasses.replace(other, total_timesteps=4 * 16 * 6)
+    with pytest.raises(APIUsageError, match=r"run_dir '.*b' holds checkpoints of another run \(newest "
+                                            r"update_000005.pt\), and the checkpoint resumed from, "
+                                            r".*a/checkpoints/update_000005.pt, is not one of them: continue into"):
+        train(longer, binding, resume_from=first.run_dir)
+    assert {path.name: path.read_bytes() for path in list_checkpoints(other.run_dir)} == before
+    branch = train(dataclasses.replace(longer, run_dir=str(tmp_path / "c")), binding, resume_from=first.run_dir)
+    assert branch.start_step == 320 and [path.name for path in list_checkpoints(tmp_path / "c")] == ["update_000006.pt"]
+
+
+def test_resuming_a_run_that_is_done_is_refused_before_anything_is_written(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path))
+    train(config, binding)
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    for total in (320, 100):
+        with pytest.raises(APIUsageError, match=fr"update_000005.pt: the run is already at step 320 of total_timesteps "
+                                                fr"{total}: pass a larger total_timesteps"):
+            train(dataclasses.replace(config, total_timesteps=total, learning_rate=1.0), binding, resume_from=tmp_path)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+
+
+def test_a_resumed_run_goes_on_counting_episodes_and_wall_time(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path))
+    first = train(config, binding)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["episodes"] == len(first.episodes) == first.history[-1]["episode/total"] > 0
+    assert checkpoint["wall_time"] == first.history[-1]["wall_time"] > 0
+
+    longer = dataclasses.replace(config, total_timesteps=4 * 16 * 6)
+    resumed = train(longer, binding, resume_from=tmp_path)
+    assert resumed.history[-1]["episode/total"] == checkpoint["episodes"] + len(resumed.episodes)
+    assert resumed.history[-1]["wall_time"] > checkpoint["wall_time"]
+    wall_times = [row["wall_time"] for row in read_progress(tmp_path)]
+    assert wall_times == sorted(wall_times) and len(wall_times) == 6
+
+    path = list_checkpoints(tmp_path)[-1]  # a checkpoint written before the two counts were saved
+    old = {key: value for key, value in torch.load(path, weights_only=False).items()
+           if key not in ("episodes", "wall_time")}
+    save_atomic(old, path)
+    again = train(dataclasses.replace(config, total_timesteps=4 * 16 * 7), binding, resume_from=tmp_path)
+    assert again.history[-1]["episode/total"] == len(again.episodes)
+
+
 def test_resuming_past_a_damaged_newest_checkpoint_sets_it_aside(tmp_path):
     binding = make_binding("cartpole")
     config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=1, keep_checkpoints=2)
@@ -822,11 +911,20 @@ def test_resuming_past_a_damaged_newest_checkpoint_sets_it_aside(tmp_path):
     (tmp_path / "checkpoints" / "update_000005.pt").write_bytes(b"not a checkpoint")  # a disk fault
     unfinished = tmp_path / "checkpoints" / ".update_000006.pt.x1y2.tmp"  # a write cut short by a kill
     unfinished.write_bytes(b"half a checkpoint")
-    with pytest.warns(UserWarning, match="update_000005.pt.*renamed it update_000005.pt.damaged"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         resumed = train(dataclasses.replace(config, total_timesteps=4 * 16 * 7), binding, resume_from=tmp_path)
+    [warning] = caught  # loading past it said it is damaged; setting it aside does not say so again
+    assert re.search(r"update_000005.pt' cannot be read .*: loaded the newest one that can be, .*update_000004.pt",
+                     str(warning.message))
     assert resumed.start_step == 4 * 16 * 4 and resumed.updates == 7
     assert [path.name for path in list_checkpoints(tmp_path)] == ["update_000006.pt", "update_000007.pt"]
-    assert not unfinished.exists()
+    assert (tmp_path / "checkpoints" / "update_000005.pt.damaged").exists() and not unfinished.exists()
+
+    (tmp_path / "checkpoints" / "update_000007.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="update_000007.pt' cannot be read .*: renamed it update_000007.pt.damaged"):
+        train(dataclasses.replace(config, total_timesteps=4 * 16 * 8), binding,  # a file: nothing said it yet
+              resume_from=tmp_path / "checkpoints" / "update_000006.pt")
 
 
 def test_parameters_broken_by_the_last_step_of_an_update_are_not_checkpointed(tmp_path, monkeypatch):
@@ -836,7 +934,8 @@ def test_parameters_broken_by_the_last_step_of_an_update_are_not_checkpointed(tm
 
     monkeypatch.setattr(ppo, "clip_grad_norm", infinite_gradients)  # its loss was finite, its step is not
     config = PPOConfig(**{**QUICK, "num_minibatches": 1, "update_epochs": 1}, run_dir=str(tmp_path), checkpoint_interval=1)
-    with pytest.raises(TrainingError, match=r"update 1 \(step 64\): the policy's parameters are not finite"):
+    with pytest.raises(TrainingError, match=r"update 1 \(step 64\): the policy's parameters are not finite: "
+                                            r".*stopped without writing a checkpoint of it$"):
         train(config, make_binding("cartpole"))
     assert list_checkpoints(tmp_path) == []
 
