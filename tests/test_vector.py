@@ -259,6 +259,9 @@ def test_call_get_attr_set_attr(make, backend):
         vecenv.call("crash_step")
     with pytest.raises(APIUsageError, match=r"env_ids must be ints in \[0, 4\), got 4"):
         vecenv.get_attr("tick", env_ids=[4])
+    for one in (1, np.int64(1), np.array(1)):
+        with pytest.raises(APIUsageError, match=r"env_ids must be a list of env indices or None, got .*: pass \[1\]"):
+            vecenv.get_attr("tick", env_ids=one)
     if backend != "serial":
         with pytest.raises(APIUsageError, match="call\\(\\): the result of call cannot be sent to the parent: .*lock.* "
                                                 "\\(results must pickle\\)"):
@@ -387,8 +390,8 @@ def test_ray_actor_options_the_cluster_cannot_provide(no_leaks):
     ray.get(group.ready(), timeout=60)
     try:
         with pytest.raises(WorkerError, match="worker 0 \\(envs 0-0 of CartPole-v1\\): did not answer startup "
-                                              "\\(building its envs\\) within 2 s: Ray never scheduled the actor of "
-                                              "worker 0: still pending creation, most likely waiting for resources no "
+                                              "\\(building its envs\\) within 2 s: Ray never finished creating the "
+                                              "actor of worker 0: still pending creation, waiting for resources no "
                                               "node has free \\(each actor asks for num_cpus=1; the cluster has CPU 0 "
                                               "free now\\)"):
             Ray(cartpole(), num_workers=1, actor_options={"num_cpus": 1}, startup_timeout=2)
@@ -575,6 +578,43 @@ def test_sys_exit_while_building_becomes_worker_error(no_leaks, backend):
                                           f"server not reachable.*{TRACEBACK}.*in needs_a_license") as caught:
         shoal.vector.make(shoal.Binding(env_creator=needs_a_license), backend, num_workers=2, envs_per_worker=2)
     assert caught.value.env_id in (0, 2)
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_an_env_constructor_that_hangs_or_ends_the_process_is_named(no_leaks, backend):
+    home = os.getpid()
+
+    def slow_to_build():  # builds here (the Binding probes it), hangs in a worker
+        if os.getpid() != home:
+            time.sleep(3600)
+        return ProbeEnv()
+
+    with pytest.raises(WorkerError, match=r"worker 0 \(envs 0-1 of slow_to_build\), running env 0; worker 1 \(envs "
+                                          r"2-3 of slow_to_build\), running env 2: did not answer startup \(building "
+                                          r"its envs\) within 3 s: an env's constructor hangs or is too slow \(raise "
+                                          r"startup_timeout"):
+        shoal.vector.make(shoal.Binding(env_creator=slow_to_build), backend, num_workers=2, envs_per_worker=2,
+                          startup_timeout=3)
+    if backend == "multiprocessing":  # not blamed on a missing __main__ guard: shoal's code ran in the worker
+
+        def exits_while_building():
+            if os.getpid() != home:
+                os._exit(0)
+            return ProbeEnv()
+
+        with pytest.raises(WorkerError, match=r"exited with code 0 at its step 0, running env [02]: the process died "
+                                              r"without a Python error"):
+            shoal.vector.make(shoal.Binding(env_creator=exits_while_building), backend, num_workers=2,
+                              envs_per_worker=2)
+
+
+def test_joining_a_ray_cluster_where_none_answers_is_a_clear_error():
+    from shoal.vector.ray import _join
+
+    ray = pytest.importorskip("ray")
+    with pytest.raises(APIUsageError, match=r"Ray: nothing answers at address='127.0.0.1:1' \(.*refused\): start a "
+                                            r"Ray cluster there"):
+        _join(ray, "127.0.0.1:1", 5.0)  # Ray itself would retry for minutes
 
 
 def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):
@@ -765,19 +805,25 @@ def test_ray_actor_that_cannot_open_the_drivers_memory_says_so(ray_cluster, tmp_
         actor.close()
 
 
-def test_workers_exit_when_the_parent_dies(tmp_path):
+@pytest.mark.parametrize("stuck", [False, True], ids=["idle", "stuck_in_c_holding_the_gil"])
+def test_workers_exit_when_the_parent_dies(tmp_path, stuck):
     code = (
-        "import gymnasium, shoal, shoal.vector, time, sys\n"
+        "import ctypes, gymnasium, numpy as np, shoal, shoal.vector, time, sys\n"
+        "class StuckInC(gymnasium.Wrapper):\n"
+        "    def step(self, action):\n"
+        "        ctypes.PyDLL(None).sleep(60)  # an emulator stuck in C code that keeps the GIL\n"
         "if __name__ == '__main__':\n"
-        "    binding = shoal.Binding(env_creator=gymnasium.make, env_args=('CartPole-v1',))\n"
+        "    make = (lambda: StuckInC(gymnasium.make('CartPole-v1'))) if sys.argv[1] == 'True' else None\n"
+        "    binding = shoal.Binding(env_creator=make or gymnasium.make, env_args=() if make else ('CartPole-v1',))\n"
         "    vecenv = shoal.vector.make(binding, 'multiprocessing', num_workers=2)\n"
         "    vecenv.reset()\n"
+        "    vecenv.send(np.zeros((2, 1), np.int64))\n"
         "    print(' '.join(str(p.pid) for p in vecenv._processes), flush=True)\n"
         "    time.sleep(60)\n"
     )
     script = tmp_path / "parent.py"
     script.write_text(code)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, str(script), str(stuck)], stdout=subprocess.PIPE, text=True)
     workers = [int(pid) for pid in parent.stdout.readline().split()]
     parent.kill()
     parent.wait()

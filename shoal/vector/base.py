@@ -576,6 +576,8 @@ class VecEnv(abc.ABC):
 
     def _why_late(self, workers: set[int]) -> str:
         """What may keep ``workers`` from answering, for the timeout error (a backend may know more)."""
+        if self._state is AsyncState.CLOSED:  # still starting: the workers build their envs
+            return "an env's constructor hangs or is too slow (raise startup_timeout if it is only slow)"
         return "an env hangs or is too slow (raise the timeout if it is only slow)"
 
     def _crashed_env(self, worker: int) -> int:
@@ -826,10 +828,11 @@ class VecEnv(abc.ABC):
         self._check_open(f"{command.value}()")
         if not isinstance(name, str):
             raise APIUsageError(f"{command.value}(): the name must be a str, got {type(name).__name__}")
-        if env_ids is not None and not isinstance(env_ids, (Sequence, np.ndarray, range)):
+        if env_ids is not None and (not isinstance(env_ids, (Sequence, np.ndarray, range))
+                                    or getattr(env_ids, "ndim", 1) == 0):  # a 0-d array: one index, no list
+            one = env_ids.item() if isinstance(env_ids, np.ndarray) and env_ids.size == 1 else env_ids
             raise APIUsageError(f"{command.value}(): env_ids must be a list of env indices or None, got "
-                                f"{type(env_ids).__name__} {env_ids!r}"
-                                + (f": pass [{env_ids}]" if is_int(env_ids) else ""))
+                                f"{type(env_ids).__name__} {env_ids!r}" + (f": pass [{one}]" if is_int(one) else ""))
         ids = list(range(self.num_envs)) if env_ids is None else list(env_ids)
         bad = [i for i in ids if not is_int(i) or not 0 <= i < self.num_envs]
         if bad:

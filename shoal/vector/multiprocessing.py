@@ -19,6 +19,7 @@ pipe or their parent goes away, and are terminated by :meth:`close` if they do n
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import multiprocessing
 import os
 import pickle
@@ -53,10 +54,20 @@ class SharedArrays:
 
 
 def _exit_with_parent() -> None:
-    """Exit this worker as soon as the parent process is gone (even if it was killed)."""
+    """Exit this worker as soon as the parent process is gone (even if it was killed).
+
+    A thread waits for the parent's end of the sentinel pipe to close. It cannot run while an env's C
+    code holds the GIL, so on Linux the kernel is asked too: a pipe whose writer closes signals its
+    asynchronous readers (O_ASYNC), here with SIGKILL. (Linux's parent-death signal would not do: a
+    forkserver worker's parent is the forkserver, which outlives the parent while any worker lives.)
+    """
     parent = multiprocessing.parent_process()
     if parent is None:
         return
+    if hasattr(fcntl, "F_SETSIG"):
+        fcntl.fcntl(parent.sentinel, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(parent.sentinel, fcntl.F_SETSIG, signal.SIGKILL)
+        fcntl.fcntl(parent.sentinel, fcntl.F_SETFL, fcntl.fcntl(parent.sentinel, fcntl.F_GETFL) | os.O_ASYNC)
 
     def watch() -> None:
         connection.wait([parent.sentinel])
@@ -145,6 +156,7 @@ class Multiprocessing(VecEnv):
         arrays = self._shared.arrays()
         buffers, actions = split_arrays(arrays)
         self._progress = arrays["progress"]  # the env each worker runs, to name a hung one
+        self._progress[:] = -1  # none yet
         sent = binding if method == "fork" else self._pickled(binding, method)
         try:
             for worker in range(self.num_workers):
@@ -205,7 +217,8 @@ class Multiprocessing(VecEnv):
         ForkingPickler.dumps(value)
 
     def _running_env(self, worker: int) -> int | None:
-        return int(self._progress[worker])
+        env = int(self._progress[worker])
+        return env if env >= 0 else None
 
     def _last_words(self, worker: int) -> tuple[Status, Any] | None:
         """A dead worker's unread failure report, if it sent one before exiting."""
@@ -229,8 +242,10 @@ class Multiprocessing(VecEnv):
             how = f"was killed by {signal.Signals(-code).name}"
         else:
             how = f"exited with code {code}"
-        if self._workers_up or code is None or code < 0:
-            why = "the process died without a Python error (out of memory? killed? a crash in C code?)"
+        env = self._running_env(worker)
+        if self._workers_up or code is None or code < 0 or env is not None:  # shoal's code ran in it
+            why = ("the process died without a Python error (out of memory? killed? a crash in C code, or code "
+                   "that ends the process, such as os._exit?)")
         elif getattr(sys.modules["__main__"], "__file__", None) == "<stdin>":  # `python - < script.py`
             why = ("the process failed while starting: it imports your main script first (start method forkserver "
                    "or spawn), and a script read from stdin cannot be imported again: save it to a file, or pass "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import threading
 import traceback
 import uuid
@@ -64,6 +65,22 @@ def _amounts(resources: dict[str, float]) -> str:
     return ", ".join(f"{name} {amount:g}" for name, amount in sorted(resources.items())
                      if not name.startswith("node:") and "_group_" not in name and name != "object_store_memory"
                      ) or "nothing"
+
+
+def _join(ray, address: str | None, timeout: float) -> None:
+    """``ray.init(address)``; APIUsageError when no Ray cluster answers there (Ray itself retries for minutes
+    on an address where nothing listens, so a host:port is tried first, within ``timeout``)."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if host and port.isdecimal():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 10.0)).close()
+        except OSError as error:
+            raise APIUsageError(f"Ray: nothing answers at address={address!r} ({error}): start a Ray cluster there "
+                                f"(ray start --head), or pass address=None to start a local one") from None
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except ConnectionError as error:
+        raise APIUsageError(f"Ray: cannot join a Ray cluster at address={address!r}: {error}") from None
 
 
 def _map_driver_memory(path: str, identity: tuple[int, int], layout: ArrayLayout) -> dict[str, np.ndarray]:
@@ -200,7 +217,7 @@ class Ray(VecEnv):
         self._conns: list = []  # one socket per actor when every actor is local; else commands go by Ray calls
         self._poller = Poller()
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False)
+            _join(ray, address, startup_timeout)
         elif address not in (None, "auto", ray.get_runtime_context().gcs_address):
             raise APIUsageError(f"Ray: address={address!r}, but this process is already connected to the Ray cluster "
                                 f"at {ray.get_runtime_context().gcs_address}: pass address=None to use that one, or "
@@ -226,7 +243,8 @@ class Ray(VecEnv):
         else:
             arrays = layout.arrays(np.zeros(layout.nbytes, np.uint8))
         buffers, actions = split_arrays(arrays)
-        self._progress = arrays["progress"]
+        self._progress = arrays["progress"]  # written by actors that map our memory: which env each one runs
+        self._progress[:] = -1  # none yet
         self._buffers = buffers
         self._shared = [False] * self.num_workers  # which actors write into our memory
         node = ray.get_runtime_context().get_node_id()
@@ -268,8 +286,8 @@ class Ray(VecEnv):
 
     def _why_late(self, workers: set[int]) -> str:
         why = super()._why_late(workers)
-        if self._state is not AsyncState.CLOSED:  # the vec env has started: every actor was scheduled
-            return why
+        if self._state is not AsyncState.CLOSED or any(self._running_env(worker) is not None for worker in workers):
+            return why  # the vec env has started, or an actor builds its envs: it was scheduled
         asks = ", ".join(option for option, _ in self._asked.values()) or "no resources"
         available = self._ray.available_resources()  # leaves out what is used up
         free = ", ".join(f"{name} {available.get(name, 0):g}" for name in self._asked) or _amounts(available)
@@ -278,9 +296,10 @@ class Ray(VecEnv):
             return f"{why}; or Ray never scheduled its actor (each asks for {asks}; the cluster has {free} free now)"
         if pending:
             which = f"actor of worker {pending[0]}" if len(pending) == 1 else f"actors of workers {pending}"
-            return (f"Ray never scheduled the {which}: still pending creation, most likely waiting for resources no "
+            return (f"Ray never finished creating the {which}: still pending creation, waiting for resources no "
                     f"node has free (each actor asks for {asks}; the cluster has {free} free now): free them, ask for "
-                    f"less in actor_options, or use fewer workers")
+                    f"less in actor_options, or use fewer workers; or, on a node that cannot map this process's "
+                    f"memory, building its envs hangs (Ray counts an actor pending until its envs are built)")
         return why
 
     def _pending(self, workers: set[int]) -> list[int] | None:
@@ -380,7 +399,8 @@ class Ray(VecEnv):
             cloudpickle.dumps(value)
 
     def _running_env(self, worker: int) -> int | None:
-        return int(self._progress[worker]) if self._shared[worker] else None
+        env = int(self._progress[worker])
+        return env if env >= 0 else None
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
