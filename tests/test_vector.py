@@ -319,9 +319,12 @@ def test_bad_construction_arguments():
         Serial(binding, num_workers=2, envs_per_worker=2, batch_size=6)
     with pytest.raises(APIUsageError, match="timeout must be a positive number of seconds or None, got -1"):
         Multiprocessing(binding, timeout=-1)
-    with pytest.raises(APIUsageError, match="Serial: unknown keyword argument 'timeout': it takes binding, "
-                                            "num_workers, envs_per_worker, batch_size$"):
+    with pytest.raises(APIUsageError, match="Serial: timeout=1: an env that runs in this process cannot be "
+                                            "interrupted; Multiprocessing and Ray take timeout="):
         Serial(binding, timeout=1)
+    with pytest.raises(APIUsageError, match="Serial: unknown keyword argument 'context': it takes binding, "
+                                            "num_workers, envs_per_worker, batch_size, timeout$"):
+        Serial(binding, context="fork")
     with pytest.raises(APIUsageError, match="Multiprocessing: unknown keyword argument 'timeuot': it takes binding, "
                                             "num_workers, envs_per_worker, batch_size, timeout, startup_timeout, "
                                             "context$"):
@@ -499,8 +502,7 @@ def test_seeds_as_an_integer_array(make):
 
 def test_ray_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(APIUsageError, match="the Ray backend needs ray, which is not installed .* "
-                                            "pip install 'shoal\\[ray\\]'"):
+    with pytest.raises(APIUsageError, match="the Ray backend needs ray, which is not installed .*: ./install.sh ray"):
         Ray(cartpole())
 
 

@@ -46,7 +46,8 @@ def import_ray():
         import ray
     except ImportError as error:
         raise APIUsageError(
-            f"the Ray backend needs ray, which is not installed ({error}): pip install 'shoal[ray]'") from error
+            f"the Ray backend needs ray, which is not installed ({error}): ./install.sh ray (or pip install -c "
+            f"constraints.txt -e '.[ray]')") from error
     return ray
 
 

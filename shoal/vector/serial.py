@@ -21,7 +21,8 @@ class Serial(VecEnv):
 
     ``num_workers`` only groups envs into batch units, as in the parallel backends, so the same
     arguments give the same batches everywhere. An env that raises becomes a :class:`WorkerError`
-    (chained to the original exception); ``timeout`` cannot interrupt an env in this process.
+    (chained to the original exception). An env in this process cannot be interrupted, so ``timeout=`` is
+    refused: use Multiprocessing or Ray for that.
 
     >>> import gymnasium, shoal
     >>> vecenv = Serial(shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)), envs_per_worker=4)
@@ -33,7 +34,10 @@ class Serial(VecEnv):
     backend = "serial"
 
     def __init__(self, binding: Binding, num_workers: int = 1, envs_per_worker: int = 1,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, *, timeout: None = None):
+        if timeout is not None:
+            raise APIUsageError(f"Serial: timeout={timeout!r}: an env that runs in this process cannot be "
+                                f"interrupted; Multiprocessing and Ray take timeout=")
         super().__init__(binding, num_workers, envs_per_worker, batch_size)
         buffers = Buffers.allocate(binding, self.num_envs)
         actions = np.zeros((self.num_agents, self._atn_size), self.single_action_space.dtype)
