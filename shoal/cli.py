@@ -57,7 +57,7 @@ class EvalArgs:
     checkpoint: tyro.conf.Positional[str]
     """a checkpoint file, or a run directory (its newest checkpoint)"""
     episodes: int = 10
-    """episodes to play"""
+    """episodes to play (on a multi-agent env, agent-episodes: each agent's episode counts as one)"""
     deterministic: bool = False
     """take the most likely action instead of sampling"""
     env: str | None = None
@@ -152,8 +152,11 @@ def _train(argv: list[str]) -> int:
             with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
                 Path(config.run_dir).rmdir()
         raise
-    reached = result.first_reached(475.0) if config.env == "cartpole" else None
-    print(f"trained {result.global_step:,} steps in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
+    resumed_at = result.start_step  # this call's steps, time and episodes only: say from where
+    reached = result.first_reached(475.0) if config.env == "cartpole" and not resumed_at else None
+    print(f"trained {result.global_step - resumed_at:,} steps"
+          + (f" (from step {resumed_at:,} to {result.global_step:,})" if resumed_at else "")
+          + f" in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
           f"mean return of the last 20 episodes: {result.mean_return():.1f}"
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
     print(f"run directory: {config.run_dir}   (shoal eval {config.run_dir} · shoal plot {config.run_dir} · "

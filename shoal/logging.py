@@ -102,14 +102,15 @@ class Logger:
         self._closed = False
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb:  # first: a W&B that does not start (no login) leaves no files of a run that never was
+            self._wandb = self._start_wandb(wandb_project, config)
+        if self.run_dir is not None:
             self._open_csv()
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step drops events at or after it: the checkpoint's own step is kept, as in the CSV
                 self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step else None)
-        if wandb:
-            self._wandb = self._start_wandb(wandb_project, config)
         if dashboard:
             from rich.console import Console
 
@@ -127,19 +128,18 @@ class Logger:
             self.close()
             raise APIUsageError("--wandb needs the wandb package, which the wandb extra installs: ./install.sh wandb "
                                 "(or pip install -c constraints.txt -e '.[wandb]')") from None
-        run_id = None
-        if self.run_dir is not None:
-            id_file = self.run_dir / "wandb_id"
-            if not id_file.exists():
-                id_file.write_text(os.urandom(6).hex())
-            run_id = id_file.read_text().strip()
+        id_file = None if self.run_dir is None else self.run_dir / "wandb_id"
+        run_id = None if id_file is None else id_file.read_text().strip() if id_file.exists() else os.urandom(6).hex()
         try:
-            return wandb.init(project=project, name=self.run_dir.name if self.run_dir else None, id=run_id,
-                              dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
+            run = wandb.init(project=project, name=self.run_dir.name if self.run_dir else None, id=run_id,
+                             dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
         except Exception as error:
             self.close()
-            raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb login`, or set "
-                                f"WANDB_MODE=offline to log without an account or a network") from None
+            raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb "
+                                f"login`, or set WANDB_MODE=offline to log without an account or a network") from None
+        if id_file is not None and not id_file.exists():  # kept only once W&B started with it
+            id_file.write_text(run_id)
+        return run
 
     def _open_csv(self) -> None:
         path = self.run_dir / "progress.csv"

@@ -39,7 +39,7 @@ def test_train_eval_plot_and_resume(tmp_path, capsys):
     assert (Path(run_dir) / "config.json").exists()
 
     code, out, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "512")
-    assert code == 0 and "trained 512 steps" in out
+    assert code == 0 and "trained 256 steps (from step 256 to 512)" in out
     assert load_checkpoint(run_dir)["global_step"] == 512
     assert load_checkpoint(run_dir)["config"]["num_envs"] == 2  # the run's own config, not the preset's
     assert [row["update"] for row in read_progress(run_dir)] == list(range(1, 17))
@@ -171,7 +171,7 @@ def test_a_damaged_newest_checkpoint_is_reported_once_on_resume(tmp_path, capsys
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", "96")
-    assert code == 0 and "trained 96 steps" in out
+    assert code == 0 and "trained 64 steps (from step 32 to 96)" in out
     assert [str(warning.message).split(": ")[-1] for warning in caught] == [
         f"loaded the newest one that can be, {run_dir}/checkpoints/update_000001.pt"]
 
@@ -234,7 +234,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
 
     more = checkpoint["global_step"] + 64
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", str(more))
-    assert code == 0 and f"trained {more:,} steps" in out
+    assert code == 0 and f"trained 64 steps (from step {checkpoint['global_step']:,} to {more:,})" in out
 
 
 def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):
