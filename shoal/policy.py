@@ -101,6 +101,12 @@ class DiscreteHead(nn.Module):
     def _log_probs(self, logits: torch.Tensor) -> list[torch.Tensor]:
         return [torch.log_softmax(part, dim=-1) for part in self._dimensions(logits)]
 
+    @staticmethod
+    def _entropy(log_p: torch.Tensor) -> torch.Tensor:
+        """``-sum(p log p)`` over the last axis. A masked action (logit -inf) adds 0, as in torch's Categorical:
+        its log p is clamped to the lowest float, since 0 * -inf would be NaN."""
+        return -(log_p.exp() * log_p.clamp_min(torch.finfo(log_p.dtype).min)).sum(-1)
+
     def _input_error(self, logits: Any, actions: Any = None) -> APIUsageError:
         expected = f"logits (B, {self.num_logits}) (nvec {self.nvec})"
         got = f"logits {_described(logits)}"
@@ -148,12 +154,12 @@ class DiscreteHead(nn.Module):
             if self.uniform:  # the common case in as few ops as possible: this runs in every gradient step
                 log_p = self._log_probs(logits)[0]  # (B, D, n)
                 logprob = log_p.gather(-1, actions.long().unsqueeze(-1)).view(batch, -1).sum(-1)
-                entropy = -(log_p.exp() * log_p).sum((-1, -2))
+                entropy = self._entropy(log_p).sum(-1)
                 return logprob, entropy
             logprob = entropy = 0
             for dim, log_p in enumerate(self._log_probs(logits)):  # (B, n) per dimension
                 logprob = logprob + log_p.gather(-1, actions[:, dim:dim + 1].long()).squeeze(-1)
-                entropy = entropy - (log_p.exp() * log_p).sum(-1)
+                entropy = entropy + self._entropy(log_p)
             return logprob, entropy
         except RuntimeError as error:  # gather's "index 5 is out of bounds"
             self._check_range(actions, error)
@@ -536,6 +542,10 @@ class LSTMPolicy(Policy):
         if not isinstance(policy, Policy):
             raise APIUsageError(f"LSTMPolicy wraps a shoal.policy.Policy (it reads its encode, decode and "
                                 f"feature_size), got {type(policy).__name__}")
+        if policy.is_recurrent:  # its encode and decode skip its own recurrence, which would never run
+            raise APIUsageError(f"LSTMPolicy wraps a policy without recurrence, got {type(policy).__name__}, which "
+                                f"is recurrent already: use it as it is (default_policy(..., lstm=True) is one "
+                                f"LSTMPolicy)")
         self.binding = policy.binding
         self.policy = policy
         self.feature_size = policy.feature_size
@@ -574,7 +584,8 @@ class LSTMPolicy(Policy):
         steps, batch = (obs.shape[0], obs.shape[1]) if sequence else (1, obs.shape[0])
         if state is not None and not (isinstance(state, tuple) and len(state) == 2
                                       and isinstance(state[0], torch.Tensor) and isinstance(state[1], torch.Tensor)
-                                      and state[0].shape == state[1].shape == (batch, self.feature_size)):
+                                      and state[0].shape == state[1].shape == (batch, self.feature_size)
+                                      and state[0].dtype == state[1].dtype == self.lstm.weight_hh_l0.dtype):
             raise self._state_error(state, batch)
         if starts is None:
             starts = torch.zeros(steps, batch, dtype=torch.bool, device=obs.device)
@@ -608,13 +619,18 @@ class LSTMPolicy(Policy):
 
     def _state_error(self, state: Any, batch: int) -> APIUsageError:
         parts = state if isinstance(state, tuple) and len(state) == 2 else None
-        got = type(state).__name__ if parts is None else f"h {_described(parts[0])} and c {_described(parts[1])}"
+
+        def described(part: Any) -> str:
+            return _described(part) + (f" {part.dtype}" if isinstance(part, torch.Tensor) else "")
+
+        got = type(state).__name__ if parts is None else f"h {described(parts[0])} and c {described(parts[1])}"
         hint = ""
         if parts is not None and all(isinstance(part, torch.Tensor) and part.dim() == 3 for part in parts):
             hint = ": that is nn.LSTM's (num_layers, B, feature_size) layout, pass (h[0], c[0])"
-        return APIUsageError(f"LSTMPolicy: state must be a tuple (h, c) as initial_state returns, each a tensor of "
-                             f"shape (B, feature_size) = ({batch}, {self.feature_size}) for {batch} observations, "
-                             f"got {got}{hint}")
+        dtype = self.lstm.weight_hh_l0.dtype
+        return APIUsageError(f"LSTMPolicy: state must be a tuple (h, c) as initial_state returns, each a {dtype} "
+                             f"tensor of shape (B, feature_size) = ({batch}, {self.feature_size}) for {batch} "
+                             f"observations, got {got}{hint}")
 
 
 # ---------------------------------------------------------------- defaults
@@ -647,6 +663,11 @@ def check_policy(policy: Any, binding) -> None:
         policy.eval()
         with torch.no_grad():
             params, value, _ = policy(obs)
+            for what, output in (("action parameters", params), ("values", value)):
+                if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
+                    got = f"of dtype {output.dtype}" if isinstance(output, torch.Tensor) else _described(output)
+                    raise APIUsageError(f"{name} returns {what} {got}: expected a floating-point torch tensor (the "
+                                        f"losses need their gradients; from integers the network would never learn)")
             action, _ = policy.sample_actions(params, deterministic=True)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
         raise APIUsageError(f"{name} fails on two zero observations of {binding.env_name} (shape "
@@ -702,5 +723,15 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
     }
     if kind not in builders:
         raise SpaceError(f"unknown policy kind {kind!r}: expected one of auto, {', '.join(builders)}")
-    policy = builders[kind]()
-    return LSTMPolicy(policy) if lstm else policy
+    try:
+        policy = builders[kind]()
+        return LSTMPolicy(policy) if lstm else policy
+    except RuntimeError as error:
+        reason = str(error).splitlines()[0]
+        # torch's CPU allocator has no error type of its own; a size past int64 overflows before allocating
+        if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in reason
+                or "size calculation overflowed" in reason):
+            raise
+        raise APIUsageError(f"default_policy: the {kind} policy{' with an LSTM' if lstm else ''} of hidden_size "
+                            f"{hidden_size or 'its default'} does not fit in memory (torch: {reason}): choose a "
+                            f"smaller hidden_size") from None

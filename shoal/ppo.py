@@ -298,6 +298,9 @@ def check_flat(binding) -> None:
                             f"what one EmulatedEnv returns; policies unflatten observations themselves")
 
 
+_POLICY_FIELDS = ("policy", "hidden_size", "lstm")  # the config's settings of the default policy
+
+
 def make_policy(config: PPOConfig, binding) -> Policy:
     """The default policy for ``binding`` with the config's policy settings."""
     return default_policy(binding, hidden_size=config.hidden_size or None, lstm=config.lstm, kind=config.policy)
@@ -310,7 +313,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     Args:
         config: hyper-parameters and run settings.
         binding: the env (see ``shoal.envs.make_binding``).
-        policy: a :class:`~shoal.policy.Policy`; built from the binding's spaces when None.
+        policy: a :class:`~shoal.policy.Policy`; built from the binding's spaces when None. The config's
+            ``policy``, ``hidden_size`` and ``lstm`` shape that default only: with a policy given, they must keep
+            their defaults (else an APIUsageError), so that config.json does not describe another network.
         logger: a :class:`~shoal.logging.Logger` (closed at the end); built from the config when None.
         vecenv: an already made vector env (it is not closed here); made from the config when None.
         resume_from: a checkpoint file or run directory to continue from (model, optimizer, global step,
@@ -328,6 +333,15 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     if not isinstance(config, PPOConfig):
         raise APIUsageError(f"train needs a PPOConfig, got {type(config).__name__}: PPOConfig(**settings)")
     config.validate()
+    if policy is not None:
+        defaults = PPOConfig()
+        changed = [f"{name}={getattr(config, name)!r}" for name in _POLICY_FIELDS
+                   if getattr(config, name) != getattr(defaults, name)]
+        if changed:
+            raise APIUsageError(f"the config sets {', '.join(changed)}, which only shape the default policy, but train "
+                                f"got policy={_describe_policy(policy)}: leave them at their defaults ("
+                                f"{', '.join(f'{name}={getattr(defaults, name)!r}' for name in _POLICY_FIELDS)}) or "
+                                f"drop policy=")
     check_flat(binding)
     if logger is not None and not (callable(getattr(logger, "log", None)) and callable(getattr(logger, "close", None))):
         raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
@@ -362,7 +376,13 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
     device = resolve_device(config.device)
     policy = policy if policy is not None else make_policy(config, binding)
     check_policy(policy, binding)
-    policy = policy.to(device)
+    try:
+        policy = policy.to(device)
+    except torch.OutOfMemoryError:
+        size = sum(parameter.numel() * parameter.element_size() for parameter in policy.parameters())
+        raise APIUsageError(f"the {_describe_policy(policy)} network, {size / 2**30:.1f} GiB of parameters, does not "
+                            f"fit in the memory of {device}: choose a smaller network (hidden_size) or another "
+                            f"device") from None
     optimizer = Adam(policy.parameters(), config.learning_rate)
     parameters = list(policy.parameters())
     global_step = update = earlier_episodes = 0
@@ -860,7 +880,7 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
         policy.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         trained = checkpoint.get("config", {})
-        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in ("policy", "hidden_size", "lstm"))
+        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in _POLICY_FIELDS)
         raise APIUsageError(
             f"{checkpoint.get('path', 'the checkpoint')} holds {checkpoint.get('policy', 'the')} weights trained with "
             f"{settings}, not this {_describe_policy(policy)}'s network: build the policy with those settings "

@@ -96,6 +96,49 @@ def test_atari_wrapper_chain():
     assert EpisodicLife not in _wrappers(make_atari_env("Breakout", episodic_life=False))
 
 
+def _play_a_few_steps(game: str) -> None:
+    env = make_binding(f"atari:{game}").make_env()
+    env.reset(seed=0)
+    for _ in range(5):
+        env.step(np.zeros((1, 1), np.int64))
+    env.close()
+
+
+@pytest.mark.parametrize("game", ["Backgammon", "VideoCheckers"])
+def test_a_game_whose_action_0_is_not_noop_builds_without_no_ops_episodic_life_or_fire_reset(game):
+    _play_a_few_steps(game)  # action 0 is FIRE, and there is one life
+    env = make_atari_env(game)
+    assert FireReset not in _wrappers(env) and EpisodicLife not in _wrappers(env)
+    assert env.get_wrapper_attr("noop_max") == 0 and make_atari_env("Breakout").get_wrapper_attr("noop_max") == 30
+    for wrapper, index, meaning in ((EpisodicLife, 0, "NOOP"), (FireReset, 1, "FIRE")):
+        with pytest.raises(APIUsageError, match=rf"{wrapper.__name__} presses action {index} as {meaning}, but "
+                                                rf"ALE/{game}-v5's actions are \['FIRE', .*\]: leave "
+                                                rf"{wrapper.__name__} out for this game"):
+            wrapper(gymnasium.make(f"ALE/{game}-v5"))
+
+
+@pytest.mark.slow
+def test_every_atari_game_builds_and_steps():
+    from shoal.envs.atari import atari_games
+
+    for game in atari_games():
+        _play_a_few_steps(game)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(frame_skip=0), "frame_skip must be a positive int, got 0"),
+    (dict(frame_skip=4.5), "frame_skip must be a positive int, got 4.5"),
+    (dict(noop_max=-3), "noop_max must be an int >= 0, got -3"),
+    (dict(frame_stack=0), "frame_stack must be a positive int, got 0"),
+    (dict(clip_rewards="no"), "clip_rewards must be True or False, got 'no'"),
+    (dict(episodic_life=None), "episodic_life must be True or False, got None"),
+    (dict(repeat_action_probability=1.5), "repeat_action_probability must be a number from 0 to 1, got 1.5"),
+])
+def test_atari_settings_are_checked(setting, message):
+    with pytest.raises(APIUsageError, match=re.escape(f"make_atari_env('Breakout'): {message}")):
+        make_binding("atari:Breakout", **setting)
+
+
 def test_episodic_life_ends_the_episode_but_not_the_game():
     env = make_atari_env("Breakout")
     env.reset(seed=0)

@@ -141,6 +141,23 @@ def test_discrete_head_matches_one_categorical_per_dimension():
     torch.testing.assert_close(entropy, sum(d.entropy() for d in parts))
 
 
+@pytest.mark.parametrize("nvec", [[3, 3], [3, 2]], ids=["uniform", "mixed"])
+def test_actions_masked_by_minus_inf_logits_are_never_taken_and_add_nothing_to_the_entropy(nvec):
+    torch.manual_seed(0)
+    head = DiscreteHead(4, np.array(nvec))
+    logits = torch.randn(5, sum(nvec), requires_grad=True)
+    masked = logits.masked_fill(torch.tensor([True, False, False] + [False, True] + [False] * (nvec[1] - 2)),
+                                -float("inf"))
+    actions, logprob = head.sample(masked)
+    assert (actions[:, 0] != 0).all() and (actions[:, 1] != 1).all() and torch.isfinite(logprob).all()
+    got_logprob, entropy = head.evaluate(masked, actions)
+    parts = [torch.distributions.Categorical(logits=part) for part in masked.split(nvec, -1)]
+    torch.testing.assert_close(entropy, sum(d.entropy() for d in parts))
+    torch.testing.assert_close(got_logprob, sum(d.log_prob(actions[:, i]) for i, d in enumerate(parts)))
+    (entropy.sum() + got_logprob.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_discrete_head_samples_from_the_right_distribution():
     torch.manual_seed(0)
     head = DiscreteHead(1, np.array([3, 3]))
@@ -248,11 +265,33 @@ def test_lstm_state_and_head_sizes_are_checked():
     from shoal.errors import APIUsageError
 
     policy = LSTMPolicy(MLPPolicy(make_binding("cartpole"), hidden_size=8))
-    with pytest.raises(APIUsageError, match=r"state must be a tuple \(h, c\) as initial_state returns, each a tensor "
-                                            r"of shape \(B, feature_size\) = \(2, 16\) for 2 observations, got Tensor"):
+    with pytest.raises(APIUsageError, match=r"state must be a tuple \(h, c\) as initial_state returns, each a "
+                                            r"torch.float32 tensor of shape \(B, feature_size\) = \(2, 16\) for 2 "
+                                            r"observations, got Tensor"):
         policy(torch.zeros(2, 4), torch.zeros(2, 16))
+    state = torch.zeros(2, 16, dtype=torch.float64)
+    with pytest.raises(APIUsageError, match=r"each a torch.float32 tensor of shape \(B, feature_size\) = \(2, 16\) "
+                                            r"for 2 observations, got h of shape \(2, 16\) torch.float64 and c of "
+                                            r"shape \(2, 16\) torch.float64$"):
+        policy(torch.zeros(2, 4), (state, state.clone()))
     with pytest.raises(APIUsageError, match="DiscreteHead needs at least one dimension, each with >= 1 choice"):
         DiscreteHead(4, [0])
+
+
+def test_an_lstm_policy_is_not_wrapped_in_another():
+    with pytest.raises(APIUsageError, match=r"LSTMPolicy wraps a policy without recurrence, got LSTMPolicy, which is "
+                                            r"recurrent already: use it as it is"):
+        LSTMPolicy(default_policy(make_binding("cartpole"), lstm=True))
+
+
+@pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
+def test_a_network_too_big_for_memory_is_named_with_its_size(lstm):
+    with pytest.raises(APIUsageError, match=rf"default_policy: the mlp policy{' with an LSTM' if lstm else ''} of "
+                                            rf"hidden_size 1000000 does not fit in memory \(torch: .*\): choose a "
+                                            rf"smaller hidden_size$"):
+        default_policy(make_binding("cartpole"), hidden_size=10**6, lstm=lstm)
+    with pytest.raises(APIUsageError, match=r"hidden_size 10000000000 does not fit in memory"):  # past int64 bytes
+        default_policy(make_binding("cartpole"), hidden_size=10**10)
 
 
 def test_frames_with_any_channel_count_read_channels_last_and_small_frames_are_refused():
@@ -288,6 +327,30 @@ def test_the_policy_check_keeps_batch_statistics_and_sees_a_wrong_row_count():
     with pytest.raises(APIUsageError, match=r"OneRowPolicy returns action parameters of shape \(1, 2\) and values "
                                             r"of shape \(1,\) for 2 observations"):
         check_policy(OneRowPolicy(binding), binding)
+
+
+class IntegerOutputPolicy(BatchNormPolicy):
+    """Rounds what ``output`` names to integers: the losses would have no gradient through it."""
+
+    output = "values"
+
+    def forward(self, obs, state=None, starts=None):
+        params, value = self.decode(self.encode(obs))
+        if self.output == "values":
+            return params, value.round().long(), None
+        return params.round().int(), value, None
+
+
+@pytest.mark.parametrize("action_space", [spaces.Discrete(2), spaces.Box(-1, 1, (2,))], ids=["discrete", "box"])
+@pytest.mark.parametrize("output", ["values", "action parameters"])
+def test_the_policy_check_refuses_outputs_that_are_not_floating_point(action_space, output):
+    binding = _binding(spaces.Box(-1, 1, (4,), np.float32), action_space)
+    policy = IntegerOutputPolicy(binding)
+    policy.output = output
+    dtype = "torch.int64" if output == "values" else "torch.int32"
+    with pytest.raises(APIUsageError, match=rf"IntegerOutputPolicy returns {output} of dtype {dtype}: expected a "
+                                            rf"floating-point torch tensor"):
+        check_policy(policy, binding)
 
 
 class DictEnv(gymnasium.Env):
@@ -360,9 +423,11 @@ def test_lstm_inputs_are_checked_and_float_starts_count_where_nonzero():
     dones = torch.tensor([1.0, 0.0, 1.0])  # CleanRL's float dones
     for got, expected in zip(policy(obs, state, dones), policy(obs, state, dones.bool())):
         torch.testing.assert_close(got, expected)
-    expected = r"state must be a tuple \(h, c\) as initial_state returns, each a tensor of shape \(B, feature_size\)"
+    expected = (r"state must be a tuple \(h, c\) as initial_state returns, each a torch.float32 tensor of shape "
+                r"\(B, feature_size\)")
     with pytest.raises(APIUsageError, match=expected + r" = \(3, 16\) for 3 observations, got h of shape \(1, 3, 16\) "
-                                                       r"and c of shape \(1, 3, 16\): that is nn.LSTM's"):
+                                                       r"torch.float32 and c of shape \(1, 3, 16\) torch.float32: that "
+                                                       r"is nn.LSTM's"):
         policy(torch.zeros(5, 3, 4), (state[0][None], state[1][None]))
     with pytest.raises(APIUsageError, match=expected + r" = \(2, 16\) for 2 observations, got h of shape \(3, 16\)"):
         policy(torch.zeros(2, 4), state)

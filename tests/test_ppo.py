@@ -670,6 +670,60 @@ def test_a_policy_with_lazy_modules_trains_them(lstm):
     assert all(np.isfinite(row["loss/value"]) for row in result.history)
 
 
+def test_the_configs_policy_settings_are_refused_with_a_policy_of_ones_own(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, lstm=True, hidden_size=7, policy="cnn", run_dir=str(tmp_path / "run"))
+    with pytest.raises(APIUsageError, match=r"the config sets policy='cnn', hidden_size=7, lstm=True, which only shape "
+                                            r"the default policy, but train got policy=MLPPolicy: leave them at their "
+                                            r"defaults \(policy='auto', hidden_size=0, lstm=False\) or drop policy=$"):
+        train(config, binding, policy=MLPPolicy(binding))
+    assert not (tmp_path / "run").exists()  # refused before config.json could describe the wrong network
+    train(dataclasses.replace(config, lstm=False, hidden_size=0, policy="auto"), binding, policy=MLPPolicy(binding))
+
+
+class IntegerValuePolicy(LazyPolicy):
+    def forward(self, obs, state=None, starts=None):
+        params, value = self.decode(self.encode(obs))
+        return params, value.round().long(), None
+
+
+def test_a_policy_whose_values_are_integers_is_refused_before_training():
+    binding = make_binding("cartpole")
+    with pytest.raises(APIUsageError, match=r"IntegerValuePolicy returns values of dtype torch.int64: expected a "
+                                            r"floating-point torch tensor"):
+        train(PPOConfig(**QUICK), binding, policy=IntegerValuePolicy(binding))
+
+
+class MaskedPolicy(MLPPolicy):
+    """Masks CartPole's action 0 with a -inf logit, as a policy masking invalid actions does."""
+
+    def forward(self, obs, state=None, starts=None):
+        params, value, _ = super().forward(obs)
+        return params.masked_fill(torch.tensor([True, False]), -math.inf), value, None
+
+    def acting_forward(self):
+        return lambda obs: self(obs)[:2]
+
+
+def test_actions_masked_by_minus_inf_logits_train_with_a_finite_entropy():
+    result = train(PPOConfig(**QUICK), make_binding("cartpole"), policy=MaskedPolicy(make_binding("cartpole")))
+    assert all(row["loss/entropy"] == 0 and math.isfinite(row["loss/policy"]) for row in result.history)
+
+
+def test_a_network_too_big_for_memory_is_one_error(monkeypatch):
+    binding = make_binding("cartpole")
+    with pytest.raises(APIUsageError, match=r"the mlp policy of hidden_size 1000000 does not fit in memory"):
+        train(PPOConfig(**QUICK, hidden_size=10**6), binding)
+
+    def out_of_memory(module, *args, **kwargs):  # as moving a network too big for the GPU fails
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", out_of_memory)
+    with pytest.raises(APIUsageError, match=r"the MLPPolicy network, 0.0 GiB of parameters, does not fit in the memory "
+                                            r"of cpu: choose a smaller network \(hidden_size\) or another device$"):
+        train(PPOConfig(**QUICK), binding)
+
+
 @pytest.mark.parametrize("option", ["emulate_flat_obs", "emulate_const_num_agents"])
 def test_training_needs_the_flat_data_contract(option):
     binding = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), **{option: False})

@@ -4,7 +4,10 @@ Gymnasium's ``AtariPreprocessing`` does the no-op reset (up to 30 no-ops), frame
 over the last two frames, and 84x84 grayscale; ``TransformReward`` clips rewards to their sign;
 ``FrameStackObservation`` stacks 4 frames. Gymnasium has no wrappers for the two remaining
 conventions, so they are here: :class:`EpisodicLife` (a lost life ends the *training* episode,
-the game goes on) and :class:`FireReset` (press FIRE to start where a game needs it).
+the game goes on) and :class:`FireReset` (press FIRE to start where a game needs it). These and the
+no-op reset press actions by number, so each runs only where the number means NOOP (action 0) or
+FIRE (action 1): Backgammon and VideoCheckers, whose action 0 is FIRE and who have one life, get no
+no-op reset, no :class:`EpisodicLife` and no :class:`FireReset`.
 :class:`GameStatistics` reports the real game score (unclipped, over all lives) as the episode
 statistics, so logged returns compare with published Atari results.
 """
@@ -16,7 +19,19 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from shoal.errors import APIUsageError
+from shoal.errors import APIUsageError, check_int, is_number
+
+
+def _action_is(env: gymnasium.Env, index: int, meaning: str) -> bool:
+    """Whether the game's action ``index`` is ``meaning`` (``"NOOP"``, ``"FIRE"`` ...)."""
+    return env.unwrapped.get_action_meanings()[index:index + 1] == [meaning]
+
+
+def _require_action(env: gymnasium.Env, wrapper: str, index: int, meaning: str) -> None:
+    if not _action_is(env, index, meaning):
+        game = getattr(env.unwrapped.spec, "id", type(env.unwrapped).__name__)
+        raise APIUsageError(f"{wrapper} presses action {index} as {meaning}, but {game}'s actions are "
+                            f"{env.unwrapped.get_action_meanings()}: leave {wrapper} out for this game")
 
 
 class GameStatistics(gymnasium.Wrapper):
@@ -42,10 +57,12 @@ class GameStatistics(gymnasium.Wrapper):
 class EpisodicLife(gymnasium.Wrapper):
     """End the episode (``terminated``) when a life is lost; really reset only when the game is over.
 
-    A reset after a lost life takes one no-op step instead, so the game continues where it was.
+    A reset after a lost life takes one no-op step instead, so the game continues where it was: the
+    game's action 0 must be NOOP.
     """
 
     def __init__(self, env: gymnasium.Env):
+        _require_action(env, "EpisodicLife", 0, "NOOP")
         super().__init__(env)
         self.lives = 0
         self.game_over = True
@@ -72,7 +89,14 @@ class EpisodicLife(gymnasium.Wrapper):
 
 
 class FireReset(gymnasium.Wrapper):
-    """Press FIRE (then one more action) after every reset, for games that wait for it (Breakout...)."""
+    """Press FIRE (then one more action) after every reset, for games that wait for it (Breakout...).
+
+    Needs FIRE as action 1, as in every ALE game with FIRE except Backgammon and VideoCheckers (action 0).
+    """
+
+    def __init__(self, env: gymnasium.Env):
+        _require_action(env, "FireReset", 1, "FIRE")
+        super().__init__(env)
 
     def reset(self, **kwargs) -> tuple[Any, dict]:
         self.env.reset(**kwargs)
@@ -89,20 +113,32 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     """``ALE/{game}-v5`` with the standard preprocessing; observations ``uint8 (frame_stack, 84, 84)``.
 
     ``repeat_action_probability=0`` (no sticky actions) matches the ``NoFrameskip-v4`` setting of
-    CleanRL's published ``ppo_atari`` results; pass 0.25 for the ALE v5 protocol.
+    CleanRL's published ``ppo_atari`` results; pass 0.25 for the ALE v5 protocol. A game whose action 0
+    is not NOOP (Backgammon, VideoCheckers) starts without no-ops and has no episodic life (it has one life).
     """
+    where = f"make_atari_env({game!r})"
+    check_int(f"{where}: frame_skip", frame_skip)
+    check_int(f"{where}: noop_max", noop_max, minimum=0)
+    check_int(f"{where}: frame_stack", frame_stack)
+    for name, value in (("episodic_life", episodic_life), ("clip_rewards", clip_rewards)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise APIUsageError(f"{where}: {name} must be True or False, got {value!r}")
+    if not (is_number(repeat_action_probability) and 0 <= repeat_action_probability <= 1):
+        raise APIUsageError(f"{where}: repeat_action_probability must be a number from 0 to 1, got "
+                            f"{repeat_action_probability!r}")
     ale_py = import_ale()
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every env copy
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
 
     env = gymnasium.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=repeat_action_probability,
                          render_mode=render_mode)
-    env = AtariPreprocessing(env, noop_max=noop_max, frame_skip=frame_skip, screen_size=84,
+    has_noop = _action_is(env, 0, "NOOP")
+    env = AtariPreprocessing(env, noop_max=noop_max if has_noop else 0, frame_skip=frame_skip, screen_size=84,
                              terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
     env = GameStatistics(env)
-    if episodic_life:
+    if episodic_life and has_noop:
         env = EpisodicLife(env)
-    if "FIRE" in env.unwrapped.get_action_meanings():
+    if _action_is(env, 1, "FIRE"):
         env = FireReset(env)
     if clip_rewards:
         env = TransformReward(env, lambda reward: float(np.sign(reward)))
