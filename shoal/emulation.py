@@ -84,7 +84,7 @@ def _agent_order(agent) -> tuple:
     if isinstance(agent, (int, np.integer)):
         return ((0, int(agent), ""),)
     parts = re.split(r"(\d+)", str(agent))
-    return tuple((0, int(part), "") if part.isdecimal() else (1, 0, part) for part in parts if part)
+    return tuple((0, int(part), "") if part.isdecimal() else (1, 0, part) for part in parts if part) or ((1, 0, ""),)
 
 
 def _same_space(a: spaces.Space, b: spaces.Space) -> bool:
@@ -708,6 +708,9 @@ class EmulatedEnv:
             dark_slots = [binding.agent_slots[agent] for agent in dark]
             self._episode_return[dark_slots] += self._rewards_of(env_rewards, dark)
             self._episode_length[dark_slots] += 1
+        if len(env_rewards) > len(agents) + len(dark):  # rewards of agents passed over must be numbers all the same
+            counted = set(agents).union(dark)
+            self._rewards_of(env_rewards, [agent for agent in env_rewards if agent not in counted])
         out_infos = {agent: info for agent, info in infos.items() if info}  # passthrough: every agent's, dark too
         self._check_infos(out_infos)
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's

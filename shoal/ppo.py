@@ -396,13 +396,14 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
         check_run_dir(config.run_dir, checkpoint)
-        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     if logger is None:
         from shoal.logging import Logger
 
         logger = Logger(config.run_dir, total_steps=config.total_timesteps, title=_title(config, binding, device),
                         dashboard=config.dashboard, tensorboard=config.tensorboard, wandb=config.wandb,
                         wandb_project=config.wandb_project, config=dataclasses.asdict(config), start_step=global_step)
+    if config.run_dir is not None:  # after the logger: a W&B that does not start leaves the directory empty
+        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
     own_vecenv = vecenv is None
     try:
         vecenv = vecenv if vecenv is not None else make_vecenv(config, binding)

@@ -238,14 +238,23 @@ def _same_kind(source: np.dtype, dtype: np.dtype) -> bool:
     return np.can_cast(source, dtype, "same_kind") or (source.kind in "iu" and dtype.kind in "iu")
 
 
-def _casts_exactly(array: np.ndarray, dtype: np.dtype) -> bool:
-    """Whether ``array`` fits ``dtype`` without changing kind or wrapping integers."""
+def _cast_problem(array: np.ndarray, dtype: np.dtype) -> str | None:
+    """Why ``array`` cannot be cast to ``dtype`` exactly (a float to an integer, an integer past its range or one
+    a float rounds), or None when it can."""
     if not _same_kind(array.dtype, dtype):
-        return False
-    if dtype.kind in "iu" and array.size and not np.can_cast(array.dtype, dtype, "safe"):
+        return ""
+    if not array.size:
+        return None
+    if dtype.kind in "iu" and not np.can_cast(array.dtype, dtype, "safe"):
         info = np.iinfo(dtype)  # Python ints: numpy would compare uint64 with int64 as float64
-        return bool(int(array.min()) >= info.min and int(array.max()) <= info.max)
-    return True
+        inside = int(array.min()) >= info.min and int(array.max()) <= info.max
+        return None if inside else " with values outside its range"
+    if dtype.kind == "f" and array.dtype.kind in "iu" and np.iinfo(array.dtype).bits > np.finfo(dtype).nmant + 1:
+        with np.errstate(invalid="ignore", over="ignore"):
+            cast = array.astype(dtype)
+            exact = (np.isinf(cast) | (cast.astype(array.dtype) == array)).all()  # inf: the narrowing check names it
+        return None if exact else " with integers it cannot hold exactly"
+    return None
 
 
 def _narrowed(field: "_Field", array: np.ndarray) -> np.ndarray:
@@ -615,11 +624,10 @@ class ObservationLayout:
                 f"observation leaf {_path_str(field.path)}: expected shape {batch + field.shape}, got {array.shape}"
             )
         if array.dtype != field.dtype:
-            if not _casts_exactly(array, field.dtype):
+            problem = _cast_problem(array, field.dtype)
+            if problem is not None:
                 raise SpaceError(
-                    f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}"
-                    + (" with values outside its range" if _same_kind(array.dtype, field.dtype) else "")
-                )
+                    f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}{problem}")
             if field.dtype.kind == "f" and not np.can_cast(array.dtype, field.dtype, "safe"):
                 return _narrowed(field, array)
             array = array.astype(field.dtype)

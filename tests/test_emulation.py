@@ -1327,3 +1327,24 @@ def test_single_agent_hooks_and_options_work_as_for_many_agents():
     pendulum = shoal.Binding(env_creator=gymnasium.make, env_args=("Pendulum-v1",)).make_env()
     pendulum.reset(seed=0)
     pendulum.step(torch.tensor([[0.5]], dtype=torch.bfloat16))
+
+
+def test_what_the_env_returns_is_checked_where_shoal_passes_it_over_too():
+    # A reward for an agent shoal does not deliver (not listed, not shown) must still be a number.
+    def reward_for_a_stranger(t, env):
+        env.agents = ["a"]
+        return {"a": np.ones(1, np.float32)}, {"a": 1.0, "b": float("nan")}, {}, {}, {}
+
+    env = scripted(reward_for_a_stranger, reset_agents=("a",))
+    with pytest.raises(EnvError, match=r"agent 'b', step 1: reward must be a finite number"):
+        env.step(np.zeros((2, 1), np.int64))
+    # Integers for a float leaf pass where the float holds them exactly, and are refused where it would round.
+    layout = shoal.Binding(env_cls=NestedSingleAgentEnv).obs_layout
+    with pytest.raises(SpaceError, match=r"expected dtype float32, got int64 with integers it cannot hold exactly"):
+        layout.flatten({"self": {"pos": np.array([2**40 + 1, 0]), "hp": 0}, "map": np.zeros((3, 3), np.uint8),
+                        "inventory": (np.zeros(3, np.int8), np.zeros(2, np.int64))})
+    # An empty id sorts among the names, after the numbers.
+    class EmptyId(TwoAgents):
+        possible_agents = ["", 3]
+
+    assert shoal.Binding(env_cls=EmptyId).possible_agents == (3, "")
