@@ -284,6 +284,17 @@ def test_an_lstm_policy_is_not_wrapped_in_another():
         LSTMPolicy(default_policy(make_binding("cartpole"), lstm=True))
 
 
+def test_an_lstm_wraps_only_a_policy_made_of_encode_and_decode():
+    class OwnForward(MLPPolicy):  # its forward would never run inside the LSTM
+        def forward(self, obs, state=None, starts=None):
+            return super().forward(obs * 2, state, starts)
+
+    with pytest.raises(APIUsageError, match=r"LSTMPolicy runs the wrapped policy's encode\(obs\) -> features and "
+                                            r"decode\(features\) .* never its forward: OwnForward must define encode "
+                                            r"\(decode has a default\) and leave forward to Policy"):
+        LSTMPolicy(OwnForward(make_binding("cartpole"), hidden_size=8))
+
+
 @pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
 def test_a_network_too_big_for_memory_is_named_with_its_size(lstm):
     with pytest.raises(APIUsageError, match=rf"default_policy: the mlp policy{' with an LSTM' if lstm else ''} of "
