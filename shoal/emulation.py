@@ -263,9 +263,12 @@ class Binding:
         probe, self.is_multiagent = self._adapt(probe)
         try:
             self._read_spaces(probe, feature_space)
-        finally:
-            with self.quiet():
+        except BaseException:
+            with self.quiet(), contextlib.suppress(Exception):  # the error to tell is the one that came first
                 probe.close()
+            raise
+        with self.quiet():
+            probe.close()
 
     # -------------------------------------------------------------- construction
 
@@ -531,6 +534,16 @@ class EmulatedEnv:
         self._needs_reset = False
         return self._output(self.obs), infos
 
+    def _autoreset(self) -> dict:
+        """:meth:`_begin_episode` at the step that ends an episode. If it fails, the env needs ``reset()``: its
+        episode state is half begun. The error gets a note saying it came from this reset."""
+        try:
+            return self._begin_episode(None)
+        except BaseException as error:
+            self._needs_reset = True
+            error.add_note(f"raised in the automatic reset that starts the next episode, at step {self.tick}")
+            raise
+
     def _begin_episode(self, seed: int | None) -> dict:
         obs, infos = self.binding._checked_reset(self._quietly(self.binding._reset_env, self.env, seed))
         if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
@@ -627,7 +640,8 @@ class EmulatedEnv:
         if self._needs_reset:
             if self._closed:
                 raise self._closed_error("step()")
-            raise APIUsageError(f"{binding.env_name}: step() called before reset()")
+            raise APIUsageError(f"{binding.env_name}: step() needs reset() first (it was not called yet, or the "
+                                f"automatic reset at the end of an episode failed)")
         if not binding.is_multiagent:
             return self._step_single(actions)
         live = self._live_agents()
@@ -736,7 +750,7 @@ class EmulatedEnv:
             self._gone |= self._ended.difference(self._gone, listed)
         if episode_over:
             delivered = self.masks.copy()
-            reset_infos = self._begin_episode(None)
+            reset_infos = self._autoreset()
             for slot in np.flatnonzero(self.masks):  # the new episode's agents: their observations are its first
                 agent = binding.possible_agents[slot]
                 out_infos[agent] = {**out_infos.get(agent, {}), "reset_info": reset_infos.get(agent, {})}
@@ -809,7 +823,7 @@ class EmulatedEnv:
         infos = {SINGLE_AGENT_ID: info} if info else {}
         if terminal or truncation:
             final = infos[SINGLE_AGENT_ID] = self._final_info(0, info, (float(episode[0]), episode[1]))
-            final["reset_info"] = self._begin_episode(None).get(SINGLE_AGENT_ID, {})
+            final["reset_info"] = self._autoreset().get(SINGLE_AGENT_ID, {})
         if self._plain_outputs:
             return self.obs, self.rewards, self.terminals, self.truncations, infos
         return self._outputs(infos)

@@ -186,6 +186,24 @@ class CrashingEnv(gymnasium.Env):
         return np.zeros(2, np.float32), 1.0, False, False, {}
 
 
+class SecondResetFails(gymnasium.Env):
+    """Episodes of 2 steps; the reset that begins the second episode raises."""
+
+    observation_space = spaces.Box(-1, 1, (1,), np.float32)
+    action_space = spaces.Discrete(2)
+    resets = 0
+
+    def reset(self, seed=None, options=None):
+        self.resets, self.t = self.resets + 1, 0
+        if self.resets == 2:
+            raise RuntimeError("the emulator lost its ROM")
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(1, np.float32), 1.0, self.t == 2, False, {}
+
+
 # ---------------------------------------------------------------- vector tests (shoal.vector)
 
 

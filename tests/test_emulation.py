@@ -14,7 +14,7 @@ from shoal.emulation import Buffers
 from shoal.errors import APIUsageError, EnvError, SpaceError
 
 from envs import (ACTION_SPACE, BadObservationEnv, NestedMultiAgentEnv, NestedSingleAgentEnv, PrintingEnv,
-                  ScriptedLives, UnknownAgentEnv)
+                  ScriptedLives, SecondResetFails, UnknownAgentEnv)
 
 
 def nested_binding(**kwargs) -> shoal.Binding:
@@ -414,7 +414,7 @@ def test_agents_with_different_spaces_are_refused():
 def test_action_errors_name_env_agent_and_step():
     binding = nested_binding()
     env = binding.make_env()
-    with pytest.raises(APIUsageError, match="step\\(\\) called before reset\\(\\)"):
+    with pytest.raises(APIUsageError, match="step\\(\\) needs reset\\(\\) first"):
         env.step(flat_actions(binding))
     env.reset(seed=0)
     with pytest.raises(APIUsageError, match=r"nested_multiagent_v0, step 1: actions must have shape \(4, 4\).*got \(3, 4\)"):
@@ -1348,3 +1348,28 @@ def test_what_the_env_returns_is_checked_where_shoal_passes_it_over_too():
         possible_agents = ["", 3]
 
     assert shoal.Binding(env_cls=EmptyId).possible_agents == (3, "")
+
+
+def test_a_failed_automatic_reset_says_so_and_the_env_then_needs_reset():
+    env = shoal.Binding(env_cls=SecondResetFails).make_env()
+    env.reset(seed=0)
+    env.step([[0]])
+    with pytest.raises(RuntimeError, match="lost its ROM") as caught:
+        env.step([[0]])
+    assert caught.value.__notes__ == ["raised in the automatic reset that starts the next episode, at step 2"]
+    with pytest.raises(APIUsageError, match=r"step\(\) needs reset\(\) first \(it was not called yet, or the "
+                                            r"automatic reset at the end of an episode failed\)"):
+        env.step([[0]])  # its episode statistics would mix two episodes
+    env.reset(seed=1)
+    env.step([[0]])
+
+
+def test_an_env_whose_close_fails_does_not_hide_why_the_binding_refused_it():
+    class TextObservations(SecondResetFails):
+        observation_space = spaces.Text(5)
+
+        def close(self):
+            raise RuntimeError("close failed too")
+
+    with pytest.raises(SpaceError, match="Text"):
+        shoal.Binding(env_cls=TextObservations)

@@ -23,7 +23,7 @@ import torch
 
 import shoal
 import shoal.vector
-from envs import NestedMultiAgentEnv, ProbeEnv, ReseedingNestedMultiAgentEnv, Unpicklable
+from envs import NestedMultiAgentEnv, ProbeEnv, ReseedingNestedMultiAgentEnv, SecondResetFails, Unpicklable
 from shoal.errors import APIUsageError, WorkerError
 from shoal.vector import Batch, Multiprocessing, Ray, Serial
 
@@ -861,3 +861,35 @@ def test_poller_answers_like_connection_wait():
     poller.clear()
     for end in (a, b, b_peer):
         end.close()
+
+
+@pytest.mark.parametrize("backend", PARALLEL)  # Serial steps in the caller's thread: a hang there stops it
+def test_a_second_thread_inside_a_vec_env_is_refused(make, backend):
+    vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("hang", True, env_ids=[0])
+    vecenv.set_attr("crash_step", 1, env_ids=[0])  # env 0 sleeps in its next step: the first thread waits there
+    waiting = threading.Thread(target=lambda: pytest.raises(APIUsageError, vecenv.step, np.zeros((2, 1), np.int64)))
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while vecenv._caller.acquire(blocking=False):  # until the other thread is inside step()
+        vecenv._caller.release()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(APIUsageError, match=r"\.step\(\): another thread is using this vec env: it serves one "
+                                            r"thread at a time"):
+        vecenv.step(np.zeros((2, 1), np.int64))
+    vecenv.close()  # from this thread, while the other waits: allowed, and its step() says it was closed
+    waiting.join(30)
+    assert not waiting.is_alive()
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_a_failed_automatic_reset_is_named_in_the_worker_error(no_leaks, backend):
+    with pytest.raises(WorkerError, match=r"failed in step at its step 2, in env 0: RuntimeError: the emulator lost "
+                                          r"its ROM \(raised in the automatic reset that starts the next episode, at "
+                                          r"step 2\)"):
+        with shoal.vector.make(shoal.Binding(env_cls=SecondResetFails), backend, num_workers=1) as vecenv:
+            vecenv.reset(seed=0)
+            for _ in range(2):
+                vecenv.step(np.zeros((1, 1), np.int64))

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import inspect
 import math
 import os
 import select
+import threading
 import time
 import traceback
 from collections import deque
@@ -211,22 +213,46 @@ class EnvGroup:
         return Failure(self.current, self.steps, command, _exception_text(error), traceback.format_exc())
 
     def close(self) -> None:
-        """Close every env, ignoring their errors: this runs on the way out."""
+        """Close every env, ignoring their errors: this runs on the way out. A KeyboardInterrupt or SystemExit
+        from one goes on once every env is closed."""
+        interrupted = None
         for env in self.envs:
             try:
                 env.close()
             except Exception:
                 pass
+            except BaseException as error:
+                interrupted = interrupted or error
         self.envs = []
+        if interrupted is not None:
+            raise interrupted
+
+
+def _one_caller(method):
+    """A vec env method that refuses a second thread while one is inside the vec env: workers answer in order,
+    so two callers would take each other's answers. close() stays open to any thread."""
+    @functools.wraps(method)
+    def one_caller(self, *args, **kwargs):
+        if not self._caller.acquire(blocking=False):  # reentrant: step() calls send() and recv()
+            raise APIUsageError(f"{type(self).__name__}.{method.__name__}(): another thread is using this vec env: "
+                                f"it serves one thread at a time (close() from any thread excepted); give each "
+                                f"thread its own vec env")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._caller.release()
+    return one_caller
 
 
 def _exception_text(error: BaseException) -> str:
-    """``"Type: message"`` of an exception, also one whose ``__str__`` fails (as the traceback module shows it)."""
+    """``"Type: message"`` of an exception, also one whose ``__str__`` fails (as the traceback module shows it),
+    with its notes (where it happened, e.g. in an automatic reset) in brackets."""
     try:
         text = str(error)
     except Exception:
         text = "<exception str() failed>"
-    return f"{type(error).__name__}: {text}"
+    notes = [note for note in getattr(error, "__notes__", ()) if isinstance(note, str)]
+    return f"{type(error).__name__}: {text}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 # The wire format of the pipes and sockets between a vec env and its workers. The hot path skips pickle:
@@ -452,6 +478,7 @@ class VecEnv(abc.ABC):
     def __init__(self, binding: Binding, num_workers: int, envs_per_worker: int, batch_size: int | None,
                  timeout: float | None = None):
         self._state = AsyncState.CLOSED  # until the backend has started its workers
+        self._caller = threading.RLock()  # held by the thread inside a public method (see _one_caller)
         name = type(self).__name__
         if not isinstance(binding, Binding):
             raise APIUsageError(
@@ -671,6 +698,7 @@ class VecEnv(abc.ABC):
 
     # -------------------------------------------------------------- async API
 
+    @_one_caller
     def async_reset(self, seed: int | Sequence[int | None] | np.ndarray | None = None) -> None:
         """Start resetting every env; env ``i`` gets ``seed + i``, or ``seed[i]`` for a list or 1-D integer array.
         Collect the result with :meth:`recv`.
@@ -687,6 +715,7 @@ class VecEnv(abc.ABC):
         self._in_flight = set(range(self.num_workers))
         self._state = AsyncState.WAITING
 
+    @_one_caller
     def recv(self) -> Batch:
         """The next ``batch_size`` envs to finish their reset or step (see :class:`Batch`)."""
         self._check_state(AsyncState.WAITING, "recv()")
@@ -712,6 +741,7 @@ class VecEnv(abc.ABC):
         return Batch(b.obs[rows], b.rewards[rows], b.terminals[rows], b.truncations[rows], b.masks[rows],
                      infos, env_ids)
 
+    @_one_caller
     def send(self, actions) -> None:
         """Step the envs of the last batch from :meth:`recv` with ``actions`` ``(batch agents, atn_size)``.
 
@@ -785,6 +815,7 @@ class VecEnv(abc.ABC):
 
     # -------------------------------------------------------------- sync API
 
+    @_one_caller
     def reset(self, seed: int | Sequence[int | None] | np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """Reset every env (env ``i`` gets ``seed + i``, or ``seed[i]`` for a list or 1-D integer array).
         Returns ``(obs (num_agents, obs_size), infos)``."""
@@ -793,6 +824,7 @@ class VecEnv(abc.ABC):
         batch = self.recv()
         return batch.obs, batch.infos
 
+    @_one_caller
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
         """``send(actions)`` then ``recv()``: ``(obs, rewards, terminals, truncations, infos)`` over all slots."""
         self._check_sync("step()")
@@ -807,6 +839,7 @@ class VecEnv(abc.ABC):
 
     # -------------------------------------------------------------- any env, local or remote
 
+    @_one_caller
     def call(self, method: str, *args, env_ids: Sequence[int] | None = None, **kwargs) -> list:
         """``env.method(*args, **kwargs)`` on each env of ``env_ids`` (default all); one result per env.
 
@@ -816,10 +849,12 @@ class VecEnv(abc.ABC):
         """
         return self._access(Command.CALL, env_ids, method, args, kwargs)
 
+    @_one_caller
     def get_attr(self, name: str, env_ids: Sequence[int] | None = None) -> list:
         """The attribute ``name`` of each env of ``env_ids`` (emulated env, ``.env``, ``.env.unwrapped``)."""
         return self._access(Command.GET_ATTR, env_ids, name)
 
+    @_one_caller
     def set_attr(self, name: str, value: Any, env_ids: Sequence[int] | None = None) -> None:
         """Set ``name`` on each env of ``env_ids``: where :meth:`get_attr` finds it, else on the innermost env."""
         self._access(Command.SET_ATTR, env_ids, name, value)

@@ -68,6 +68,9 @@ def _amounts(resources: dict[str, float]) -> str:
                      ) or "nothing"
 
 
+_JOINING = threading.Lock()
+
+
 def _join(ray, address: str | None, timeout: float) -> None:
     """``ray.init(address)``; APIUsageError when no Ray cluster answers there (Ray itself retries for minutes
     on an address where nothing listens, so a host:port is tried first, within ``timeout``)."""
@@ -217,9 +220,11 @@ class Ray(VecEnv):
         self._shared_fd: int | None = None  # the buffers' file, open until every actor has mapped it
         self._conns: list = []  # one socket per actor when every actor is local; else commands go by Ray calls
         self._poller = Poller()
-        if not ray.is_initialized():
-            _join(ray, address, startup_timeout)
-        elif address not in (None, "auto", ray.get_runtime_context().gcs_address):
+        with _JOINING:  # threads that build Ray vec envs at once start one Ray, not one each
+            joined_here = not ray.is_initialized()
+            if joined_here:
+                _join(ray, address, startup_timeout)
+        if not joined_here and address not in (None, "auto", ray.get_runtime_context().gcs_address):
             raise APIUsageError(f"Ray: address={address!r}, but this process is already connected to the Ray cluster "
                                 f"at {ray.get_runtime_context().gcs_address}: pass address=None to use that one, or "
                                 f"call ray.shutdown() first")
