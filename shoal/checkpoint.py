@@ -106,18 +106,25 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
     removed.
     """
     run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True)
-        made = True
-    except FileExistsError:
-        made = False
-    descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # a file there: NotADirectoryError
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            made = True
+        except FileExistsError:
+            made = False
+        descriptor = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)  # a file there: NotADirectoryError
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise APIUsageError(f"another run is using run_dir {str(run_dir)!r} (it holds the directory's lock): "
+                                f"wait until it ends, or choose another run_dir") from None
+        try:  # locked the directory that is there now, not one a refused run removed meanwhile?
+            if os.path.samestat(os.fstat(descriptor), os.stat(run_dir)):
+                break
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
-        raise APIUsageError(f"another run is using run_dir {str(run_dir)!r} (it holds the directory's lock): wait "
-                            f"until it ends, or choose another run_dir") from None
     try:
         yield
     finally:

@@ -89,9 +89,14 @@ def _agent_order(agent) -> tuple:
 
 def _same_space(a: spaces.Space, b: spaces.Space) -> bool:
     """``a == b`` without gymnasium's tolerance, which calls Box bounds equal when ``np.allclose`` does."""
-    return a == b and all(not isinstance(x.space, spaces.Box) or (np.array_equal(x.space.low, y.space.low)
-                                                                  and np.array_equal(x.space.high, y.space.high))
-                          for x, y in zip(leaves(a), leaves(b)))
+    if a != b:
+        return False
+    try:
+        pairs = list(zip(leaves(a), leaves(b)))
+    except SpaceError:  # a space shoal does not flatten (Text...): a feature_parser may make one it does
+        return True
+    return all(not isinstance(x.space, spaces.Box) or (np.array_equal(x.space.low, y.space.low)
+                                                       and np.array_equal(x.space.high, y.space.high)) for x, y in pairs)
 
 
 def _infer_space(value: Any) -> spaces.Space:
@@ -722,9 +727,9 @@ class EmulatedEnv:
             dark_slots = [binding.agent_slots[agent] for agent in dark]
             self._episode_return[dark_slots] += self._rewards_of(env_rewards, dark)
             self._episode_length[dark_slots] += 1
-        if len(env_rewards) > len(agents) + len(dark):  # rewards of agents passed over must be numbers all the same
-            counted = set(agents).union(dark)
-            self._rewards_of(env_rewards, [agent for agent in env_rewards if agent not in counted])
+        passed_over = env_rewards.keys() - set(agents).union(dark)  # their rewards must be numbers all the same
+        if passed_over:
+            self._rewards_of(env_rewards, [agent for agent in env_rewards if agent in passed_over])
         out_infos = {agent: info for agent, info in infos.items() if info}  # passthrough: every agent's, dark too
         self._check_infos(out_infos)
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's

@@ -547,13 +547,11 @@ class LSTMPolicy(Policy):
                                 f"is recurrent already: use it as it is (default_policy(..., lstm=True) is one "
                                 f"LSTMPolicy)")
         kind = type(policy)
-        where = {name: next(cls for cls in kind.__mro__ if name in vars(cls)) for name in ("forward", "encode", "decode")}
-        forward_after = any(where["forward"] is not where[name] and issubclass(where["forward"], where[name])
-                            for name in ("encode", "decode"))  # a forward of its own, not their fast copy
-        if forward_after or where["encode"] is Policy:
+        forward_from = next(cls for cls in kind.__mro__ if "forward" in vars(cls))
+        if forward_from.__module__ != __name__ or kind.encode is Policy.encode:  # shoal's own forwards are fast copies
             raise APIUsageError(f"LSTMPolicy runs the wrapped policy's encode(obs) -> features and decode(features) "
                                 f"-> (action parameters, value), never its forward: {kind.__name__} must define encode "
-                                f"(decode has a default) and leave forward to Policy (put what its forward does into "
+                                f"(decode has a default) and no forward of its own (put what its forward does into "
                                 f"them)")
         self.binding = policy.binding
         self.policy = policy

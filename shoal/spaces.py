@@ -249,7 +249,10 @@ def _cast_problem(array: np.ndarray, dtype: np.dtype) -> str | None:
         info = np.iinfo(dtype)  # Python ints: numpy would compare uint64 with int64 as float64
         inside = int(array.min()) >= info.min and int(array.max()) <= info.max
         return None if inside else " with values outside its range"
-    if dtype.kind == "f" and array.dtype.kind in "iu" and np.iinfo(array.dtype).bits > np.finfo(dtype).nmant + 1:
+    if dtype.kind == "f" and _rounds_in(array.dtype, dtype):
+        held = 2 ** (np.finfo(dtype).nmant + 1)  # every integer up to this one is held exactly
+        if int(array.min()) >= -held and int(array.max()) <= held:  # the usual case: two reductions
+            return None
         with np.errstate(invalid="ignore", over="ignore"):
             cast = array.astype(dtype)
             exact = (np.isinf(cast) | (cast.astype(array.dtype) == array)).all()  # inf: the narrowing check names it
@@ -626,8 +629,8 @@ class ObservationLayout:
         if array.dtype != field.dtype:
             problem = _cast_problem(array, field.dtype)
             if problem is not None:
-                raise SpaceError(
-                    f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got {array.dtype}{problem}")
+                raise SpaceError(f"observation leaf {_path_str(field.path)}: expected dtype {field.dtype}, got "
+                                 f"{array.dtype}{problem}")
             if field.dtype.kind == "f" and not np.can_cast(array.dtype, field.dtype, "safe"):
                 return _narrowed(field, array)
             array = array.astype(field.dtype)
@@ -950,9 +953,9 @@ def _shifted(piece: np.ndarray, field: _ActionField) -> np.ndarray:
     return piece.astype(field.dtype if field.dtype.kind == "u" else np.int64, copy=False) + field.offset
 
 
-def _rounds_in(leaf: np.dtype, flat: np.dtype) -> bool:
-    """Whether some values of an integer leaf round in the float flat dtype (int64 in float64: past 2**53)."""
-    return leaf.kind in "iu" and np.iinfo(leaf).bits > np.finfo(flat).nmant + 1
+def _rounds_in(integers: np.dtype, floats: np.dtype) -> bool:
+    """Whether some values of an integer dtype round in a float dtype (int64 in float64: past 2**53)."""
+    return integers.kind in "iu" and np.iinfo(integers).bits > np.finfo(floats).nmant + 1
 
 
 def _check_exact(array: np.ndarray, field: _ActionField, flat: np.dtype) -> None:
@@ -974,7 +977,7 @@ def _saturated(values, largest: float):
     if _is_torch(values):
         import torch
 
-        if torch.finfo(values.dtype).max <= largest:  # nothing finite lies past it (and float16 cannot hold it)
+        if not values.is_floating_point() or torch.finfo(values.dtype).max <= largest:  # nothing finite past it
             return values
         return values.clamp(-largest, largest).where(values.isfinite(), values)
     return np.where(np.isfinite(values), np.clip(values, -largest, largest), values)

@@ -1335,9 +1335,23 @@ def test_what_the_env_returns_is_checked_where_shoal_passes_it_over_too():
         env.agents = ["a"]
         return {"a": np.ones(1, np.float32)}, {"a": 1.0, "b": float("nan")}, {}, {}, {}
 
-    env = scripted(reward_for_a_stranger, reset_agents=("a",))
-    with pytest.raises(EnvError, match=r"agent 'b', step 1: reward must be a finite number"):
-        env.step(np.zeros((2, 1), np.int64))
+    for rewards in ({"a": 1.0, "b": float("nan")}, {"b": float("nan")}):  # whatever else the env rewards
+        env = scripted(lambda t, env, rewards=rewards: reward_for_a_stranger(t, env)[:1] + (rewards, {}, {}, {}),
+                       reset_agents=("a",))
+        with pytest.raises(EnvError, match=r"agent 'b', step 1: reward must be a finite number"):
+            env.step(np.zeros((2, 1), np.int64))
+    # Agents whose observations shoal cannot flatten (Text), made flat by a feature_parser, share one space.
+    class TextAgents(TwoAgents):
+        def observation_space(self, agent):
+            return spaces.Text(8)
+
+        def reset(self, seed=None, options=None):
+            self.agents = ["a", "b"]
+            return {agent: "hello" for agent in self.agents}, {}
+
+    binding = shoal.Binding(env_cls=TextAgents, feature_parser=lambda text: np.array([len(text)], np.float32),
+                            feature_space=spaces.Box(0, 8, (1,), np.float32))
+    assert binding.make_env().reset(seed=0)[0].tolist() == [[5.0], [5.0]]
     # Integers for a float leaf pass where the float holds them exactly, and are refused where it would round.
     layout = shoal.Binding(env_cls=NestedSingleAgentEnv).obs_layout
     with pytest.raises(SpaceError, match=r"expected dtype float32, got int64 with integers it cannot hold exactly"):

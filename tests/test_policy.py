@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gymnasium
 import numpy as np
 import pytest
@@ -291,8 +293,23 @@ def test_an_lstm_wraps_only_a_policy_made_of_encode_and_decode():
 
     with pytest.raises(APIUsageError, match=r"LSTMPolicy runs the wrapped policy's encode\(obs\) -> features and "
                                             r"decode\(features\) .* never its forward: OwnForward must define encode "
-                                            r"\(decode has a default\) and leave forward to Policy"):
+                                            r"\(decode has a default\) and no forward of its own"):
         LSTMPolicy(OwnForward(make_binding("cartpole"), hidden_size=8))
+
+    class MaskingForward(Policy):  # encode, decode and a forward that masks, all in one class
+        def __init__(self, binding):
+            super().__init__(binding, feature_size=8)
+            self.net = torch.nn.Linear(binding.single_observation_space.shape[0], 8)
+
+        def encode(self, obs):
+            return self.net(obs)
+
+        def forward(self, obs, state=None, starts=None):
+            params, value, state = super().forward(obs, state, starts)
+            return params.masked_fill(obs[:, :1] > 0, -math.inf), value, state
+
+    with pytest.raises(APIUsageError, match=r"never its forward: MaskingForward must define encode"):
+        LSTMPolicy(MaskingForward(make_binding("cartpole")))
 
 
 @pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])

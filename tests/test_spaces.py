@@ -941,6 +941,7 @@ def test_more_corners_of_spaces_from_probing():
     # float16 tensors (autocast) where a float leaf is narrower than the flat dtype.
     mixed = ActionLayout(spaces.Dict({"x": spaces.Box(-1, 1, (1,), np.float32), "y": spaces.Box(-1, 1, (1,))}))
     assert mixed.unflatten(torch.tensor([0.5, 0.5], dtype=torch.float16))["x"].tolist() == [0.5]
+    assert mixed.unflatten(torch.tensor([1, 0]))["x"].tolist() == [1.0]  # integers: nothing to saturate
     # An unsigned discrete leaf with a start: exact on numpy and torch, also a uint64 start past 2**53.
     for space, flat_values, expected in [(spaces.Discrete(3, start=1, dtype=np.uint32), [1], 2),
                                          (spaces.Discrete(3, start=2**64 - 3, dtype=np.uint64), [2], 2**64 - 1),

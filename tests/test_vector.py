@@ -617,6 +617,8 @@ def test_joining_a_ray_cluster_where_none_answers_is_a_clear_error():
     with pytest.raises(APIUsageError, match=r"Ray: nothing answers at address='127.0.0.1:1' \(.*refused\): start a "
                                             r"Ray cluster there"):
         _join(ray, "127.0.0.1:1", 5.0)  # Ray itself would retry for minutes
+    with pytest.raises(APIUsageError, match=r"nothing answers at address='127.0.0.1:1'"):
+        _join(ray, "127.0.0.1:1", None)  # startup_timeout=None: no limit for the actors, 10 s for this
 
 
 def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):

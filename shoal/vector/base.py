@@ -479,6 +479,7 @@ class VecEnv(abc.ABC):
                  timeout: float | None = None):
         self._state = AsyncState.CLOSED  # until the backend has started its workers
         self._caller = threading.RLock()  # held by the thread inside a public method (see _one_caller)
+        self._progress: np.ndarray | None = None  # per worker, the env it runs, where the backend can see it
         name = type(self).__name__
         if not isinstance(binding, Binding):
             raise APIUsageError(
@@ -616,8 +617,12 @@ class VecEnv(abc.ABC):
         """Raise if ``value`` cannot travel to the workers (backends that pickle check it here)."""
 
     def _running_env(self, worker: int) -> int | None:
-        """The env a worker is running now, for backends that can see into their workers; else None."""
-        return None
+        """The env a worker is running now, where its backend shares ``_progress`` with it (-1 until it starts
+        building its envs, and for workers that cannot write there); else None."""
+        if self._progress is None:
+            return None
+        env = int(self._progress[worker])
+        return env if env >= 0 else None
 
     def _collect(self, workers: set[int], what: str | None, need: int | None = None,
                  timeout: float | None = None) -> list[tuple[int, Status, Any]]:

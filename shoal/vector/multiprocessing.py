@@ -216,10 +216,6 @@ class Multiprocessing(VecEnv):
     def _check_sendable(self, value: Any) -> None:
         ForkingPickler.dumps(value)
 
-    def _running_env(self, worker: int) -> int | None:
-        env = int(self._progress[worker])
-        return env if env >= 0 else None
-
     def _last_words(self, worker: int) -> tuple[Status, Any] | None:
         """A dead worker's unread failure report, if it sent one before exiting."""
         conn = self._conns[worker]

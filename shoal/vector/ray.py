@@ -77,7 +77,7 @@ def _join(ray, address: str | None, timeout: float) -> None:
     host, _, port = (address or "").removeprefix("ray://").rpartition(":")
     if host and port.isdecimal():
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout, 10.0)).close()
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout or 10.0, 10.0)).close()
         except OSError as error:
             raise APIUsageError(f"Ray: nothing answers at address={address!r} ({error}): start a Ray cluster there "
                                 f"(ray start --head), or pass address=None to start a local one") from None
@@ -403,10 +403,6 @@ class Ray(VecEnv):
             from ray import cloudpickle
 
             cloudpickle.dumps(value)
-
-    def _running_env(self, worker: int) -> int | None:
-        env = int(self._progress[worker])
-        return env if env >= 0 else None
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])
