@@ -437,6 +437,12 @@ def test_calls_out_of_order(make, backend):
     vecenv.close()  # idempotent
     with pytest.raises(APIUsageError, match="reset\\(\\) on a closed .*: make a new vec env"):
         vecenv.reset()
+    with pytest.raises(APIUsageError, match="step\\(\\) on a closed .*: make a new vec env"):
+        vecenv.step(actions)
+    halves = make(cartpole(), backend, num_workers=2, batch_size=1)
+    halves.close()
+    with pytest.raises(APIUsageError, match="reset\\(\\) on a closed .*: make a new vec env"):  # not: use async
+        halves.reset()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

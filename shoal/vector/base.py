@@ -684,6 +684,7 @@ class VecEnv(abc.ABC):
             raise APIUsageError(f"{call} on a closed {type(self).__name__}: make a new vec env")
 
     def _check_sync(self, call: str) -> None:
+        self._check_open(call)
         if self.batch_size != self.num_envs:
             raise APIUsageError(
                 f"{call} needs batch_size == num_envs ({self.num_envs}), got batch_size={self.batch_size}: "
