@@ -388,11 +388,11 @@ class Binding:
                            f"output space cannot be inferred: pass feature_space=")
         return next(iter(obs.values()))
 
-    def _reset_env(self, env, seed: int | None) -> Any:
-        """``env.reset(seed=seed)``; EnvError if the env's reset takes no seed= or options= (a TypeError
-        raised inside the env's own code goes on unchanged)."""
+    def _reset_env(self, env, seed: int | None, options: dict | None = None) -> Any:
+        """``env.reset(seed=seed)`` (and ``options=`` when given); EnvError if the env's reset takes no seed= or
+        options= (a TypeError raised inside the env's own code goes on unchanged)."""
         try:
-            return env.reset(seed=seed)
+            return env.reset(seed=seed) if options is None else env.reset(seed=seed, options=options)
         except TypeError as error:
             inner = getattr(env, "unwrapped", env)  # the call may have failed in a wrapper, passing options=
             if "keyword argument" not in str(error) or _takes_seed(inner):
@@ -526,16 +526,20 @@ class EmulatedEnv:
 
     # -------------------------------------------------------------- the contract
 
-    def reset(self, seed: int | None = None):
-        """Start an episode. Returns ``(obs, infos)``."""
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        """Start an episode; ``options`` go to the env's own reset (automatic resets pass none). Returns
+        ``(obs, infos)``."""
         if self._closed:
             raise self._closed_error("reset()")
         if seed is not None:  # as a Python int: envs take no numpy ints (gymnasium refuses them)
             seed = check_int(f"{self.binding.env_name}: seed", seed, minimum=0)
+        if options is not None and not isinstance(options, dict):
+            raise APIUsageError(f"{self.binding.env_name}: reset options must be a dict or None, got "
+                                f"{type(options).__name__} {_short(options)}")
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
-        infos = self._begin_episode(seed)
+        infos = self._begin_episode(seed, options)
         self._needs_reset = False
         return self._output(self.obs), infos
 
@@ -549,8 +553,8 @@ class EmulatedEnv:
             error.add_note(f"raised in the automatic reset that starts the next episode, at step {self.tick}")
             raise
 
-    def _begin_episode(self, seed: int | None) -> dict:
-        obs, infos = self.binding._checked_reset(self._quietly(self.binding._reset_env, self.env, seed))
+    def _begin_episode(self, seed: int | None, options: dict | None = None) -> dict:
+        obs, infos = self.binding._checked_reset(self._quietly(self.binding._reset_env, self.env, seed, options))
         if not self.binding.is_multiagent:  # every slot is overwritten: nothing to clear
             self._lone_episode = [0.0, 0]
             self._write_single(obs)

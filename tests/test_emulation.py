@@ -1387,3 +1387,20 @@ def test_an_env_whose_close_fails_does_not_hide_why_the_binding_refused_it():
 
     with pytest.raises(SpaceError, match="Text"):
         shoal.Binding(env_cls=TextObservations)
+
+
+def test_reset_options_reach_the_env_and_are_checked():
+    env = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",)).make_env()
+    obs, _ = env.reset(seed=0, options={"low": 0.2, "high": 0.3})
+    assert ((obs >= 0.2) & (obs <= 0.3)).all()
+    with pytest.raises(APIUsageError, match=r"reset options must be a dict or None, got list"):
+        env.reset(seed=0, options=[0.2, 0.3])
+
+    class SeedOnly(SecondResetFails):  # takes seed= only: fine until options are passed
+        def reset(self, seed=None):
+            return super().reset(seed=seed)
+
+    seed_only = shoal.Binding(env_cls=SeedOnly).make_env()
+    seed_only.reset(seed=0)
+    with pytest.raises(EnvError, match=r"cannot take seed= and options="):
+        seed_only.reset(seed=0, options={})
