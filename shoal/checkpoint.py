@@ -36,6 +36,9 @@ def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(fd, 0o666 & ~umask)  # as open() makes files (mkstemp makes them private, 0600)
         with os.fdopen(fd, "wb") as file:
             torch.save(payload, file)
             file.flush()

@@ -157,7 +157,8 @@ def _train(argv: list[str]) -> int:
     print(f"trained {result.global_step - resumed_at:,} steps"
           + (f" (from step {resumed_at:,} to {result.global_step:,})" if resumed_at else "")
           + f" in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
-          f"mean return of the last 20 episodes: {result.mean_return():.1f}"
+          + (f"mean return of the last 20 episodes: {result.mean_return():.1f}" if result.episodes
+             else "no episode ended in this run")
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
     print(f"run directory: {config.run_dir}   (shoal eval {config.run_dir} · shoal plot {config.run_dir} · "
           f"tensorboard --logdir {Path(config.run_dir).parent})")

@@ -99,6 +99,7 @@ class Logger:
         self.latest: dict[str, Any] = {}
         self._last_print = 0.0
         self._csv_file = self._csv = self._tb = self._wandb = self._live = self._console = None
+        self._printed = ""  # the last plain progress line printed
         self._closed = False
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,8 +241,12 @@ class Logger:
             self._progress.update(self._task, completed=min(step, self.total_steps or step))
             self._live.update(self._render())
         elif self._console is not None and time.monotonic() - self._last_print >= self.print_interval:
-            self._last_print = time.monotonic()
-            self._console.print(self.summary_line(), highlight=False, soft_wrap=True)
+            self._print_summary()
+
+    def _print_summary(self) -> None:
+        self._last_print = time.monotonic()
+        self._printed = self.summary_line()
+        self._console.print(self._printed, highlight=False, soft_wrap=True)
 
     def summary_line(self) -> str:
         """One plain line with the latest step, return, throughput and losses."""
@@ -267,8 +272,8 @@ class Logger:
         if self._live is not None:
             self._live.stop()
             self._live = None
-        elif self._console is not None and self.latest:
-            self._console.print(self.summary_line(), highlight=False, soft_wrap=True)
+        elif self._console is not None and self.latest and self.summary_line() != self._printed:  # not twice
+            self._print_summary()
         if self._csv_file is not None:
             self._csv_file.close()
             self._csv_file = self._csv = None

@@ -30,6 +30,12 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_a_run_in_which_no_episode_ended_says_so(tmp_path, capsys):
+    code, out, _ = run(capsys, "train", "--env", "gym:MountainCar-v0", *FAST, "--total-timesteps", "128",
+                       "--run-dir", str(tmp_path / "run"))  # its episodes last 200 steps
+    assert code == 0 and "no episode ended in this run" in out and "nan" not in out
+
+
 def test_train_eval_plot_and_resume(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     code, out, _ = run(capsys, "train", *FAST, "--total-timesteps", "256", "--run-dir", run_dir,

@@ -54,6 +54,7 @@ def test_plain_lines_off_a_terminal(capsys):
     logger.close()
     out = capsys.readouterr().out
     assert "step 640/1,000" in out and "return(20) 30.2" in out
+    assert out.count("step 640/1,000") == 1  # close() does not print the line log() just printed again
 
 
 def test_wandb_offline(tmp_path, monkeypatch):

@@ -351,6 +351,9 @@ def test_save_atomic_replaces_the_old_file_in_one_step(tmp_path):
     save_atomic({"a": 2}, path)
     assert torch.load(path)["a"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as other files, not the temporary file's 0600
 
 
 def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
