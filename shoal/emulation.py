@@ -95,8 +95,9 @@ def _same_space(a: spaces.Space, b: spaces.Space) -> bool:
         pairs = list(zip(leaves(a), leaves(b)))
     except SpaceError:  # a space shoal does not flatten (Text...): a feature_parser may make one it does
         return True
-    return all(not isinstance(x.space, spaces.Box) or (np.array_equal(x.space.low, y.space.low)
-                                                       and np.array_equal(x.space.high, y.space.high)) for x, y in pairs)
+    return all(not isinstance(x.space, spaces.Box)
+               or np.array_equal(x.space.low, y.space.low) and np.array_equal(x.space.high, y.space.high)
+               for x, y in pairs)
 
 
 def _infer_space(value: Any) -> spaces.Space:
