@@ -16,10 +16,11 @@ import fcntl
 import os
 import random
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import torch
@@ -30,17 +31,21 @@ FORMAT = "shoal-checkpoint-1"
 _NAME = re.compile(r"^update_(\d+)\.pt$")
 
 
-def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
-    """``torch.save(payload)`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def replaced_atomically(path: Path, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
+    """A temporary file (``.<name>.*.tmp`` beside ``path``) to write ``path``'s new content into; it replaces
+    ``path`` in one rename when the block ends, or is removed if the block fails, leaving ``path`` as it was.
+    The file keeps ``path``'s mode, or gets the one ``open`` gives a new file (mkstemp's is private, 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(fd, 0o666 & ~umask)  # as open() makes files (mkstemp makes them private, 0600)
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
+        if path.exists():
+            shutil.copymode(path, tmp)
+        else:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, mode, **open_args) as file:
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
@@ -48,6 +53,14 @@ def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(path) as file:
+        torch.save(payload, file)
     return path
 
 

@@ -19,8 +19,6 @@ import csv
 import io
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -155,18 +153,13 @@ class Logger:
         # one. Rows are appended from then on.
         for stale in self.run_dir.glob(".progress.*.tmp"):  # such a killed run's unfinished rewrite
             stale.unlink(missing_ok=True)
+        from shoal.checkpoint import replaced_atomically  # here: a resumed run has torch loaded already
+
         kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
-        fd, temporary = tempfile.mkstemp(prefix=".progress.", suffix=".tmp", dir=self.run_dir)
-        try:
-            with os.fdopen(fd, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(kept)
-            shutil.copymode(path, temporary)  # mkstemp makes it private: keep the file's own mode
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        with replaced_atomically(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
         self._csv_file = open(path, "a", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
 
