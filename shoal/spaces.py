@@ -286,8 +286,10 @@ def as_array(value: Any, what: str, path: tuple | None = None) -> np.ndarray:
     try:
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as error:  # ragged lists, a GPU tensor or one that requires grad
-        if _is_torch(value) and value.device.type == "cpu" and value.is_floating_point() and not value.requires_grad:
-            return value.double().numpy()  # a dtype numpy lacks (bfloat16): float64 holds its values exactly
+        if _is_torch(value) and not value.requires_grad:  # a dtype numpy lacks (bfloat16), on the CPU
+            values = _cpu_values(value)
+            if values is not None:
+                return values
         where = what if path is None else f"{what} {_path_str(path)}"
         raise SpaceError(f"{where} must be one array (numpy, a CPU tensor or equal-length nested lists), got "
                          f"{type(value).__name__}: {str(error).splitlines()[0]}") from None
