@@ -223,7 +223,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     shoal = Path(sys.executable).parent / "shoal"
     argv = [str(shoal), "train", *FAST, "--total-timesteps", "100000000", "--run-dir", str(run_dir),
             "--checkpoint-interval", "0"]
-    training = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action, also where pytest runs as a background job, whose children inherit SIGINT ignored
+    training = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while len(read_progress(run_dir) if (run_dir / "progress.csv").exists() else []) < 3:  # 3 updates done
         assert training.poll() is None and time.monotonic() < deadline, training.communicate()
