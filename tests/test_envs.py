@@ -31,6 +31,16 @@ def test_any_gymnasium_id():
     assert pendulum.single_action_space.shape == (1,)  # a Box: Gaussian policies
 
 
+def test_an_ale_gymnasium_id_builds_in_worker_processes():
+    import shoal.vector
+
+    # Workers start without the parent's registration of ale-py's "ALE" namespace: each registers it.
+    with shoal.vector.make(make_binding("gym:ALE/Breakout-v5", obs_type="ram"), "multiprocessing",
+                           num_workers=1, envs_per_worker=1) as vecenv:
+        obs, _ = vecenv.reset(seed=0)
+        assert obs.shape == (1, 128)
+
+
 def test_pettingzoo_env_by_registry_id():
     binding = make_binding("pettingzoo:butterfly/knights_archers_zombies-v11")
     assert binding.is_multiagent and binding.max_agents == 4 and binding.env_name == "butterfly/knights_archers_zombies-v11"

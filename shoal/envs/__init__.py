@@ -59,20 +59,32 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
                             f"installs it: ./install.sh atari") from None
 
 
-def gym(env_id: str, **env_kwargs: Any) -> Binding:
-    """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first)."""
-    _require_name("gym(env_id)", env_id)
+def _register_namespace(env_id: str) -> None:
+    """Register ale-py's games for an ``ALE/...`` id (a Gymnasium namespace only ale-py's import adds)."""
     if env_id.startswith("ALE/"):
         from shoal.envs.atari import import_ale
 
         import_ale()
+
+
+def _make_gym(env_id: str, **env_kwargs: Any):
+    """``gymnasium.make`` after :func:`_register_namespace`, in the process that builds the env: worker
+    processes and Ray actors start without the parent's registrations."""
+    _register_namespace(env_id)
+    return gymnasium.make(env_id, **env_kwargs)
+
+
+def gym(env_id: str, **env_kwargs: Any) -> Binding:
+    """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first)."""
+    _require_name("gym(env_id)", env_id)
+    _register_namespace(env_id)
     if env_id not in gymnasium.registry:
         close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=3)
         hint = f": did you mean {', '.join(close)}?" if close else ""
         raise APIUsageError(f"unknown Gymnasium env id {env_id!r}: expected a registered id such as "
                             f"CartPole-v1 or Acrobot-v1{hint}")
     try:
-        return Binding(env_creator=gymnasium.make, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
+        return Binding(env_creator=_make_gym, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
         raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: "
                             f"{_missing(error)}") from None

@@ -126,8 +126,7 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     if not (is_number(repeat_action_probability) and 0 <= repeat_action_probability <= 1):
         raise APIUsageError(f"{where}: repeat_action_probability must be a number from 0 to 1, got "
                             f"{repeat_action_probability!r}")
-    ale_py = import_ale()
-    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner from every env copy
+    import_ale()
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
 
     env = gymnasium.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=repeat_action_probability,
@@ -145,15 +144,16 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     return FrameStackObservation(env, frame_stack)
 
 
-def import_ale():
-    """``ale_py``, its games registered with gymnasium; APIUsageError naming the extra if it is missing."""
+def import_ale() -> None:
+    """Register ale-py's games with gymnasium and cut its log to errors (no banner from every env copy);
+    APIUsageError naming the extra if ale-py is missing."""
     try:
         import ale_py
     except ImportError:
         raise APIUsageError("Atari envs need ale-py, which the atari extra installs: ./install.sh atari (or pip "
                             "install -c constraints.txt -e '.[atari]')") from None
     gymnasium.register_envs(ale_py)
-    return ale_py
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 
 
 def atari_games() -> list[str]:
