@@ -823,7 +823,7 @@ class ActionLayout:
         if self.is_discrete:
             if flat.dtype.kind not in "iub":
                 raise SpaceError(f"{space} takes integer actions, got dtype {flat.dtype}")
-            if flat.min() >= 0 and (flat < space.nvec).all():  # the usual case: two reductions
+            if not flat.size or flat.min() >= 0 and (flat < space.nvec).all():  # the usual case: two reductions
                 return None
             bad = (flat < 0) | (flat >= space.nvec)
         else:

@@ -839,6 +839,37 @@ def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoal
     assert "final_observation" not in infos["a"] and infos["a"]["kept"] == 1
 
 
+def test_an_empty_multidiscrete_action_leaf_steps_alone_and_beside_other_leaves():
+    seen = []
+
+    class EmptyActionEnv(gymnasium.Env):
+        observation_space = spaces.Box(-1, 1, (2,), np.float32)
+
+        def __init__(self, action_space):
+            self.action_space = action_space
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            seen.append(action)
+            return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    alone = shoal.Binding(env_cls=EmptyActionEnv, env_args=(spaces.MultiDiscrete(np.array([], np.int64)),))
+    assert alone.single_action_space == spaces.MultiDiscrete(np.array([], np.int64))
+    env = alone.make_env()
+    env.reset(seed=0)
+    env.step(np.zeros((1, 0), np.int64))
+    assert seen.pop().shape == (0,)
+    beside = shoal.Binding(env_cls=EmptyActionEnv, env_args=(spaces.Dict({
+        "none": spaces.MultiDiscrete(np.array([], np.int64)), "move": spaces.Discrete(3)}),))
+    env = beside.make_env()
+    env.reset(seed=0)
+    env.step(np.array([[2]]))
+    action = seen.pop()
+    assert action["move"] == 2 and action["none"].shape == (0,)
+
+
 def test_an_agent_that_ended_at_an_autoreset_and_spawns_in_the_next_episode_has_not_acted_yet():
     def spawn_then_end(t, env):  # each episode: "b" appears at step 1, everyone ends at step 2
         agents = ["a", "b"]
