@@ -521,10 +521,6 @@ class EmulatedEnv:
                            f"{type(agents).__name__} {_short(agents)}")
         return agents
 
-    def _live_agents(self) -> list:
-        """Agents of a multi-agent env that act at the next step."""
-        return [agent for agent in self._listed() if agent not in self._ended]
-
     # -------------------------------------------------------------- the contract
 
     def reset(self, seed: int | None = None, options: dict | None = None):
@@ -654,10 +650,16 @@ class EmulatedEnv:
                                 f"automatic reset at the end of an episode failed)")
         if not binding.is_multiagent:
             return self._step_single(actions)
-        live = self._live_agents()
-        live_slots = self._slots(live, "lists in env.agents")
-        raw_actions = self._unflatten_actions(actions, live, live_slots)
-        acting = np.zeros(binding.max_agents, bool)  # slots whose agent gets an action at this step
+        # Every listed agent gets an action (the Parallel API asks for one each), also an ended agent the env
+        # still lists; only the live ones act in their episodes.
+        addressed = list(self._listed())
+        addressed_slots = self._slots(addressed, "lists in env.agents")
+        live, live_slots = addressed, addressed_slots
+        if self._ended and not self._ended.isdisjoint(addressed):
+            live = [agent for agent in addressed if agent not in self._ended]
+            live_slots = self._slots(live, "lists in env.agents")
+        raw_actions = self._unflatten_actions(actions, addressed, addressed_slots)
+        acting = np.zeros(binding.max_agents, bool)  # slots whose agent acts in its episode at this step
         acting[live_slots] = True
         self.tick += 1
         result = self._quietly(self.env.step, raw_actions)
@@ -900,19 +902,19 @@ class EmulatedEnv:
                                 f"{expected}")
         raise EnvError(f"{where}: reward must be {expected}, got {type(value).__name__} {_short(value)}")
 
-    def _unflatten_actions(self, actions, live: list, live_slots: np.ndarray) -> dict:
-        """The env's actions for the ``live`` agents (in ``live_slots``), by agent id."""
+    def _unflatten_actions(self, actions, agents: list, slots: np.ndarray) -> dict:
+        """The env's actions for ``agents`` (in ``slots``), by agent id."""
         binding = self.binding
         if not binding.emulate_flat_atn:
-            return self._raw_actions(actions, live)
-        array = self._checked_actions(actions, live_slots)
-        return dict(zip(live, binding.atn_layout.unflatten_rows(array, live_slots)))
+            return self._raw_actions(actions, agents)
+        array = self._checked_actions(actions, slots)
+        return dict(zip(agents, binding.atn_layout.unflatten_rows(array, slots)))
 
-    def _raw_actions(self, actions, live: list) -> dict:
+    def _raw_actions(self, actions, agents: list) -> dict:
         """``emulate_flat_atn=False``: the caller's own actions, each checked against the raw action space.
 
-        An agent with mask True needs one; an agent the env lists but has not shown (mask False) gets the
-        neutral action when the caller gives none, as with flat actions.
+        An agent with mask True that has not ended needs one; an agent the env lists but has not shown
+        (mask False) or that has ended gets the neutral action when the caller gives none, as with flat actions.
         """
         binding = self.binding
         if not binding.is_multiagent:
@@ -925,20 +927,21 @@ class EmulatedEnv:
         if not actions.keys() <= binding.agent_slots.keys():
             raise self._unknown_agent(actions, "holds an action for", "step's actions", APIUsageError, self.tick + 1)
         chosen = {}
-        for agent in live:
+        for agent in agents:
             if agent in actions:
                 self._check_raw_action(agent, actions[agent])
                 chosen[agent] = actions[agent]
-            elif self.masks[binding.agent_slots[agent]]:
+            elif self.masks[binding.agent_slots[agent]] and agent not in self._ended:
                 given = sorted(actions, key=_agent_order)
                 raise APIUsageError(f"{where}: no action for agent {agent!r}: expected one for every agent with mask "
                                     f"True that has not ended, got actions for {_short(given)}")
             elif self._raw_layout is not None:  # a fresh one each time: the env may keep or edit what it gets
                 chosen[agent] = self._raw_layout.unflatten(self._raw_layout.neutral)
             else:
-                raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents but "
-                                    f"has not shown yet (mask False): shoal has no neutral action for "
-                                    f"{binding.raw_single_action_space}, so pass one")
+                state = "after its end" if agent in self._ended else "but has not shown yet (mask False)"
+                raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents "
+                                    f"{state}: shoal has no neutral action for {binding.raw_single_action_space}, "
+                                    f"so pass one")
         return chosen
 
     def _check_raw_action(self, agent, action) -> None:
@@ -954,7 +957,7 @@ class EmulatedEnv:
             raise APIUsageError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick + 1}: raw action does not "
                                 f"fit the action space {space}: {error}") from None
 
-    def _checked_actions(self, actions, live_slots: np.ndarray) -> np.ndarray:
+    def _checked_actions(self, actions, slots: np.ndarray) -> np.ndarray:
         binding = self.binding
         layout = binding.atn_layout
         expected = (binding.max_agents, layout.size)
@@ -979,7 +982,7 @@ class EmulatedEnv:
             slot = shown[0]
             raise APIUsageError(f"{where}, agent {binding.possible_agents[slot]!r} (slot {slot}): action "
                                 f"{array[slot]} is out of range: expected {layout.allowed()}")
-        dark = live_slots[bad[live_slots]]  # agents the env lists but has not shown: their rows go unchecked
+        dark = slots[bad[slots]]  # listed agents not shown (dark, or ended): their rows go unchecked
         if len(dark):
             array = array.copy()
             array[dark] = layout.neutral

@@ -1218,9 +1218,52 @@ def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
 
 
 
+class EndedButListed(ParallelEnv):
+    """Agent "a" terminates at step 1 but stays in env.agents until the episode ends at step 3; like
+    PettingZoo's aec_to_parallel, step needs an action for every listed agent."""
+
+    metadata = {"name": "ended_but_listed"}
+    possible_agents = ["a", "b"]
+
+    def observation_space(self, agent):
+        return spaces.Box(0, 1, (1,), np.float32)
+
+    def action_space(self, agent):
+        return spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        self.t, self.agents = 0, ["a", "b"]
+        return {agent: np.zeros(1, np.float32) for agent in self.agents}, {}
+
+    def step(self, actions):
+        missing = [agent for agent in self.agents if agent not in actions]
+        if missing:
+            raise KeyError(missing[0])
+        self.t += 1
+        obs = {agent: np.ones(1, np.float32) for agent in self.agents}
+        terminated = {"a": self.t == 1, "b": self.t == 3}
+        if self.t == 3:
+            self.agents = []
+        return obs, {agent: 1.0 for agent in obs}, terminated, {agent: False for agent in obs}, {}
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_an_ended_agent_the_env_still_lists_gets_an_action_but_stays_dark(flat):
+    env = shoal.Binding(env_cls=EndedButListed, emulate_flat_atn=flat).make_env()
+    env.reset(seed=0)
+    both = np.ones((2, 1), np.int64) if flat else {"a": 1, "b": 1}
+    _, _, terminals, _, infos = env.step(both)
+    assert terminals.tolist() == [True, False] and infos["a"]["episode"] == {"return": 1.0, "length": 1}
+    *_, infos = env.step(both if flat else {"b": 1})  # raw actions: "a" gets the neutral one
+    assert env.masks.tolist() == [False, True] and "a" not in infos
+    *_, infos = env.step(both)
+    assert infos["b"]["episode"] == {"return": 3.0, "length": 3} and "episode" not in infos.get("a", {})
+
+
 def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_every_info_passes_through():
     # b appears at step 1 already terminated, listed but with no observation: its flag and reward come with mask
-    # True, and it never acts (it used to act at step 2 and be reported truncated at step 3)
+    # True, and it never acts in an episode of its own (it used to be reported truncated at step 3); the env,
+    # which lists it at steps 2 and 3, still gets an action for it there, as the Parallel API asks
     def appears_ending(t, env):
         env.agents = ["a", "b"] if t < 3 else ["a"]
         rewards = {"a": 1.0, "b": 5.0 if t == 1 else 7.0}
@@ -1235,7 +1278,7 @@ def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_
         _, rewards, terminals, truncations, infos = env.step(np.zeros((2, 1), np.int64))
         assert env.masks.tolist() == [True, False] and not terminals[1] and not truncations[1]
         assert infos == {"b": {"note": t}}  # an ended agent's own infos pass through
-    assert env.env.acted == [["a"], ["a"], ["a"]]
+    assert env.env.acted == [["a"], ["a", "b"], ["a", "b"]]
 
     # b is shown at step 1 but never listed and not flagged: it is truncated there, with its final observation
     def shown_unlisted(t, env):
