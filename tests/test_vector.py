@@ -769,6 +769,76 @@ def test_close_from_another_thread_during_recv_is_named(no_leaks, backend):
         vecenv.step(np.zeros((2, 1), np.int64))
 
 
+def test_close_from_inside_a_serial_step_is_named(no_leaks):
+    # A signal handler runs in the caller's thread, between any two bytecodes: here, inside worker 0's step, so
+    # worker 1's step is sent to a vec env that has no workers left (an IndexError before).
+    holder = {}
+
+    class ClosesTheVecEnv(gymnasium.Env):
+        observation_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+        action_space = gymnasium.spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            holder["vecenv"].close()
+            return np.zeros(1, np.float32), 0.0, False, False, {}
+
+    vecenv = holder["vecenv"] = shoal.vector.make(shoal.Binding(env_cls=ClosesTheVecEnv), "serial", num_workers=2)
+    vecenv.reset(seed=0)
+    with pytest.raises(APIUsageError, match="Serial was closed while sending step to worker 1 .*\(close\(\) from "
+                                            "a signal handler or another thread\)"):
+        vecenv.step(np.zeros((2, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_close_from_another_thread_at_any_point_of_stepping_is_named(no_leaks, backend):
+    for delay in (0.01, 0.03, 0.07):  # lands in send, in recv or between calls: always the same kind of error
+        vecenv = shoal.vector.make(cartpole(), backend, num_workers=2)
+        vecenv.reset(seed=0)
+        threading.Timer(delay, vecenv.close).start()
+        with pytest.raises(APIUsageError, match="closed"):
+            for _ in range(100_000):
+                vecenv.step(np.zeros((2, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_a_close_that_ctrl_c_cut_short_is_finished_by_the_next(no_leaks, backend):
+    class SlowToClose(gymnasium.Env):  # in the workers only: the binding's probe env closes at once
+        observation_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+        action_space = gymnasium.spaces.Discrete(2)
+
+        def __init__(self, parent: int):
+            self.parent = parent
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, np.float32), 0.0, False, False, {}
+
+        def close(self):
+            if os.getpid() != self.parent:
+                time.sleep(30)
+
+    vecenv = shoal.vector.make(shoal.Binding(env_cls=SlowToClose, env_args=(os.getpid(),)), backend, num_workers=2)
+    vecenv.reset(seed=0)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)  # while close() gives the workers 1 s to close their envs
+        with pytest.raises(KeyboardInterrupt):
+            vecenv.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    vecenv.close()  # stops the workers the first one left: no_leaks checks
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_and_garbage_collection_leave_nothing(no_leaks, backend):
     with shoal.vector.make(cartpole(), backend, num_workers=2, envs_per_worker=2) as vecenv:

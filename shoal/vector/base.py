@@ -511,7 +511,9 @@ class VecEnv(abc.ABC):
         self._steps = [0] * self.num_workers  # steps sent to each worker: its own count, as its failures give it
         self._sent: dict[int, tuple[float, Command]] = {}  # worker -> (when, what) of its newest command
         self._owner_pid = os.getpid()
-        self._closed = False  # from here on the backend may own processes or memory: close() releases them
+        self._closing = threading.Lock()  # held by the close() that runs _shutdown
+        self._closed = False  # close() was called: no more commands
+        self._shut_down = False  # from here on the backend may own processes or memory until close() releases them
 
     # -------------------------------------------------------------- backend primitives
 
@@ -654,12 +656,17 @@ class VecEnv(abc.ABC):
                     pending.discard(worker)
                     answers.append((worker, status, payload))
         except BaseException as error:  # WorkerError, KeyboardInterrupt: the workers are in an unknown state
-            closed_while_waiting = self._closed
+            closed_under_us = self._closed
             self.close()
-            if closed_while_waiting and isinstance(error, Exception):
-                raise APIUsageError(f"{type(self).__name__} was closed while waiting for {what or 'its workers'} "
-                                    f"(close() from a signal handler or another thread)") from None
+            if closed_under_us and isinstance(error, Exception):
+                raise self._closed_under_us(f"waiting for {what or 'its workers'}") from None
             raise
+
+    def _closed_under_us(self, doing: str) -> APIUsageError:
+        """The error for a call whose vec env another thread or a signal handler closed while it was ``doing``
+        something: what then fails (a pipe, a list of workers) is a consequence, not the cause."""
+        return APIUsageError(f"{type(self).__name__} was closed while {doing} (close() from a signal handler or "
+                             f"another thread)")
 
     def _last_command(self, workers: set[int]) -> str:
         commands = {self._sent[worker][1] for worker in workers if worker in self._sent}
@@ -765,8 +772,11 @@ class VecEnv(abc.ABC):
         self._sent[worker] = time.monotonic(), command
         try:
             self._dispatch(worker, command, payload)
-        except BaseException:
+        except BaseException as error:
+            closed_under_us = self._closed
             self.close()
+            if closed_under_us and isinstance(error, Exception):
+                raise self._closed_under_us(f"sending {command.value} to {self._describe(worker)}") from None
             raise
 
     def _checked_actions(self, actions) -> np.ndarray:
@@ -902,13 +912,20 @@ class VecEnv(abc.ABC):
     # -------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Stop every worker and free every buffer. Safe to call twice; later calls do nothing."""
-        if getattr(self, "_closed", True):  # closed, or its __init__ failed before owning anything
+        """Stop every worker and free every buffer. Safe to call twice: once done, later calls do nothing; a
+        close that an interrupt (Ctrl-C) cut short is finished by the next (or by garbage collection)."""
+        if getattr(self, "_shut_down", True):  # done, or its __init__ failed before owning anything
             return
         self._closed = True
         self._state = AsyncState.CLOSED
-        if os.getpid() == self._owner_pid:  # not a copy inherited by a forked child: the workers are ours
-            self._shutdown()
+        if not self._closing.acquire(blocking=False):  # another thread's close runs, or the one a handler interrupted
+            return
+        try:
+            if os.getpid() == self._owner_pid:  # not a copy inherited by a forked child: the workers are ours
+                self._shutdown()
+            self._shut_down = True
+        finally:
+            self._closing.release()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # copy.copy, copy.deepcopy and pickle all come here: two owners of one set of workers would close them

@@ -102,6 +102,14 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
         serve(group, conn)
 
 
+def _is_open(process) -> bool:
+    """Whether ``process`` was started and not yet closed (a close() that an interrupt cut short closes some)."""
+    try:
+        return process.pid is not None
+    except ValueError:  # "process object is closed"
+        return False
+
+
 def _default_context() -> str:
     """'forkserver' where it exists: safe with a threaded parent (torch, Ray), fast after its first start."""
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -260,23 +268,23 @@ class Multiprocessing(VecEnv):
         if hasattr(self, "_poller"):
             self._poller.clear()
         for process, conn in zip(processes, conns):
-            if process.pid is not None and process.exitcode is None:
+            if _is_open(process) and process.exitcode is None:
                 try:
                     conn.send((Command.CLOSE, None))
                 except (OSError, EOFError):
                     pass
         deadline = time.monotonic() + 1.0  # time to close their envs; then they are stopped
         for process in processes:
-            if process.pid is not None:
+            if _is_open(process):
                 process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
-            if process.pid is not None and process.exitcode is None:
+            if _is_open(process) and process.exitcode is None:
                 process.terminate()
                 process.join(1.0)
-            if process.pid is not None and process.exitcode is None:
+            if _is_open(process) and process.exitcode is None:
                 process.kill()
                 process.join()
-            if process.pid is not None:
+            if _is_open(process):
                 process.close()  # frees its sentinel
         for conn in conns:
             conn.close()
