@@ -23,10 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
 
-import tyro
-
 from shoal.errors import ShoalError
-from shoal.ppo import PPOConfig
 
 USAGE = """usage: shoal {train,eval,plot} [options]
 
@@ -111,7 +108,7 @@ def _make_default_run_dir(env: str, seed: int) -> str:
 def _train(argv: list[str]) -> int:
     from shoal.checkpoint import list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
-    from shoal.ppo import config_from_checkpoint, train
+    from shoal.ppo import POLICY_FIELDS, config_from_checkpoint, train
 
     resume = _flag_value(argv, "--resume")
     checkpoint = None
@@ -130,6 +127,14 @@ def _train(argv: list[str]) -> int:
     if checkpoint is not None and config.env != checkpoint["env"]:
         raise UsageError(f"--resume {resume}: that run trained on env {checkpoint['env']!r}, not {config.env!r}; "
                          f"drop --env or start a new run")
+    if checkpoint is not None:
+        trained = config_from_checkpoint(checkpoint)
+        changed = ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
+                            if getattr(config, name) != getattr(trained, name))
+        if changed:
+            built = ", ".join(f"{name}={getattr(trained, name)!r}" for name in POLICY_FIELDS)
+            raise UsageError(f"--resume {resume}: {changed} cannot change when a run goes on: its network was built "
+                             f"with {built}; drop {changed} or start a new run")
     config.validate()
     binding = make_binding(config.env)
     made_run_dir = config.run_dir is None
@@ -210,6 +215,14 @@ def _plot(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
 
 
+def _import_dependencies() -> None:
+    """Import tyro and torch (through shoal.ppo), which the argument classes' annotations name, inside main's
+    ``try``: a Ctrl-C in the seconds they take is "interrupted", not a traceback (and ``--help`` skips them)."""
+    global tyro, PPOConfig
+    import tyro
+    from shoal.ppo import PPOConfig
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -221,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shoal: error: unknown command {command!r}: expected train, eval or plot\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
+        _import_dependencies()
         return COMMANDS[command](rest)
     except ShoalError as error:  # every error a user can cause: one message, no traceback
         print(f"shoal {command}: error: {error}", file=sys.stderr)

@@ -119,6 +119,9 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     assert code == 2 and "that run trained on env 'cartpole', not 'gym:Acrobot-v1'" in err
     code, _, err = run(capsys, "train", "--resume", run_dir)
     assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "999", "--hidden-size", "32", "--lstm")
+    assert code == 2 and ("--hidden-size, --lstm cannot change when a run goes on: its network was built with "
+                          "policy='auto', hidden_size=0, lstm=False; drop --hidden-size, --lstm") in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
     code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
@@ -216,6 +219,19 @@ def test_the_installed_command_exits_2_without_a_traceback():
     done = subprocess.run([str(shoal), "train", "--env", "nope"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("shoal train: error: unknown env 'nope'")
+
+
+def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypatch, capsys):
+    # Importing shoal.cli leaves torch and tyro to main(), inside its error handling: they take seconds.
+    code = "import sys, shoal.cli; assert not {'torch', 'tyro'} & set(sys.modules), 'imported at startup'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_import_dependencies", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "shoal train: interrupted\n"
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
