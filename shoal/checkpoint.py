@@ -49,9 +49,11 @@ def replaced_atomically(path: Path, mode: str = "wb", **open_args: Any) -> Itera
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename is None:  # a failed write (disk full) names no file
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 
@@ -60,7 +62,12 @@ def save_atomic(payload: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as file:
-        torch.save(payload, file)
+        try:
+            torch.save(payload, file)
+        except RuntimeError as error:  # torch's zip writer, closing after a failed write, hides its error by its own
+            if isinstance(error.__context__, (OSError, KeyboardInterrupt)):
+                raise error.__context__ from None
+            raise
     return path
 
 

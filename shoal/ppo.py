@@ -298,7 +298,7 @@ def check_flat(binding) -> None:
                             f"what one EmulatedEnv returns; policies unflatten observations themselves")
 
 
-_POLICY_FIELDS = ("policy", "hidden_size", "lstm")  # the config's settings of the default policy
+POLICY_FIELDS = ("policy", "hidden_size", "lstm")  # the config's settings of the default policy
 
 
 def make_policy(config: PPOConfig, binding) -> Policy:
@@ -335,12 +335,12 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     config.validate()
     if policy is not None:
         defaults = PPOConfig()
-        changed = [f"{name}={getattr(config, name)!r}" for name in _POLICY_FIELDS
+        changed = [f"{name}={getattr(config, name)!r}" for name in POLICY_FIELDS
                    if getattr(config, name) != getattr(defaults, name)]
         if changed:
             raise APIUsageError(f"the config sets {', '.join(changed)}, which only shape the default policy, but train "
                                 f"got policy={_describe_policy(policy)}: leave them at their defaults ("
-                                f"{', '.join(f'{name}={getattr(defaults, name)!r}' for name in _POLICY_FIELDS)}) or "
+                                f"{', '.join(f'{name}={getattr(defaults, name)!r}' for name in POLICY_FIELDS)}) or "
                                 f"drop policy=")
     check_flat(binding)
     if logger is not None and not (callable(getattr(logger, "log", None)) and callable(getattr(logger, "close", None))):
@@ -881,12 +881,12 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
         policy.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
         trained = checkpoint.get("config", {})
-        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in _POLICY_FIELDS)
+        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in POLICY_FIELDS)
         raise APIUsageError(
             f"{checkpoint.get('path', 'the checkpoint')} holds {checkpoint.get('policy', 'the')} weights trained with "
             f"{settings}, not this {_describe_policy(policy)}'s network: build the policy with those settings "
             f"(config_from_checkpoint gives them) or pass the policy it was trained with. torch: "
-            f"{str(error).splitlines()[0]}") from None
+            f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from None
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:

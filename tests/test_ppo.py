@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import math
 import os
@@ -356,6 +358,25 @@ def test_save_atomic_replaces_the_old_file_in_one_step(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as other files, not the temporary file's 0600
 
 
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_checkpoint_write_that_fails_raises_its_own_error_and_keeps_the_old_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / "x.pt"
+    save_atomic({"a": 1}, path)
+
+    class FailingFile(io.FileIO):  # a disk that fills up, or a Ctrl-C, in the middle of the write
+        def write(self, data):
+            raise failure
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FailingFile(fd, mode))
+    # torch's zip writer used to replace either by "RuntimeError: [enforce fail ...] unexpected pos"
+    expected = (OSError, f"No space left on device: '{path}'") if isinstance(failure, OSError) else (
+        KeyboardInterrupt, "")
+    with pytest.raises(expected[0], match=re.escape(expected[1])):
+        save_atomic({"a": torch.zeros(100_000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["a"] == 1 and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
 def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
     with pytest.raises(APIUsageError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -550,7 +571,8 @@ def test_resume_from_another_env_is_refused(tmp_path):
 def test_resume_with_another_network_is_refused(tmp_path):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path), lstm=True), make_binding("cartpole"))
     with pytest.raises(APIUsageError, match=r"holds LSTMPolicy\(MLPPolicy\) weights trained with policy='auto', "
-                                            r"hidden_size=0, lstm=True, not this MLPPolicy's network: build the policy"):
+                                            r"hidden_size=0, lstm=True, not this MLPPolicy's network: build the policy"
+                                            r".* torch: Error\(s\) in loading state_dict for MLPPolicy: \w+"):
         train(PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}), make_binding("cartpole"), resume_from=tmp_path)
 
 
