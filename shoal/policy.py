@@ -730,15 +730,41 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
     }
     if kind not in builders:
         raise SpaceError(f"unknown policy kind {kind!r}: expected one of auto, {', '.join(builders)}")
-    try:
+
+    def build() -> Policy:
         policy = builders[kind]()
         return LSTMPolicy(policy) if lstm else policy
+
+    def too_big(reason: str) -> APIUsageError:
+        return APIUsageError(f"default_policy: the {kind} policy{' with an LSTM' if lstm else ''} of hidden_size "
+                             f"{hidden_size or 'its default'} does not fit in memory ({reason}): choose a smaller "
+                             f"hidden_size")
+
+    try:
+        # Sized first on the meta device, which allocates nothing: a network that the OS lets us allocate
+        # but not fill would have the process killed while its weights are initialized.
+        with torch.device("meta"):
+            size = sum(parameter.numel() * parameter.element_size() for parameter in build().parameters())
+        available = _available_memory()
+        if available is not None and size > available:
+            raise too_big(f"{size / 2**30:,.1f} GiB of parameters, {available / 2**30:,.1f} GiB available")
+        return build()
     except RuntimeError as error:
         reason = str(error).splitlines()[0]
         # torch's CPU allocator has no error type of its own; a size past int64 overflows before allocating
         if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in reason
                 or "size calculation overflowed" in reason):
             raise
-        raise APIUsageError(f"default_policy: the {kind} policy{' with an LSTM' if lstm else ''} of hidden_size "
-                            f"{hidden_size or 'its default'} does not fit in memory (torch: {reason}): choose a "
-                            f"smaller hidden_size") from None
+        raise too_big(f"torch: {reason}") from None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where it is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

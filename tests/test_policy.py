@@ -12,6 +12,7 @@ from gymnasium import spaces
 
 import envs
 from shoal import Binding
+from shoal import policy as policy_module
 from shoal.envs import make_binding
 from shoal.errors import APIUsageError, SpaceError
 from shoal.policy import (DiscreteHead, GaussianHead, LSTMPolicy, MixedPolicy, MLPPolicy, NatureCNN, Policy,
@@ -315,11 +316,21 @@ def test_an_lstm_wraps_only_a_policy_made_of_encode_and_decode():
 @pytest.mark.parametrize("lstm", [False, True], ids=["mlp", "lstm"])
 def test_a_network_too_big_for_memory_is_named_with_its_size(lstm):
     with pytest.raises(APIUsageError, match=rf"default_policy: the mlp policy{' with an LSTM' if lstm else ''} of "
-                                            rf"hidden_size 1000000 does not fit in memory \(torch: .*\): choose a "
-                                            rf"smaller hidden_size$"):
+                                            rf"hidden_size 1000000 does not fit in memory \(.* GiB of parameters, "
+                                            rf".* GiB available\): choose a smaller hidden_size$"):
         default_policy(make_binding("cartpole"), hidden_size=10**6, lstm=lstm)
     with pytest.raises(APIUsageError, match=r"hidden_size 10000000000 does not fit in memory"):  # past int64 bytes
         default_policy(make_binding("cartpole"), hidden_size=10**10)
+
+
+def test_a_network_the_os_would_let_us_allocate_but_not_fill_is_refused_before_allocating(monkeypatch):
+    assert policy_module._available_memory() > 0  # Linux: MemAvailable
+    # 2 GiB of weights with 1 GiB available: sized on the meta device, never allocated (under overcommit the
+    # allocation succeeds, and initializing the weights gets the process killed)
+    monkeypatch.setattr(policy_module, "_available_memory", lambda: 2**30)
+    with pytest.raises(APIUsageError, match=r"hidden_size 16000 does not fit in memory \(1.9 GiB of parameters, "
+                                            r"1.0 GiB available\)"):
+        default_policy(make_binding("cartpole"), hidden_size=16000)
 
 
 def test_frames_with_any_channel_count_read_channels_last_and_small_frames_are_refused():
