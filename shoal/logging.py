@@ -16,6 +16,7 @@ One :class:`Logger` fans each dict out to every sink that is switched on:
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
 import os
@@ -348,7 +349,10 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
         out = out / "learning_curves.png"
     elif out.suffix.lower() != ".png":
         out = out.with_name(out.name + ".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:  # a file where a directory of the path goes: say that, not "exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), error.filename) from None
     figure.savefig(out, dpi=120)
     plt.close(figure)
     return out

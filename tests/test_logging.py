@@ -120,6 +120,8 @@ def test_plot_one_line_per_run(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert plot_runs([tmp_path / "a"], tmp_path / "plots" / "noext") == tmp_path / "plots" / "noext.png"
     assert plot_runs([tmp_path / "a"], tmp_path / "plots") == tmp_path / "plots" / "learning_curves.png"
+    with pytest.raises(NotADirectoryError, match=f"Not a directory: '{tmp_path / 'plots' / 'noext.png'}'"):
+        plot_runs([tmp_path / "a"], tmp_path / "plots" / "noext.png" / "under_a_file.png")
 
 
 def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
