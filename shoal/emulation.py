@@ -297,7 +297,8 @@ class Binding:
         if isinstance(env, AECEnv):
             from pettingzoo.utils.conversions import aec_to_parallel
 
-            if not env.metadata.get("is_parallelizable", False):
+            metadata = getattr(env, "metadata", None)  # AECEnv only annotates it: a subclass may have none
+            if not (isinstance(metadata, dict) and metadata.get("is_parallelizable", False)):
                 env.close()
                 raise APIUsageError(
                     f"{self.env_name}: {type(env.unwrapped).__name__} is a PettingZoo AEC env whose metadata does not "

@@ -379,6 +379,14 @@ def test_turn_based_aec_env_is_refused_clearly():
 
     with pytest.raises(APIUsageError, match=r"tictactoe_v3: .* AEC env whose metadata does not set is_parallelizable"):
         shoal.Binding(env_creator=tictactoe_v3.env)
+    from pettingzoo import AECEnv
+
+    class NoMetadata(AECEnv):  # AECEnv only annotates metadata
+        possible_agents = ["a"]
+
+    with pytest.raises(APIUsageError, match=r"NoMetadata is a PettingZoo AEC env whose metadata does not set "
+                                            r"is_parallelizable"):
+        shoal.Binding(env_cls=NoMetadata)
 
 
 def test_parallelizable_aec_env_is_converted():
