@@ -195,7 +195,8 @@ def _eval(argv: list[str]) -> int:
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
                        device=device, max_steps=args.max_steps)
     values = np.asarray(returns)
-    print(f"{binding.env_name}: {len(values)} episodes, return {values.mean():.2f} ± {values.std():.2f} "
+    episodes = "agent-episodes" if binding.is_multiagent else "episodes"  # evaluate counts each agent's own
+    print(f"{binding.env_name}: {len(values)} {episodes}, return {values.mean():.2f} ± {values.std():.2f} "
           f"(min {values.min():.2f}, max {values.max():.2f}) · checkpoint {checkpoint['path']} "
           f"(step {checkpoint['global_step']:,})")
     return 0

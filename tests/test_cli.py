@@ -64,7 +64,7 @@ def test_train_and_eval_a_pettingzoo_env(tmp_path, capsys):
                        "--total-timesteps", "256", "--run-dir", run_dir)
     assert code == 0 and "trained" in out
     code, out, _ = run(capsys, "eval", run_dir, "--episodes", "2")
-    assert code == 0 and "butterfly/knights_archers_zombies-v11: " in out
+    assert code == 0 and "butterfly/knights_archers_zombies-v11: 2 agent-episodes, return" in out
 
 
 @pytest.mark.parametrize("argv,message", [
