@@ -317,7 +317,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             ``policy``, ``hidden_size`` and ``lstm`` shape that default only: with a policy given, they must keep
             their defaults (else an APIUsageError), so that config.json does not describe another network.
         logger: a :class:`~shoal.logging.Logger` (closed at the end); built from the config when None.
-        vecenv: an already made vector env (it is not closed here); made from the config when None.
+        vecenv: an already made vector env (it is not closed here); made from the config when None. Its
+            layout (``num_envs``, ``envs_per_batch``, ``num_workers``, ``backend``) replaces the config's, so that
+            config.json, the seeds and the logs describe the run that happens.
         resume_from: a checkpoint file or run directory to continue from (model, optimizer, global step,
             update count, episode count, wall time and RNG states), or the checkpoint ``load_checkpoint`` loaded.
             Its step must be below ``config.total_timesteps``.
@@ -347,6 +349,13 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
     if vecenv is not None:
         _check_vecenv(vecenv, binding)
+        envs, batch = getattr(vecenv, "num_envs", None), getattr(vecenv, "batch_size", None)
+        layout = {"num_envs": envs, "num_workers": getattr(vecenv, "num_workers", None),
+                  "envs_per_batch": 0 if batch == envs else batch}
+        layout = {name: value for name, value in layout.items() if is_int(value)}  # a wrapper may not say
+        if getattr(vecenv, "backend", None) in ("serial", "multiprocessing", "ray"):
+            layout["backend"] = vecenv.backend
+        config = dataclasses.replace(config, **layout)
     if resume_from is not None and not isinstance(resume_from, (str, os.PathLike, dict)):
         raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, or a checkpoint dict "
                             f"(load_checkpoint), got {resume_from!r}")
@@ -734,6 +743,7 @@ def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, valid: np.nd
     A transition that is not ``valid`` gets advantage 0 and cuts the recursion: nothing flows into or
     out of it (``np.where``, not a product, so garbage there, even NaN, never leaks).
     """
+    _check_gae_inputs(rewards, values, dones, valid, gamma, gae_lambda)
     next_values = np.where(dones, 0, values[1:])
     deltas = np.where(valid, rewards + gamma * next_values - values[:-1], 0).astype(np.float32, copy=False)
     carry = valid & ~dones  # the next transition's advantage flows into this one's
@@ -744,6 +754,28 @@ def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, valid: np.nd
     for t in reversed(range(len(rewards))):  # all that cannot be vectorised: two ops a step
         next_advantage = advantages[t] = deltas[t] + decay[t] * next_advantage
     return advantages
+
+
+def _check_gae_inputs(rewards, values, dones, valid, gamma, gae_lambda) -> None:
+    """APIUsageError unless gae's arguments have its shapes and kinds (numpy would broadcast a wrong shape)."""
+    arrays = {"rewards": rewards, "values": values, "dones": dones, "valid": valid}
+    wrong = next((name for name, array in arrays.items() if not isinstance(array, np.ndarray)), None)
+    if wrong:
+        raise APIUsageError(f"gae: {wrong} must be a numpy array, got {type(arrays[wrong]).__name__}")
+    if rewards.ndim != 2:
+        raise APIUsageError(f"gae: rewards must have shape (T, N), got {rewards.shape}")
+    steps, envs = rewards.shape
+    shapes = {"values": (steps + 1, envs), "dones": (steps, envs), "valid": (steps, envs)}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise APIUsageError(f"gae: {name} must have shape {shape} (rewards are {rewards.shape}), got "
+                                f"{arrays[name].shape}")
+    for name in ("dones", "valid"):
+        if arrays[name].dtype != bool:
+            raise APIUsageError(f"gae: {name} must be bools, got dtype {arrays[name].dtype}")
+    for name, value in (("gamma", gamma), ("gae_lambda", gae_lambda)):
+        if not (is_number(value) and 0 <= value <= 1):
+            raise APIUsageError(f"gae: {name} must be a number in [0, 1], got {value!r}")
 
 
 class _SlotRows:

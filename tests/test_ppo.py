@@ -130,6 +130,21 @@ def test_gradient_clipping_matches_torch(max_norm):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_gae_refuses_arrays_numpy_would_broadcast_and_bad_coefficients():
+    rewards, dones, valid = np.ones((4, 4), np.float32), np.zeros((4, 4), bool), np.ones((4, 4), bool)
+    values = np.ones((5, 4), np.float32)
+    with pytest.raises(APIUsageError, match=r"gae: values must have shape \(5, 4\) \(rewards are \(4, 4\)\), got \(5,\)"):
+        gae(rewards, values[:, 0], dones, valid, 0.99, 0.95)  # broadcast along the wrong axis, before
+    with pytest.raises(APIUsageError, match="gae: dones must be bools, got dtype float32"):
+        gae(rewards, values, dones.astype(np.float32), valid, 0.99, 0.95)
+    with pytest.raises(APIUsageError, match="gae: valid must be a numpy array, got list"):
+        gae(rewards, values, dones, valid.tolist(), 0.99, 0.95)
+    with pytest.raises(APIUsageError, match=r"gae: gamma must be a number in \[0, 1\], got nan"):
+        gae(rewards, values, dones, valid, math.nan, 0.95)
+    with pytest.raises(APIUsageError, match=r"gae: rewards must have shape \(T, N\), got \(4,\)"):
+        gae(rewards[0], values, dones, valid, 0.99, 0.95)
+
+
 def test_gae_matches_the_step_by_step_recursion():
     def reference(rewards, values, dones, valid, gamma, lam):  # the textbook loop, one transition at a time
         advantages, next_advantage = np.zeros(rewards.shape, np.float32), np.zeros(rewards.shape[1:], np.float32)
@@ -845,6 +860,15 @@ LIVES = {  # reset (shown, listed), then per step (shown, terminated, listed aft
         (("a", "b"), (), ("a", "b")), ((), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
     "one absent at reset": ((("a",), ("a",)), [(("a", "b"), (), ("a", "b")), (("a", "b"), ("a", "b"), ())]),
 }
+
+
+def test_a_vecenv_passed_in_sets_the_runs_layout(tmp_path):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**{**QUICK, "num_envs": 2, "total_timesteps": 128}, run_dir=str(tmp_path))
+    with vector.make(binding, "serial", num_workers=2, envs_per_worker=2, batch_size=2) as vecenv:
+        train(config, binding, vecenv=vecenv)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["num_envs"], saved["num_workers"], saved["envs_per_batch"], saved["backend"]) == (4, 2, 2, "serial")
 
 
 @pytest.mark.parametrize("lives", LIVES)
