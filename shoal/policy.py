@@ -37,16 +37,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, SpaceError, check_int
+from shoal.errors import APIUsageError, SpaceError, check_int, is_number
 from shoal.spaces import leaves
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
 
 
 def _described(value: Any) -> str:
-    """What came, for an error message: a tensor's shape, else the type."""
+    """What came, for an error message: a tensor's shape and dtype, else the type."""
     if isinstance(value, torch.Tensor):
-        return f"of shape {tuple(value.shape)}"
+        return f"of shape {tuple(value.shape)} and dtype {value.dtype}"
     kind = type(value)
     return f"of type {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
 
@@ -63,6 +63,9 @@ def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -
                 if isinstance(layer, nn.RNNBase) else "")
         raise APIUsageError(f"layer_init initialises a layer with one weight of 2 or more dimensions (nn.Linear, "
                             f"nn.Conv2d...), got {type(layer).__name__}{hint}")
+    for name, value in (("std", std), ("bias", bias)):
+        if not (is_number(value) and math.isfinite(value)):
+            raise APIUsageError(f"layer_init: {name} must be a finite number, got {value!r}")
     nn.init.orthogonal_(weight, std)
     if getattr(layer, "bias", None) is not None:
         nn.init.constant_(layer.bias, bias)
@@ -108,10 +111,10 @@ class DiscreteHead(nn.Module):
         return -(log_p.exp() * log_p.clamp_min(torch.finfo(log_p.dtype).min)).sum(-1)
 
     def _input_error(self, logits: Any, actions: Any = None) -> APIUsageError:
-        expected = f"logits (B, {self.num_logits}) (nvec {self.nvec})"
+        expected = f"float logits (B, {self.num_logits}) (nvec {self.nvec})"
         got = f"logits {_described(logits)}"
         if actions is not None:
-            expected += f" and actions (B, {len(self.nvec)})"
+            expected += f" and integer actions (B, {len(self.nvec)})"
             got += f" and actions {_described(actions)}"
         return APIUsageError(f"DiscreteHead: expected torch tensors, {expected}, got {got}")
 
@@ -125,7 +128,8 @@ class DiscreteHead(nn.Module):
 
     def sample(self, logits: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(actions (B, D) int64, log-probability (B,))."""
-        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_logits):
+        if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_logits
+                and logits.is_floating_point()):
             raise self._input_error(logits)
         batch = logits.shape[0]
         actions, logprob = [], None
@@ -147,7 +151,9 @@ class DiscreteHead(nn.Module):
         An action out of that range is an APIUsageError on the CPU; on a GPU, torch's indexing asserts.
         """
         if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == self.num_logits
-                and isinstance(actions, torch.Tensor) and actions.shape == (logits.shape[0], len(self.nvec))):
+                and logits.is_floating_point() and isinstance(actions, torch.Tensor)
+                and actions.shape == (logits.shape[0], len(self.nvec))
+                and not (actions.is_floating_point() or actions.is_complex())):  # floats would be truncated
             raise self._input_error(logits, actions)
         batch = logits.shape[0]
         try:
@@ -187,13 +193,14 @@ class GaussianHead(nn.Module):
         return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def _input_error(self, mean: Any, actions: Any = None) -> APIUsageError:
-        expected = f"means (B, {self.size})" + ("" if actions is None else " and actions of the same shape")
+        expected = f"float means (B, {self.size})" + ("" if actions is None else " and float actions of that shape")
         got = f"means {_described(mean)}" + ("" if actions is None else f" and actions {_described(actions)}")
         return APIUsageError(f"GaussianHead: expected torch tensors, {expected}, got {got}")
 
     def sample(self, mean: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(actions (B, D), log-probability (B,))."""
-        if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size):
+        if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size
+                and mean.is_floating_point()):
             raise self._input_error(mean)
         actions = mean if deterministic else mean + torch.randn_like(mean) * self.log_std.exp()
         return actions, self._log_prob(mean, actions)
@@ -201,7 +208,8 @@ class GaussianHead(nn.Module):
     def evaluate(self, mean: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
         if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size
-                and isinstance(actions, torch.Tensor) and actions.shape == mean.shape):
+                and mean.is_floating_point() and isinstance(actions, torch.Tensor) and actions.shape == mean.shape
+                and actions.is_floating_point()):
             raise self._input_error(mean, actions)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(len(mean))
         return self._log_prob(mean, actions), entropy
@@ -571,7 +579,11 @@ class LSTMPolicy(Policy):
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """Zero ``(h, c)`` for ``batch_size`` rows."""
         check_int("LSTMPolicy.initial_state: batch_size", batch_size)
-        zeros = torch.zeros(batch_size, self.feature_size, device=device)
+        try:
+            zeros = torch.zeros(batch_size, self.feature_size, device=device)
+        except (RuntimeError, TypeError, AssertionError) as error:  # torch's kinds for a bad or absent device
+            raise APIUsageError(f"LSTMPolicy.initial_state: device {device!r} is not a torch device this process "
+                                f"can use ({str(error).splitlines()[0]}): expected e.g. 'cpu' or 'cuda'") from None
         return zeros, zeros.clone()
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
@@ -627,10 +639,7 @@ class LSTMPolicy(Policy):
     def _state_error(self, state: Any, batch: int) -> APIUsageError:
         parts = state if isinstance(state, tuple) and len(state) == 2 else None
 
-        def described(part: Any) -> str:
-            return _described(part) + (f" {part.dtype}" if isinstance(part, torch.Tensor) else "")
-
-        got = type(state).__name__ if parts is None else f"h {described(parts[0])} and c {described(parts[1])}"
+        got = type(state).__name__ if parts is None else f"h {_described(parts[0])} and c {_described(parts[1])}"
         hint = ""
         if parts is not None and all(isinstance(part, torch.Tensor) and part.dim() == 3 for part in parts):
             hint = ": that is nn.LSTM's (num_layers, B, feature_size) layout, pass (h[0], c[0])"

@@ -274,8 +274,8 @@ def test_lstm_state_and_head_sizes_are_checked():
         policy(torch.zeros(2, 4), torch.zeros(2, 16))
     state = torch.zeros(2, 16, dtype=torch.float64)
     with pytest.raises(APIUsageError, match=r"each a torch.float32 tensor of shape \(B, feature_size\) = \(2, 16\) "
-                                            r"for 2 observations, got h of shape \(2, 16\) torch.float64 and c of "
-                                            r"shape \(2, 16\) torch.float64$"):
+                                            r"for 2 observations, got h of shape \(2, 16\) and dtype torch.float64 and "
+                                            r"c of shape \(2, 16\) and dtype torch.float64$"):
         policy(torch.zeros(2, 4), (state, state.clone()))
     with pytest.raises(APIUsageError, match="DiscreteHead needs at least one dimension, each with >= 1 choice"):
         DiscreteHead(4, [0])
@@ -422,9 +422,9 @@ def test_forward_names_the_observation_shape_it_expects(make):
     expected = r"obs must be a torch tensor of shape \(B, obs_size\) with obs_size=4 \(CartPole-v1's flat observations\)"
     with pytest.raises(APIUsageError, match=expected + r", got one of type numpy.ndarray: convert it with torch.as_tensor"):
         policy(np.zeros((2, 4), np.float32))
-    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(2, 5\)$"):
+    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(2, 5\) and dtype torch.float32$"):
         policy(torch.zeros(2, 5))
-    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(4,\): one observation needs a batch "
+    with pytest.raises(APIUsageError, match=expected + r", got one of shape \(4,\) and dtype torch.float32: one observation needs a batch "
                                                        r"dimension, obs\[None\]"):
         policy(torch.zeros(4))
 
@@ -437,18 +437,26 @@ def test_heads_name_the_shapes_and_actions_they_expect():
         policy.evaluate_actions(params, torch.tensor([[5], [1], [0]]))
     with pytest.raises(APIUsageError, match=r"got -1 in row 2, dimension 0"):
         policy.evaluate_actions(params, torch.tensor([[0], [1], [-1]]))
-    with pytest.raises(APIUsageError, match=r"DiscreteHead: expected torch tensors, logits \(B, 2\) \(nvec \[2\]\) "
-                                            r"and actions \(B, 1\), got logits of shape \(3, 2\) and actions of shape \(3,\)"):
+    with pytest.raises(APIUsageError, match=r"DiscreteHead: expected torch tensors, float logits \(B, 2\) \(nvec \[2\]\) "
+                                            r"and integer actions \(B, 1\), got logits of shape \(3, 2\) and dtype "
+                                            r"torch.float32 and actions of shape \(3,\) and dtype torch.int64"):
         policy.evaluate_actions(params, torch.tensor([0, 1, 0]))
-    with pytest.raises(APIUsageError, match=r"expected torch tensors, logits \(B, 2\) \(nvec \[2\]\), got logits "
-                                            r"of shape \(2,\)"):
+    with pytest.raises(APIUsageError, match=r"expected torch tensors, float logits \(B, 2\) \(nvec \[2\]\), got "
+                                            r"logits of shape \(2,\)"):
         policy.sample_actions(params[0])
     mixed = DiscreteHead(4, np.array([3, 2]))  # dimensions of different sizes: the other path
     with pytest.raises(APIUsageError, match=r"nvec \[3, 2\], got 2 in row 1, dimension 1"):
         mixed.evaluate(torch.zeros(2, 5), torch.tensor([[2, 1], [0, 2]]))
+    with pytest.raises(APIUsageError, match=r"integer actions \(B, 1\), got .* actions of shape \(3, 1\) and dtype "
+                                            r"torch.float32"):  # NaN, or 0.7 truncated to 0, before
+        policy.evaluate_actions(params, torch.tensor([[math.nan], [0.7], [1.0]]))
+    with pytest.raises(APIUsageError, match=r"float logits \(B, 2\) .*, got logits of shape \(3, 2\) and dtype "
+                                            r"torch.int64"):
+        policy.sample_actions(torch.zeros(3, 2, dtype=torch.long))
     gaussian = GaussianHead(4, 2)
-    with pytest.raises(APIUsageError, match=r"GaussianHead: expected torch tensors, means \(B, 2\) and actions of the "
-                                            r"same shape, got means of shape \(3, 2\) and actions of shape \(3,\)"):
+    with pytest.raises(APIUsageError, match=r"GaussianHead: expected torch tensors, float means \(B, 2\) and float "
+                                            r"actions of that shape, got means of shape \(3, 2\) and dtype "
+                                            r"torch.float32 and actions of shape \(3,\)"):
         gaussian.evaluate(torch.zeros(3, 2), torch.zeros(3))
     with pytest.raises(APIUsageError, match=r"means \(B, 2\), got means of type list"):
         gaussian.sample([[0.0, 0.0]])
@@ -465,8 +473,8 @@ def test_lstm_inputs_are_checked_and_float_starts_count_where_nonzero():
     expected = (r"state must be a tuple \(h, c\) as initial_state returns, each a torch.float32 tensor of shape "
                 r"\(B, feature_size\)")
     with pytest.raises(APIUsageError, match=expected + r" = \(3, 16\) for 3 observations, got h of shape \(1, 3, 16\) "
-                                                       r"torch.float32 and c of shape \(1, 3, 16\) torch.float32: that "
-                                                       r"is nn.LSTM's"):
+                                                       r"and dtype torch.float32 and c of shape \(1, 3, 16\) and dtype "
+                                                       r"torch.float32: that is nn.LSTM's"):
         policy(torch.zeros(5, 3, 4), (state[0][None], state[1][None]))
     with pytest.raises(APIUsageError, match=expected + r" = \(2, 16\) for 2 observations, got h of shape \(3, 16\)"):
         policy(torch.zeros(2, 4), state)
@@ -478,6 +486,9 @@ def test_lstm_inputs_are_checked_and_float_starts_count_where_nonzero():
         policy(torch.zeros(3, 5))
     with pytest.raises(APIUsageError, match="LSTMPolicy.initial_state: batch_size must be a positive int, got -1"):
         policy.initial_state(-1)
+    with pytest.raises(APIUsageError, match="LSTMPolicy.initial_state: device 'gpu' is not a torch device this "
+                                            "process can use"):
+        policy.initial_state(2, device="gpu")
 
 
 def test_layer_init_needs_one_weight_and_initialises_a_bias_free_layer():
@@ -490,6 +501,10 @@ def test_layer_init_needs_one_weight_and_initialises_a_bias_free_layer():
         layer_init(torch.nn.LSTM(4, 4))
     with pytest.raises(APIUsageError, match="got LayerNorm$"):
         layer_init(torch.nn.LayerNorm(4))
+    with pytest.raises(APIUsageError, match="layer_init: std must be a finite number, got nan"):
+        layer_init(torch.nn.Linear(4, 3), std=math.nan)  # all-NaN weights, before
+    with pytest.raises(APIUsageError, match="layer_init: bias must be a finite number, got None"):
+        layer_init(torch.nn.Linear(4, 3), bias=None)
 
 
 def test_adam_and_clipping_check_their_arguments():
