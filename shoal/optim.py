@@ -92,17 +92,20 @@ class Adam:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load :meth:`state_dict`, or ``torch.optim.Adam``'s, of an optimizer of the same parameters."""
-        try:
+        try:  # everything is checked before any state is loaded: a refused state dict leaves this optimizer as it was
             (group,) = state_dict["param_groups"]
             states = [state_dict["state"].get(index) for index in group["params"]]
-            fits = len(states) == len(self.parameters) and all(
-                state is None or state["exp_avg"].shape == m.shape == state["exp_avg_sq"].shape
+            fits = "betas" in group and len(states) == len(self.parameters) and all(  # no betas: not Adam's (SGD's)
+                state is None or (isinstance(state["exp_avg"], torch.Tensor)
+                                  and isinstance(state["exp_avg_sq"], torch.Tensor)
+                                  and state["exp_avg"].shape == m.shape == state["exp_avg_sq"].shape
+                                  and math.isfinite(float(state["step"])) and float(state["step"]) >= 0)
                 for state, m in zip(states, self.exp_avgs))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
             fits = False
         if not fits:
             raise APIUsageError("the optimizer state is not Adam's state for this network's parameters")
-        try:  # checked before any state is loaded: a refused state dict leaves this optimizer as it was
+        try:
             lr = _number("Adam: the state dict's lr", float(group["lr"]), 0.0)
         except (TypeError, ValueError, RuntimeError):
             raise APIUsageError(f"Adam: the state dict's lr must be a number, got {group['lr']!r}") from None

@@ -191,6 +191,13 @@ def test_adam_steps_exactly_as_torch_adam_and_shares_its_state_format():
     torch.optim.Adam(theirs.parameters(), lr=1.0).load_state_dict(optimizers[0].state_dict())  # ...and ours into torch's
     with pytest.raises(APIUsageError, match="not Adam's state for this network"):
         Adam(list(ours.parameters())[:-1], 1.0).load_state_dict(optimizers[0].state_dict())
+    before = [m.clone() for m in resumed.exp_avgs]
+    no_step = optimizers[0].state_dict()
+    no_step["state"] = {index: {k: v for k, v in state.items() if k != "step"} for index, state in no_step["state"].items()}
+    for wrong in (torch.optim.SGD(ours.parameters(), lr=0.5).state_dict(), no_step):  # loaded, or half loaded, before
+        with pytest.raises(APIUsageError, match="not Adam's state for this network"):
+            resumed.load_state_dict(wrong)
+        assert resumed.lr == 3e-4 and all(torch.equal(a, b) for a, b in zip(before, resumed.exp_avgs))
 
 
 def test_nested_multiagent_env_with_deaths_and_spawns_trains():
