@@ -21,7 +21,8 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves, leaves
+from shoal.spaces import (ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves, leaves,
+                          shape_of)
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -971,7 +972,7 @@ class EmulatedEnv:
             array = array[None]
         if array.shape != expected:
             raise self._dict_actions_error(actions, array) or APIUsageError(
-                f"{where}: actions must have shape {expected} (max_agents, action size), got {array.shape}")
+                f"{where}: actions must have shape {expected} (max_agents, action size), got {shape_of(actions, array)}")
         try:
             bad = layout.invalid_rows(array)
         except SpaceError as error:

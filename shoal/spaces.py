@@ -122,6 +122,14 @@ def _describe(value: Any) -> str:
         f" and dtype {dtype}" if dtype is not None else "")
 
 
+def shape_of(value: Any, array: np.ndarray) -> str:
+    """The shape ``value`` came as (``array`` is it through :func:`as_array`), for messages; for a value that is
+    no array, what it is too (``None`` becomes a 0-d array: "got ()" alone would not say so)."""
+    if isinstance(value, np.ndarray) or _is_torch(value) or isinstance(value, (list, tuple)) and array.dtype != object:
+        return str(array.shape)
+    return f"{array.shape} ({type(value).__name__} {_short(value)})"
+
+
 def _values(space: spaces.Space, value: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     kids = children(space)
     if kids is None:
@@ -626,7 +634,8 @@ class ObservationLayout:
         array = as_array(item, "observation leaf", field.path)
         if array.shape != batch + field.shape:
             raise SpaceError(
-                f"observation leaf {_path_str(field.path)}: expected shape {batch + field.shape}, got {array.shape}"
+                f"observation leaf {_path_str(field.path)}: expected shape {batch + field.shape}, got "
+                f"{shape_of(item, array)}"
             )
         if array.dtype != field.dtype:
             problem = _cast_problem(array, field.dtype)
@@ -847,7 +856,8 @@ class ActionLayout:
             array = as_array(item, "action leaf", path)
             batch = array.shape[: array.ndim - len(field.shape)]
             if array.shape[len(batch):] != field.shape:
-                raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got {array.shape}")
+                raise SpaceError(f"action leaf {_path_str(path)}: expected shape {field.shape}, got "
+                                 f"{shape_of(item, array)}")
             kinds = "iufb" if field.dtype.kind == "f" else "b" if field.dtype.kind == "b" else "iub"  # as contains
             if array.dtype.kind not in kinds:
                 expected = {"iufb": "numbers", "b": "bools", "iub": "integers"}[kinds]

@@ -847,6 +847,17 @@ def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoal
     assert "final_observation" not in infos["a"] and infos["a"]["kept"] == 1
 
 
+def test_a_value_that_is_no_array_is_named_in_shape_errors():
+    binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+    with pytest.raises(SpaceError, match=r"expected shape \(4,\), got \(\) \(NoneType None\)$"):
+        binding.flatten_observation(None)
+    env = binding.make_env()
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"actions must have shape \(1, 1\) \(max_agents, action size\), got \(\) "
+                                            r"\(str '0'\)$"):
+        env.step("0")
+
+
 def test_an_empty_multidiscrete_action_leaf_steps_alone_and_beside_other_leaves():
     seen = []
 

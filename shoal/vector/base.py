@@ -33,7 +33,7 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int, is_number
-from shoal.spaces import as_array, holds_dict
+from shoal.spaces import as_array, holds_dict, shape_of
 
 
 class Batch(NamedTuple):
@@ -793,7 +793,7 @@ class VecEnv(abc.ABC):
                 array = array.reshape(expected)
             else:
                 raise self._dict_actions_error(actions, array) or APIUsageError(
-                    f"send(actions): expected {self._actions_shape()}, got {array.shape}")
+                    f"send(actions): expected {self._actions_shape()}, got {shape_of(actions, array)}")
         try:
             bad = layout.invalid_rows(array)
         except SpaceError as error:
