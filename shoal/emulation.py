@@ -485,6 +485,9 @@ class EmulatedEnv:
                                and isinstance(leaf, spaces.Discrete) else None)
         self._ended: set = set()  # agents whose episode ended; their slots stay dark until they respawn
         self._gone: set = set()  # ended agents that have left env.agents: seen there again, they respawned
+        # Slots whose agent the last reset or step showed live (mask True, not ending): with raw actions they
+        # need the caller's action; an ending agent's mask is True too, and a new episode may list it dark.
+        self._shown_live = np.zeros(binding.max_agents, bool)
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
         self._raw_layout = None if binding.emulate_flat_atn else _layout_or_none(binding.raw_single_action_space)
@@ -577,6 +580,7 @@ class EmulatedEnv:
             unlisted = [self.binding.agent_slots[agent] for agent in obs if agent not in listed]
             self.obs[unlisted] = 0
             self.masks[unlisted] = False
+        self._shown_live[:] = self.masks
         return {agent: dict(info) for agent, info in infos.items() if info}
 
     def _write_agents(self, agents: list, values: list) -> np.ndarray | list[int]:
@@ -769,6 +773,8 @@ class EmulatedEnv:
                 agent = binding.possible_agents[slot]
                 out_infos[agent] = {**out_infos.get(agent, {}), "reset_info": reset_infos.get(agent, {})}
             self.masks |= delivered
+        else:
+            self._shown_live[:] = self.masks & ~(self.terminals | self.truncations)
         return self._outputs(out_infos)
 
     def _shaped(self, rewards: dict, infos: dict) -> dict:
@@ -933,7 +939,7 @@ class EmulatedEnv:
             if agent in actions:
                 self._check_raw_action(agent, actions[agent])
                 chosen[agent] = actions[agent]
-            elif self.masks[binding.agent_slots[agent]] and agent not in self._ended:
+            elif self._shown_live[binding.agent_slots[agent]]:
                 given = sorted(actions, key=_agent_order)
                 raise APIUsageError(f"{where}: no action for agent {agent!r}: expected one for every agent with mask "
                                     f"True that has not ended, got actions for {_short(given)}")

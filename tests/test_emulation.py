@@ -1013,6 +1013,24 @@ def test_an_unseen_agent_gets_the_neutral_raw_action_when_the_caller_gives_none(
     assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
 
 
+def test_an_agent_that_ended_with_the_episode_and_is_dark_in_the_next_gets_the_neutral_raw_action():
+    class DarkAfterReset(ScriptedEnv):  # each episode lists both, shows only a at reset
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            return {"a": obs["a"]}, infos
+
+    def all_end(t, env):
+        env.agents = []
+        return {"a": np.ones(1, np.float32)}, {"a": 0.0, "b": 0.0}, {"a": True, "b": True}, {"a": False, "b": False}, {}
+
+    env = shoal.Binding(env_creator=DarkAfterReset, env_args=(all_end,), emulate_flat_atn=False).make_env()
+    env.reset(seed=0)
+    env.step({"a": 1})  # both end (mask True with their flags); the next episode shows a only
+    assert env.masks.tolist() == [True, True]
+    env.step({"a": 1})  # b ended, and is dark now: it needs no action (it was an APIUsageError)
+    assert {agent: int(action) for agent, action in env.env.sent.items()} == {"a": 1, "b": 0}
+
+
 def test_an_agent_that_leaves_env_agents_without_a_flag_is_truncated_there():
     def dropped(t, env):  # b leaves unflagged at step 2 (seen) and step 4 (unseen); listed again at step 3
         env.agents = ["a"] if t in (2, 4, 5) else ["a", "b"]
