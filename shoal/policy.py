@@ -401,9 +401,10 @@ class NatureCNN(Policy):
         super().__init__(binding, feature_size=hidden_size)
         space = binding.raw_single_observation_space
         if not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
+            instead = ("MLPPolicy or MixedPolicy (kind 'mlp' or 'mixed')" if isinstance(space, spaces.Box)
+                       else "MixedPolicy (kind 'mixed'), which reads each leaf of a nested observation")
             raise SpaceError(f"NatureCNN (policy kind 'cnn') reads frames, a Box of 2 or 3 dimensions; "
-                             f"{binding.env_name}'s observation space is {space}: use MLPPolicy or MixedPolicy "
-                             f"(kind 'mlp' or 'mixed')")
+                             f"{binding.env_name}'s observation space is {space}: use {instead}")
         shape = space.shape
         if channels_last and len(shape) == 2:
             raise APIUsageError(f"NatureCNN: channels_last=True reads (H, W, C) frames; {binding.env_name}'s are "

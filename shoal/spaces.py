@@ -787,8 +787,10 @@ class ActionLayout:
         kinds = {is_discrete for _, is_discrete, _, _ in described}
         if len(kinds) > 1:
             raise SpaceError(
-                f"action space {space} mixes discrete and continuous leaves: expected all discrete "
-                f"(Discrete, MultiDiscrete, MultiBinary) or all Box; pass emulate_flat_atn=False to keep it raw"
+                f"action space {space} mixes discrete and continuous leaves: a flat action, which shoal's vec envs "
+                f"and trainer need, is all discrete (Discrete, MultiDiscrete, MultiBinary) or all Box: make every "
+                f"leaf one kind (Discrete leaves for binned Box values, or Box leaves whose values the env rounds); "
+                f"only a single env stepped with raw actions takes it as it is (emulate_flat_atn=False)"
             )
         self.is_discrete = kinds.pop()
         fields, start = [], 0

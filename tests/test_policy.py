@@ -401,9 +401,10 @@ class DictEnv(gymnasium.Env):
 
 def test_policies_refuse_observation_spaces_they_cannot_read():
     cartpole, nested = make_binding("cartpole"), Binding(env_cls=DictEnv)
-    for binding, space in [(cartpole, r"Box\(.*\(4,\), float32\)"), (nested, r"Dict\(.*\)")]:
+    for binding, space, instead in [(cartpole, r"Box\(.*\(4,\), float32\)", r"MLPPolicy or MixedPolicy"),
+                                    (nested, r"Dict\(.*\)", r"MixedPolicy \(kind 'mixed'\), which reads each leaf")]:
         with pytest.raises(SpaceError, match=r"NatureCNN \(policy kind 'cnn'\) reads frames, a Box of 2 or 3 "
-                                             rf"dimensions; \S+'s observation space is {space}: use MLPPolicy"):
+                                             rf"dimensions; \S+'s observation space is {space}: use {instead}"):
             NatureCNN(binding)
     frames = _binding(spaces.Box(0, 255, (84, 84), np.uint8))
     with pytest.raises(APIUsageError, match="channels_last must be True, False or None .*, got 'yes'"):
