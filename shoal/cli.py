@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
 
+import tyro
+
 from shoal.errors import ShoalError
+from shoal.ppo import PPOConfig
 
 USAGE = """usage: shoal {train,eval,plot} [options]
 
@@ -105,6 +108,18 @@ def _make_default_run_dir(env: str, seed: int) -> str:
         return str(run_dir)
 
 
+def _network(config: PPOConfig, binding) -> tuple:
+    """The default policy ``config`` builds for ``binding``: its class and parameter shapes (sized on the meta
+    device, nothing allocated)."""
+    import torch
+
+    from shoal.ppo import make_policy
+
+    with torch.device("meta"):
+        policy = make_policy(config, binding)
+    return type(policy).__name__, [(name, tuple(parameter.shape)) for name, parameter in policy.named_parameters()]
+
+
 def _train(argv: list[str]) -> int:
     from shoal.checkpoint import list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
@@ -127,16 +142,16 @@ def _train(argv: list[str]) -> int:
     if checkpoint is not None and config.env != checkpoint["env"]:
         raise UsageError(f"--resume {resume}: that run trained on env {checkpoint['env']!r}, not {config.env!r}; "
                          f"drop --env or start a new run")
-    if checkpoint is not None:
-        trained = config_from_checkpoint(checkpoint)
-        changed = ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
-                            if getattr(config, name) != getattr(trained, name))
-        if changed:
-            built = ", ".join(f"{name}={getattr(trained, name)!r}" for name in POLICY_FIELDS)
-            raise UsageError(f"--resume {resume}: {changed} cannot change when a run goes on: its network was built "
-                             f"with {built}; drop {changed} or start a new run")
     config.validate()
     binding = make_binding(config.env)
+    if checkpoint is not None:
+        trained = config_from_checkpoint(checkpoint)
+        if _network(config, binding) != _network(trained, binding):
+            changed = ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
+                                if getattr(config, name) != getattr(trained, name))
+            built = ", ".join(f"{name}={getattr(trained, name)!r}" for name in POLICY_FIELDS)
+            raise UsageError(f"--resume {resume}: {changed} would build another network than the run's, which was "
+                             f"built with {built}; drop {changed} or start a new run")
     made_run_dir = config.run_dir is None
     if made_run_dir:
         config.run_dir = _make_default_run_dir(config.env, config.seed)
@@ -216,14 +231,6 @@ def _plot(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
 
 
-def _import_dependencies() -> None:
-    """Import tyro and torch (through shoal.ppo), which the argument classes' annotations name, inside main's
-    ``try``: a Ctrl-C in the seconds they take is "interrupted", not a traceback (and ``--help`` skips them)."""
-    global tyro, PPOConfig
-    import tyro
-    from shoal.ppo import PPOConfig
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -235,7 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shoal: error: unknown command {command!r}: expected train, eval or plot\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        _import_dependencies()
         return COMMANDS[command](rest)
     except ShoalError as error:  # every error a user can cause: one message, no traceback
         print(f"shoal {command}: error: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import signal
 import os
 import subprocess
@@ -120,8 +121,11 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--resume", run_dir)
     assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
     code, _, err = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "999", "--hidden-size", "32", "--lstm")
-    assert code == 2 and ("--hidden-size, --lstm cannot change when a run goes on: its network was built with "
+    assert code == 2 and ("--hidden-size, --lstm would build another network than the run's, which was built with "
                           "policy='auto', hidden_size=0, lstm=False; drop --hidden-size, --lstm") in err
+    code, _, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "128", "--hidden-size", "64",
+                     "--policy", "mlp", "--no-tensorboard")  # the network the run has: it goes on
+    assert code == 0
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
     code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
@@ -222,16 +226,24 @@ def test_the_installed_command_exits_2_without_a_traceback():
 
 
 def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypatch, capsys):
-    # Importing shoal.cli leaves torch and tyro to main(), inside its error handling: they take seconds.
-    code = "import sys, shoal.cli; assert not {'torch', 'tyro'} & set(sys.modules), 'imported at startup'"
+    # The entry point imports shoal.cli (torch: seconds) inside its own error handling.
+    code = "import sys, shoal.__main__; assert 'torch' not in sys.modules, 'imported before main()'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    from shoal.__main__ import main as entry_point
 
-    def interrupted():
-        raise KeyboardInterrupt
+    real_import = builtins.__import__
 
-    monkeypatch.setattr(cli, "_import_dependencies", interrupted)
-    assert main(["train"]) == 130
-    assert capsys.readouterr().err == "shoal train: interrupted\n"
+    def interrupted(name, *args, **kwargs):
+        if name == "shoal.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert entry_point(["train"]) == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err == "shoal: interrupted\n"
+    done = subprocess.run([sys.executable, "-m", "shoal", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: shoal {train,eval,plot}")
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
