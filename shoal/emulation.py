@@ -945,11 +945,10 @@ class EmulatedEnv:
                                     f"True that has not ended, got actions for {_short(given)}")
             elif self._raw_layout is not None:  # a fresh one each time: the env may keep or edit what it gets
                 chosen[agent] = self._raw_layout.unflatten(self._raw_layout.neutral)
-            else:
-                state = "after its end" if agent in self._ended else "but has not shown yet (mask False)"
-                raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents "
-                                    f"{state}: shoal has no neutral action for {binding.raw_single_action_space}, "
-                                    f"so pass one")
+            elif agent not in self._ended:  # an ended agent goes without where no neutral action exists
+                raise APIUsageError(f"{where}: no action for agent {agent!r}, which the env lists in env.agents but "
+                                    f"has not shown yet (mask False): shoal has no neutral action for "
+                                    f"{binding.raw_single_action_space}, so pass one")
         return chosen
 
     def _check_raw_action(self, agent, action) -> None:

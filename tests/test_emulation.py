@@ -1297,6 +1297,23 @@ def test_an_ended_agent_the_env_still_lists_gets_an_action_but_stays_dark(flat):
     assert infos["b"]["episode"] == {"return": 3.0, "length": 3} and "episode" not in infos.get("a", {})
 
 
+def test_an_ended_agent_the_env_still_lists_goes_without_an_action_where_no_neutral_one_exists():
+    class MixedActions(EndedButListed):  # no flat form, so no neutral action; this env takes missing actions
+        def action_space(self, agent):
+            return spaces.Dict({"move": spaces.Discrete(2), "force": spaces.Box(-1, 1, (1,), np.float32)})
+
+        def step(self, actions):
+            self.sent = actions
+            return super().step({agent: actions.get(agent) for agent in self.agents})
+
+    env = shoal.Binding(env_cls=MixedActions, emulate_flat_atn=False).make_env()
+    env.reset(seed=0)
+    act = {"move": 1, "force": np.zeros(1, np.float32)}
+    env.step({"a": act, "b": act})
+    env.step({"b": act})  # "a" ended at step 1: it needs none (an APIUsageError asked for one)
+    assert list(env.env.sent) == ["b"]
+
+
 def test_agents_that_appear_ending_or_are_shown_unlisted_are_delivered_once_and_every_info_passes_through():
     # b appears at step 1 already terminated, listed but with no observation: its flag and reward come with mask
     # True, and it never acts in an episode of its own (it used to be reported truncated at step 3); the env,
