@@ -52,7 +52,7 @@ def replaced_atomically(path: Path, mode: str = "wb", **open_args: Any) -> Itera
     except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(error, OSError) and error.filename is None:  # a failed write (disk full) names no file
+        if isinstance(error, OSError) and error.errno is not None and error.filename is None:  # a write names no file
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 

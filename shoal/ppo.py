@@ -349,13 +349,18 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
     if vecenv is not None:
         _check_vecenv(vecenv, binding)
-        envs, batch = getattr(vecenv, "num_envs", None), getattr(vecenv, "batch_size", None)
-        layout = {"num_envs": envs, "num_workers": getattr(vecenv, "num_workers", None),
-                  "envs_per_batch": 0 if batch == envs else batch}
-        layout = {name: value for name, value in layout.items() if is_int(value)}  # a wrapper may not say
+        envs, batch, workers = (getattr(vecenv, name, None) for name in ("num_envs", "batch_size", "num_workers"))
+        if is_int(envs):  # a wrapper may not say: what it does not say is left to the defaults
+            config = dataclasses.replace(config, num_envs=envs, num_workers=workers if is_int(workers) else 0,
+                                         envs_per_batch=batch if is_int(batch) and batch != envs else 0)
         if getattr(vecenv, "backend", None) in ("serial", "multiprocessing", "ray"):
-            layout["backend"] = vecenv.backend
-        config = dataclasses.replace(config, **layout)
+            config = dataclasses.replace(config, backend=vecenv.backend)
+        try:
+            config.validate()
+        except APIUsageError as error:
+            raise APIUsageError(f"vecenv: its layout ({config.num_envs} envs, batches of "
+                                f"{config.envs_per_batch or config.num_envs}) is not one a PPOConfig can describe, so "
+                                f"the run could not be resumed: {error}") from None
     if resume_from is not None and not isinstance(resume_from, (str, os.PathLike, dict)):
         raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, or a checkpoint dict "
                             f"(load_checkpoint), got {resume_from!r}")

@@ -391,9 +391,9 @@ def test_a_checkpoint_write_that_fails_raises_its_own_error_and_keeps_the_old_fi
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: FailingFile(fd, mode))
     # torch's zip writer used to replace either by "RuntimeError: [enforce fail ...] unexpected pos"
-    expected = (OSError, f"No space left on device: '{path}'") if isinstance(failure, OSError) else (
-        KeyboardInterrupt, "")
-    with pytest.raises(expected[0], match=re.escape(expected[1])):
+    expected = (OSError, re.escape(f"No space left on device: '{path}'")) if isinstance(failure, OSError) else (
+        KeyboardInterrupt, None)
+    with pytest.raises(expected[0], match=expected[1]):
         save_atomic({"a": torch.zeros(100_000)}, path)
     monkeypatch.undo()
     assert torch.load(path)["a"] == 1 and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
@@ -876,6 +876,11 @@ def test_a_vecenv_passed_in_sets_the_runs_layout(tmp_path):
         train(config, binding, vecenv=vecenv)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["num_envs"], saved["num_workers"], saved["envs_per_batch"], saved["backend"]) == (4, 2, 2, "serial")
+    with vector.make(binding, "serial", num_workers=3, batch_size=2) as vecenv:  # batches of 2 out of 3 envs
+        with pytest.raises(APIUsageError, match=r"vecenv: its layout \(3 envs, batches of 2\) is not one a PPOConfig "
+                                                r"can describe, so the run could not be resumed: envs_per_batch \(2\) "
+                                                r"must divide num_envs \(3\)"):
+            train(config, binding, vecenv=vecenv)
 
 
 @pytest.mark.parametrize("lives", LIVES)

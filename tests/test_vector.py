@@ -787,8 +787,8 @@ def test_close_from_inside_a_serial_step_is_named(no_leaks):
 
     vecenv = holder["vecenv"] = shoal.vector.make(shoal.Binding(env_cls=ClosesTheVecEnv), "serial", num_workers=2)
     vecenv.reset(seed=0)
-    with pytest.raises(APIUsageError, match="Serial was closed while sending step to worker 1 .*\(close\(\) from "
-                                            "a signal handler or another thread\)"):
+    with pytest.raises(APIUsageError, match=r"Serial was closed while sending step to worker 1 .*\(close\(\) from "
+                                            r"a signal handler or another thread\)"):
         vecenv.step(np.zeros((2, 1), np.int64))
 
 
