@@ -3,7 +3,7 @@
     shoal train                                  # CartPole to solved, with the live dashboard
     shoal train --env atari:Breakout             # CleanRL's Atari settings
     shoal train --env gym:Acrobot-v1 --backend multiprocessing --num-envs 8
-    shoal train --resume runs/cartpole__1__20250101-120000 [--total-timesteps 200000]
+    shoal train --resume runs/cartpole__1__20250101-120000 --total-timesteps 200000 --stop-at-return None
     shoal eval runs/cartpole__1__20250101-120000 --episodes 20
     shoal plot runs/a runs/b --out curves.png
 
