@@ -541,6 +541,7 @@ class EmulatedEnv:
         self.rewards[:] = 0
         self.terminals[:] = False
         self.truncations[:] = False
+        self._needs_reset = True  # until it succeeds: a failed reset leaves the episode half begun
         infos = self._begin_episode(seed, options)
         self._needs_reset = False
         return self._output(self.obs), infos
@@ -561,7 +562,7 @@ class EmulatedEnv:
             self._lone_episode = [0.0, 0]
             self._write_single(obs)
             self.masks[0] = True
-            if infos and not isinstance(infos, dict):
+            if infos is not None and not isinstance(infos, dict):  # [] or 0 too: not a dict
                 raise self._not_a_dict(SINGLE_AGENT_ID, infos)
             return {SINGLE_AGENT_ID: dict(infos)} if infos else {}
         infos = infos or {}
@@ -743,8 +744,8 @@ class EmulatedEnv:
         passed_over = env_rewards.keys() - set(agents).union(dark)  # their rewards must be numbers all the same
         if passed_over:
             self._rewards_of(env_rewards, [agent for agent in env_rewards if agent in passed_over])
+        self._check_infos(infos)
         out_infos = {agent: info for agent, info in infos.items() if info}  # passthrough: every agent's, dark too
-        self._check_infos(out_infos)
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's
             out_infos = {agent: {key: value for key, value in info.items() if key != "reset_info"}
                          for agent, info in out_infos.items() if info.keys() != {"reset_info"}}
@@ -838,7 +839,7 @@ class EmulatedEnv:
         episode = self._lone_episode
         episode[0] += env_reward
         episode[1] += 1
-        if info and not isinstance(info, dict):
+        if info is not None and not isinstance(info, dict):
             raise self._not_a_dict(SINGLE_AGENT_ID, info)
         infos = {SINGLE_AGENT_ID: info} if info else {}
         if terminal or truncation:
@@ -866,7 +867,7 @@ class EmulatedEnv:
 
     def _check_infos(self, infos: dict) -> None:
         """EnvError for the first agent whose info (if any) is not a dict."""
-        bad = next((item for item in infos.items() if item[1] and not isinstance(item[1], dict)), None)
+        bad = next((item for item in infos.items() if item[1] is not None and not isinstance(item[1], dict)), None)
         if bad:
             raise self._not_a_dict(*bad)
 

@@ -732,6 +732,15 @@ def test_an_info_that_is_not_a_dict_is_named():
     with pytest.raises(EnvError, match="scripted, agent 'b', step 1: info must be a dict, got str 'done'"):
         env.step(np.zeros((2, 1), np.int64))
 
+    class EmptyListInfo(SecondResetFails):  # an empty non-dict is no dict either (it passed as "no infos")
+        def step(self, action):
+            return *super().step(action)[:4], []
+
+    env = shoal.Binding(env_cls=EmptyListInfo).make_env()
+    env.reset(seed=0)
+    with pytest.raises(EnvError, match=r"info must be a dict, got list \[\]"):
+        env.step([[0]])
+
 
 def test_an_agent_that_comes_back_the_step_after_it_ended_starts_a_new_agent_episode():
     def back_at_once(t, env):
@@ -1504,6 +1513,13 @@ def test_a_failed_automatic_reset_says_so_and_the_env_then_needs_reset():
         env.step([[0]])  # its episode statistics would mix two episodes
     env.reset(seed=1)
     env.step([[0]])
+    # An explicit reset that fails mid-episode leaves it half begun too (step went on before).
+    env = shoal.Binding(env_cls=SecondResetFails).make_env()
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match="lost its ROM"):
+        env.reset(seed=1)
+    with pytest.raises(APIUsageError, match=r"step\(\) needs reset\(\) first"):
+        env.step([[0]])
 
 
 def test_an_env_whose_close_fails_does_not_hide_why_the_binding_refused_it():
