@@ -25,16 +25,9 @@ from typing import Annotated, Sequence
 
 import tyro
 
+from shoal.__main__ import no_command_status
 from shoal.errors import ShoalError
 from shoal.ppo import PPOConfig
-
-USAGE = """usage: shoal {train,eval,plot} [options]
-
-  train   train a policy with PPO (default: CartPole until solved)
-  eval    play episodes with a checkpoint and print return statistics
-  plot    draw learning curves of runs into a PNG
-
-`shoal <command> --help` lists each command's options."""
 
 
 class UsageError(ShoalError):
@@ -146,12 +139,16 @@ def _train(argv: list[str]) -> int:
     binding = make_binding(config.env)
     if checkpoint is not None:
         trained = config_from_checkpoint(checkpoint)
-        if _network(config, binding) != _network(trained, binding):
+        try:
+            why = "" if _network(config, binding) == _network(trained, binding) else "another network than the run's"
+        except ShoalError as error:  # a policy kind these observations cannot have
+            why = f"no network ({error})"
+        if why:
             changed = ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
                                 if getattr(config, name) != getattr(trained, name))
             built = ", ".join(f"{name}={getattr(trained, name)!r}" for name in POLICY_FIELDS)
-            raise UsageError(f"--resume {resume}: {changed} would build another network than the run's, which was "
-                             f"built with {built}; drop {changed} or start a new run")
+            raise UsageError(f"--resume {resume}: {changed} would build {why}; the run's was built with {built}: "
+                             f"drop {changed} or start a new run")
     made_run_dir = config.run_dir is None
     if made_run_dir:
         config.run_dir = _make_default_run_dir(config.env, config.seed)
@@ -234,13 +231,10 @@ COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+    status = no_command_status(argv)
+    if status is not None:
+        return status
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"shoal: error: unknown command {command!r}: expected train, eval or plot\n\n{USAGE}", file=sys.stderr)
-        return 2
     try:
         return COMMANDS[command](rest)
     except ShoalError as error:  # every error a user can cause: one message, no traceback

@@ -923,7 +923,8 @@ class EmulatedEnv:
         """``emulate_flat_atn=False``: the caller's own actions, each checked against the raw action space.
 
         An agent with mask True that has not ended needs one; an agent the env lists but has not shown
-        (mask False) or that has ended gets the neutral action when the caller gives none, as with flat actions.
+        (mask False) or that has ended gets the neutral action when the caller gives none, as with flat actions. A
+        space with no neutral action (mixed leaves) leaves an ended agent out and asks for a dark one's.
         """
         binding = self.binding
         if not binding.is_multiagent:

@@ -401,8 +401,9 @@ class NatureCNN(Policy):
         super().__init__(binding, feature_size=hidden_size)
         space = binding.raw_single_observation_space
         if not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
-            instead = ("MLPPolicy or MixedPolicy (kind 'mlp' or 'mixed')" if isinstance(space, spaces.Box)
-                       else "MixedPolicy (kind 'mixed'), which reads each leaf of a nested observation")
+            mixed_dtypes = len({field.dtype for field in binding.obs_layout.fields}) > 1  # MLPPolicy refuses those
+            instead = ("MixedPolicy (kind 'mixed'), which reads each leaf of a nested observation" if mixed_dtypes
+                       else "MLPPolicy or MixedPolicy (kind 'mlp' or 'mixed')")
             raise SpaceError(f"NatureCNN (policy kind 'cnn') reads frames, a Box of 2 or 3 dimensions; "
                              f"{binding.env_name}'s observation space is {space}: use {instead}")
         shape = space.shape

@@ -318,8 +318,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             their defaults (else an APIUsageError), so that config.json does not describe another network.
         logger: a :class:`~shoal.logging.Logger` (closed at the end); built from the config when None.
         vecenv: an already made vector env (it is not closed here); made from the config when None. Its
-            layout (``num_envs``, ``envs_per_batch``, ``num_workers``, ``backend``) replaces the config's, so that
-            config.json, the seeds and the logs describe the run that happens.
+            layout (``num_envs``, ``envs_per_batch``, ``num_workers``, ``backend``, where it gives them) replaces
+            the config's, so that config.json, the seeds and the logs describe the run that happens; with a
+            ``run_dir``, a layout a PPOConfig cannot describe (batches that do not divide the envs) is refused.
         resume_from: a checkpoint file or run directory to continue from (model, optimizer, global step,
             update count, episode count, wall time and RNG states), or the checkpoint ``load_checkpoint`` loaded.
             Its step must be below ``config.total_timesteps``.
@@ -349,18 +350,25 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
         raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
     if vecenv is not None:
         _check_vecenv(vecenv, binding)
+        layout = {}  # what the vec env says of itself (a wrapper may not say everything)
         envs, batch, workers = (getattr(vecenv, name, None) for name in ("num_envs", "batch_size", "num_workers"))
-        if is_int(envs):  # a wrapper may not say: what it does not say is left to the defaults
-            config = dataclasses.replace(config, num_envs=envs, num_workers=workers if is_int(workers) else 0,
-                                         envs_per_batch=batch if is_int(batch) and batch != envs else 0)
+        if is_int(envs):
+            layout["num_envs"] = envs
+            if is_int(batch):
+                layout["envs_per_batch"] = 0 if batch == envs else batch
+        if is_int(workers):
+            layout["num_workers"] = workers
         if getattr(vecenv, "backend", None) in ("serial", "multiprocessing", "ray"):
-            config = dataclasses.replace(config, backend=vecenv.backend)
+            layout["backend"] = vecenv.backend
+        adopted = dataclasses.replace(config, **layout)
         try:
-            config.validate()
+            adopted.validate()
+            config = adopted
         except APIUsageError as error:
-            raise APIUsageError(f"vecenv: its layout ({config.num_envs} envs, batches of "
-                                f"{config.envs_per_batch or config.num_envs}) is not one a PPOConfig can describe, so "
-                                f"the run could not be resumed: {error}") from None
+            if config.run_dir is not None:  # config.json and checkpoints would hold a config no run can resume with
+                raise APIUsageError(f"vecenv: its layout ({adopted.num_envs} envs, batches of "
+                                    f"{adopted.envs_per_batch or adopted.num_envs}) is not one a PPOConfig can "
+                                    f"describe, so a run_dir's run could not be resumed: {error}") from None
     if resume_from is not None and not isinstance(resume_from, (str, os.PathLike, dict)):
         raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, or a checkpoint dict "
                             f"(load_checkpoint), got {resume_from!r}")

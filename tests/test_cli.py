@@ -121,8 +121,10 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--resume", run_dir)
     assert code == 2 and "already at step 64" in err and "--total-timesteps" in err
     code, _, err = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "999", "--hidden-size", "32", "--lstm")
-    assert code == 2 and ("--hidden-size, --lstm would build another network than the run's, which was built with "
-                          "policy='auto', hidden_size=0, lstm=False; drop --hidden-size, --lstm") in err
+    assert code == 2 and ("--hidden-size, --lstm would build another network than the run's; the run's was built "
+                          "with policy='auto', hidden_size=0, lstm=False: drop --hidden-size, --lstm") in err
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "999", "--policy", "cnn")
+    assert code == 2 and "--policy would build no network (NatureCNN (policy kind 'cnn') reads frames" in err
     code, _, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "128", "--hidden-size", "64",
                      "--policy", "mlp", "--no-tensorboard")  # the network the run has: it goes on
     assert code == 0
@@ -229,6 +231,7 @@ def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypa
     # The entry point imports shoal.cli (torch: seconds) inside its own error handling.
     code = "import sys, shoal.__main__; assert 'torch' not in sys.modules, 'imported before main()'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    import shoal.__main__
     from shoal.__main__ import main as entry_point
 
     real_import = builtins.__import__
@@ -241,9 +244,13 @@ def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypa
     monkeypatch.setattr(builtins, "__import__", interrupted)
     assert entry_point(["train"]) == 130
     monkeypatch.undo()
-    assert capsys.readouterr().err == "shoal: interrupted\n"
+    assert capsys.readouterr().err == "shoal train: interrupted\n"
+    # Usage, --help and an unknown command are answered without importing torch; python -m shoal is the command.
+    code = "import sys, shoal.__main__; shoal.__main__.main(['--help']); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     done = subprocess.run([sys.executable, "-m", "shoal", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: shoal {train,eval,plot}")
+    assert tuple(cli.COMMANDS) == shoal.__main__.COMMANDS
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):

@@ -878,9 +878,10 @@ def test_a_vecenv_passed_in_sets_the_runs_layout(tmp_path):
     assert (saved["num_envs"], saved["num_workers"], saved["envs_per_batch"], saved["backend"]) == (4, 2, 2, "serial")
     with vector.make(binding, "serial", num_workers=3, batch_size=2) as vecenv:  # batches of 2 out of 3 envs
         with pytest.raises(APIUsageError, match=r"vecenv: its layout \(3 envs, batches of 2\) is not one a PPOConfig "
-                                                r"can describe, so the run could not be resumed: envs_per_batch \(2\) "
-                                                r"must divide num_envs \(3\)"):
+                                                r"can describe, so a run_dir's run could not be resumed: envs_per_batch "
+                                                r"\(2\) must divide num_envs \(3\)"):
             train(config, binding, vecenv=vecenv)
+        assert train(dataclasses.replace(config, run_dir=None), binding, vecenv=vecenv).global_step >= 128  # no files
 
 
 @pytest.mark.parametrize("lives", LIVES)
