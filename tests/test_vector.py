@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -625,6 +626,29 @@ def test_joining_a_ray_cluster_where_none_answers_is_a_clear_error():
         _join(ray, "127.0.0.1:1", 5.0)  # Ray itself would retry for minutes
     with pytest.raises(APIUsageError, match=r"nothing answers at address='127.0.0.1:1'"):
         _join(ray, "127.0.0.1:1", None)  # startup_timeout=None: no limit for the actors, 10 s for this
+    with pytest.raises(APIUsageError, match=r"Ray: cannot join a Ray cluster at address='nonsense': Invalid address"):
+        _join(ray, "nonsense", 5.0)  # Ray's own ValueError, before
+
+
+def test_a_ray_started_by_a_thread_that_ends_outlives_it():
+    # Ray's node processes die with the thread that started them: shoal starts Ray from one of its own that
+    # lives as long as the process (the node died with the caller's thread, and Ray ended the process later).
+    script = textwrap.dedent("""
+        import threading, gymnasium, numpy as np, shoal, shoal.vector
+        binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
+        made = []
+        builder = threading.Thread(target=lambda: made.append(shoal.vector.make(binding, "ray", num_workers=1)))
+        builder.start()
+        builder.join()
+        with made[0] as vecenv:
+            vecenv.reset(seed=0)
+        with shoal.vector.make(binding, "ray", num_workers=1, startup_timeout=30) as vecenv:
+            vecenv.reset(seed=0)
+            vecenv.step(np.zeros((1, 1), np.int64))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):

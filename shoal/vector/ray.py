@@ -82,9 +82,32 @@ def _join(ray, address: str | None, timeout: float) -> None:
             raise APIUsageError(f"Ray: nothing answers at address={address!r} ({error}): start a Ray cluster there "
                                 f"(ray start --head), or pass address=None to start a local one") from None
     try:
-        ray.init(address=address, include_dashboard=False)
-    except ConnectionError as error:
+        if threading.current_thread() is threading.main_thread():
+            ray.init(address=address, include_dashboard=False)
+        else:
+            _init_in_lasting_thread(ray, address)
+    except (ConnectionError, ValueError) as error:  # ValueError: an address Ray cannot parse
         raise APIUsageError(f"Ray: cannot join a Ray cluster at address={address!r}: {error}") from None
+
+
+def _init_in_lasting_thread(ray, address: str | None) -> None:
+    """``ray.init`` from a daemon thread that lives as long as this process: the Ray node processes it starts
+    die with the thread that started them (the kernel's parent-death signal fires when that thread ends), and
+    the caller's thread may end long before the vec envs and Ray it leaves behind."""
+    done, failure = threading.Event(), []
+
+    def start_and_stay() -> None:
+        try:
+            ray.init(address=address, include_dashboard=False)
+        except BaseException as error:  # raised again in the caller's thread
+            failure.append(error)
+        done.set()
+        threading.Event().wait()
+
+    threading.Thread(target=start_and_stay, name="shoal-ray-init", daemon=True).start()
+    done.wait()
+    if failure:
+        raise failure[0]
 
 
 def _map_driver_memory(path: str, identity: tuple[int, int], layout: ArrayLayout) -> dict[str, np.ndarray]:
