@@ -137,15 +137,15 @@ def _train(argv: list[str]) -> int:
                          f"drop --env or start a new run")
     config.validate()
     binding = make_binding(config.env)
-    if checkpoint is not None:
-        trained = config_from_checkpoint(checkpoint)
+    trained = None if checkpoint is None else config_from_checkpoint(checkpoint)
+    changed = "" if trained is None else ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
+                                                   if getattr(config, name) != getattr(trained, name))
+    if changed:  # (a run of a policy of its own is told apart when its weights load: load_policy_state)
         try:
             why = "" if _network(config, binding) == _network(trained, binding) else "another network than the run's"
         except ShoalError as error:  # a policy kind these observations cannot have
             why = f"no network ({error})"
         if why:
-            changed = ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
-                                if getattr(config, name) != getattr(trained, name))
             built = ", ".join(f"{name}={getattr(trained, name)!r}" for name in POLICY_FIELDS)
             raise UsageError(f"--resume {resume}: {changed} would build {why}; the run's was built with {built}: "
                              f"drop {changed} or start a new run")
