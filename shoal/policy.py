@@ -308,6 +308,12 @@ class Policy(nn.Module):
         return self.action_head.evaluate(params, actions)
 
 
+def _is_byte_buffer(binding) -> bool:
+    """Whether the binding's flat observation is a byte buffer of leaves of different dtypes, not numbers
+    (MLPPolicy cannot read it; MixedPolicy unflattens it)."""
+    return len({field.dtype for field in binding.obs_layout.fields}) > 1
+
+
 class MLPPolicy(Policy):
     """Separate actor and critic MLPs (tanh) over a flat vector observation, as in CleanRL's ``ppo.py``.
 
@@ -320,7 +326,7 @@ class MLPPolicy(Policy):
         check_int("MLPPolicy: hidden_size", hidden_size)
         check_int("MLPPolicy: num_layers", num_layers)
         super().__init__(binding, feature_size=2 * hidden_size)
-        if len({field.dtype for field in binding.obs_layout.fields}) > 1:
+        if _is_byte_buffer(binding):
             raise SpaceError(f"MLPPolicy (policy kind 'mlp') reads the flat observation as numbers; "
                              f"{binding.env_name}'s is a byte buffer of mixed-dtype leaves "
                              f"({binding.raw_single_observation_space}): use MixedPolicy (kind 'mixed'), which "
@@ -401,9 +407,8 @@ class NatureCNN(Policy):
         super().__init__(binding, feature_size=hidden_size)
         space = binding.raw_single_observation_space
         if not (isinstance(space, spaces.Box) and len(space.shape) in (2, 3)):
-            mixed_dtypes = len({field.dtype for field in binding.obs_layout.fields}) > 1  # MLPPolicy refuses those
-            instead = ("MixedPolicy (kind 'mixed'), which reads each leaf of a nested observation" if mixed_dtypes
-                       else "MLPPolicy or MixedPolicy (kind 'mlp' or 'mixed')")
+            instead = ("MixedPolicy (kind 'mixed'), which reads each leaf of a nested observation"
+                       if _is_byte_buffer(binding) else "MLPPolicy or MixedPolicy (kind 'mlp' or 'mixed')")
             raise SpaceError(f"NatureCNN (policy kind 'cnn') reads frames, a Box of 2 or 3 dimensions; "
                              f"{binding.env_name}'s observation space is {space}: use {instead}")
         shape = space.shape
