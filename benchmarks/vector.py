@@ -59,6 +59,8 @@ class Config:
     """Workers (and limit processes) to use; 0 means one per core."""
     ray: bool = True
     """Include the Ray backend (starts a local Ray)."""
+    num_envs: int = 0
+    """Envs each runner steps; 0 means each env's own default (CartPole 64, Breakout 8, nested 16)."""
 
 
 # ---------------------------------------------------------------- envs (module level, so workers can import them)
@@ -127,37 +129,47 @@ def _timed(step: Callable[[], int], seconds: float) -> float:
 
 def _limit_process(creator: Callable, emulated: bool, num_envs: int, conn) -> None:
     """Step ``num_envs`` envs in turn, alone, with no communication while timed; answer each request with
-    env steps per second."""
+    env steps per second. Actions cycle through 16 fixed random ones, as the other runners' do: a game
+    stepped with one constant action (Breakout's NOOP never launches the ball, so it never ends an
+    episode) runs faster than one played."""
+    rng = np.random.default_rng(0)
+    turn = 0
     if emulated:
         binding = shoal.Binding(env_creator=creator)
         envs = [binding.make_env() for _ in range(num_envs)]
         for env in envs:
             env.reset(seed=0)
         nvec = binding.single_action_space.nvec
-        actions = np.random.default_rng(0).integers(0, nvec, size=(binding.max_agents, len(nvec)))
+        actions = [rng.integers(0, nvec, size=(binding.max_agents, len(nvec))) for _ in range(16)]
 
         def step() -> int:
-            for env in envs:
-                env.step(actions)
+            nonlocal turn
+            for index, env in enumerate(envs):
+                env.step(actions[(turn + index) % 16])
+            turn += 1
             return num_envs
     else:
         envs = [creator() for _ in range(num_envs)]
         for env in envs:
             env.reset(seed=0)
         multiagent = not isinstance(envs[0], gymnasium.Env)
-        if multiagent:
-            action = envs[0].action_space(envs[0].possible_agents[0]).sample()
+        space = envs[0].action_space(envs[0].possible_agents[0]) if multiagent else envs[0].action_space
+        space.seed(0)
+        actions = [space.sample() for _ in range(16)]
 
         def step() -> int:
-            for env in envs:
+            nonlocal turn
+            for index, env in enumerate(envs):
+                action = actions[(turn + index) % 16]
                 if multiagent:
                     env.step({agent: action for agent in env.agents})
                     if not env.agents:
                         env.reset()
                 else:
-                    _, _, terminal, truncation, _ = env.step(0)
+                    _, _, terminal, truncation, _ = env.step(action)
                     if terminal or truncation:
                         env.reset()
+            turn += 1
             return num_envs
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
@@ -304,6 +316,8 @@ def main(config: Config) -> None:
     table = []  # (env, runner, phase, layout, env steps/s of each round)
     for name in config.envs:
         bench = BENCHES[name]
+        if config.num_envs:
+            bench = dataclasses.replace(bench, num_envs=config.num_envs)
         print(f"{bench.label}: {bench.num_envs} envs, {cores} cores", file=sys.stderr, flush=True)
         results = measure_phase(bench, cores, config, ray_phase=False)
         if config.ray:
