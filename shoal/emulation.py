@@ -342,9 +342,12 @@ class Binding:
         self.raw_single_action_space = atn_space
         try:
             self.obs_layout = ObservationLayout(self.raw_single_observation_space)
+        except SpaceError as error:
+            raise SpaceError(f"{self.env_name}: observation space: {error}") from None
+        try:
             self.atn_layout = ActionLayout(atn_space) if self.emulate_flat_atn else None
         except SpaceError as error:
-            raise SpaceError(f"{self.env_name}: {error}") from None
+            raise SpaceError(f"{self.env_name}: action space: {error}") from None
         self.single_observation_space = (
             self.obs_layout.flat_space if self.emulate_flat_obs else self.raw_single_observation_space)
         self.single_action_space = self.atn_layout.flat_space if self.atn_layout else atn_space

@@ -415,14 +415,8 @@ class NatureCNN(Policy):
         if channels_last and len(shape) == 2:
             raise APIUsageError(f"NatureCNN: channels_last=True reads (H, W, C) frames; {binding.env_name}'s are "
                                 f"(H, W) = {shape}, one channel: leave channels_last out")
-        if channels_last is None:  # channels are the short axis: 4 frames of 84x84, or 6 planes of 64x64
-            channels_last = len(shape) == 3 and shape[2] < shape[0]
-        self.channels_last = bool(channels_last)
-        if len(shape) == 2:
-            chw = (1, *shape)
-        else:
-            chw = (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
-        self.chw = chw
+        self.channels_last, self.chw = _frame_layout(shape, channels_last)
+        chw = self.chw
         if min(chw[1:]) < 36:  # its three convolutions shrink 36 pixels to 1
             raise SpaceError(f"NatureCNN needs frames of at least 36x36 pixels; {binding.env_name}'s observations "
                              f"read as {chw[0]} channels of {chw[1]}x{chw[2]}: use policy kind 'mixed' or 'mlp'"
@@ -494,14 +488,15 @@ def _(space: spaces.MultiBinary, value: torch.Tensor) -> torch.Tensor:
 
 @leaf_features.register(spaces.Discrete)
 def _(space: spaces.Discrete, value: torch.Tensor) -> torch.Tensor:
-    index = (value.reshape(len(value)).long() - int(space.start)).clamp(0, space.n - 1)
+    index = (value.reshape(len(value)).long() - int(space.start)).clamp(0, int(space.n) - 1)
     return nn.functional.one_hot(index, int(space.n)).float()
 
 
 @leaf_features.register(spaces.MultiDiscrete)
 def _(space: spaces.MultiDiscrete, value: torch.Tensor) -> torch.Tensor:
-    nvec = torch.as_tensor(space.nvec.ravel(), device=value.device)
-    start = torch.as_tensor(np.broadcast_to(space.start, space.shape).ravel().copy(), device=value.device)
+    # int64 in native byte order: torch promotes no unsigned dtype but uint8, and takes no big-endian array
+    nvec = torch.as_tensor(space.nvec.ravel().astype(np.int64), device=value.device)
+    start = torch.as_tensor(np.broadcast_to(space.start, space.shape).ravel().astype(np.int64), device=value.device)
     offsets = torch.cumsum(nvec, 0) - nvec  # where each dimension's one-hot block begins
     index = torch.minimum((value.reshape(len(value), -1).long() - start).clamp(min=0), nvec - 1) + offsets
     out = torch.zeros(len(value), int(nvec.sum()), device=value.device)
@@ -711,11 +706,20 @@ def check_policy(policy: Any, binding) -> None:
                             f"build the policy with this binding (Policy.__init__ makes the matching head)")
 
 
+def _frame_layout(shape: tuple, channels_last: bool | None) -> tuple[bool, tuple]:
+    """How :class:`NatureCNN` reads a frame of ``shape``: (channels_last, (C, H, W))."""
+    if channels_last is None:  # channels are the short axis: 4 frames of 84x84, or 6 planes of 64x64
+        channels_last = len(shape) == 3 and shape[2] < shape[0]
+    if len(shape) == 2:
+        return bool(channels_last), (1, *shape)
+    return bool(channels_last), (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
+
+
 def _is_image(space: spaces.Space) -> bool:
+    """uint8 frames that :class:`NatureCNN` reads as at least 36x36 pixels, its smallest input."""
     if not isinstance(space, spaces.Box) or space.dtype != np.uint8 or len(space.shape) not in (2, 3):
         return False
-    spatial = space.shape if len(space.shape) == 2 else sorted(space.shape)[1:]
-    return min(spatial) >= 36  # the Nature CNN's smallest input
+    return min(_frame_layout(space.shape, None)[1][1:]) >= 36
 
 
 def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, kind: str = "auto") -> Policy:
@@ -752,9 +756,15 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
         return LSTMPolicy(policy) if lstm else policy
 
     def too_big(reason: str) -> APIUsageError:
+        remedy = "choose a smaller hidden_size"
+        if kind == "mixed":
+            wide = [leaf for leaf in leaves(space) if leaf_width(leaf.space) > 2**20]
+            if wide:  # the first layer's inputs, not its width, are what does not fit
+                remedy = (f"its discrete observation leaf {wide[0].space} is one-hot, {leaf_width(wide[0].space):,} "
+                          f"inputs wide, whatever the hidden_size: give such a leaf as a number (a Box) with a "
+                          f"feature_parser, or use a policy of your own")
         return APIUsageError(f"default_policy: the {kind} policy{' with an LSTM' if lstm else ''} of hidden_size "
-                             f"{hidden_size or 'its default'} does not fit in memory ({reason}): choose a smaller "
-                             f"hidden_size")
+                             f"{hidden_size or 'its default'} does not fit in memory ({reason}): {remedy}")
 
     try:
         # Sized first on the meta device, which allocates nothing: a network that the OS lets us allocate

@@ -64,7 +64,10 @@ class Leaf(NamedTuple):
 
 def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     """All leaves of ``space`` in canonical order (sorted Dict keys, Tuple order)."""
-    kids = children(space)
+    try:
+        kids = children(space)
+    except SpaceError as error:  # say where an unsupported space sits in a nested one
+        raise SpaceError(f"{_path_str(path)}: {error}" if path else str(error)) from None
     if kids is None:
         return [Leaf(path, space)]
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
@@ -347,7 +350,7 @@ def _(space: spaces.Box):
 def _last_values(space: spaces.Space, start: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``start + counts - 1`` of a Discrete/MultiDiscrete, in its dtype; SpaceError where that passes the dtype's
     end (gymnasium builds such a space, but its values past the end cannot exist)."""
-    python_ints = [np.array(np.asarray(values).tolist(), object) for values in (start, counts)]
+    python_ints = [np.asarray(values).astype(object) for values in (start, counts)]  # shape kept, (0, 3) too
     last = python_ints[0] + python_ints[1] - 1  # nothing wraps around
     info = np.iinfo(space.dtype)
     beyond = [int(value) for value in np.ravel(last) if not info.min <= value <= info.max]
@@ -787,7 +790,7 @@ class ActionLayout:
         kinds = {is_discrete for _, is_discrete, _, _ in described}
         if len(kinds) > 1:
             raise SpaceError(
-                f"action space {space} mixes discrete and continuous leaves: a flat action, which shoal's vec envs "
+                f"{space} mixes discrete and continuous leaves: a flat action, which shoal's vec envs "
                 f"and trainer need, is all discrete (Discrete, MultiDiscrete, MultiBinary) or all Box: make every "
                 f"leaf one kind (Discrete leaves for binned Box values, or Box leaves whose values the env rounds); "
                 f"only a single env stepped with raw actions takes it as it is (emulate_flat_atn=False)"

@@ -43,6 +43,10 @@ def _binding(obs_space, action_space=spaces.Discrete(2)) -> Binding:
     (spaces.Box(0, 255, (64, 64, 3), np.uint8), NatureCNN),
     (spaces.Box(0, 255, (64, 64, 6), np.uint8), NatureCNN),  # two stacked RGB frames, channels last
     (spaces.Box(0, 255, (8, 8), np.uint8), MixedPolicy),  # too small for the Nature CNN
+    (spaces.Box(0, 255, (40, 3, 40), np.uint8), MixedPolicy),  # the Nature CNN would read 40 channels of 3x40
+    (spaces.Discrete(5, dtype=np.uint64), MixedPolicy),
+    (spaces.MultiDiscrete([3, 4], dtype=np.uint32), MixedPolicy),
+    (spaces.MultiDiscrete([3, 4], dtype=">i4"), MixedPolicy),  # big-endian
     (spaces.Discrete(7), MixedPolicy),
     (envs.OBS_SPACE, MixedPolicy),
 ])
@@ -321,6 +325,13 @@ def test_a_network_too_big_for_memory_is_named_with_its_size(lstm):
         default_policy(make_binding("cartpole"), hidden_size=10**6, lstm=lstm)
     with pytest.raises(APIUsageError, match=r"hidden_size 10000000000 does not fit in memory"):  # past int64 bytes
         default_policy(make_binding("cartpole"), hidden_size=10**10)
+
+
+def test_a_one_hot_leaf_too_wide_for_memory_is_named_with_the_remedy():
+    with pytest.raises(APIUsageError, match=r"its discrete observation leaf Discrete\(1099511627776\) is one-hot, "
+                                            r"1,099,511,627,776 inputs wide, whatever the hidden_size: .*feature_parser"):
+        default_policy(_binding(spaces.Dict({"id": spaces.Discrete(2**40), "x": spaces.Box(-1, 1, (2,))})),
+                       hidden_size=1)
 
 
 def test_a_network_the_os_would_let_us_allocate_but_not_fill_is_refused_before_allocating(monkeypatch):

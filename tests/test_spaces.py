@@ -620,13 +620,27 @@ def test_unsupported_space_raises_naming_it(layout_cls, space, name):
         layout_cls(space)
 
 
-def test_binding_names_the_env_of_an_unsupported_space():
+def test_binding_names_the_env_the_space_and_the_path_of_an_unsupported_space():
     class TextEnv(gymnasium.Env):
         observation_space = spaces.Dict({"name": spaces.Text(5)})
         action_space = spaces.Discrete(2)
 
-    with pytest.raises(SpaceError, match=r"TextEnv.*unsupported space Text\("):
+    with pytest.raises(SpaceError, match=r"TextEnv: observation space: \['name'\]: unsupported space Text\("):
         Binding(env_cls=TextEnv)
+
+    class SequenceActionEnv(TextEnv):
+        observation_space = spaces.Box(0, 1, (2,))
+        action_space = spaces.Tuple([spaces.Discrete(2), spaces.Sequence(spaces.Discrete(3))])
+
+    with pytest.raises(SpaceError, match=r"SequenceActionEnv: action space: \[1\]: unsupported space Sequence\("):
+        Binding(env_cls=SequenceActionEnv)
+
+
+def test_a_multidiscrete_leaf_with_no_values_keeps_its_shape():
+    layout = ObservationLayout(spaces.Dict({"none": spaces.MultiDiscrete(np.ones((0, 3), np.int64)),
+                                            "x": spaces.Discrete(3)}))
+    value = {"none": np.zeros((0, 3), np.int64), "x": 2}
+    assert layout.unflatten(layout.flatten(value))["none"].shape == (0, 3)
 
 
 def test_empty_space_raises():
