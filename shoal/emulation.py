@@ -628,7 +628,7 @@ class EmulatedEnv:
         binding = self.binding
         unknown = next(agent for agent in agents if agent not in binding.agent_slots)
         return error(f"{binding.env_name}, step {self.tick if step is None else step}: {who} {how} agent {unknown!r}, "
-                     f"which is not in possible_agents {list(binding.possible_agents)[:8]}")
+                     f"which is not in possible_agents {_short(list(binding.possible_agents))}")
 
     def _write_single(self, obs) -> None:
         """``_write_agents`` for the one agent of a single-agent env."""
@@ -642,7 +642,7 @@ class EmulatedEnv:
     def _misfit(self, agents: list, error: SpaceError) -> Exception:
         """EnvError for an observation that does not fit its space; APIUsageError where the feature_parser made it."""
         binding = self.binding
-        who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {agents[:8]}"
+        who = f"agent {agents[0]!r}" if len(agents) == 1 else f"agents {_short(agents)}"
         if binding.feature_parser is not None:
             return APIUsageError(f"{binding.env_name}, {who}, step {self.tick}: the feature_parser's output does not "
                                  f"fit the featurized observation space {binding.raw_single_observation_space} (given "

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, SpaceError, check_int, is_number
-from shoal.spaces import leaves
+from shoal.spaces import leaf_signature, leaves
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
 
@@ -273,7 +273,10 @@ class Policy(nn.Module):
 
     def unflatten(self, obs: torch.Tensor) -> Any:
         """The nested observation behind flat ``obs (B, obs_size)``: dicts/tuples of tensor views."""
-        return self.binding.unflatten_observation(obs)
+        try:
+            return self.binding.unflatten_observation(obs)
+        except SpaceError as error:  # the caller's observations, not a space: a mistake in the call
+            raise APIUsageError(f"{type(self).__name__}: {error} (the binding's flat observations)") from None
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Flat observations ``(B, obs_size)`` -> features ``(B, feature_size)``."""
@@ -672,6 +675,11 @@ def check_policy(policy: Any, binding) -> None:
             raise APIUsageError(f"{name} was built for {own.env_name}, whose flat {kind} space {theirs} is not "
                                 f"{binding.env_name}'s {getattr(binding, f'single_{kind}_space')}: build it with "
                                 f"this binding")
+    if isinstance(own, Binding) and own is not binding:  # the same bytes may hold other leaves
+        theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (own, binding))
+        if theirs != ours:
+            raise APIUsageError(f"{name} was built for {own.env_name}, whose observation leaves ({theirs}) are not "
+                                f"{binding.env_name}'s ({ours}): build it with this binding")
     discrete = isinstance(space, spaces.MultiDiscrete)
     device = next(iter(policy.parameters()), torch.empty(0)).device
     obs = torch.from_numpy(np.zeros((2, *binding.single_observation_space.shape),

@@ -34,7 +34,7 @@ from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
 from shoal.policy import Policy, check_policy, default_policy
-from shoal.spaces import _short
+from shoal.spaces import _short, leaf_signature
 
 
 @dataclass
@@ -281,8 +281,12 @@ def _check_vecenv(vecenv, binding) -> None:
                             f"{spaces_of[0]}, {spaces_of[1]} are not {binding.env_name}'s: make it from this binding")
     agents = list(getattr(getattr(vecenv, "binding", None), "possible_agents", []))
     if agents != list(binding.possible_agents):
-        raise APIUsageError(f"vecenv steps an env with agents {agents[:8]}, not {binding.env_name}'s "
-                            f"{list(binding.possible_agents)[:8]}: make it from this binding")
+        raise APIUsageError(f"vecenv steps an env with agents {_short(agents)}, not {binding.env_name}'s "
+                            f"{_short(list(binding.possible_agents))}: make it from this binding")
+    theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (vecenv.binding, binding))
+    if theirs != ours:  # the same flat bytes may hold other leaves
+        raise APIUsageError(f"vecenv steps {vecenv.binding.env_name}, whose observation leaves ({theirs}) are not "
+                            f"{binding.env_name}'s ({ours}): make it from this binding")
 
 
 def check_flat(binding) -> None:
@@ -396,7 +400,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
-    policy = policy if policy is not None else make_policy(config, binding)
+    policy_given = policy is not None  # else the config's settings rebuild it (shoal eval, --resume)
+    policy = policy if policy_given else make_policy(config, binding)
     check_policy(policy, binding)
     try:
         policy = policy.to(device)
@@ -469,6 +474,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                                 f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
         save_checkpoint(config.run_dir, at_update, {
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
+            "policy_given": policy_given,
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
             "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,
@@ -885,7 +891,8 @@ def _describe_space(space) -> str:
 
 def _space_signature(binding) -> dict[str, str]:
     return {"observations": _describe_space(binding.single_observation_space),
-            "actions": _describe_space(binding.single_action_space), "max_agents": str(binding.max_agents)}
+            "actions": _describe_space(binding.single_action_space), "max_agents": str(binding.max_agents),
+            "observation leaves": leaf_signature(binding.raw_single_observation_space)}
 
 
 _CHECKPOINT_KEYS = ("model", "optimizer", "config", "env", "spaces", "global_step", "update", "rng")
@@ -908,11 +915,15 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
     if config is not None and checkpoint.get("env") != config.env:
         raise APIUsageError(f"{where} was trained on env {checkpoint.get('env')!r}, not {config.env!r}: "
                             f"pass --env {checkpoint.get('env')} or use a checkpoint of {config.env!r}")
-    expected = _space_signature(binding)
-    if checkpoint.get("spaces") != expected:
-        describe = lambda spaces: ", ".join(f"{k} {v}" for k, v in (spaces or {}).items())  # noqa: E731
+    expected, trained = _space_signature(binding), checkpoint.get("spaces")
+    trained = trained if isinstance(trained, dict) else {}
+    if "observation leaves" not in trained:  # a checkpoint from before they were recorded: compared on the rest
+        del expected["observation leaves"]
+    differ = [key for key in expected if trained.get(key) != expected[key]]
+    if differ:
+        describe = lambda spaces: ", ".join(f"{key} {spaces.get(key)}" for key in differ)  # noqa: E731
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
-                            f"{describe(checkpoint.get('spaces'))}; this env has {describe(expected)}")
+                            f"{describe(trained)}; this env has {describe(expected)}")
 
 
 def load_policy_state(policy: Policy, checkpoint: dict) -> None:
@@ -925,13 +936,20 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
     try:
         policy.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
-        trained = checkpoint.get("config", {})
-        settings = ", ".join(f"{name}={trained.get(name)!r}" for name in POLICY_FIELDS)
+        where, trained = checkpoint.get("path", "the checkpoint"), checkpoint.get("policy", "the")
+        torch_says = " ".join(line.strip() for line in str(error).splitlines()[:2])
+        if checkpoint.get("policy_given"):  # not the config's: its settings would not rebuild it
+            raise APIUsageError(
+                f"{where} holds the weights of the {trained} that train() was given, not this "
+                f"{_describe_policy(policy)}'s network: build that policy as the run did, in Python (the shoal "
+                f"command builds only default policies), load them into it with load_policy_state and play it with "
+                f"shoal.ppo.evaluate. torch: {torch_says}") from None
+        config = checkpoint.get("config", {})
+        settings = ", ".join(f"{name}={config.get(name)!r}" for name in POLICY_FIELDS)
         raise APIUsageError(
-            f"{checkpoint.get('path', 'the checkpoint')} holds {checkpoint.get('policy', 'the')} weights trained with "
-            f"{settings}, not this {_describe_policy(policy)}'s network: build the policy with those settings "
-            f"(config_from_checkpoint gives them) or pass the policy it was trained with. torch: "
-            f"{' '.join(line.strip() for line in str(error).splitlines()[:2])}") from None
+            f"{where} holds {trained} weights trained with {settings}, not this {_describe_policy(policy)}'s "
+            f"network: build the policy with those settings (config_from_checkpoint gives them) or pass the policy "
+            f"it was trained with. torch: {torch_says}") from None
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:

@@ -73,6 +73,22 @@ def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
 
 
+def leaf_signature(space: spaces.Space) -> str:
+    """The leaves of ``space`` as a network reads them from a flat array, in canonical order: path, kind, shape
+    and dtype, and the values of a discrete leaf. Two spaces whose flat arrays match byte for byte may
+    still differ here (an int64 leaf where the other has a float64 one), and then no model reads both."""
+    described = []
+    for leaf in leaves(space):
+        sub = leaf.space
+        text = f"{_path_str(leaf.path)} {type(sub).__name__}{tuple(sub.shape)} {sub.dtype}"
+        if isinstance(sub, spaces.Discrete):
+            text += f" n={int(sub.n)} start={int(sub.start)}"
+        elif isinstance(sub, spaces.MultiDiscrete):
+            text += f" nvec={sub.nvec.tolist()} start={np.asarray(sub.start).tolist()}"
+        described.append(text)
+    return "; ".join(described)
+
+
 def containers(space: spaces.Space, path: tuple = ()) -> list[tuple[tuple, int, str]]:
     """(path, number of entries, "Dict" or "Tuple") of every Dict/Tuple in ``space``, outermost first."""
     kids = children(space)

@@ -106,6 +106,12 @@ def test_mixed_policy_turns_each_leaf_into_floats_without_reading_raw_bytes():
     assert policy(flat)[0].shape == (1, sum(binding.single_action_space.nvec))
 
 
+def test_unflattening_observations_of_the_wrong_dtype_is_a_usage_error_naming_the_policy():
+    policy = MixedPolicy(Binding(env_cls=envs.NestedMultiAgentEnv))
+    with pytest.raises(APIUsageError, match=r"MixedPolicy: flat observation: expected dtype uint8, got torch.float32"):
+        policy(torch.zeros(2, policy.obs_size))
+
+
 def test_discrete_leaf_with_a_start_offset_is_one_hot_from_its_start():
     space = spaces.Discrete(3, start=-1)
     assert torch.equal(leaf_features(space, torch.tensor([-1, 1])), torch.tensor([[1.0, 0, 0], [0, 0, 1]]))

@@ -598,6 +598,16 @@ def test_resume_with_another_network_is_refused(tmp_path):
         train(PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}), make_binding("cartpole"), resume_from=tmp_path)
 
 
+def test_a_checkpoint_of_a_policy_train_was_given_is_not_said_to_come_from_the_config(tmp_path):
+    binding = make_binding("cartpole")
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path)), binding, policy=LSTMPolicy(MLPPolicy(binding, 32)))
+    with pytest.raises(APIUsageError, match=r"holds the weights of the LSTMPolicy\(MLPPolicy\) that train\(\) was given, "
+                                            r"not this MLPPolicy's network: build that policy as the run did, in "
+                                            r"Python .* torch: "):
+        ppo.load_policy_state(ppo.make_policy(config_from_checkpoint(load_checkpoint(tmp_path)), binding),
+                              load_checkpoint(tmp_path))
+
+
 # ---------------------------------------------------------------- config errors
 
 
@@ -840,6 +850,48 @@ def test_episode_statistics_come_only_from_an_agents_end_in_shoals_or_gymnasiums
     with pytest.raises(APIUsageError, match=r"CartPole-v1, agent 0: infos\['episode'\] at the agent's end must hold "
                                             r"'return' and 'length' .* or 'r' and 'l' .*, got \d+\. With "):
         train(config, other)
+
+
+class PositionEnv(gymnasium.Env):
+    """A nested observation whose leaves differ between subclasses, but not its flat bytes."""
+
+    pos_dtype = np.int64
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def __init__(self):
+        self.observation_space = gymnasium.spaces.Dict({"pos": gymnasium.spaces.Box(0, 7, (2,), self.pos_dtype),
+                                                        "hp": gymnasium.spaces.Box(0, 1, (), np.float32)})
+
+    def reset(self, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 1.0, False, True, {}
+
+
+class FloatPositionEnv(PositionEnv):
+    pos_dtype = np.float64  # 8 bytes, as int64: the same flat byte buffer
+
+
+def test_a_policy_or_checkpoint_of_other_observation_leaves_with_the_same_bytes_is_refused(tmp_path):
+    ints, floats = Binding(env_cls=PositionEnv), Binding(env_cls=FloatPositionEnv)
+    assert ints.single_observation_space == floats.single_observation_space  # bytes alone do not tell
+    with pytest.raises(APIUsageError, match=r"MixedPolicy was built for PositionEnv, whose observation leaves "
+                                            r"\(.*\['pos'\] Box\(2,\) int64\) are not FloatPositionEnv's "
+                                            r"\(.*\['pos'\] Box\(2,\) float64\)"):
+        train(PPOConfig(**QUICK), floats, policy=MixedPolicy(ints))
+    with vector.Serial(ints, 1, 4) as vecenv, pytest.raises(
+            APIUsageError, match=r"vecenv steps PositionEnv, whose observation leaves .* are not FloatPositionEnv's"):
+        train(PPOConfig(**QUICK), floats, vecenv=vecenv)
+    train(PPOConfig(**{**QUICK, "total_timesteps": 64}, run_dir=str(tmp_path)), ints)
+    checkpoint = load_checkpoint(tmp_path)
+    with pytest.raises(APIUsageError, match=r"does not fit env 'FloatPositionEnv': it was trained with observation "
+                                            r"leaves .*\['pos'\] Box\(2,\) int64; this env has observation leaves "
+                                            r".*\['pos'\] Box\(2,\) float64$"):
+        ppo.check_compatible(checkpoint, floats)
+    ppo.check_compatible(checkpoint, ints)
+    del checkpoint["spaces"]["observation leaves"]  # a checkpoint from before they were recorded
+    ppo.check_compatible(checkpoint, floats)
 
 
 def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():

@@ -33,7 +33,7 @@ import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, SpaceError, WorkerError, check_int, is_int, is_number
-from shoal.spaces import as_array, holds_dict, shape_of
+from shoal.spaces import _short, as_array, holds_dict, shape_of
 
 
 class Batch(NamedTuple):
@@ -822,7 +822,7 @@ class VecEnv(abc.ABC):
             return APIUsageError(f"send(actions): got a dict of actions, but a vec env takes one array of "
                                  f"{self._actions_shape()}")
         order = (f", env-major: row e * {self.max_agents} + k holds the action of agent k of env e, agents in sorted "
-                 f"order {list(agents[:8])}" + ("..." if len(agents) > 8 else ""))
+                 f"order {_short(list(agents))}")
         return APIUsageError(f"send(actions): got a dict of actions (PettingZoo's {{agent: action}}), but a vec env "
                              f"takes one array of {self._actions_shape()}{order}")
 
