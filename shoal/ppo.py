@@ -78,7 +78,7 @@ class PPOConfig:
 
     # ---- algorithm
     total_timesteps: int = 500_000
-    """agent steps to train for (valid transitions, over all agents)"""
+    """agent steps to train for (valid transitions, over all agents), in whole rollouts: at least one"""
     learning_rate: float = 2.5e-4
     """Adam learning rate"""
     anneal_lr: bool = True
@@ -1018,7 +1018,9 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
         env.close()
         policy.train(was_training)
     if not returns:
-        raise APIUsageError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps"
-                            + ("" if binding.record_episode_statistics else " (with record_episode_statistics=False "
-                               "the returns come from the env's own infos[agent]['episode'], which it does not give)"))
+        raise APIUsageError(f"{binding.env_name}: no episode ended within max_steps={max_steps:,} steps: raise "
+                            f"max_steps (shoal eval --max-steps) if its episodes are longer"
+                            + ("" if binding.record_episode_statistics else " (its returns come from the env's own "
+                               "infos[agent]['episode'] at an episode's end, record_episode_statistics=False: an "
+                               "Atari game's, over all its lives; or the env gives none)"))
     return returns[:episodes]

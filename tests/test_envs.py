@@ -149,6 +149,12 @@ def test_atari_settings_are_checked(setting, message):
         make_binding("atari:Breakout", **setting)
 
 
+def test_an_unknown_atari_setting_is_named_with_those_there_are():
+    with pytest.raises(APIUsageError, match=r"atari:Breakout: got an unexpected keyword argument 'full_action_space': "
+                                            r"make_atari_env takes frame_skip, noop_max, .*, render_mode$"):
+        make_binding("atari:Breakout", full_action_space=True)
+
+
 def test_episodic_life_ends_the_episode_but_not_the_game():
     env = make_atari_env("Breakout")
     env.reset(seed=0)
@@ -167,6 +173,16 @@ def test_episodic_life_ends_the_episode_but_not_the_game():
     lives = env.unwrapped.ale.lives()
     assert lives == 4 and env.unwrapped.ale.getEpisodeFrameNumber() > frame  # not a real reset
     assert set(rewards) <= {0.0, 1.0}  # clipped
+    for _ in range(3):
+        env.step(0)
+    env.reset()  # not after a lost life: a new game
+    assert env.unwrapped.ale.lives() == 5 and env.unwrapped.ale.getEpisodeFrameNumber() < 200
+    for _ in range(300):  # lose a life, then reset with a seed: a new game too, as Gymnasium's reset(seed) says
+        if env.step(int(rng.integers(4)))[2]:
+            break
+    assert env.unwrapped.ale.lives() == 4
+    env.reset(seed=3)
+    assert env.unwrapped.ale.lives() == 5
 
 
 def test_game_statistics_report_the_unclipped_score_over_all_lives():

@@ -35,7 +35,9 @@ def _require_action(env: gymnasium.Env, wrapper: str, index: int, meaning: str) 
 
 
 class GameStatistics(gymnasium.Wrapper):
-    """At the end of a whole game put ``info["episode"] = {"return", "length"}`` (score, agent steps)."""
+    """At the end of a whole game put ``info["episode"] = {"return", "length"}``: the score, and the game's
+    steps (of ``frame_skip`` frames each), the agent's and those :class:`EpisodicLife` and :class:`FireReset`
+    take at the start of a life (the no-ops of a reset are not counted)."""
 
     def __init__(self, env: gymnasium.Env):
         super().__init__(env)
@@ -57,33 +59,32 @@ class GameStatistics(gymnasium.Wrapper):
 class EpisodicLife(gymnasium.Wrapper):
     """End the episode (``terminated``) when a life is lost; really reset only when the game is over.
 
-    A reset after a lost life takes one no-op step instead, so the game continues where it was: the
-    game's action 0 must be NOOP.
+    The reset that follows a lost life takes one no-op step instead, so the game continues where it
+    was: the game's action 0 must be NOOP. Any other reset, or one given a seed or options, starts a
+    new game.
     """
 
     def __init__(self, env: gymnasium.Env):
         _require_action(env, "EpisodicLife", 0, "NOOP")
         super().__init__(env)
         self.lives = 0
-        self.game_over = True
+        self.life_lost = False  # the last step ended a life, not the game: a reset continues the game
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.game_over = terminated or truncated
         lives = self.env.unwrapped.ale.lives()
-        if 0 < lives < self.lives:
-            terminated = True
+        self.life_lost = 0 < lives < self.lives and not (terminated or truncated)
         self.lives = lives
-        return obs, reward, terminated, truncated, info
+        return obs, reward, terminated or self.life_lost, truncated, info
 
     def reset(self, **kwargs) -> tuple[Any, dict]:
-        if self.game_over:
+        if not self.life_lost or kwargs.get("seed") is not None or kwargs.get("options") is not None:
             obs, info = self.env.reset(**kwargs)
         else:
             obs, _, terminated, truncated, info = self.env.step(0)
             if terminated or truncated:
                 obs, info = self.env.reset(**kwargs)
-        self.game_over = False
+        self.life_lost = False
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
