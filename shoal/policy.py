@@ -657,6 +657,17 @@ class LSTMPolicy(Policy):
 # ---------------------------------------------------------------- defaults
 
 
+def other_leaves(own: Any, binding: Binding) -> str | None:
+    """Where binding ``own`` has other observation leaves than ``binding`` in the same flat bytes (an int64 leaf
+    where ``binding`` has a float64 one), ``"{own}, whose observation leaves (...) are not {binding}'s (...)"``."""
+    if not isinstance(own, Binding) or own is binding:
+        return None
+    theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (own, binding))
+    if theirs == ours:
+        return None
+    return f"{own.env_name}, whose observation leaves ({theirs}) are not {binding.env_name}'s ({ours})"
+
+
 def check_policy(policy: Any, binding) -> None:
     """APIUsageError unless ``policy`` is a :class:`Policy` whose actions fit ``binding``'s action space.
 
@@ -675,11 +686,9 @@ def check_policy(policy: Any, binding) -> None:
             raise APIUsageError(f"{name} was built for {own.env_name}, whose flat {kind} space {theirs} is not "
                                 f"{binding.env_name}'s {getattr(binding, f'single_{kind}_space')}: build it with "
                                 f"this binding")
-    if isinstance(own, Binding) and own is not binding:  # the same bytes may hold other leaves
-        theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (own, binding))
-        if theirs != ours:
-            raise APIUsageError(f"{name} was built for {own.env_name}, whose observation leaves ({theirs}) are not "
-                                f"{binding.env_name}'s ({ours}): build it with this binding")
+    mismatch = other_leaves(own, binding)
+    if mismatch:
+        raise APIUsageError(f"{name} was built for {mismatch}: build it with this binding")
     discrete = isinstance(space, spaces.MultiDiscrete)
     device = next(iter(policy.parameters()), torch.empty(0)).device
     obs = torch.from_numpy(np.zeros((2, *binding.single_observation_space.shape),

@@ -33,7 +33,7 @@ from shoal.checkpoint import (check_run_dir, list_checkpoints, load_checkpoint, 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
-from shoal.policy import Policy, check_policy, default_policy
+from shoal.policy import Policy, check_policy, default_policy, other_leaves
 from shoal.spaces import _short, leaf_signature
 
 
@@ -283,10 +283,9 @@ def _check_vecenv(vecenv, binding) -> None:
     if agents != list(binding.possible_agents):
         raise APIUsageError(f"vecenv steps an env with agents {_short(agents)}, not {binding.env_name}'s "
                             f"{_short(list(binding.possible_agents))}: make it from this binding")
-    theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (vecenv.binding, binding))
-    if theirs != ours:  # the same flat bytes may hold other leaves
-        raise APIUsageError(f"vecenv steps {vecenv.binding.env_name}, whose observation leaves ({theirs}) are not "
-                            f"{binding.env_name}'s ({ours}): make it from this binding")
+    mismatch = other_leaves(vecenv.binding, binding)
+    if mismatch:
+        raise APIUsageError(f"vecenv steps {mismatch}: make it from this binding")
 
 
 def check_flat(binding) -> None:
