@@ -395,9 +395,8 @@ def test_ray_actor_options_the_cluster_cannot_provide(no_leaks):
     try:
         with pytest.raises(WorkerError, match="worker 0 \\(envs 0-0 of CartPole-v1\\): did not answer startup "
                                               "\\(building its envs\\) within 2 s: Ray never finished creating the "
-                                              "actor of worker 0: still pending creation, waiting for resources no "
-                                              "node has free \\(each actor asks for num_cpus=1; the cluster has CPU 0 "
-                                              "free now\\)"):
+                                              "actor of worker 0: it waits for resources no node has free \\(each "
+                                              "actor asks for num_cpus=1; the cluster has CPU 0 free now\\)"):
             Ray(cartpole(), num_workers=1, actor_options={"num_cpus": 1}, startup_timeout=2)
     finally:
         ray.util.remove_placement_group(group)
@@ -604,6 +603,13 @@ def test_an_env_constructor_that_hangs_or_ends_the_process_is_named(no_leaks, ba
                                           r"startup_timeout"):
         shoal.vector.make(shoal.Binding(env_creator=slow_to_build), backend, num_workers=2, envs_per_worker=2,
                           startup_timeout=3 if backend == "multiprocessing" else 20)  # Ray's actors start slowly
+    if backend == "ray":  # without shared memory the parent cannot see an actor build: Ray counts it pending
+        with pytest.raises(WorkerError, match=r"worker 0 \(envs 0-1 of slow_to_build\); worker 1 \(envs 2-3 of "
+                                              r"slow_to_build\): did not answer startup \(building its envs\) within "
+                                              r"\d+ s: an env's constructor hangs or is too slow \(raise startup_timeout"
+                                              r".*\) \(Ray counts the actors of workers \[0, 1\] pending creation"):
+            shoal.vector.make(shoal.Binding(env_creator=slow_to_build), backend, num_workers=2, envs_per_worker=2,
+                              startup_timeout=20, shared_memory=False)
     if backend == "multiprocessing":  # not blamed on a missing __main__ guard: shoal's code ran in the worker
 
         def exits_while_building():
@@ -652,13 +658,20 @@ def test_a_ray_started_by_a_thread_that_ends_outlives_it():
 
 
 def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):
+    class Exiting:
+        def __reduce__(self):  # env code that ends the process while its info is pickled
+            raise SystemExit(7)
+
     class LockInInfoEnv(NestedMultiAgentEnv):  # local: cloudpickle sends it by value
         lock_agent = None
+        exit_agent = None
 
         def step(self, actions):
             *results, infos = super().step(actions)
             if self.lock_agent in infos:
                 infos[self.lock_agent]["lock"] = threading.Lock()
+            if self.exit_agent in infos:
+                infos[self.exit_agent]["exit"] = Exiting()
             return (*results, infos)
 
     vecenv = shoal.vector.make(shoal.Binding(env_cls=LockInInfoEnv), "multiprocessing", num_workers=1,
@@ -670,6 +683,13 @@ def test_an_info_that_does_not_pickle_names_its_env_and_agent(no_leaks):
                                           "pickle '_thread.lock' object \\(infos must pickle\\)") as caught:
         vecenv.step(np.zeros((vecenv.num_agents, len(vecenv.single_action_space.nvec)), np.int64))
     assert caught.value.env_id == 1
+    vecenv = shoal.vector.make(shoal.Binding(env_cls=LockInInfoEnv), "multiprocessing", num_workers=1)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("exit_agent", "agent_1")
+    with pytest.raises(WorkerError, match="failed in step at its step 1, in env 0: the info of agent 'agent_1' cannot "
+                                          "be sent to the parent: SystemExit: 7 \\(infos must pickle\\)") as caught:
+        vecenv.step(np.zeros((vecenv.num_agents, len(vecenv.single_action_space.nvec)), np.int64))
+    assert "SystemExit: 7" in caught.value.worker_traceback
 
 
 def unreadable_answers() -> shoal.Binding:
@@ -680,8 +700,15 @@ def unreadable_answers() -> shoal.Binding:
         def __reduce__(self):  # unpickling fails, as for an exception whose __init__ does not take its args
             return int, ("unreadable",)
 
+    class Exiting:
+        def __reduce__(self):  # unpickling ends the process, as importing a module that runs argparse can
+            return sys.exit, (5,)
+
     class UnreadableAnswersEnv(ProbeEnv):
         unreadable_info = False
+
+        def exiting(self):
+            return Exiting()
 
         def step(self, action):
             obs, reward, terminated, truncated, info = super().step(action)
@@ -703,6 +730,10 @@ def test_an_answer_that_does_not_unpickle_in_the_parent_is_a_worker_error(no_lea
                                           f"its step 0 {unpickling}") as caught:
         vecenv.call("unreadable", env_ids=[1])
     assert caught.value.env_id == 1 and "ValueError" in caught.value.worker_traceback
+    vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
+    with pytest.raises(WorkerError, match="worker 0 .*: its answer to call at its step 0 could not be unpickled in "
+                                          "the parent: SystemExit: 5"):  # no exit of the caller's
+        vecenv.call("exiting", env_ids=[0])
     vecenv = shoal.vector.make(unreadable_answers(), backend, num_workers=2, **options)
     vecenv.reset(seed=0)
     vecenv.set_attr("unreadable_info", True, env_ids=[0])
@@ -747,6 +778,22 @@ def test_killed_worker_becomes_worker_error(no_leaks, backend, options, mid_step
     with pytest.raises(WorkerError, match=f"worker 1 \\(envs 2-3 of ProbeEnv\\).*{expected}") as caught:
         vecenv.recv() if mid_step else vecenv.step(np.zeros((4, 1), np.int64))
     assert time.monotonic() - start < 10 and caught.value.env_id == 2
+
+
+@pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
+def test_a_killed_worker_is_reported_while_another_hangs(no_leaks, backend, options):
+    vecenv = shoal.vector.make(probe(), backend, num_workers=2, timeout=60, **options)
+    vecenv.reset(seed=0)
+    pid = vecenv.call("pid", env_ids=[1])[0]
+    vecenv.set_attr("hang", True)  # both, so that worker 1 dies in the middle of its step
+    vecenv.set_attr("crash_step", 1)
+    vecenv.send(np.zeros((2, 1), np.int64))
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker 1 \\(envs 1-1 of ProbeEnv\\).*(killed by SIGKILL|its Ray actor died)"):
+        vecenv.recv()
+    assert time.monotonic() - start < 10  # not after the hung worker's timeout
 
 
 @pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)

@@ -302,7 +302,8 @@ def serve(group: EnvGroup, conn) -> None:
                 conn.send((status, answer))
             except (EOFError, OSError):
                 raise
-            except Exception as error:  # the answer does not pickle (pickling fails before any byte is sent)
+            except BaseException as error:  # the answer does not pickle (pickling fails before any byte is sent);
+                # a SystemExit or KeyboardInterrupt from an info's pickling is env code's, as in handle_in_worker
                 status, answer = _unpicklable(group, command, answer, error)
                 conn.send((status, answer))
     except (EOFError, OSError):  # the parent closed our connection or went away
@@ -365,7 +366,7 @@ def _pickles(value: Any) -> bool:
     try:
         ForkingPickler.dumps(value)
         return True
-    except Exception:
+    except BaseException:  # in a worker: SystemExit from a value's __reduce__ too
         return False
 
 
@@ -593,7 +594,8 @@ class VecEnv(abc.ABC):
                     answers.append((worker, *read_answer(item, self.envs_per_worker)))
                 except (EOFError, OSError):
                     raise self._death_error(worker) from None
-                except Exception as error:  # it answered, but the answer does not unpickle here
+                except (Exception, SystemExit) as error:  # it answered, but the answer does not unpickle here (a
+                    # SystemExit from code that unpickling imports or runs is no exit of ours)
                     raise self._unreadable_error(worker, error, traceback.format_exc()) from None
         return answers
 

@@ -232,7 +232,7 @@ class Multiprocessing(VecEnv):
                 status, payload = read_answer(conn, self.envs_per_worker)
                 if status is Status.FAILED:
                     return status, payload
-        except Exception:  # gone, or an answer this process cannot unpickle: it died all the same
+        except (Exception, SystemExit):  # gone, or an answer this process cannot unpickle: it died all the same
             pass
         return None
 

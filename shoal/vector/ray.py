@@ -191,7 +191,7 @@ class RayWorker:
 
             try:  # an unpicklable result is the caller's mistake: say so, and keep the actor
                 cloudpickle.dumps(answer)
-            except Exception as error:
+            except BaseException as error:  # SystemExit from a result's __reduce__ too: no exit of the actor's
                 return _unpicklable(self.group, command, answer, error)
         return status, answer
 
@@ -325,10 +325,17 @@ class Ray(VecEnv):
             return f"{why}; or Ray never scheduled its actor (each asks for {asks}; the cluster has {free} free now)"
         if pending:
             which = f"actor of worker {pending[0]}" if len(pending) == 1 else f"actors of workers {pending}"
-            return (f"Ray never finished creating the {which}: still pending creation, waiting for resources no "
-                    f"node has free (each actor asks for {asks}; the cluster has {free} free now): free them, ask for "
-                    f"less in actor_options, or use fewer workers; or, on a node that cannot map this process's "
-                    f"memory, building its envs hangs (Ray counts an actor pending until its envs are built)")
+            if not self._asked:  # it asks for nothing, so no resource keeps it waiting
+                return f"{why} (Ray counts the {which} pending creation until its envs are built)"
+            # Ray counts an actor pending until its envs are built: where the parent cannot see an actor's
+            # progress (no shared memory), a constructor that hangs looks the same as missing resources
+            building = "an env's constructor hangs or is too slow, or " if self._progress is None else ""
+            mapping = ("" if self._progress is None else "; or, on a node that cannot map this process's memory, "
+                       "building its envs hangs")
+            return (f"Ray never finished creating the {which}: {building}it waits for resources no node has free "
+                    f"(each actor asks for {asks}; the cluster has {free} free now): free them, ask for less in "
+                    f"actor_options, or use fewer workers{mapping} (Ray counts an actor pending until its envs are "
+                    f"built)")
         return why
 
     def _pending(self, workers: set[int]) -> list[int] | None:
@@ -378,13 +385,16 @@ class Ray(VecEnv):
                 results = [None] * len(done)
             else:
                 raise
-        except ray.exceptions.RayError:
-            results = [None] * len(done)  # find out which one failed, below
+        except (ray.exceptions.RayError, SystemExit):  # find out which one failed, below, among those that
+            done, _ = ray.wait(done, num_returns=len(done), timeout=0)  # answered: another may hang
+            results = [None] * len(done)
         answers = []
         for ref, result in zip(done, results):
             worker, command = self._refs.pop(ref)
             try:
                 status, payload = ray.get(ref) if result is None else result
+            except SystemExit as error:  # code that unpickling the answer ran: no exit of ours
+                raise self._unreadable_error(worker, error, traceback.format_exc()) from None
             except ray.exceptions.RayActorError as error:
                 env = self._crashed_env(worker)
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
