@@ -104,18 +104,15 @@ class Logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb:  # first: a W&B that does not start (no login) leaves no files of a run that never was
             self._wandb = self._start_wandb(wandb_project, config)
-        if self.run_dir is not None:
-            self._open_csv()
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # purge_step drops events at or after it: the checkpoint's own step is kept, as in the CSV
-                self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step else None)
+        # The files are opened at the first log(), not here: train() checks and locks the run directory
+        # first, so a Logger made for a directory another run uses (or a finished run's) rewrites nothing.
+        self._files_to_open = self.run_dir is not None
+        self._tensorboard = tensorboard
         if dashboard:
             from rich.console import Console
 
             self._console = Console()
-            if self._console.is_terminal:
+            if self._console.is_terminal and not self._console.is_dumb_terminal:  # TERM=dumb: no redraws
                 self._start_dashboard()
 
     # ---------------------------------------------------------------- sinks
@@ -140,6 +137,15 @@ class Logger:
         if id_file is not None and not id_file.exists():  # kept only once W&B started with it
             id_file.write_text(run_id)
         return run
+
+    def _open_files(self) -> None:
+        self._files_to_open = False
+        self._open_csv()
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events at or after it: the checkpoint's own step is kept, as in the CSV
+            self._tb = SummaryWriter(str(self.run_dir), purge_step=self.start_step + 1 if self.start_step else None)
 
     def _open_csv(self) -> None:
         path = self.run_dir / "progress.csv"
@@ -220,6 +226,8 @@ class Logger:
             raise APIUsageError("Logger.log on a closed Logger: make a new one (a resumed run passes start_step)")
         numbers = {key: _number(key, value) for key, value in metrics.items()}
         self.latest = {**numbers, "global_step": int(step)}
+        if self._files_to_open:
+            self._open_files()
         if self._csv is not None:
             self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in self.latest.items()})

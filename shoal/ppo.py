@@ -336,6 +336,19 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
     >>> from shoal.envs import make_binding
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
     """
+    if logger is not None and not all(callable(getattr(logger, name, None)) for name in ("log", "message", "close")):
+        raise APIUsageError(f"logger must be a shoal.logging.Logger (log, message and close), got "
+                            f"{type(logger).__name__}")
+    try:
+        return _checked_train(config, binding, policy, logger, vecenv, resume_from)
+    except BaseException:
+        if logger is not None:  # train owns the logger it was given: closed also when the run is refused
+            logger.close()
+        raise
+
+
+def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, resume_from) -> TrainResult:
+    """:func:`train` once its logger is checked: the other arguments, then the run."""
     if not isinstance(config, PPOConfig):
         raise APIUsageError(f"train needs a PPOConfig, got {type(config).__name__}: PPOConfig(**settings)")
     config.validate()
@@ -349,8 +362,6 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                                 f"{', '.join(f'{name}={getattr(defaults, name)!r}' for name in POLICY_FIELDS)}) or "
                                 f"drop policy=")
     check_flat(binding)
-    if logger is not None and not (callable(getattr(logger, "log", None)) and callable(getattr(logger, "close", None))):
-        raise APIUsageError(f"logger must be a shoal.logging.Logger (log and close), got {type(logger).__name__}")
     if vecenv is not None:
         _check_vecenv(vecenv, binding)
         layout = {}  # what the vec env says of itself (a wrapper may not say everything)
@@ -383,6 +394,10 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
             raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the run is already at step "
                                 f"{checkpoint['global_step']:,} of total_timesteps {config.total_timesteps:,}: pass a "
                                 f"larger total_timesteps (shoal train --total-timesteps) to go on")
+        start_step = getattr(logger, "start_step", checkpoint["global_step"])
+        if start_step != checkpoint["global_step"]:  # its CSV would lose the rows up to the checkpoint, or keep later ones
+            raise APIUsageError(f"the logger starts at step {start_step:,}, but the run resumes from step "
+                                f"{checkpoint['global_step']:,}: make it with start_step={checkpoint['global_step']}")
     if config.run_dir is None:
         return _train(config, binding, policy, logger, vecenv, checkpoint)
     with lock_run_dir(config.run_dir):  # two runs writing into one directory would corrupt each other's files
@@ -460,7 +475,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         rollout_state = policy.initial_state(N, device)  # before row 0's obs, per slot
         next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
 
-    recent_returns: deque = deque(maxlen=20)
+    recent_returns: deque = deque(checkpoint.get("recent_returns", []) if checkpoint else [], maxlen=20)
     result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0, run_dir=config.run_dir,
                          start_step=global_step)
     sim_time = inference_time = learn_time = 0.0
@@ -473,7 +488,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                                 f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
         save_checkpoint(config.run_dir, at_update, {
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
-            "policy_given": policy_given,
+            "policy_given": policy_given, "recent_returns": list(recent_returns),
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
             "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,

@@ -108,7 +108,19 @@ def test_a_file_that_is_not_a_progress_csv_is_named_with_what_is_wrong(tmp_path)
                                             r"codec can't decode byte 0xff in position 12"):
         read_progress(tmp_path)
     with pytest.raises(APIUsageError, match="progress.csv is not a CSV text file"):  # nor resumed into
-        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=100)
+        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=100).log(200, {})
+
+
+def test_a_logger_writes_no_file_before_its_first_log(tmp_path):
+    # train() checks and locks the run directory first: a Logger made for another run's directory must not
+    # have emptied or cut its progress.csv by then
+    with Logger(tmp_path, dashboard=False) as logger:
+        logger.log(100, {"loss/value": 1.0})
+    before = (tmp_path / "progress.csv").read_text()
+    files = sorted(tmp_path.iterdir())
+    for start_step in (0, 50):
+        Logger(tmp_path, dashboard=False, start_step=start_step).close()
+    assert (tmp_path / "progress.csv").read_text() == before and sorted(tmp_path.iterdir()) == files
 
 
 def test_plot_one_line_per_run(tmp_path):
@@ -156,9 +168,9 @@ def test_a_numpy_step_budget_and_a_cut_csv_row_on_resume_are_fine(tmp_path):
         file.write("12")  # a row cut short when the run was killed, mid-number
     with open(tmp_path / "progress.csv", "a") as file:
         file.write("x,y\n")  # and garbage after it
-    with Logger(tmp_path, total_steps=512, dashboard=False, tensorboard=False, start_step=64):
-        pass
-    assert [row["global_step"] for row in read_progress(tmp_path)] == [64]
+    with Logger(tmp_path, total_steps=512, dashboard=False, tensorboard=False, start_step=64) as logger:
+        logger.log(128, {})
+    assert [row["global_step"] for row in read_progress(tmp_path)] == [64, 128]
 
 
 def test_a_resumed_run_keeps_the_checkpoints_own_tensorboard_point(tmp_path):
@@ -207,7 +219,7 @@ def test_a_resumed_run_rewrites_progress_csv_whole_or_not_at_all(tmp_path, monke
 
     monkeypatch.setattr(csv.DictWriter, "writerows", killed)
     with pytest.raises(KeyboardInterrupt):
-        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=200)
+        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=200).log(300, {})
     assert (tmp_path / "progress.csv").read_text() == before and sorted(tmp_path.iterdir()) == [
         tmp_path / "progress.csv"]
     monkeypatch.undo()

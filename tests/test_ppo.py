@@ -29,7 +29,7 @@ from shoal.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoi
                               save_checkpoint, set_rng_states)
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError, TrainingError
-from shoal.logging import read_progress
+from shoal.logging import Logger, read_progress
 from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
 from shoal.optim import Adam, clip_grad_norm
 from shoal.ppo import PPOConfig, config_from_checkpoint, evaluate, gae, train
@@ -581,6 +581,37 @@ def test_a_run_trained_on_the_gpu_resumes_and_evaluates_on_the_cpu(tmp_path):
     assert on_cpu.start_step == 320 and on_cpu.global_step == 448
     assert all(np.isfinite(row["loss/value"]) for row in on_cpu.history)
     assert len(evaluate(on_cpu.policy, binding, episodes=2)) == 2
+
+
+def test_the_mean_return_of_the_last_20_episodes_goes_on_across_a_resume(tmp_path):
+    first = train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    earlier = [episode[2] for episode in first.episodes][-20:]
+    assert load_checkpoint(tmp_path)["recent_returns"] == earlier
+    resumed = train(PPOConfig(**{**QUICK, "total_timesteps": QUICK["total_timesteps"] + 64}, run_dir=str(tmp_path)),
+                    make_binding("cartpole"), resume_from=tmp_path)
+    row = resumed.history[0]
+    new = [episode[2] for episode in resumed.episodes if episode[0] <= row["global_step"]]
+    assert row["episode/return_mean20"] == pytest.approx(np.mean((earlier + new)[-20:]))
+
+
+def test_a_logger_is_checked_and_closed_when_the_run_is_refused(tmp_path):
+    class NoMessage:
+        def log(self, step, metrics): ...
+
+        def close(self): ...
+
+    with pytest.raises(APIUsageError, match=r"logger must be a shoal.logging.Logger \(log, message and close\), got "
+                                            r"NoMessage"):
+        train(PPOConfig(**QUICK), make_binding("cartpole"), logger=NoMessage())
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    logger = Logger(tmp_path, dashboard=False, tensorboard=False)  # start_step 0: would drop the run's rows
+    with pytest.raises(APIUsageError, match=r"the logger starts at step 0, but the run resumes from step 320: make "
+                                            r"it with start_step=320"):
+        train(PPOConfig(**{**QUICK, "total_timesteps": 640}, run_dir=str(tmp_path)), make_binding("cartpole"),
+              logger=logger, resume_from=tmp_path)
+    with pytest.raises(APIUsageError, match="Logger.log on a closed Logger"):
+        logger.log(1, {})
+    assert [row["global_step"] for row in read_progress(tmp_path)][-1] == 320  # nothing rewritten
 
 
 def test_resume_from_another_env_is_refused(tmp_path):
