@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from shoal.errors import APIUsageError, check_int, is_int, is_number
+from shoal.spaces import _short
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
 CSV_FIELDS = [
@@ -219,9 +220,10 @@ class Logger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record one update's metrics at ``step`` (the global agent step)."""
-        if not is_int(step) or not isinstance(metrics, dict):
-            raise APIUsageError(f"Logger.log(step, metrics) takes an int step and a dict of numbers, got "
-                                f"{type(step).__name__} and {type(metrics).__name__}")
+        if not is_int(step) or step < 0 or not isinstance(metrics, dict) or not all(
+                isinstance(key, str) for key in metrics):
+            raise APIUsageError(f"Logger.log(step, metrics) takes an int step >= 0 and a dict of numbers by name, got "
+                                f"{_short(step)} and {_short(metrics)}")
         if self._closed:
             raise APIUsageError("Logger.log on a closed Logger: make a new one (a resumed run passes start_step)")
         numbers = {key: _number(key, value) for key, value in metrics.items()}
@@ -339,21 +341,29 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
 
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise APIUsageError(f"plot_runs needs a list of run directories, got {run_dirs!r}")
-    runs = [(Path(run_dir).name, read_progress(run_dir)) for run_dir in run_dirs]
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    names = [run_dir.resolve().name for run_dir in run_dirs]
+    if len(set(names)) < len(names):  # runs/a/seed1 and runs/b/seed1: the paths tell them apart
+        names = [str(run_dir) for run_dir in run_dirs]
+    # a run directory that has no progress.csv yet (a run stopped before its first update) is one without points
+    runs = [(name, [] if run_dir.is_dir() and not (run_dir / "progress.csv").exists() else read_progress(run_dir))
+            for name, run_dir in zip(names, run_dirs)]
     if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
         raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of {', '.join(CSV_FIELDS)}")
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for name, rows in runs:
         points = [(row["global_step"], row[metric]) for row in rows if math.isfinite(row.get(metric, math.nan))]
         steps, values = zip(*points) if points else ((), ())
-        axis.plot(steps, values, label=name if points else f"{name} (no {metric} yet)")
+        axis.plot(steps, values, marker="o" if len(points) == 1 else None,  # one point draws no line
+                  label=name if points else f"{name} (no {metric} yet)")
     axis.set_xlabel("agent steps")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="small", ncol=1 + len(runs) // 12)
     figure.tight_layout()
+    given = str(out)
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() or given.endswith(("/", os.sep)):  # a directory, or one to make
         out = out / "learning_curves.png"
     elif out.suffix.lower() != ".png":
         out = out.with_name(out.name + ".png")

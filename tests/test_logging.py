@@ -143,6 +143,21 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(APIUsageError, match="no run has a column 'loss/valu' in progress.csv: expected one of"):
         plot_runs([tmp_path / "early"], tmp_path / "typo.png", metric="loss/valu")
+    (tmp_path / "stopped" / "seed1").mkdir(parents=True)  # a run stopped before its first update: no CSV
+    (tmp_path / "early" / "seed1").mkdir()
+    with Logger(tmp_path / "early" / "seed1", dashboard=False, tensorboard=False) as logger:
+        logger.log(100, {"episode/return_mean20": 3.0})  # one point: drawn as a marker
+    labels = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.legend
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "legend", lambda axis, **kw: labels.extend(
+            line.get_label() for line in axis.get_lines()) or original(axis, **kw))
+        out = plot_runs([tmp_path / "stopped" / "seed1", tmp_path / "early" / "seed1"], f"{tmp_path / 'new'}/")
+    assert out == tmp_path / "new" / "learning_curves.png" and out.read_bytes()[:4] == b"\x89PNG"
+    assert labels == [f"{tmp_path / 'stopped' / 'seed1'} (no episode/return_mean20 yet)",
+                      str(tmp_path / "early" / "seed1")]  # two seed1 runs: named by their paths
 
 
 def test_plot_runs_needs_a_list_of_runs(tmp_path):
@@ -156,8 +171,14 @@ def test_logger_arguments_of_the_wrong_kind_are_named(tmp_path):
     with pytest.raises(APIUsageError, match="Logger: run_dir must be a path or None, got 5"):
         Logger(5)
     with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
-        with pytest.raises(APIUsageError, match="takes an int step and a dict of numbers, got int and list"):
+        with pytest.raises(APIUsageError, match=r"takes an int step >= 0 and a dict of numbers by name, got 1 and "
+                                                r"\[1, 2\]"):
             logger.log(1, [1, 2])
+        with pytest.raises(APIUsageError, match=r"got 1 and \{3: 1.0\}"):  # a name TensorBoard would choke on
+            logger.log(1, {3: 1.0})
+        with pytest.raises(APIUsageError, match=r"got -5 and \{\}"):
+            logger.log(-5, {})
+    assert not (tmp_path / "progress.csv").exists()  # nothing was written for them
 
 
 def test_a_numpy_step_budget_and_a_cut_csv_row_on_resume_are_fine(tmp_path):
