@@ -170,6 +170,10 @@ def test_default_run_dirs_of_runs_started_in_one_second_differ(tmp_path, monkeyp
     names = [cli._make_default_run_dir("cartpole", 1) for _ in range(3)]
     assert names == [f"runs/cartpole__1__20250101-120000{suffix}" for suffix in ("", "_2", "_4")]
     assert all(Path(name).is_dir() for name in names)
+    os.chdir(Path("runs/cartpole__1__20250101-120000"))
+    Path("runs").write_text("")  # a file where the runs directory goes
+    with pytest.raises(NotADirectoryError, match="Not a directory: 'runs'"):  # not "File exists"
+        cli._make_default_run_dir("cartpole", 1)
 
 
 def test_a_run_dir_in_use_is_refused(tmp_path, capsys):
