@@ -201,10 +201,7 @@ class Logger:
             return Panel(table, title=title, title_align="left", border_style="blue")
 
         split = "/".join(f"{100 * m.get(f'perf/{k}_fraction', 0):.0f}" for k in ("sim", "inference", "learn")) + "%"
-        grid = Table.grid(expand=True)
-        for _ in range(3):
-            grid.add_column(ratio=1)
-        grid.add_row(
+        boxes = [
             box("throughput", [("steps/s", m.get("perf/steps_per_second")), ("update", m.get("update")),
                                ("sim/act/learn", split)]),
             box("episodes", [("return (last 20)", m.get("episode/return_mean20")),
@@ -213,7 +210,13 @@ class Logger:
             box("learning", [("policy loss", m.get("loss/policy")), ("value loss", m.get("loss/value")),
                              ("entropy", m.get("loss/entropy")), ("approx kl", m.get("loss/approx_kl")),
                              ("explained var", m.get("loss/explained_variance")), ("lr", m.get("lr"))]),
-        )
+        ]
+        if self._console.width < 100:  # three boxes side by side would cut their labels and numbers
+            return Panel(Group(self._progress, *boxes), title=f"[bold]{self.title}", border_style="cyan")
+        grid = Table.grid(expand=True)
+        for _ in range(3):
+            grid.add_column(ratio=1)
+        grid.add_row(*boxes)
         return Panel(Group(self._progress, grid), title=f"[bold]{self.title}", border_style="cyan")
 
     # ---------------------------------------------------------------- API

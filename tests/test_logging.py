@@ -21,15 +21,16 @@ METRICS = {"update": 3, "episode/return": 21.5, "episode/return_mean20": 30.25, 
            "perf/learn_fraction": 0.3, "loss/approx_kl": math.nan}
 
 
-def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split():
+@pytest.mark.parametrize("width", [130, 60])  # narrower than 100 columns: the boxes stack, nothing is cut
+def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split(width):
     logger = Logger(None, total_steps=1000, title="shoal PPO · CartPole-v1", dashboard=True)
-    logger._console = Console(record=True, force_terminal=True, width=130)
+    logger._console = Console(record=True, force_terminal=True, width=width)
     logger._start_dashboard()
     logger.log(640, METRICS)
     logger.close()
     text = logger._console.export_text()
     for expected in ["shoal PPO · CartPole-v1", "640/1000", "12,345", "30.2", "21.5", "value loss", "5.5",
-                     "entropy", "0.69", "50/20/30%", "eta"]:
+                     "entropy", "0.69", "50/20/30%", "eta", "sim/act/learn", "explained var", "0.00025"]:
         assert expected in text, expected
 
 
