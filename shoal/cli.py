@@ -93,9 +93,10 @@ def _make_default_run_dir(env: str, seed: int) -> str:
     second), the first free one of ``..._2``, ``..._3`` ... Made exclusively, so two runs never get one name."""
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in env)
     name = f"{slug}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    if Path("runs").exists() and not Path("runs").is_dir():  # mkdir would say "File exists"
-        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "runs")
-    Path("runs").mkdir(exist_ok=True)
+    try:
+        Path("runs").mkdir(exist_ok=True)
+    except FileExistsError:  # a file named runs: say that, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "runs") from None
     for number in itertools.count(1):
         run_dir = Path("runs") / (name if number == 1 else f"{name}_{number}")
         try:

@@ -62,6 +62,15 @@ def _number(key: str, value: Any) -> int | float:
     return value
 
 
+def _wandb_module():
+    try:
+        import wandb
+    except ImportError:
+        raise APIUsageError("--wandb needs the wandb package, which the wandb extra installs: ./install.sh wandb "
+                            "(or pip install -c constraints.txt -e '.[wandb]')") from None
+    return wandb
+
+
 def _step_of(row: dict) -> float:
     """A progress row's global_step; infinity for a row cut short by a crash (so it is not kept)."""
     try:
@@ -101,14 +110,11 @@ class Logger:
         self._csv_file = self._csv = self._tb = self._wandb = self._live = self._console = None
         self._printed = ""  # the last plain progress line printed
         self._closed = False
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        if wandb:  # first: a W&B that does not start (no login) leaves no files of a run that never was
-            self._wandb = self._start_wandb(wandb_project, config)
-        # The files are opened at the first log(), not here: train() checks and locks the run directory
-        # first, so a Logger made for a directory another run uses (or a finished run's) rewrites nothing.
-        self._files_to_open = self.run_dir is not None
+        # The sinks open in open() (train() calls it once it has checked and locked the run directory) or at
+        # the first log(): a Logger made for a directory another run uses (or a finished run's) touches nothing.
+        self._to_open = True
         self._tensorboard = tensorboard
+        self._wandb_settings = (_wandb_module(), wandb_project, config) if wandb else None  # a missing one now
         if dashboard:
             from rich.console import Console
 
@@ -118,14 +124,8 @@ class Logger:
 
     # ---------------------------------------------------------------- sinks
 
-    def _start_wandb(self, project: str, config: dict | None):
+    def _start_wandb(self, wandb, project: str, config: dict | None):
         """A W&B run; a run directory keeps its id (``wandb_id``), so a resumed run goes on in the same W&B run."""
-        try:
-            import wandb
-        except ImportError:
-            self.close()
-            raise APIUsageError("--wandb needs the wandb package, which the wandb extra installs: ./install.sh wandb "
-                                "(or pip install -c constraints.txt -e '.[wandb]')") from None
         id_file = None if self.run_dir is None else self.run_dir / "wandb_id"
         run_id = None if id_file is None else id_file.read_text().strip() if id_file.exists() else os.urandom(6).hex()
         try:
@@ -139,8 +139,17 @@ class Logger:
             id_file.write_text(run_id)
         return run
 
-    def _open_files(self) -> None:
-        self._files_to_open = False
+    def open(self) -> None:
+        """Start W&B and open the run directory's files now (else at the first :meth:`log`); once."""
+        if not self._to_open:
+            return
+        self._to_open = False
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._wandb_settings:  # first: a W&B that does not start (no login) leaves no files of a run that never was
+            self._wandb = self._start_wandb(*self._wandb_settings)
+        if self.run_dir is None:
+            return
         self._open_csv()
         if self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -231,8 +240,7 @@ class Logger:
             raise APIUsageError("Logger.log on a closed Logger: make a new one (a resumed run passes start_step)")
         numbers = {key: _number(key, value) for key, value in metrics.items()}
         self.latest = {**numbers, "global_step": int(step)}
-        if self._files_to_open:
-            self._open_files()
+        self.open()
         if self._csv is not None:
             self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in self.latest.items()})
@@ -275,7 +283,7 @@ class Logger:
         """Stop the dashboard and flush and close every sink. Closing again does nothing."""
         if self._closed:
             return
-        self._closed = True
+        self._closed, self._to_open = True, False
         if self._live is not None:
             self._live.stop()
             self._live = None
@@ -348,9 +356,10 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     names = [run_dir.resolve().name for run_dir in run_dirs]
     if len(set(names)) < len(names):  # runs/a/seed1 and runs/b/seed1: the paths tell them apart
         names = [str(run_dir) for run_dir in run_dirs]
-    # a run directory that has no progress.csv yet (a run stopped before its first update) is one without points
-    runs = [(name, [] if run_dir.is_dir() and not (run_dir / "progress.csv").exists() else read_progress(run_dir))
-            for name, run_dir in zip(names, run_dirs)]
+    # a run directory (config.json: train wrote it) without a progress.csv yet, a run stopped before its first
+    # update, is a run without points; any other directory is no run
+    runs = [(name, [] if (run_dir / "config.json").is_file() and not (run_dir / "progress.csv").exists()
+             else read_progress(run_dir)) for name, run_dir in zip(names, run_dirs)]
     if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
         raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of {', '.join(CSV_FIELDS)}")
     figure, axis = plt.subplots(figsize=(8, 4.5))

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, SpaceError, check_int, is_number
-from shoal.spaces import leaf_signature, leaves
+from shoal.spaces import leaf_difference, leaf_signature, leaves
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
 
@@ -665,7 +665,8 @@ def other_leaves(own: Any, binding: Binding) -> str | None:
     theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (own, binding))
     if theirs == ours:
         return None
-    return f"{own.env_name}, whose observation leaves ({theirs}) are not {binding.env_name}'s ({ours})"
+    return (f"{own.env_name}, whose observation leaves are not {binding.env_name}'s "
+            f"({leaf_difference(theirs, ours)})")
 
 
 def check_policy(policy: Any, binding) -> None:
@@ -728,7 +729,7 @@ def _frame_layout(shape: tuple, channels_last: bool | None) -> tuple[bool, tuple
     if channels_last is None:  # channels are the short axis: 4 frames of 84x84, or 6 planes of 64x64
         channels_last = len(shape) == 3 and shape[2] < shape[0]
     if len(shape) == 2:
-        return bool(channels_last), (1, *shape)
+        return False, (1, *shape)
     return bool(channels_last), (shape[2], shape[0], shape[1]) if channels_last else tuple(shape)
 
 
@@ -778,8 +779,8 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
             wide = [leaf for leaf in leaves(space) if leaf_width(leaf.space) > 2**20]
             if wide:  # the first layer's inputs, not its width, are what does not fit
                 remedy = (f"its discrete observation leaf {wide[0].space} is one-hot, {leaf_width(wide[0].space):,} "
-                          f"inputs wide, whatever the hidden_size: give such a leaf as a number (a Box) with a "
-                          f"feature_parser, or use a policy of your own")
+                          f"inputs wide, each with hidden_size weights: give such a leaf as a number (a Box) with "
+                          f"a feature_parser, or use a policy of your own")
         return APIUsageError(f"default_policy: the {kind} policy{' with an LSTM' if lstm else ''} of hidden_size "
                              f"{hidden_size or 'its default'} does not fit in memory ({reason}): {remedy}")
 

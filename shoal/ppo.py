@@ -34,7 +34,7 @@ from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
 from shoal.policy import Policy, check_policy, default_policy, other_leaves
-from shoal.spaces import _short, leaf_signature
+from shoal.spaces import _short, leaf_difference, leaf_signature
 
 
 @dataclass
@@ -341,10 +341,9 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
                             f"{type(logger).__name__}")
     try:
         return _checked_train(config, binding, policy, logger, vecenv, resume_from)
-    except BaseException:
-        if logger is not None:  # train owns the logger it was given: closed also when the run is refused
+    finally:  # train owns the logger it was given: closed at the end, also when the run is refused or fails
+        if logger is not None:
             logger.close()
-        raise
 
 
 def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, resume_from) -> TrainResult:
@@ -395,7 +394,8 @@ def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, ve
                                 f"{checkpoint['global_step']:,} of total_timesteps {config.total_timesteps:,}: pass a "
                                 f"larger total_timesteps (shoal train --total-timesteps) to go on")
         start_step = getattr(logger, "start_step", checkpoint["global_step"])
-        if start_step != checkpoint["global_step"]:  # its CSV would lose the rows up to the checkpoint, or keep later ones
+        if getattr(logger, "run_dir", None) is not None and start_step != checkpoint["global_step"]:
+            # its CSV would lose the rows up to the checkpoint, or keep later ones
             raise APIUsageError(f"the logger starts at step {start_step:,}, but the run resumes from step "
                                 f"{checkpoint['global_step']:,}: make it with start_step={checkpoint['global_step']}")
     if config.run_dir is None:
@@ -437,19 +437,23 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
         check_run_dir(config.run_dir, checkpoint)
-    if logger is None:
-        from shoal.logging import Logger
+    from shoal.logging import Logger
 
+    own_logger = logger is None  # else train() closes it
+    if own_logger:
         logger = Logger(config.run_dir, total_steps=config.total_timesteps, title=_title(config, binding, device),
                         dashboard=config.dashboard, tensorboard=config.tensorboard, wandb=config.wandb,
                         wandb_project=config.wandb_project, config=dataclasses.asdict(config), start_step=global_step)
-    if config.run_dir is not None:  # after the logger: a W&B that does not start leaves the directory empty
-        (Path(config.run_dir) / "config.json").write_text(_config_json(config))
-    own_vecenv = vecenv is None
     try:
+        if isinstance(logger, Logger):  # its files now, the run directory checked: not after a first update
+            logger.open()
+        if config.run_dir is not None:  # after the logger: a W&B that does not start leaves the directory empty
+            (Path(config.run_dir) / "config.json").write_text(_config_json(config))
+        own_vecenv = vecenv is None
         vecenv = vecenv if vecenv is not None else make_vecenv(config, binding)
     except BaseException:
-        logger.close()
+        if own_logger:
+            logger.close()
         raise
 
     T, N = config.num_steps, vecenv.num_agents
@@ -482,20 +486,21 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
     step_at_start, clock = global_step, time.perf_counter()
     slot_rows = _SlotRows(max_agents)
 
-    def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float) -> None:
+    def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float, at_returns: list) -> None:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
             raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
                                 f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
         save_checkpoint(config.run_dir, at_update, {
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
-            "policy_given": policy_given, "recent_returns": list(recent_returns),
+            "policy_given": policy_given, "recent_returns": at_returns,
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
             "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,
         }, keep=config.keep_checkpoints)
 
-    # (update, global_step, episode total, wall time) after the last completed update: what a checkpoint records
-    completed = update, global_step, earlier_episodes, earlier_wall_time
+    # (update, global_step, episode total, wall time, last 20 returns) after the last completed update: what a
+    # checkpoint records
+    completed = update, global_step, earlier_episodes, earlier_wall_time, list(recent_returns)
     vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
     try:
         while global_step < config.total_timesteps:
@@ -712,7 +717,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             learn_time += time.perf_counter() - learn_start
             episode_total = earlier_episodes + len(result.episodes)
             wall_time = earlier_wall_time + time.perf_counter() - started
-            completed = update, global_step, episode_total, wall_time
+            completed = update, global_step, episode_total, wall_time, list(recent_returns)
 
             # ------------------------------------------------------------ log
             busy = sim_time + inference_time + learn_time
@@ -754,9 +759,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         if config.run_dir is not None:
             save(*completed)
         raise
-    finally:  # the logger is closed even if it was passed in: its files are complete only then
+    finally:
         policy.train()  # as it came, also when a rollout (in eval mode) was cut short
-        logger.close()
+        if own_logger:  # its files are complete only then (train() closes a logger it was given)
+            logger.close()
         if own_vecenv:
             vecenv.close()
     result.global_step, result.updates = global_step, update
@@ -903,7 +909,7 @@ def _describe_space(space) -> str:
     return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
 
 
-def _space_signature(binding) -> dict[str, str]:
+def _space_signature(binding) -> dict[str, Any]:
     return {"observations": _describe_space(binding.single_observation_space),
             "actions": _describe_space(binding.single_action_space), "max_agents": str(binding.max_agents),
             "observation leaves": leaf_signature(binding.raw_single_observation_space)}
@@ -934,8 +940,12 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
     if "observation leaves" not in trained:  # a checkpoint from before they were recorded: compared on the rest
         del expected["observation leaves"]
     differ = [key for key in expected if trained.get(key) != expected[key]]
+    if differ == ["observation leaves"]:  # the same flat bytes, other leaves: name the first that differs
+        raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: its observation leaves are not the "
+                            f"env's ({leaf_difference(trained[differ[0]], expected[differ[0]])})")
     if differ:
-        describe = lambda spaces: ", ".join(f"{key} {spaces.get(key)}" for key in differ)  # noqa: E731
+        describe = lambda spaces: ", ".join(f"{key} {spaces.get(key)}" for key in differ  # noqa: E731
+                                            if key != "observation leaves")
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
                             f"{describe(trained)}; this env has {describe(expected)}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+import zlib
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -73,10 +74,15 @@ def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
 
 
-def leaf_signature(space: spaces.Space) -> str:
+def leaf_signature(space: spaces.Space) -> list[str]:
     """The leaves of ``space`` as a network reads them from a flat array, in canonical order: path, kind, shape
-    and dtype, and the values of a discrete leaf. Two spaces whose flat arrays match byte for byte may
-    still differ here (an int64 leaf where the other has a float64 one), and then no model reads both."""
+    and dtype, and the values of a discrete leaf (a digest of them past 16). Two spaces whose flat arrays
+    match byte for byte may still differ here (an int64 leaf where the other has a float64 one), and then
+    no model reads both."""
+    def values(array) -> str:
+        array = np.asarray(array)
+        return str(array.tolist()) if array.size <= 16 else f"{array.shape} crc32 {zlib.crc32(array.tobytes()):08x}"
+
     described = []
     for leaf in leaves(space):
         sub = leaf.space
@@ -84,9 +90,18 @@ def leaf_signature(space: spaces.Space) -> str:
         if isinstance(sub, spaces.Discrete):
             text += f" n={int(sub.n)} start={int(sub.start)}"
         elif isinstance(sub, spaces.MultiDiscrete):
-            text += f" nvec={sub.nvec.tolist()} start={np.asarray(sub.start).tolist()}"
+            native = lambda array: np.asarray(array).astype(np.int64)  # noqa: E731 (the same digest in any dtype)
+            text += f" nvec={values(native(sub.nvec))} start={values(native(sub.start))}"
         described.append(text)
-    return "; ".join(described)
+    return described
+
+
+def leaf_difference(theirs: list[str], ours: list[str]) -> str:
+    """The first difference of two leaf signatures (:func:`leaf_signature`), for messages."""
+    for index, (their, our) in enumerate(zip(theirs, ours)):
+        if their != our:
+            return f"leaf {index}: {their}, not {our}"
+    return f"{len(theirs)} leaves, not {len(ours)}"
 
 
 def containers(space: spaces.Space, path: tuple = ()) -> list[tuple[tuple, int, str]]:

@@ -185,6 +185,44 @@ def test_episodic_life_ends_the_episode_but_not_the_game():
     assert env.unwrapped.ale.lives() == 5
 
 
+class LifeLostAtTheTimeLimit(gymnasium.Env):
+    """A game of 3 lives whose second step loses one, and is the last the time limit allows."""
+
+    observation_space = gymnasium.spaces.Box(0, 1, (1,))
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def __init__(self):
+        self.ale = self  # EpisodicLife reads env.unwrapped.ale.lives()
+        self.resets = self.steps = 0
+        self.life_count = 3
+
+    def get_action_meanings(self):
+        return ["NOOP", "FIRE"]
+
+    def lives(self):
+        return self.life_count
+
+    def reset(self, seed=None, options=None):
+        self.resets, self.steps, self.life_count = self.resets + 1, 0, 3
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == 2:
+            self.life_count -= 1
+        return np.zeros(1, np.float32), 0.0, False, self.steps == 2, {}
+
+
+def test_a_life_lost_on_the_step_the_time_limit_cuts_ends_the_training_episode_and_the_game():
+    game = LifeLostAtTheTimeLimit()
+    env = EpisodicLife(game)
+    env.reset()
+    env.step(0)
+    assert env.step(0)[2:4] == (True, True)  # the lost life ends the episode: no bootstrap across it
+    env.reset()
+    assert game.resets == 2 and game.lives() == 3  # the time limit ended the game: a real reset
+
+
 def test_game_statistics_report_the_unclipped_score_over_all_lives():
     env = make_atari_env("Breakout")
     env.reset(seed=1)

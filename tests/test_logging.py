@@ -145,6 +145,7 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
     with pytest.raises(APIUsageError, match="no run has a column 'loss/valu' in progress.csv: expected one of"):
         plot_runs([tmp_path / "early"], tmp_path / "typo.png", metric="loss/valu")
     (tmp_path / "stopped" / "seed1").mkdir(parents=True)  # a run stopped before its first update: no CSV
+    (tmp_path / "stopped" / "seed1" / "config.json").write_text("{}")
     (tmp_path / "early" / "seed1").mkdir()
     with Logger(tmp_path / "early" / "seed1", dashboard=False, tensorboard=False) as logger:
         logger.log(100, {"episode/return_mean20": 3.0})  # one point: drawn as a marker
@@ -157,6 +158,8 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
             line.get_label() for line in axis.get_lines()) or original(axis, **kw))
         out = plot_runs([tmp_path / "stopped" / "seed1", tmp_path / "early" / "seed1"], f"{tmp_path / 'new'}/")
     assert out == tmp_path / "new" / "learning_curves.png" and out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(APIUsageError, match="stopped/progress.csv' does not exist"):  # the runs' parent: no run
+        plot_runs([tmp_path / "stopped"], tmp_path / "parent.png")
     assert labels == [f"{tmp_path / 'stopped' / 'seed1'} (no episode/return_mean20 yet)",
                       str(tmp_path / "early" / "seed1")]  # two seed1 runs: named by their paths
 

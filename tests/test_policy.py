@@ -335,7 +335,7 @@ def test_a_network_too_big_for_memory_is_named_with_its_size(lstm):
 
 def test_a_one_hot_leaf_too_wide_for_memory_is_named_with_the_remedy():
     with pytest.raises(APIUsageError, match=r"its discrete observation leaf Discrete\(1099511627776\) is one-hot, "
-                                            r"1,099,511,627,776 inputs wide, whatever the hidden_size: .*feature_parser"):
+                                            r"1,099,511,627,776 inputs wide, each with hidden_size weights: .*feature_parser"):
         default_policy(_binding(spaces.Dict({"id": spaces.Discrete(2**40), "x": spaces.Box(-1, 1, (2,))})),
                        hidden_size=1)
 

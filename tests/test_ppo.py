@@ -479,7 +479,7 @@ def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_re
     config = PPOConfig(**QUICK, anneal_lr=False, run_dir=str(tmp_path), checkpoint_interval=0)
     with vector.make(binding, "serial", envs_per_worker=config.num_envs) as vecenv:
         with pytest.raises(KeyboardInterrupt):  # the first rollout takes 17 recvs (reset + 16 steps), then 16 each
-            train(config, binding, vecenv=InterruptAt(vecenv, 17 + 16 + 5))
+            train(config, binding, vecenv=InterruptAt(vecenv, 17 + 16 + 15))  # late in it: episodes have ended
 
     [path] = list_checkpoints(tmp_path)
     checkpoint = load_checkpoint(path)
@@ -487,6 +487,8 @@ def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_re
     two_updates = train(dataclasses.replace(config, run_dir=None, total_timesteps=2 * 64), binding)
     for name, tensor in two_updates.policy.state_dict().items():
         assert torch.equal(checkpoint["model"][name], tensor.cpu()), name
+    returns = [episode[2] for episode in two_updates.episodes]  # none of the dropped rollout's episodes
+    assert checkpoint["recent_returns"] == returns[-20:] and checkpoint["episodes"] == len(returns)
     assert read_progress(tmp_path)[-1]["update"] == 2
 
     resumed = train(config, binding, resume_from=tmp_path)
@@ -592,6 +594,23 @@ def test_the_mean_return_of_the_last_20_episodes_goes_on_across_a_resume(tmp_pat
     row = resumed.history[0]
     new = [episode[2] for episode in resumed.episodes if episode[0] <= row["global_step"]]
     assert row["episode/return_mean20"] == pytest.approx(np.mean((earlier + new)[-20:]))
+
+
+def test_a_given_logger_is_opened_before_the_first_rollout_and_closed_once(tmp_path, monkeypatch):
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    (tmp_path / "progress.csv").write_bytes(b"global_step\n\xff\n")  # unreadable: the resume fails at once
+    closes = []
+    monkeypatch.setattr(Logger, "close", lambda self, original=Logger.close: closes.append(1) or original(self))
+    stepped = []
+    with vector.Serial(make_binding("cartpole"), 1, 4) as vecenv:
+        monkeypatch.setattr(vecenv, "recv", lambda original=vecenv.recv: stepped.append(1) or original())
+        with pytest.raises(APIUsageError, match="progress.csv is not a CSV text file"):
+            train(PPOConfig(**{**QUICK, "total_timesteps": 640}, run_dir=str(tmp_path)), make_binding("cartpole"),
+                  logger=Logger(tmp_path, dashboard=False, start_step=320), vecenv=vecenv, resume_from=tmp_path)
+    assert not stepped and len(closes) == 1
+    quiet = Logger(None, dashboard=False)  # writes no files: any start_step resumes
+    assert train(PPOConfig(**{**QUICK, "total_timesteps": 384}), make_binding("cartpole"), logger=quiet,
+                 resume_from=tmp_path).global_step == 384
 
 
 def test_a_logger_is_checked_and_closed_when_the_run_is_refused(tmp_path):
@@ -907,18 +926,18 @@ class FloatPositionEnv(PositionEnv):
 def test_a_policy_or_checkpoint_of_other_observation_leaves_with_the_same_bytes_is_refused(tmp_path):
     ints, floats = Binding(env_cls=PositionEnv), Binding(env_cls=FloatPositionEnv)
     assert ints.single_observation_space == floats.single_observation_space  # bytes alone do not tell
-    with pytest.raises(APIUsageError, match=r"MixedPolicy was built for PositionEnv, whose observation leaves "
-                                            r"\(.*\['pos'\] Box\(2,\) int64\) are not FloatPositionEnv's "
-                                            r"\(.*\['pos'\] Box\(2,\) float64\)"):
+    differ = r"\(leaf 1: \['pos'\] Box\(2,\) int64, not \['pos'\] Box\(2,\) float64\)"  # leaf 0 is 'hp'
+    with pytest.raises(APIUsageError, match=rf"MixedPolicy was built for PositionEnv, whose observation leaves are "
+                                            rf"not FloatPositionEnv's {differ}: build it with this binding"):
         train(PPOConfig(**QUICK), floats, policy=MixedPolicy(ints))
     with vector.Serial(ints, 1, 4) as vecenv, pytest.raises(
-            APIUsageError, match=r"vecenv steps PositionEnv, whose observation leaves .* are not FloatPositionEnv's"):
+            APIUsageError, match=rf"vecenv steps PositionEnv, whose observation leaves are not FloatPositionEnv's "
+                                 rf"{differ}: make it from this binding"):
         train(PPOConfig(**QUICK), floats, vecenv=vecenv)
     train(PPOConfig(**{**QUICK, "total_timesteps": 64}, run_dir=str(tmp_path)), ints)
     checkpoint = load_checkpoint(tmp_path)
-    with pytest.raises(APIUsageError, match=r"does not fit env 'FloatPositionEnv': it was trained with observation "
-                                            r"leaves .*\['pos'\] Box\(2,\) int64; this env has observation leaves "
-                                            r".*\['pos'\] Box\(2,\) float64$"):
+    with pytest.raises(APIUsageError, match=rf"does not fit env 'FloatPositionEnv': its observation leaves are not "
+                                            rf"the env's {differ}$"):
         ppo.check_compatible(checkpoint, floats)
     ppo.check_compatible(checkpoint, ints)
     del checkpoint["spaces"]["observation leaves"]  # a checkpoint from before they were recorded

@@ -636,6 +636,21 @@ def test_binding_names_the_env_the_space_and_the_path_of_an_unsupported_space():
         Binding(env_cls=SequenceActionEnv)
 
 
+def test_leaf_signatures_name_each_leaf_and_digest_many_values():
+    from shoal.spaces import leaf_difference, leaf_signature
+
+    grid = spaces.Dict({"map": spaces.MultiDiscrete(np.full((64, 64), 5)), "hp": spaces.Discrete(3, start=1)})
+    signature = leaf_signature(grid)
+    assert signature[0] == "['hp'] Discrete() int64 n=3 start=1"
+    assert signature[1].startswith("['map'] MultiDiscrete(64, 64) int64 nvec=(64, 64) crc32 ") and len(signature[1]) < 120
+    assert leaf_signature(spaces.MultiDiscrete([2, 3], dtype=">i4")) == [
+        "(the whole space) MultiDiscrete(2,) >i4 nvec=[2, 3] start=[0, 0]"]
+    other = leaf_signature(spaces.Dict({"map": spaces.MultiDiscrete(np.full((64, 64), 6)),
+                                        "hp": spaces.Discrete(3, start=1)}))
+    assert leaf_difference(signature, other).startswith("leaf 1: ['map'] MultiDiscrete(64, 64) int64 nvec=(64, 64)")
+    assert leaf_difference(signature, signature[:1]) == "2 leaves, not 1"
+
+
 def test_a_multidiscrete_leaf_with_no_values_keeps_its_shape():
     layout = ObservationLayout(spaces.Dict({"none": spaces.MultiDiscrete(np.ones((0, 3), np.int64)),
                                             "x": spaces.Discrete(3)}))

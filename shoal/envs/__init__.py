@@ -50,11 +50,12 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
         close = difflib.get_close_matches(game, games, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"known games: {', '.join(games[:12])}, ..."
         raise APIUsageError(f"unknown Atari game {game!r}: expected an ALE game name such as Breakout or Pong; {hint}")
+    signature = inspect.signature(make_atari_env)
     try:  # a wrong keyword now, not as a TypeError from inside the env's construction
-        inspect.signature(make_atari_env).bind(game, **env_kwargs)
+        signature.bind(game, **env_kwargs)
     except TypeError as error:
         raise APIUsageError(f"atari:{game}: {error}: make_atari_env takes "
-                            f"{', '.join(list(inspect.signature(make_atari_env).parameters)[1:])}") from None
+                            f"{', '.join(list(signature.parameters)[1:])}") from None
     # The game's own score is reported through info["episode"] by GameStatistics: the binding's
     # statistics would count clipped rewards over single lives.
     try:

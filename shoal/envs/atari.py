@@ -73,9 +73,10 @@ class EpisodicLife(gymnasium.Wrapper):
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         lives = self.env.unwrapped.ale.lives()
-        self.life_lost = 0 < lives < self.lives and not (terminated or truncated)
+        lost = 0 < lives < self.lives  # ends the training episode, also on a step the time limit cuts
+        self.life_lost = lost and not (terminated or truncated)
         self.lives = lives
-        return obs, reward, terminated or self.life_lost, truncated, info
+        return obs, reward, terminated or lost, truncated, info
 
     def reset(self, **kwargs) -> tuple[Any, dict]:
         if not self.life_lost or kwargs.get("seed") is not None or kwargs.get("options") is not None:
