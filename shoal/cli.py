@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import itertools
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -167,7 +168,7 @@ def _train(argv: list[str]) -> int:
         last = load_checkpoint(saved[-1])
         print(f"shoal train: interrupted; checkpoint at step {last['global_step']:,} of {config.total_timesteps:,} "
               f"(update {last['update']}): {saved[-1]}\n"
-              f"resume with: shoal train --resume {config.run_dir}", file=sys.stderr)
+              f"resume with: shoal train --resume {shlex.quote(config.run_dir)}", file=sys.stderr)
         return 130
     except BaseException:
         if made_run_dir:
@@ -182,8 +183,9 @@ def _train(argv: list[str]) -> int:
           + (f"mean return of the last 20 episodes: {result.mean_return():.1f}" if result.episodes
              else "no episode ended in this run")
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
-    print(f"run directory: {config.run_dir}   (shoal eval {config.run_dir} · shoal plot {config.run_dir} · "
-          f"tensorboard --logdir {Path(config.run_dir).parent})")
+    quoted = shlex.quote(config.run_dir)  # commands to copy: a path with spaces stays one argument
+    print(f"run directory: {config.run_dir}   (shoal eval {quoted} · shoal plot {quoted} · "
+          f"tensorboard --logdir {shlex.quote(str(Path(config.run_dir).parent))})")
     return 0
 
 

@@ -314,7 +314,8 @@ def read_progress(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     such a CSV (not text, a row without its global_step, a cell that is not a number)."""
     path = Path(run_dir) / "progress.csv"
     if not path.is_file():
-        raise APIUsageError(f"{str(path)!r} does not exist: expected a run directory written by `shoal train`")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise APIUsageError(f"{str(path)!r} {what}: expected a run directory written by `shoal train`")
     rows = []
     for line, row in _complete_rows(path):
         try:
@@ -332,7 +333,7 @@ def _complete_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) of every complete row of a progress.csv. A last line without its line end is a row
     cut short by a run killed while writing it (even mid-number, where it would still parse): left out."""
     try:
-        with open(path, newline="", encoding="utf-8") as file:
+        with open(path, newline="", encoding="utf-8-sig") as file:  # a byte-order mark an editor added: not data
             text = file.read()
         if not text.endswith("\n"):
             text = text[:text.rfind("\n") + 1]

@@ -258,7 +258,7 @@ def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypa
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my run"  # the commands to copy quote it
     shoal = Path(sys.executable).parent / "shoal"
     argv = [str(shoal), "train", *FAST, "--total-timesteps", "100000000", "--run-dir", str(run_dir),
             "--checkpoint-interval", "0"]
@@ -277,11 +277,12 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     checkpoint = load_checkpoint(path)
     assert checkpoint["update"] >= 3 and checkpoint["global_step"] == checkpoint["update"] * 32
     assert f"interrupted; checkpoint at step {checkpoint['global_step']:,} of 100,000,000" in err
-    assert str(path) in err and f"resume with: shoal train --resume {run_dir}" in err
+    assert str(path) in err and f"resume with: shoal train --resume '{run_dir}'" in err
 
     more = checkpoint["global_step"] + 64
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", str(more))
     assert code == 0 and f"trained 64 steps (from step {checkpoint['global_step']:,} to {more:,})" in out
+    assert f"shoal eval '{run_dir}'" in out
 
 
 def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):

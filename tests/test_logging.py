@@ -124,6 +124,14 @@ def test_a_logger_writes_no_file_before_its_first_log(tmp_path):
     assert (tmp_path / "progress.csv").read_text() == before and sorted(tmp_path.iterdir()) == files
 
 
+def test_a_byte_order_mark_is_no_data_and_a_directory_is_no_csv(tmp_path):
+    (tmp_path / "progress.csv").write_text("\ufeffglobal_step,loss/value\n100,1.0\n", encoding="utf-8")
+    assert read_progress(tmp_path) == [{"global_step": 100.0, "loss/value": 1.0}]
+    (tmp_path / "run" / "progress.csv").mkdir(parents=True)
+    with pytest.raises(APIUsageError, match="progress.csv' is not a file: expected a run directory"):
+        read_progress(tmp_path / "run")
+
+
 def test_plot_one_line_per_run(tmp_path):
     for name, scale in (("a", 1), ("b", 2)):
         with Logger(tmp_path / name, dashboard=False, tensorboard=False) as logger:
