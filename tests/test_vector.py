@@ -796,6 +796,31 @@ def test_a_killed_worker_is_reported_while_another_hangs(no_leaks, backend, opti
     assert time.monotonic() - start < 10  # not after the hung worker's timeout
 
 
+def test_processes_an_env_started_end_with_its_worker_even_when_its_close_never_runs(no_leaks):
+    home = os.getpid()
+
+    class ServerEnv(ProbeEnv):  # local: cloudpickle sends it by value
+        def __init__(self):
+            super().__init__()
+            self.server = subprocess.Popen(["sleep", "300"]) if os.getpid() != home else None
+            self.server_pid = self.server and self.server.pid
+
+        def close(self):
+            if self.server is not None:
+                self.server.kill()
+                self.server.wait()
+
+    vecenv = shoal.vector.make(shoal.Binding(env_cls=ServerEnv), "multiprocessing", num_workers=2, timeout=1.0)
+    vecenv.reset(seed=0)
+    servers = vecenv.get_attr("server_pid")
+    vecenv.set_attr("hang", True, env_ids=[1])
+    vecenv.set_attr("crash_step", 1, env_ids=[1])
+    with pytest.raises(WorkerError, match="did not answer step 1 within 1.0 s"):
+        vecenv.step(np.zeros((2, 1), np.int64))  # worker 1 is killed: its env's close() never runs
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in servers)
+
+
 @pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
 def test_hung_env_times_out(no_leaks, backend, options):
     vecenv = shoal.vector.make(probe(), backend, num_workers=2, envs_per_worker=2, timeout=1.0, **options)

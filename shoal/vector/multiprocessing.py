@@ -53,6 +53,14 @@ class SharedArrays:
         return self.layout.arrays(np.frombuffer(self.raw, np.uint8))
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL what is left of an ended worker's process group: processes its envs started and did not stop."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # none left (or the worker died before it made the group)
+        pass
+
+
 def _exit_with_parent() -> None:
     """Exit this worker as soon as the parent process is gone (even if it was killed).
 
@@ -83,6 +91,9 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     ``binding`` comes as cloudpickle bytes unless the worker was forked.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    # A process group of our own: processes an env starts (a game server) join it, and close() ends what
+    # is left of the group, also when this worker had to be killed before its envs' close() ran.
+    os.setpgrp()
     _exit_with_parent()
     if isinstance(binding, bytes):
         binding = pickle.loads(binding)
@@ -285,6 +296,7 @@ class Multiprocessing(VecEnv):
                 process.kill()
                 process.join()
             if _is_open(process):
+                _kill_group(process.pid)
                 process.close()  # frees its sentinel
         for conn in conns:
             conn.close()
