@@ -984,17 +984,26 @@ def test_ray_actor_that_cannot_open_the_drivers_memory_says_so(ray_cluster, tmp_
 @pytest.mark.parametrize("stuck", [False, True], ids=["idle", "stuck_in_c_holding_the_gil"])
 def test_workers_exit_when_the_parent_dies(tmp_path, stuck):
     code = (
-        "import ctypes, gymnasium, numpy as np, shoal, shoal.vector, time, sys\n"
-        "class StuckInC(gymnasium.Wrapper):\n"
+        "import ctypes, gymnasium, numpy as np, os, shoal, shoal.vector, subprocess, time, sys\n"
+        "HOME = os.getpid()\n"
+        "class WithServer(gymnasium.Wrapper):  # and a process of its own, as a game server\n"
+        "    def __init__(self, env, stuck):\n"
+        "        super().__init__(env)\n"
+        "        self.stuck, self.server = stuck, subprocess.Popen(['sleep', '60']) if os.getpid() != HOME else None\n"
+        "        self.server_pid = self.server and self.server.pid\n"
         "    def step(self, action):\n"
-        "        ctypes.PyDLL(None).sleep(60)  # an emulator stuck in C code that keeps the GIL\n"
+        "        if self.stuck:\n"
+        "            ctypes.PyDLL(None).sleep(60)  # an emulator stuck in C code that keeps the GIL\n"
+        "        return self.env.step(action)\n"
+        "def make(stuck):\n"
+        "    return WithServer(gymnasium.make('CartPole-v1'), stuck)\n"
         "if __name__ == '__main__':\n"
-        "    make = (lambda: StuckInC(gymnasium.make('CartPole-v1'))) if sys.argv[1] == 'True' else None\n"
-        "    binding = shoal.Binding(env_creator=make or gymnasium.make, env_args=() if make else ('CartPole-v1',))\n"
+        "    binding = shoal.Binding(env_creator=make, env_args=(sys.argv[1] == 'True',))\n"
         "    vecenv = shoal.vector.make(binding, 'multiprocessing', num_workers=2)\n"
         "    vecenv.reset()\n"
+        "    servers = vecenv.get_attr('server_pid')\n"
         "    vecenv.send(np.zeros((2, 1), np.int64))\n"
-        "    print(' '.join(str(p.pid) for p in vecenv._processes), flush=True)\n"
+        "    print(' '.join(str(p) for p in [*(p.pid for p in vecenv._processes), *servers]), flush=True)\n"
         "    time.sleep(60)\n"
     )
     script = tmp_path / "parent.py"
@@ -1011,7 +1020,7 @@ def test_workers_exit_when_the_parent_dies(tmp_path, stuck):
             return False
 
     deadline = time.monotonic() + 10
-    while any(running(pid) for pid in workers):
+    while any(running(pid) for pid in workers):  # and the processes their envs started
         assert time.monotonic() < deadline, "workers outlived their killed parent"
         time.sleep(0.1)
 

@@ -62,7 +62,7 @@ def _kill_group(pid: int) -> None:
 
 
 def _exit_with_parent() -> None:
-    """Exit this worker as soon as the parent process is gone (even if it was killed).
+    """Exit this worker, with its process group, as soon as the parent process is gone (even if it was killed).
 
     A thread waits for the parent's end of the sentinel pipe to close. It cannot run while an env's C
     code holds the GIL, so on Linux the kernel is asked too: a pipe whose writer closes signals its
@@ -72,14 +72,14 @@ def _exit_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is None:
         return
-    if hasattr(fcntl, "F_SETSIG"):
-        fcntl.fcntl(parent.sentinel, fcntl.F_SETOWN, os.getpid())
+    if hasattr(fcntl, "F_SETSIG"):  # to the whole process group (a negative owner): processes the envs started too
+        fcntl.fcntl(parent.sentinel, fcntl.F_SETOWN, -os.getpgrp())
         fcntl.fcntl(parent.sentinel, fcntl.F_SETSIG, signal.SIGKILL)
         fcntl.fcntl(parent.sentinel, fcntl.F_SETFL, fcntl.fcntl(parent.sentinel, fcntl.F_GETFL) | os.O_ASYNC)
 
     def watch() -> None:
         connection.wait([parent.sentinel])
-        os._exit(1)
+        os.killpg(0, signal.SIGKILL)  # this worker's process group: it and what its envs started
 
     threading.Thread(target=watch, name="shoal-parent-watch", daemon=True).start()
 
