@@ -16,6 +16,7 @@ import fcntl
 import os
 import random
 import re
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -172,7 +173,7 @@ def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
     if resumed is None:
         if found:
             raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
-                                f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume {run_dir}) "
+                                f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume {shlex.quote(str(run_dir))}) "
                                 f"or choose a new run_dir")
         return
     origin = resumed.get("path")  # absent from a checkpoint dict not made by load_checkpoint

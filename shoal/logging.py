@@ -132,7 +132,6 @@ class Logger:
             run = wandb.init(project=project, name=self.run_dir.name if self.run_dir else None, id=run_id,
                              dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
         except Exception as error:
-            self.close()
             raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb "
                                 f"login`, or set WANDB_MODE=offline to log without an account or a network") from None
         if id_file is not None and not id_file.exists():  # kept only once W&B started with it
@@ -144,6 +143,13 @@ class Logger:
         if not self._to_open:
             return
         self._to_open = False
+        try:
+            self._open_sinks()
+        except BaseException:  # closed: a later log() is refused, not silently lost
+            self.close()
+            raise
+
+    def _open_sinks(self) -> None:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._wandb_settings:  # first: a W&B that does not start (no login) leaves no files of a run that never was

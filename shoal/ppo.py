@@ -15,6 +15,7 @@ The shape follows CleanRL's single-file ``ppo.py`` (rollout, GAE, optimize, log)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -398,9 +399,12 @@ def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, ve
             # its CSV would lose the rows up to the checkpoint, or keep later ones
             raise APIUsageError(f"the logger starts at step {start_step:,}, but the run resumes from step "
                                 f"{checkpoint['global_step']:,}: make it with start_step={checkpoint['global_step']}")
-    if config.run_dir is None:
-        return _train(config, binding, policy, logger, vecenv, checkpoint)
-    with lock_run_dir(config.run_dir):  # two runs writing into one directory would corrupt each other's files
+    # Two runs writing into one directory would corrupt each other's files: the run's directory is locked,
+    # and so is a given logger's where that is another
+    directories = {Path(d).resolve(): d for d in (config.run_dir, getattr(logger, "run_dir", None)) if d is not None}
+    with contextlib.ExitStack() as locks:
+        for directory in directories.values():
+            locks.enter_context(lock_run_dir(directory))
         return _train(config, binding, policy, logger, vecenv, checkpoint)
 
 
@@ -937,8 +941,8 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
                             f"pass --env {checkpoint.get('env')} or use a checkpoint of {config.env!r}")
     expected, trained = _space_signature(binding), checkpoint.get("spaces")
     trained = trained if isinstance(trained, dict) else {}
-    if "observation leaves" not in trained:  # a checkpoint from before they were recorded: compared on the rest
-        del expected["observation leaves"]
+    if not isinstance(trained.get("observation leaves"), list):  # from before they were recorded as a list:
+        del expected["observation leaves"]  # compared on the rest
     differ = [key for key in expected if trained.get(key) != expected[key]]
     if differ == ["observation leaves"]:  # the same flat bytes, other leaves: name the first that differs
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: its observation leaves are not the "

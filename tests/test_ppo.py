@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import io
@@ -599,16 +600,37 @@ def test_the_mean_return_of_the_last_20_episodes_goes_on_across_a_resume(tmp_pat
 def test_a_given_logger_is_opened_before_the_first_rollout_and_closed_once(tmp_path, monkeypatch):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
     (tmp_path / "progress.csv").write_bytes(b"global_step\n\xff\n")  # unreadable: the resume fails at once
-    closes = []
-    monkeypatch.setattr(Logger, "close", lambda self, original=Logger.close: closes.append(1) or original(self))
     stepped = []
+    logger = Logger(tmp_path, dashboard=False, start_step=320)
     with vector.Serial(make_binding("cartpole"), 1, 4) as vecenv:
         monkeypatch.setattr(vecenv, "recv", lambda original=vecenv.recv: stepped.append(1) or original())
         with pytest.raises(APIUsageError, match="progress.csv is not a CSV text file"):
             train(PPOConfig(**{**QUICK, "total_timesteps": 640}, run_dir=str(tmp_path)), make_binding("cartpole"),
-                  logger=Logger(tmp_path, dashboard=False, start_step=320), vecenv=vecenv, resume_from=tmp_path)
-    assert not stepped and len(closes) == 1
+                  logger=logger, vecenv=vecenv, resume_from=tmp_path)
+    assert not stepped
+    with pytest.raises(APIUsageError, match="Logger.log on a closed Logger"):  # not a logger that logs nowhere
+        logger.log(400, {})
+
+    class Counting:
+        closes = 0
+
+        def log(self, step, metrics): ...
+
+        def message(self, text): ...
+
+        def close(self):
+            self.closes += 1
+
+    for failing in (False, True):
+        counting = Counting()
+        with vector.Serial(make_binding("cartpole"), 1, 4) as vecenv:
+            if failing:
+                monkeypatch.setattr(vecenv, "recv", lambda: 1 / 0)
+            with pytest.raises(ZeroDivisionError) if failing else contextlib.nullcontext():
+                train(PPOConfig(**QUICK), make_binding("cartpole"), logger=counting, vecenv=vecenv)
+        assert counting.closes == 1
     quiet = Logger(None, dashboard=False)  # writes no files: any start_step resumes
+    (tmp_path / "progress.csv").write_text("global_step\n320\n")
     assert train(PPOConfig(**{**QUICK, "total_timesteps": 384}), make_binding("cartpole"), logger=quiet,
                  resume_from=tmp_path).global_step == 384
 
@@ -631,6 +653,9 @@ def test_a_logger_is_checked_and_closed_when_the_run_is_refused(tmp_path):
     with pytest.raises(APIUsageError, match="Logger.log on a closed Logger"):
         logger.log(1, {})
     assert [row["global_step"] for row in read_progress(tmp_path)][-1] == 320  # nothing rewritten
+    with lock_run_dir(tmp_path), pytest.raises(APIUsageError, match="another run is using run_dir"):
+        train(PPOConfig(**QUICK), make_binding("cartpole"), logger=Logger(tmp_path, dashboard=False))  # its own dir
+    assert [row["global_step"] for row in read_progress(tmp_path)][-1] == 320
 
 
 def test_resume_from_another_env_is_refused(tmp_path):
@@ -940,6 +965,8 @@ def test_a_policy_or_checkpoint_of_other_observation_leaves_with_the_same_bytes_
                                             rf"the env's {differ}$"):
         ppo.check_compatible(checkpoint, floats)
     ppo.check_compatible(checkpoint, ints)
+    checkpoint["spaces"]["observation leaves"] = "; ".join(checkpoint["spaces"]["observation leaves"])
+    ppo.check_compatible(checkpoint, floats)  # recorded as one string, a short-lived format: compared on the rest
     del checkpoint["spaces"]["observation leaves"]  # a checkpoint from before they were recorded
     ppo.check_compatible(checkpoint, floats)
 
