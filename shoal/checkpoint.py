@@ -173,8 +173,8 @@ def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
     if resumed is None:
         if found:
             raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
-                                f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume {shlex.quote(str(run_dir))}) "
-                                f"or choose a new run_dir")
+                                f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume "
+                                f"{shlex.quote(str(run_dir))}) or choose a new run_dir")
         return
     origin = resumed.get("path")  # absent from a checkpoint dict not made by load_checkpoint
     if origin is None or Path(origin).parent.resolve() != (Path(run_dir) / "checkpoints").resolve():

@@ -659,7 +659,8 @@ class LSTMPolicy(Policy):
 
 def other_leaves(own: Any, binding: Binding) -> str | None:
     """Where binding ``own`` has other observation leaves than ``binding`` in the same flat bytes (an int64 leaf
-    where ``binding`` has a float64 one), ``"{own}, whose observation leaves (...) are not {binding}'s (...)"``."""
+    where ``binding`` has a float64 one), ``"{own}, whose observation leaves are not {binding}'s (the first
+    difference)"``; else None."""
     if not isinstance(own, Binding) or own is binding:
         return None
     theirs, ours = (leaf_signature(b.raw_single_observation_space) for b in (own, binding))

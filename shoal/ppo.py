@@ -490,6 +490,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
     step_at_start, clock = global_step, time.perf_counter()
     slot_rows = _SlotRows(max_agents)
 
+    space_signature = _space_signature(binding)  # the same for every checkpoint of the run
+
     def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float, at_returns: list) -> None:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
             raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
@@ -498,7 +500,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "policy_given": policy_given, "recent_returns": at_returns,
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
-            "spaces": _space_signature(binding), "global_step": at_step, "update": at_update, "rng": rng_states(),
+            "spaces": space_signature, "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,
         }, keep=config.keep_checkpoints)
 

@@ -80,7 +80,7 @@ def leaf_signature(space: spaces.Space) -> list[str]:
     match byte for byte may still differ here (an int64 leaf where the other has a float64 one), and then
     no model reads both."""
     def values(array) -> str:
-        array = np.asarray(array)
+        array = np.asarray(array).astype(np.int64)  # the same text for the same values in any dtype
         return str(array.tolist()) if array.size <= 16 else f"{array.shape} crc32 {zlib.crc32(array.tobytes()):08x}"
 
     described = []
@@ -90,8 +90,7 @@ def leaf_signature(space: spaces.Space) -> list[str]:
         if isinstance(sub, spaces.Discrete):
             text += f" n={int(sub.n)} start={int(sub.start)}"
         elif isinstance(sub, spaces.MultiDiscrete):
-            native = lambda array: np.asarray(array).astype(np.int64)  # noqa: E731 (the same digest in any dtype)
-            text += f" nvec={values(native(sub.nvec))} start={values(native(sub.start))}"
+            text += f" nvec={values(sub.nvec)} start={values(sub.start)}"
         described.append(text)
     return described
 
