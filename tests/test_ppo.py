@@ -831,7 +831,7 @@ class MaskedPolicy(MLPPolicy):
 
     def forward(self, obs, state=None, starts=None):
         params, value, _ = super().forward(obs)
-        return params.masked_fill(torch.tensor([True, False]), -math.inf), value, None
+        return params.masked_fill(torch.tensor([True, False], device=params.device), -math.inf), value, None
 
     def acting_forward(self):
         return lambda obs: self(obs)[:2]
@@ -853,7 +853,7 @@ def test_a_network_too_big_for_memory_is_one_error(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to", out_of_memory)
     with pytest.raises(APIUsageError, match=r"the MLPPolicy network, 0.0 GiB of parameters, does not fit in the memory "
                                             r"of cpu: choose a smaller network \(hidden_size\) or another device$"):
-        train(PPOConfig(**QUICK), binding)
+        train(PPOConfig(**QUICK, device="cpu"), binding)
 
 
 @pytest.mark.parametrize("option", ["emulate_flat_obs", "emulate_const_num_agents"])
