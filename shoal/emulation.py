@@ -766,8 +766,10 @@ class EmulatedEnv:
                 self._ended.add(agent)
                 episode = float(self._episode_return[slot]), int(self._episode_length[slot])
                 final = self._final_info(slot, out_infos.get(agent), episode, agent not in unseen)
-                if final:  # empty only without an observation, env infos or statistics: nothing to say
+                if final:
                     out_infos[agent] = final
+                else:  # no observation, statistics or other env info: not even the env's keys that were shoal's
+                    out_infos.pop(agent, None)
         if self._ended:
             self._gone |= self._ended.difference(self._gone, listed)
         if episode_over:

@@ -856,6 +856,19 @@ def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoal
     assert "final_observation" not in infos["a"] and infos["a"]["kept"] == 1
 
 
+@pytest.mark.parametrize("key", ["final_observation", "episode"])
+def test_an_env_info_named_like_shoals_keys_is_dropped_when_it_is_the_ending_agents_only_info(key):
+    def b_appears_ending_unseen(t, env):  # b never acted, has no observation: shoal has nothing to add
+        env.agents = ["a", "b"]
+        return {"a": np.ones(1, np.float32)}, {"a": 0.0, "b": 1.0}, {"a": False, "b": True}, {"a": False, "b": False}, {
+            "b": {key: "the env's own"}}
+
+    env = scripted(b_appears_ending_unseen, reset_agents=("a",))
+    _, rewards, terminals, _, infos = env.step(np.zeros((2, 1), np.int64))
+    assert env.masks.tolist() == [True, True] and terminals.tolist() == [False, True] and rewards.tolist() == [0, 1]
+    assert "b" not in infos
+
+
 def test_a_value_that_is_no_array_is_named_in_shape_errors():
     binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
     with pytest.raises(SpaceError, match=r"expected shape \(4,\), got \(\) \(NoneType None\)$"):
