@@ -723,7 +723,6 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             learn_time += time.perf_counter() - learn_start
             episode_total = earlier_episodes + len(result.episodes)
             wall_time = earlier_wall_time + time.perf_counter() - started
-            completed = update, global_step, episode_total, wall_time, list(recent_returns)
 
             # ------------------------------------------------------------ log
             busy = sim_time + inference_time + learn_time
@@ -746,6 +745,9 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             }
             logger.log(global_step, metrics)
             result.history.append(metrics)
+            # Only now is the update complete: a Ctrl-C before its progress row is written saves the
+            # checkpoint under the update before, which a resumed run repeats (its log drops later rows).
+            completed = update, global_step, episode_total, wall_time, list(recent_returns)
 
             # ------------------------------------------------------------ checkpoint
             solved = (config.stop_at_return is not None and len(recent_returns) == recent_returns.maxlen

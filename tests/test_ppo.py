@@ -496,6 +496,26 @@ def test_ctrl_c_writes_a_final_checkpoint_of_the_last_completed_update_and_it_re
     assert resumed.start_step == 128 and resumed.global_step == 320 and resumed.updates == 5
 
 
+def test_ctrl_c_before_an_updates_progress_row_leaves_no_gap_in_the_resumed_progress(tmp_path, monkeypatch):
+    binding = make_binding("cartpole")
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path), checkpoint_interval=0)
+    log, calls = Logger.log, []
+
+    def interrupted_log(self, step, metrics):
+        calls.append(step)
+        if len(calls) == 3:  # Ctrl-C after update 3, before its row is written
+            raise KeyboardInterrupt
+        return log(self, step, metrics)
+
+    monkeypatch.setattr(Logger, "log", interrupted_log)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, binding)
+    monkeypatch.setattr(Logger, "log", log)
+    assert load_checkpoint(tmp_path)["update"] == 2 and [row["update"] for row in read_progress(tmp_path)] == [1, 2]
+    train(config, binding, resume_from=tmp_path)
+    assert [row["update"] for row in read_progress(tmp_path)] == [1, 2, 3, 4, 5]
+
+
 def test_evaluate_is_seeded_and_leaves_the_policy_and_the_global_rng_as_they_were():
     binding = make_binding("cartpole")
     policy = MLPPolicy(binding)
