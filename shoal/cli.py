@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import math
 import os
 import shlex
 import sys
@@ -76,6 +77,11 @@ class PlotArgs:
     """the PNG to write"""
     metric: str = "episode/return_mean20"
     """a progress.csv column to plot against global_step"""
+
+
+def _flag(name: str, value) -> str:
+    """The flag that sets config field ``name`` to ``value``: ``--hidden-size``, ``--lstm``, ``--no-lstm``."""
+    return f"--{'no-' if value is False else ''}{name.replace('_', '-')}"
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -144,7 +150,7 @@ def _train(argv: list[str]) -> int:
     config.validate()
     binding = make_binding(config.env)
     trained = None if checkpoint is None else config_from_checkpoint(checkpoint)
-    changed = "" if trained is None else ", ".join(f"--{name.replace('_', '-')}" for name in POLICY_FIELDS
+    changed = "" if trained is None else ", ".join(_flag(name, getattr(config, name)) for name in POLICY_FIELDS
                                                    if getattr(config, name) != getattr(trained, name))
     if changed:  # (a run of a policy of its own is told apart when its weights load: load_policy_state)
         try:
@@ -175,12 +181,14 @@ def _train(argv: list[str]) -> int:
             with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
                 Path(config.run_dir).rmdir()
         raise
-    resumed_at = result.start_step  # this call's steps, time and episodes only: say from where
+    resumed_at = result.start_step  # this call's steps and time only: say from where
     reached = result.first_reached(475.0) if config.env == "cartpole" and not resumed_at else None
+    # The run's own last 20 episodes, as progress.csv and the dashboard have them: across a resume too.
+    recent = result.history[-1]["episode/return_mean20"] if result.history else math.nan
     print(f"trained {result.global_step - resumed_at:,} steps"
           + (f" (from step {resumed_at:,} to {result.global_step:,})" if resumed_at else "")
           + f" in {result.wall_time:.1f} s ({result.steps_per_second:,.0f} steps/s); "
-          + (f"mean return of the last 20 episodes: {result.mean_return():.1f}" if result.episodes
+          + (f"mean return of the last 20 episodes: {recent:.1f}" if not math.isnan(recent)
              else "no episode ended in this run")
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
     quoted = shlex.quote(config.run_dir)  # commands to copy: a path with spaces stays one argument

@@ -47,6 +47,8 @@ def test_train_eval_plot_and_resume(tmp_path, capsys):
 
     code, out, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "512")
     assert code == 0 and "trained 256 steps (from step 256 to 512)" in out
+    recent = float(read_progress(run_dir)[-1]["episode/return_mean20"])  # the run's, across the resume
+    assert f"mean return of the last 20 episodes: {recent:.1f}" in out
     assert load_checkpoint(run_dir)["global_step"] == 512
     assert load_checkpoint(run_dir)["config"]["num_envs"] == 2  # the run's own config, not the preset's
     assert [row["update"] for row in read_progress(run_dir)] == list(range(1, 17))
@@ -128,6 +130,13 @@ def test_checkpoint_from_another_env_is_refused(tmp_path, capsys):
     code, _, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "128", "--hidden-size", "64",
                      "--policy", "mlp", "--no-tensorboard")  # the network the run has: it goes on
     assert code == 0
+
+
+def test_resuming_an_lstm_run_with_no_lstm_names_that_flag(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    assert run(capsys, "train", *FAST, "--lstm", "--total-timesteps", "32", "--run-dir", run_dir)[0] == 0
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "64", "--no-lstm")
+    assert code == 2 and "lstm=True: drop --no-lstm or start a new run" in err
     code, _, err = run(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and "no checkpoint in" in err
     code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
