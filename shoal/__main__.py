@@ -1,11 +1,13 @@
 """The ``shoal`` command's entry point (also ``python -m shoal``): usage and unknown commands answered at once,
 then :func:`shoal.cli.main`, imported here so that a Ctrl-C in the seconds its imports take (torch) ends the
-command as any other interrupt does, not with a traceback."""
+command as any other interrupt does once they are done, not with a traceback or an abort."""
 
 from __future__ import annotations
 
 import sys
 from typing import Sequence
+
+from shoal.errors import deferred_interrupt
 
 COMMANDS = ("train", "eval", "plot")
 USAGE = """usage: shoal {train,eval,plot} [options]
@@ -36,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status is not None:
         return status
     try:
-        from shoal.cli import main as run
+        with deferred_interrupt():  # torch's import aborts the process (SIGABRT) when a Ctrl-C cuts into it
+            from shoal.cli import main as run
     except KeyboardInterrupt:
         print(f"shoal {argv[0]}: interrupted", file=sys.stderr)
         return 130

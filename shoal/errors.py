@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -52,3 +55,24 @@ class WorkerError(ShoalError):
         super().__init__(message + (f"\n\nWorker traceback:\n{worker_traceback}" if worker_traceback else ""))
         self.worker_traceback = worker_traceback
         self.env_id = env_id
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back until the block is done, then deliver it to the handler as usual.
+
+    For steps that an interrupt must not cut in two: starting a worker process (a half-started one
+    would outlive its vec env) or importing torch (its C++ import code aborts the process). Off the
+    main thread, which can set no handler (and never gets KeyboardInterrupt), the block just runs.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # (None: a handler set outside Python, which could not be put back)
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)

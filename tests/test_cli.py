@@ -247,17 +247,21 @@ def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypa
     import shoal.__main__
     from shoal.__main__ import main as entry_point
 
-    real_import = builtins.__import__
+    real_import, imported = builtins.__import__, []
 
     def interrupted(name, *args, **kwargs):
-        if name == "shoal.cli":
-            raise KeyboardInterrupt
-        return real_import(name, *args, **kwargs)
+        if name != "shoal.cli":
+            return real_import(name, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C in the middle: held until the import is done (torch's
+        time.sleep(0.05)                     # C++ import code aborts the process when it is cut into)
+        module = real_import(name, *args, **kwargs)
+        imported.append(name)
+        return module
 
     monkeypatch.setattr(builtins, "__import__", interrupted)
     assert entry_point(["train"]) == 130
     monkeypatch.undo()
-    assert capsys.readouterr().err == "shoal train: interrupted\n"
+    assert imported == ["shoal.cli"] and capsys.readouterr().err == "shoal train: interrupted\n"
     # Usage, --help and an unknown command are answered without importing torch; python -m shoal is the command.
     code = "import sys, shoal.__main__; shoal.__main__.main(['--help']); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -935,6 +935,22 @@ def test_a_close_that_ctrl_c_cut_short_is_finished_by_the_next(no_leaks, backend
     vecenv.close()  # stops the workers the first one left: no_leaks checks
 
 
+def test_a_ctrl_c_while_a_worker_starts_leaves_no_process_behind(no_leaks, monkeypatch):
+    from multiprocessing import forkserver
+
+    connect = forkserver.connect_to_new_process
+
+    def interrupted(fds):  # the forkserver made the process; Ctrl-C before start() has its pipes
+        answer = connect(fds)
+        monkeypatch.setattr(forkserver, "connect_to_new_process", connect)
+        os.kill(os.getpid(), signal.SIGINT)
+        return answer
+
+    monkeypatch.setattr(forkserver, "connect_to_new_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Multiprocessing(cartpole(), num_workers=2, context="forkserver")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_and_garbage_collection_leave_nothing(no_leaks, backend):
     with shoal.vector.make(cartpole(), backend, num_workers=2, envs_per_worker=2) as vecenv:

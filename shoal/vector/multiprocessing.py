@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, WorkerError
+from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
                                default_num_workers, read_answer, send_command, serve, split_arrays,
                                start_worker)
@@ -186,7 +186,8 @@ class Multiprocessing(VecEnv):
                 self._conns.append(parent_end)
                 self._processes.append(process)
                 try:
-                    process.start()
+                    with deferred_interrupt():  # a process half started by a Ctrl-C would outlive close()
+                        process.start()
                 finally:
                     child_end.close()
                 self._sentinels[process.sentinel] = worker
