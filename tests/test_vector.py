@@ -324,7 +324,7 @@ def test_bad_construction_arguments():
                                             "interrupted; Multiprocessing and Ray take timeout="):
         Serial(binding, timeout=1)
     with pytest.raises(APIUsageError, match="Serial: unknown keyword argument 'context': it takes binding, "
-                                            "num_workers, envs_per_worker, batch_size, timeout$"):
+                                            "num_workers, envs_per_worker, batch_size, timeout \\(None only\\)$"):
         Serial(binding, context="fork")
     with pytest.raises(APIUsageError, match="Multiprocessing: unknown keyword argument 'timeuot': it takes binding, "
                                             "num_workers, envs_per_worker, batch_size, timeout, startup_timeout, "

@@ -472,8 +472,10 @@ class VecEnv(abc.ABC):
         parameters = [name for name in params if name != "self"]
         unknown = [name for name in kwargs if name not in parameters]
         if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            taken = [f"{name} (None only)" if params[name].annotation in (None, "None") else name
+                     for name in parameters]  # Serial's timeout: accepted for uniform calls, never set
             raise APIUsageError(f"{cls.__name__}: unknown keyword argument {unknown[0]!r}: it takes "
-                                f"{', '.join(parameters)}")
+                                f"{', '.join(taken)}")
         return super().__new__(cls)
 
     def __init__(self, binding: Binding, num_workers: int, envs_per_worker: int, batch_size: int | None,
