@@ -1,4 +1,5 @@
-"""The errors shoal raises. Every message says what was expected, what came, and where."""
+"""The errors shoal raises (every message says what was expected, what came, and where), the checks of
+argument values they share, and holding a Ctrl-C back over steps it must not cut in two."""
 
 from __future__ import annotations
 
