@@ -275,7 +275,7 @@ class _NeedsMissingModule:
 
 @pytest.mark.parametrize("plain, message", [
     (False, r"Gymnasium env 'ShoalMissing-v0' needs a package that is not installed: No module named "
-            r"'shoal_missing_module'$"),
+            r"'shoal_missing_module': install the package that provides it$"),
     (True, r"Gymnasium env 'ShoalMissing-v0' needs a package that is not installed: this env needs its extra: pip "
            r"install shoal-missing; missing module 'shoal_missing_module'$"),
 ])
@@ -286,6 +286,12 @@ def test_an_import_error_while_building_a_registered_env_names_the_missing_modul
     monkeypatch.setitem(gymnasium.registry, spec.id, spec)
     with pytest.raises(APIUsageError, match=message):
         make_binding("gym:ShoalMissing-v0")
+
+
+def test_a_retired_gymnasium_id_is_not_blamed_on_a_missing_package_and_names_the_newest_version():
+    with pytest.raises(APIUsageError, match=r"Gymnasium env 'Hopper-v3' cannot be built: The mujoco v2 and v3 based "
+                                            r"environments have been moved to .*; try Hopper-v5$"):
+        make_binding("gym:Hopper-v3")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("shimmy") is not None, reason="shimmy installed: Hanabi may build")

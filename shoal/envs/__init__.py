@@ -16,6 +16,7 @@ import inspect
 from typing import Any, Callable
 
 import gymnasium
+from gymnasium.envs.registration import find_highest_version, get_env_id, parse_env_id
 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError
@@ -27,12 +28,16 @@ def cartpole(**env_kwargs: Any) -> Binding:
                    env_name="CartPole-v1")
 
 
+def _missing_module(error: Exception) -> str | None:
+    """The module Python found missing behind ``error`` (an ImportError, its cause or its context), if any."""
+    return next((found.name for found in (error, error.__cause__, error.__context__)
+                 if isinstance(found, ImportError) and found.name), None)
+
+
 def _missing(error: Exception) -> str:
     """An error's words, and for an ImportError the module Python found missing where they do not name it."""
-    names = [found.name for found in (error, error.__cause__, error.__context__)
-             if isinstance(found, ImportError) and found.name]
-    text = str(error)
-    return text if not names or repr(names[0]) in text else f"{text}; missing module {names[0]!r}"
+    name, text = _missing_module(error), str(error)
+    return text if name is None or repr(name) in text else f"{text}; missing module {name!r}"
 
 
 def _require_name(kind: str, value: Any) -> None:
@@ -93,8 +98,15 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
     try:
         return Binding(env_creator=_make_gym, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
-        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: "
-                            f"{_missing(error)}") from None
+        if _missing_module(error) is None and not isinstance(error, gymnasium.error.DependencyNotInstalled):
+            # An ImportError that names no module: the id is a stub that never builds (MuJoCo v2/v3 ids)
+            namespace, name, version = parse_env_id(env_id)
+            newest = find_highest_version(namespace, name)
+            other = f"; try {get_env_id(namespace, name, newest)}" if newest is not None and newest != version else ""
+            raise APIUsageError(f"Gymnasium env {env_id!r} cannot be built: {str(error).rstrip('.')}{other}") from None
+        text = _missing(error)
+        hint = "" if "pip install" in text else ": install the package that provides it"
+        raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {text}{hint}") from None
 
 
 def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
