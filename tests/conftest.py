@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -17,3 +18,12 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt during the test, also where pytest was started with SIGINT
+    ignored (a background job of a non-interactive shell), in which Python installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

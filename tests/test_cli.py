@@ -240,7 +240,7 @@ def test_the_installed_command_exits_2_without_a_traceback():
     assert done.stderr.strip().startswith("shoal train: error: unknown env 'nope'")
 
 
-def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypatch, capsys):
+def test_ctrl_c_while_the_command_starts_is_interrupted_not_a_traceback(monkeypatch, capsys, ctrl_c_raises):
     # The entry point imports shoal.cli (torch: seconds) inside its own error handling.
     code = "import sys, shoal.__main__; assert 'torch' not in sys.modules, 'imported before main()'"
     subprocess.run([sys.executable, "-c", code], check=True)

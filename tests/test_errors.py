@@ -13,7 +13,7 @@ def _ctrl_c() -> None:
     time.sleep(0.05)  # where the handler would run
 
 
-def test_deferred_interrupt_delivers_a_ctrl_c_once_the_block_is_done():
+def test_deferred_interrupt_delivers_a_ctrl_c_once_the_block_is_done(ctrl_c_raises):
     done = []
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupt():
@@ -24,7 +24,8 @@ def test_deferred_interrupt_delivers_a_ctrl_c_once_the_block_is_done():
         pass
 
 
-def test_deferred_interrupt_hands_the_ctrl_c_to_the_handler_in_place_and_runs_plainly_off_the_main_thread():
+def test_deferred_interrupt_hands_the_ctrl_c_to_the_handler_in_place_and_runs_plainly_off_the_main_thread(
+        ctrl_c_raises):
     heard = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
     try:

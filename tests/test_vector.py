@@ -947,7 +947,7 @@ def test_a_close_that_ctrl_c_cut_short_is_finished_by_the_next(no_leaks, backend
     vecenv.close()  # stops the workers the first one left: no_leaks checks
 
 
-def test_a_ctrl_c_while_a_worker_starts_leaves_no_process_behind(no_leaks, monkeypatch):
+def test_a_ctrl_c_while_a_worker_starts_leaves_no_process_behind(no_leaks, monkeypatch, ctrl_c_raises):
     from multiprocessing import forkserver
 
     connect = forkserver.connect_to_new_process
