@@ -410,7 +410,7 @@ def _(space: spaces.MultiBinary):
 class _Bounds:
     """The declared range of one observation leaf, checked against values with any leading dims.
 
-    A side the dtype already enforces (int8 from -128, any bool) is not checked, nor is an infinite
+    A side the dtype already enforces (int8 from -128, a bool from False to True) is not checked, nor is an infinite
     one; a float with no side checked is still tested against itself, so NaN never passes.
     """
 
@@ -418,8 +418,8 @@ class _Bounds:
         self._args = dtype, shape, low, high  # to rebuild after pickling
         self.shape = shape
         low, high = (np.broadcast_to(np.asarray(bound), shape) for bound in (low, high))
-        if dtype.kind == "b":
-            needed_low = needed_high = False
+        if dtype.kind == "b":  # a side is checked where it rules out a value: a low of True, a high of False
+            needed_low, needed_high = bool(np.any(low)), not bool(np.all(high))
         elif dtype.kind == "f":
             needed_low = needed_high = True
         else:
@@ -464,9 +464,18 @@ class _Bounds:
         return _Bounds, self._args
 
     def __repr__(self) -> str:
-        if self.lo is not None:
-            return f"[{self.lo}, {self.hi}]"
-        return f"[{_short(self.lows)}, {_short(self.highs)}]"
+        return self.declared()
+
+    def declared(self, at: int | None = None) -> str:
+        """The declared range, with the sides the dtype enforces: of the element at flat index ``at``, or all."""
+        _, shape, low, high = self._args
+        low, high = (np.broadcast_to(np.asarray(bound), shape).ravel() for bound in (low, high))
+        if at is not None:
+            return f"[{low[at].item()}, {high[at].item()}]"
+        low, high = low.tolist(), high.tolist()
+        if len(set(low)) <= 1 and len(set(high)) <= 1 and low:
+            return f"[{low[0]}, {high[0]}]"
+        return f"[{_short(low)}, {_short(high)}]"
 
     def inside(self, array: np.ndarray) -> bool:
         """Whether every value of ``array`` (leaf shape, any leading dims) lies in the range."""
@@ -553,8 +562,6 @@ class ObservationLayout:
     def _make_flat_space(self, bounds: dict) -> spaces.Box:
         if self.dtype == np.uint8 and any(field.dtype != np.uint8 for field in self.fields):
             return spaces.Box(0, 255, (self.size,), np.uint8)
-        if self.dtype.kind == "b":
-            return spaces.Box(0, 1, (self.size,), self.dtype)
         low = np.zeros(self.size, self.dtype)  # zeros in padding (only a zero-size space has any)
         high = np.zeros(self.size, self.dtype)
         for field in self.fields:
@@ -690,7 +697,7 @@ class ObservationLayout:
                               f"lies outside its range {field.bounds}")
         at = int(np.ravel_multi_index(element, field.shape)) if element else 0
         return SpaceError(f"observation leaf {_path_str(field.path)}: element {list(element)} is {value[element]}, "
-                          f"outside its range [{field.bounds.lows[at]}, {field.bounds.highs[at]}]")
+                          f"outside its range {field.bounds.declared(at)}")
 
     def _batch_shape(self, pairs: list[tuple[tuple, Any]]) -> tuple:
         path, item = pairs[0]
@@ -804,6 +811,12 @@ def _(space: spaces.Box):
     return False, (space.low.ravel(), space.high.ravel()), None
 
 
+@functools.lru_cache(maxsize=None)
+def _unsigned(dtype: np.dtype) -> tuple[np.dtype, int]:
+    """(the unsigned dtype of a signed integer one's size and byte order, the least a negative value reads as in it)."""
+    return np.dtype(dtype.str.replace("i", "u")), 2 ** (8 * dtype.itemsize - 1)
+
+
 class ActionLayout:
     """How a (nested) action space maps to one flat ``MultiDiscrete`` or ``Box``.
 
@@ -837,6 +850,10 @@ class ActionLayout:
         self.size = start
         if self.is_discrete:
             self.flat_space = spaces.MultiDiscrete(np.concatenate([b for _, _, b, _ in described]))
+            nvec = self.flat_space.nvec
+            # what invalid_rows compares unsigned actions with: one n for all dimensions where it can
+            self._limit = int(nvec[0]) if len(nvec) and (nvec == nvec[0]).all() else nvec.astype(np.uint64)
+            self._largest_n = int(nvec.max()) if len(nvec) else 0
         else:
             dtype = np.result_type(*[leaf.space.dtype for leaf, *_ in described]).newbyteorder("=")
             dtype = dtype if dtype.kind == "f" else np.dtype(np.float64)
@@ -867,8 +884,15 @@ class ActionLayout:
         if self.is_discrete:
             if flat.dtype.kind not in "iub":
                 raise SpaceError(f"{space} takes integer actions, got dtype {flat.dtype}")
-            if not flat.size or flat.min() >= 0 and (flat < space.nvec).all():  # the usual case: two reductions
+            if not flat.size:
                 return None
+            # The usual case in one pass: read as unsigned, a negative action lies past every n, unless an n
+            # is larger than half the dtype's range.
+            unsigned, negatives_from = _unsigned(flat.dtype) if flat.dtype.kind == "i" else (None, 0)
+            if unsigned is None or self._largest_n <= negatives_from:
+                values, limit = flat if unsigned is None else flat.view(unsigned), self._limit
+                if values.max() < limit if type(limit) is int else (values < limit).all():
+                    return None
             bad = (flat < 0) | (flat >= space.nvec)
         else:
             if flat.dtype.kind not in "iuf":

@@ -371,6 +371,38 @@ def test_small_leaf_range_check_agrees_with_numpy(data, dtype, size):
                 checked.writer(flat)(0, value)
 
 
+def test_a_bool_box_holds_its_declared_bounds():
+    """A bool side that rules a value out (low True, high False) is checked, and the flat space keeps it."""
+    layout = ObservationLayout(spaces.Box(np.array([False, True]), np.array([True, True]), (2,), bool))
+    assert layout.flat_space.low.tolist() == [False, True] and layout.flat_space.high.tolist() == [True, True]
+    flat = np.zeros((2, layout.size), layout.dtype)
+    layout.writer(flat)(0, np.array([False, True]))
+    for write in (layout.flatten, lambda value: layout.writer(flat)(1, value),
+                  lambda value: layout.rows_writer(flat)([0, 1], [np.array([True, True]), value])):
+        with pytest.raises(SpaceError, match=r"\[False False\] lies outside its range \[\[False, True\], \[True, True\]\]"):
+            write(np.array([False, False]))
+    always = ObservationLayout(spaces.Box(1, 1, (3,), bool))
+    with pytest.raises(SpaceError, match=r"lies outside its range \[True, True\]"):
+        always.flatten(np.array([True, False, True]))
+
+
+@PROPERTY
+@given(st.data(), st.sampled_from([np.int8, np.int16, np.int64, np.uint8, np.uint64, bool, ">i8", ">u4"]),
+       st.sampled_from([[4], [3, 5, 2], [7, 7], [300]]))
+def test_invalid_rows_agrees_with_numpy(data, dtype, nvec):
+    """The one-pass range check of flat discrete actions (unsigned view) against a plain comparison."""
+    layout = ActionLayout(spaces.MultiDiscrete(nvec))
+    dtype = np.dtype(dtype)
+    low, high = (0, 1) if dtype.kind == "b" else (max(int(np.iinfo(dtype).min), -400), min(int(np.iinfo(dtype).max), 400))
+    rows = data.draw(st.lists(st.lists(st.integers(low, high), min_size=len(nvec), max_size=len(nvec)), min_size=1,
+                              max_size=4))
+    flat = np.array(rows).astype(dtype)
+    wide = flat.astype(np.int64)
+    expected = ((wide < 0) | (wide >= np.array(nvec))).any(axis=-1)
+    bad = layout.invalid_rows(flat)
+    assert (bad is None and not expected.any()) or (bad is not None and bad.tolist() == expected.tolist())
+
+
 # ---------------------------------------------------------------- actions: properties
 
 

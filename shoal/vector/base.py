@@ -20,6 +20,7 @@ import functools
 import inspect
 import math
 import os
+import pickle
 import select
 import threading
 import time
@@ -256,10 +257,14 @@ def _exception_text(error: BaseException) -> str:
 
 
 # The wire format of the pipes and sockets between a vec env and its workers. The hot path skips pickle:
-# a step whose actions are in shared memory, and the answer "done, every info empty", are one byte
-# each; anything else is a pickled (command, payload) or (status, payload), which never is one byte.
+# a step whose actions are in shared memory is one byte, and so is the answer "done, every info empty".
+# Any other command is a pickled (command, payload); any other answer is its status's byte followed by
+# the pickled payload (enum members are never pickled on the hot path: unpickling one costs an import
+# lookup and a call).
 _STEP = b"s"
 _QUIET = b"q"
+_STATUS_BYTE = {Status.OK: b"o", Status.USAGE_ERROR: b"u", Status.FAILED: b"f"}
+_BYTE_STATUS = {byte[0]: status for status, byte in _STATUS_BYTE.items()}
 
 
 def send_command(conn, command: Command, payload: Any) -> None:
@@ -270,12 +275,19 @@ def send_command(conn, command: Command, payload: Any) -> None:
         conn.send((command, payload))
 
 
+def send_answer(conn, status: Status, payload: Any) -> None:
+    """Answer the parent on ``conn``; the payload is pickled before any byte is sent, so one that fails to
+    pickle leaves the connection clean. (Plain pickle: ForkingPickler's extra reducers are for sending
+    connections and sockets, which no answer holds, and it costs a few times more per call.)"""
+    conn.send_bytes(_STATUS_BYTE[status] + pickle.dumps(payload, pickle.HIGHEST_PROTOCOL))
+
+
 def read_answer(conn, envs: int) -> tuple[Status, Any]:
     """The next answer from a worker of ``envs`` envs on ``conn`` (blocks): (status, payload)."""
     message = conn.recv_bytes()
     if message == _QUIET:
         return Status.OK, [{} for _ in range(envs)]
-    return ForkingPickler.loads(message)
+    return _BYTE_STATUS[message[0]], pickle.loads(memoryview(message)[1:])
 
 
 def serve(group: EnvGroup, conn) -> None:
@@ -290,7 +302,7 @@ def serve(group: EnvGroup, conn) -> None:
             try:
                 command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
             except Exception as error:  # arguments that pickled in the parent do not unpickle here: the caller's
-                conn.send((Status.USAGE_ERROR, unpickled_arguments_error(f"{type(error).__name__}: {error}")))
+                send_answer(conn, Status.USAGE_ERROR, unpickled_arguments_error(f"{type(error).__name__}: {error}"))
                 continue
             if command is Command.CLOSE:
                 break
@@ -299,13 +311,13 @@ def serve(group: EnvGroup, conn) -> None:
                 conn.send_bytes(_QUIET)
                 continue
             try:
-                conn.send((status, answer))
+                send_answer(conn, status, answer)
             except (EOFError, OSError):
                 raise
             except BaseException as error:  # the answer does not pickle (pickling fails before any byte is sent);
                 # a SystemExit or KeyboardInterrupt from an info's pickling is env code's, as in handle_in_worker
                 status, answer = _unpicklable(group, command, answer, error)
-                conn.send((status, answer))
+                send_answer(conn, status, answer)
     except (EOFError, OSError):  # the parent closed our connection or went away
         pass
     finally:
@@ -364,7 +376,7 @@ def _unpicklable_info(group: EnvGroup, infos: list) -> tuple[int | None, str]:
 
 def _pickles(value: Any) -> bool:
     try:
-        ForkingPickler.dumps(value)
+        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)  # as send_answer does
         return True
     except BaseException:  # in a worker: SystemExit from a value's __reduce__ too
         return False
@@ -381,17 +393,20 @@ class Poller:
     def __init__(self):
         self._poll = select.poll() if hasattr(select, "poll") else None  # None on Windows
         self._registered: dict[int, Any] = {}  # fd -> waitable
+        self._waitables: tuple = ()  # those of the last call, registered
 
     def wait(self, waitables: tuple, timeout: float | None) -> list:
         """The ``waitables`` that are ready (readable, or closed at the other end), as ``connection.wait``."""
         if self._poll is None:
             return connection.wait(waitables, timeout)
-        wanted = {(item if isinstance(item, int) else item.fileno()): item for item in waitables}
-        for fd in self._registered.keys() - wanted.keys():
-            self._poll.unregister(fd)
-        for fd in wanted.keys() - self._registered.keys():
-            self._poll.register(fd, select.POLLIN)
-        self._registered = wanted
+        if waitables != self._waitables:
+            wanted = {(item if isinstance(item, int) else item.fileno()): item for item in waitables}
+            for fd in self._registered.keys() - wanted.keys():
+                self._poll.unregister(fd)
+            for fd in wanted.keys() - self._registered.keys():
+                self._poll.register(fd, select.POLLIN)
+            self._registered, self._waitables = wanted, waitables
+        wanted = self._registered
         # poll takes at most 2**31 - 1 ms (24.8 days): a longer wait just wakes up and is asked again
         events = self._poll.poll(None if timeout is None else min(math.ceil(timeout * 1000), 2**31 - 1))
         return [wanted[fd] for fd, _ in events]
@@ -400,7 +415,7 @@ class Poller:
         """Forget every waitable (call before closing any of them)."""
         if self._poll is not None:
             self._poll = select.poll()
-        self._registered = {}
+        self._registered, self._waitables = {}, ()
 
 
 class ArrayLayout:

@@ -36,7 +36,7 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
 from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
-                               default_num_workers, read_answer, send_command, serve, split_arrays,
+                               default_num_workers, read_answer, send_answer, send_command, serve, split_arrays,
                                start_worker)
 
 class SharedArrays:
@@ -103,7 +103,7 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
                      progress=arrays["progress"][worker:worker + 1])
     started = start_worker(group)
     try:
-        conn.send(started)
+        send_answer(conn, *started)
     except (EOFError, OSError):  # the parent is gone already
         started = Status.FAILED, None
     if started[0] is Status.FAILED:
