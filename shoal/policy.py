@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, SpaceError, check_int, is_number
-from shoal.spaces import leaf_difference, leaf_signature, leaves
+from shoal.spaces import leaf_difference, leaf_signature, leaves, torch_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
 
@@ -348,6 +348,8 @@ class MLPPolicy(Policy):
         self._layer_pairs = tuple(zip(self.actor[::2], self.critic[::2]))
         self.action_head = make_action_head(binding.single_action_space, hidden_size)
         self.value_head = layer_init(nn.Linear(hidden_size, 1), std=1.0)
+        # The fast forwards below copy encode and decode: a subclass that overrides either gets Policy's.
+        self._fused = type(self).encode is MLPPolicy.encode and type(self).decode is MLPPolicy.decode
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.float()
@@ -360,6 +362,8 @@ class MLPPolicy(Policy):
     def forward(self, obs: torch.Tensor, state=None, starts=None):
         # decode(encode(obs)) without joining and splitting the towers, and with plain function calls:
         # at these sizes an nn.Module call costs more than its math, and this runs once per env step.
+        if not self._fused:
+            return super().forward(obs, state, starts)
         if not (isinstance(obs, torch.Tensor) and obs.dim() == 2 and obs.shape[1] == self.obs_size):
             raise self._obs_error(obs)
         actor = critic = obs.float()
@@ -371,6 +375,8 @@ class MLPPolicy(Policy):
 
     @torch.no_grad()
     def acting_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        if not self._fused:
+            return super().acting_forward()
         # Both towers as one network, one matmul per layer: the first layer's weights stacked
         # (2h, in), the others block-diagonal (2h, 2h), the heads block-diagonal (params + 1, 2h).
         # Acting runs on a few rows per env step, where a matmul costs its call, not its size.
@@ -582,10 +588,10 @@ class LSTMPolicy(Policy):
         return self.policy.action_head
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        """Zero ``(h, c)`` for ``batch_size`` rows."""
+        """Zero ``(h, c)`` for ``batch_size`` rows, of the LSTM's dtype."""
         check_int("LSTMPolicy.initial_state: batch_size", batch_size)
         try:
-            zeros = torch.zeros(batch_size, self.feature_size, device=device)
+            zeros = torch.zeros(batch_size, self.feature_size, device=device, dtype=self.lstm.weight_hh_l0.dtype)
         except (RuntimeError, TypeError, AssertionError) as error:  # torch's kinds for a bad or absent device
             raise APIUsageError(f"LSTMPolicy.initial_state: device {device!r} is not a torch device this process "
                                 f"can use ({str(error).splitlines()[0]}): expected e.g. 'cpu' or 'cuda'") from None
@@ -693,8 +699,11 @@ def check_policy(policy: Any, binding) -> None:
         raise APIUsageError(f"{name} was built for {mismatch}: build it with this binding")
     discrete = isinstance(space, spaces.MultiDiscrete)
     device = next(iter(policy.parameters()), torch.empty(0)).device
-    obs = torch.from_numpy(np.zeros((2, *binding.single_observation_space.shape),
-                                    binding.single_observation_space.dtype)).to(device)
+    try:
+        obs = torch.zeros((2, *binding.single_observation_space.shape),
+                          dtype=torch_dtype(binding.single_observation_space.dtype), device=device)
+    except SpaceError as error:
+        raise APIUsageError(f"{name} cannot read {binding.env_name}'s observations: {error}") from None
     was_training = policy.training
     try:
         policy.eval()
@@ -705,7 +714,9 @@ def check_policy(policy: Any, binding) -> None:
                     got = f"of dtype {output.dtype}" if isinstance(output, torch.Tensor) else _described(output)
                     raise APIUsageError(f"{name} returns {what} {got}: expected a floating-point torch tensor (the "
                                         f"losses need their gradients; from integers the network would never learn)")
-            action, _ = policy.sample_actions(params, deterministic=True)
+            action, logprob = policy.sample_actions(params, deterministic=True)
+            evaluated = policy.evaluate_actions(params, action)
+            acted = None if policy.is_recurrent else policy.acting_forward()(obs)
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
         raise APIUsageError(f"{name} fails on two zero observations of {binding.env_name} (shape "
                             f"{tuple(obs.shape)}, {obs.dtype}): {type(error).__name__}: {error}") from error
@@ -715,6 +726,22 @@ def check_policy(policy: Any, binding) -> None:
         raise APIUsageError(f"{name} returns action parameters of shape {tuple(params.shape)} and values of shape "
                             f"{tuple(value.shape)} for 2 observations: expected one row of each per observation, "
                             f"values of shape (2,)")
+    if acted is not None:  # an acting_forward of its own must agree with forward
+        if not (isinstance(acted, tuple) and len(acted) == 2):
+            got = f"a tuple of {len(acted)}" if isinstance(acted, tuple) else f"a value {_described(acted)}"
+            raise APIUsageError(f"{name}.acting_forward() gives a function that returns {got} for 2 observations: "
+                                f"expected (action parameters, values), as forward's first two outputs")
+        for what, mine, theirs in (("action parameters", acted[0], params), ("values", acted[1], value)):
+            if not (isinstance(mine, torch.Tensor) and mine.is_floating_point() and mine.shape == theirs.shape):
+                raise APIUsageError(f"{name}.acting_forward() gives {what} {_described(mine)} for 2 observations: "
+                                    f"expected floating-point ones of shape {tuple(theirs.shape)}, as forward gives")
+    evaluated = evaluated if isinstance(evaluated, tuple) and len(evaluated) == 2 else (evaluated, evaluated)
+    for what, output in (("sample_actions() gives log-probabilities", logprob),
+                         ("evaluate_actions() gives log-probabilities", evaluated[0]),
+                         ("evaluate_actions() gives entropies", evaluated[1])):
+        if not (isinstance(output, torch.Tensor) and output.is_floating_point() and tuple(output.shape) == (2,)):
+            raise APIUsageError(f"{name}.{what} {_described(output)} for 2 observations: expected floating-point "
+                                f"ones of shape (2,), one per observation")
     expected = (2, int(np.prod(space.shape)))
     head = getattr(policy, "action_head", None)
     if (tuple(action.shape) != expected or action.is_floating_point() == discrete

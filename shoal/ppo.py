@@ -428,6 +428,9 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         raise APIUsageError(f"the {_describe_policy(policy)} network, {size / 2**30:.1f} GiB of parameters, does not "
                             f"fit in the memory of {device}: choose a smaller network (hidden_size) or another "
                             f"device") from None
+    if not any(parameter.requires_grad for parameter in policy.parameters()):
+        raise APIUsageError(f"{_describe_policy(policy)} has no parameter that requires grad: PPO would have nothing "
+                            f"to train (unfreeze some: parameter.requires_grad_(True))")
     optimizer = Adam(policy.parameters(), config.learning_rate)
     parameters = list(policy.parameters())
     global_step = update = earlier_episodes = 0
@@ -650,17 +653,20 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                 flat = {name: tensor(array[:T].reshape(T * N, *array.shape[2:])[units]) for name, array in dict(
                     obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns,
                     values=values).items()}
-            per_minibatch = max(1, math.ceil(len(units) / config.num_minibatches))
+            # num_minibatches of sizes within one of each other; fewer where they would hold under 2 transitions
+            # (batch norm fails on one row in train mode); an LSTM's minibatches hold whole slots
+            count = min(config.num_minibatches, len(units) if policy.is_recurrent else max(1, len(units) // 2))
+            bounds = [len(units) * i // count for i in range(count + 1)] if count else []
             stats = []  # per minibatch: (policy loss, value loss, entropy, ratio, log ratio); no ops, no syncs
             for epoch in range(config.update_epochs):
                 # Shuffle once per epoch, so that minibatches are slices (views), not gathers; a
                 # single minibatch is the whole batch in any order: no shuffle at all.
-                order = torch.randperm(len(units), device=device) if per_minibatch < len(units) else None
+                order = torch.randperm(len(units), device=device) if count > 1 else None
                 if not policy.is_recurrent:
                     shuffled = flat if order is None else {k: v[order] for k, v in flat.items()}
-                for first in range(0, len(units), per_minibatch):
+                for first, stop in zip(bounds, bounds[1:]):
                     if policy.is_recurrent:
-                        mb = order[first:first + per_minibatch] if order is not None else slice(None)
+                        mb = order[first:stop] if order is not None else slice(None)
                         slots = torch.as_tensor(units, device=device)[mb]
                         params, new_values, _ = policy(seq["obs"][:, slots], (rollout_state[0][slots],
                                                        rollout_state[1][slots]), seq["starts"][:, slots])
@@ -669,7 +675,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         b = {k: seq[k][:, slots].reshape(-1, *seq[k].shape[2:])[pick]
                              for k in ("actions", "logprobs", "advantages", "returns", "values")}
                     else:
-                        b = {k: v[first:first + per_minibatch] for k, v in shuffled.items()}
+                        b = {k: v[first:stop] for k, v in shuffled.items()}
                         params, new_values, _ = policy(b["obs"])
                     new_logprobs, entropy = policy.evaluate_actions(params, b["actions"])
                     log_ratio = new_logprobs - b["logprobs"]
@@ -695,6 +701,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         loss = loss - config.ent_coef * entropy_loss
                     for parameter in parameters:  # optimizer.zero_grad(set_to_none=True), minus its profiler hook
                         parameter.grad = None
+                    if not loss.requires_grad:
+                        raise APIUsageError(f"{_describe_policy(policy)}: the loss carries no gradient: the policy's "
+                                            f"outputs in train mode do not depend on any parameter that requires grad "
+                                            f"(computed under torch.no_grad(), or detached?)")
                     loss.backward()
                     clip_grad_norm(parameters, config.max_grad_norm)
                     optimizer.step()

@@ -22,6 +22,7 @@ from gymnasium import spaces
 
 from shoal.errors import SpaceError
 
+MAX_LEAF_DIMS = 30  # numpy's 32 dimensions, less 2 for batches of leaves (time, agents)
 SMALL_LEAF = 16  # a leaf's values (over all rows written at once) up to this many are range-checked in Python
 
 
@@ -70,6 +71,10 @@ def leaves(space: spaces.Space, path: tuple = ()) -> list[Leaf]:
     except SpaceError as error:  # say where an unsupported space sits in a nested one
         raise SpaceError(f"{_path_str(path)}: {error}" if path else str(error)) from None
     if kids is None:
+        if len(space.shape) > MAX_LEAF_DIMS:
+            raise SpaceError(f"{_path_str(path) + ': ' if path else ''}{space} has {len(space.shape)} dimensions: at most "
+                             f"{MAX_LEAF_DIMS} fit (numpy arrays have at most 32, and batches of leaves add up to 2 in "
+                             f"front: time, agents); reshape it")
         return [Leaf(path, space)]
     return [leaf for key, sub in kids for leaf in leaves(sub, path + (key,))]
 
@@ -357,10 +362,15 @@ def _cpu_values(tensor) -> np.ndarray | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_dtype(dtype: np.dtype):
+def torch_dtype(dtype: np.dtype):
+    """The torch dtype of a numpy one (in native byte order); SpaceError where torch has none."""
     import torch
 
-    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype  # torch knows no other order
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype).newbyteorder("="))).dtype  # torch knows no other order
+    except TypeError:  # float128, complex256, ...
+        raise SpaceError(f"torch has no tensors of dtype {np.dtype(dtype)}: declare the space with a dtype torch has "
+                         f"(float64, say), or convert the observation with a feature_parser") from None
 
 
 # ---------------------------------------------------------------- observations
@@ -733,18 +743,18 @@ class ObservationLayout:
         batch = tuple(flat.shape[:-1])
         count = int(np.prod(field.shape, dtype=np.int64))
         start = field.byte_offset // self.dtype.itemsize
-        if flat.dtype != _torch_dtype(self.dtype):
+        if flat.dtype != torch_dtype(self.dtype):
             raise SpaceError(f"flat observation: expected dtype {self.dtype}, got {flat.dtype}")
         if not count:  # a zero-size leaf: nothing to view
-            return torch.zeros(batch + field.shape, dtype=_torch_dtype(field.dtype), device=flat.device)
+            return torch.zeros(batch + field.shape, dtype=torch_dtype(field.dtype), device=flat.device)
         if self.dtype == np.uint8 and field.dtype != np.uint8:
             piece = flat[..., start:start + count * field.dtype.itemsize]
             if not piece.is_contiguous() and piece.stride(-1) != 1:
                 piece = piece.contiguous()
             try:
-                typed = piece.view(_torch_dtype(field.dtype))
+                typed = piece.view(torch_dtype(field.dtype))
             except RuntimeError:  # storage offset not aligned: one copy into fresh (aligned) memory
-                typed = piece.clone(memory_format=torch.contiguous_format).view(_torch_dtype(field.dtype))
+                typed = piece.clone(memory_format=torch.contiguous_format).view(torch_dtype(field.dtype))
             return typed.reshape(batch + field.shape)
         return flat[..., start:start + count].reshape(batch + field.shape)
 
@@ -770,7 +780,7 @@ class _ActionField(NamedTuple):
     size: int
     offset: Any  # added on unflatten: a discrete leaf's `start`; None for Box (keeps -0.0) and for start 0
     limits: Any = None  # an integer Box leaf's (low, high) where its float flat bounds round past them, else None
-    largest: float | None = None  # a float Box leaf's largest finite value where the flat dtype is wider
+    largest: float | None = None  # a float Box leaf's largest finite value
 
 
 @functools.singledispatch
@@ -862,10 +872,10 @@ class ActionLayout:
                 np.concatenate([b[1] for _, _, b, _ in described]).astype(dtype),
                 dtype=dtype,
             )
-            # A float leaf narrower than the flat dtype: a finite flat action past the leaf's range goes to the
-            # leaf's largest finite value, as a float to an integer leaf goes to the nearest integer, not to inf.
-            self.fields = [field._replace(largest=np.finfo(field.dtype).max)
-                           if field.dtype.kind == "f" and np.finfo(field.dtype).max < np.finfo(dtype).max else field
+            # A finite action past a float leaf's range (a float16 leaf beside a float64 one, or sent as float32)
+            # goes to the leaf's largest finite value, as a float to an integer leaf goes to the nearest
+            # integer, not to inf.
+            self.fields = [field._replace(largest=float(np.finfo(field.dtype).max)) if field.dtype.kind == "f" else field
                            for field in self.fields]
         self.dtype = self.flat_space.dtype
         # the action sent for an agent that must act but has no data yet (zeros, inside a Box's bounds)
@@ -901,6 +911,13 @@ class ActionLayout:
             if not bad.any():
                 return None
         return bad.any(axis=-1)
+
+    def held(self, flat: np.ndarray) -> np.ndarray:
+        """Flat actions (checked by :meth:`invalid_rows`) ready to be cast to the flat dtype: a finite float
+        past its range (float64 sent for float16) held to its largest finite value, as unflatten holds a leaf."""
+        if self.is_discrete or flat.dtype.kind != "f":
+            return flat
+        return _saturated(flat, float(np.finfo(self.dtype).max))
 
     def allowed(self) -> str:
         """The valid range of a flat action, for messages."""
@@ -997,7 +1014,7 @@ class ActionLayout:
                      if field.dtype.kind in "iu" and piece.is_floating_point()
                      else piece.round() if field.dtype.kind == "b" and piece.is_floating_point()
                      else _saturated(piece, field.largest) if field.largest is not None else piece)
-                    .to(_torch_dtype(field.dtype)) for field, piece in pieces]
+                    .to(torch_dtype(field.dtype)) for field, piece in pieces]
         pieces = [(field, piece if field.offset is None else _shifted(piece, field)) for field, piece in pieces]
         values = [(_nearest_integers(piece, field.dtype, field.limits)
                    if field.dtype.kind in "iu" and piece.dtype.kind == "f"
@@ -1051,6 +1068,8 @@ def _saturated(values, largest: float):
         if not values.is_floating_point() or torch.finfo(values.dtype).max <= largest:  # nothing finite past it
             return values
         return values.clamp(-largest, largest).where(values.isfinite(), values)
+    if values.dtype.kind != "f" or np.finfo(values.dtype).max <= largest:
+        return values
     return np.where(np.isfinite(values), np.clip(values, -largest, largest), values)
 
 
@@ -1067,7 +1086,7 @@ def _nearest_integers(values, dtype: np.dtype, limits: tuple | None = None):
         import torch
 
         rounded = values.round()
-        integers = rounded.to(_torch_dtype(dtype))
+        integers = rounded.to(torch_dtype(dtype))
         integers = torch.where(rounded >= float(info.max), torch.tensor(info.max, dtype=integers.dtype), integers)
         integers = torch.where(rounded <= float(info.min), torch.tensor(info.min, dtype=integers.dtype), integers)
         if limits is not None and dtype.kind == "i":  # torch has no uint64 comparisons: those stay unclamped

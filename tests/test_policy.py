@@ -409,6 +409,72 @@ def test_the_policy_check_refuses_outputs_that_are_not_floating_point(action_spa
         check_policy(policy, binding)
 
 
+class TinyPolicy(Policy):
+    def __init__(self, binding, mistake: str = ""):
+        super().__init__(binding, feature_size=8)
+        self.net, self.mistake = torch.nn.Linear(4, 8), mistake
+
+    def encode(self, obs):
+        return torch.tanh(self.net(obs.to(self.net.weight.dtype)))
+
+    def acting_forward(self):
+        wrong = {"forward's three": lambda obs: self(obs),
+                 "a value column": lambda obs: (self(obs)[0], self(obs)[1][:, None]),
+                 "one value": lambda obs: (self(obs)[0], self(obs)[1][:1])}
+        return wrong.get(self.mistake, super().acting_forward())
+
+    def sample_actions(self, params, deterministic=False):
+        action, logprob = super().sample_actions(params, deterministic)
+        return action, logprob[:, None] if self.mistake == "a log-probability column" else logprob
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("forward's three", r"TinyPolicy.acting_forward\(\) gives a function that returns a tuple of 3 for 2 observations"),
+    ("a value column", r"TinyPolicy.acting_forward\(\) gives values of shape \(2, 1\) .*: expected floating-point ones "
+                       r"of shape \(2,\), as forward gives"),
+    ("one value", r"TinyPolicy.acting_forward\(\) gives values of shape \(1,\)"),
+    ("a log-probability column", r"TinyPolicy.sample_actions\(\) gives log-probabilities of shape \(2, 1\) .*: "
+                                 r"expected floating-point ones of shape \(2,\)")])
+def test_the_policy_check_holds_acting_forward_and_sampling_to_forward(mistake, message):
+    """Overrides the trainer calls in the rollout must agree with forward: numpy would broadcast their mistakes."""
+    binding = make_binding("cartpole")
+    check_policy(TinyPolicy(binding), binding)
+    with pytest.raises(APIUsageError, match=message):
+        check_policy(TinyPolicy(binding, mistake), binding)
+
+
+def test_the_policy_check_names_an_observation_dtype_torch_lacks():
+    binding = _binding(spaces.Box(-1, 1, (2,), np.longdouble))
+    with pytest.raises(APIUsageError, match=r"cannot read .* observations: torch has no tensors of dtype float128"):
+        check_policy(MLPPolicy(binding, hidden_size=8), binding)
+
+
+class BlindMLP(MLPPolicy):
+    def encode(self, obs):  # an ablation: the policy must not see the observation
+        return super().encode(torch.zeros_like(obs, dtype=torch.float32))
+
+
+def test_a_subclass_that_overrides_encode_gets_it_in_every_forward():
+    """MLPPolicy's fast forwards copy its own encode and decode; a subclass's overrides must not be skipped."""
+    torch.manual_seed(0)
+    policy = BlindMLP(make_binding("cartpole"), hidden_size=8)
+    obs = torch.randn(3, 4)
+    expected_params, expected_value = policy.decode(policy.encode(obs))
+    for params, value in (policy(obs)[:2], policy.acting_forward()(obs)):
+        torch.testing.assert_close(params, expected_params)
+        torch.testing.assert_close(value, expected_value)
+    assert (params == params[0]).all()  # blind: every row alike
+
+
+def test_the_lstm_state_has_the_lstm_dtype():
+    binding = make_binding("cartpole")
+    policy = LSTMPolicy(TinyPolicy(binding)).double()
+    state = policy.initial_state(3)
+    assert state[0].dtype == state[1].dtype == torch.float64
+    params, value, (h, c) = policy(torch.zeros(3, 4, dtype=torch.float64), state)
+    assert value.dtype == h.dtype == torch.float64
+
+
 class DictEnv(gymnasium.Env):
     """A nested observation of mixed dtypes: its flat form is a byte buffer."""
 

@@ -330,6 +330,42 @@ def test_box_actions_are_clipped_before_the_env_sees_them():
     assert result.global_step >= 500
 
 
+class BatchNormPolicy(Policy):
+    def __init__(self, binding, frozen_decode: bool = False):
+        super().__init__(binding, feature_size=16)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+        self.frozen_decode = frozen_decode
+        self.minibatch_rows: list[int] = []
+
+    def encode(self, obs):
+        if self.training:
+            self.minibatch_rows.append(len(obs))
+        return self.net(obs.float())
+
+    def decode(self, features):
+        with torch.no_grad() if self.frozen_decode else contextlib.nullcontext():
+            return super().decode(features)
+
+
+def test_minibatches_split_evenly_and_never_hold_one_row_where_there_are_more():
+    """13 transitions in 4 minibatches: 3, 3, 3 and 4 (ceil would leave a last one of 1, which batch norm refuses
+    in train mode); 5 transitions in 4: 2 minibatches, of 2 and 3."""
+    for steps, expected in ((13, [3, 3, 3, 4]), (5, [2, 3])):
+        policy = BatchNormPolicy(make_binding("cartpole"))
+        train(PPOConfig(total_timesteps=steps, num_envs=1, num_steps=steps, num_minibatches=4, update_epochs=1,
+                        dashboard=False, tensorboard=False), make_binding("cartpole"), policy=policy)
+        assert sorted(policy.minibatch_rows) == expected
+
+
+def test_a_policy_with_nothing_to_train_is_refused():
+    binding = make_binding("cartpole")
+    frozen = BatchNormPolicy(binding).requires_grad_(False)
+    with pytest.raises(APIUsageError, match="BatchNormPolicy has no parameter that requires grad"):
+        train(PPOConfig(**QUICK), binding, policy=frozen)
+    with pytest.raises(APIUsageError, match="BatchNormPolicy: the loss carries no gradient"):
+        train(PPOConfig(**QUICK), binding, policy=BatchNormPolicy(binding, frozen_decode=True))
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 

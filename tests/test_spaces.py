@@ -979,11 +979,25 @@ def test_odd_corners_of_spaces_from_fuzzing():
     for flat in (np.array([1e5, 0.0]), torch.tensor([1e5, 0.0], dtype=torch.float64)):
         assert narrow.unflatten(flat)[0].tolist() == [65504.0]
     assert narrow.unflatten(np.array([-np.inf, 0.0]))[0].tolist() == [-np.inf]
+    # The same where the flat dtype is the leaf's and the actions come wider (float32 from a trainer).
+    alone = ActionLayout(spaces.Box(-np.inf, np.inf, (1,), np.float16))
+    assert alone.dtype == np.float16
+    for flat in (np.array([7e4], np.float32), torch.tensor([-7e4]), np.array([np.inf])):
+        assert np.abs(alone.unflatten(flat)).tolist() == [np.inf if np.isinf(flat[0]) else 65504.0]
+    assert alone.held(np.array([[1e39]])).tolist() == [[65504.0]]
     # A raw float for an integer or bool Box is refused, as the space's contains does.
     with pytest.raises(SpaceError, match=r"expected integers \(its dtype is int64\), got float64"):
         ActionLayout(spaces.Box(0, 3, (1,), np.int64)).flatten(np.array([1.5]))
     with pytest.raises(SpaceError, match=r"expected bools \(its dtype is bool\), got float64"):
         ActionLayout(spaces.Box(0, 1, (1,), bool)).flatten(np.array([0.5]))
+
+
+def test_a_leaf_with_no_room_for_batch_dimensions_is_refused():
+    """numpy arrays hold at most 32 dimensions, and batches of leaves (time, agents) need 2 of them."""
+    ObservationLayout(spaces.Box(-1, 1, (1,) * 30))
+    for make in (ObservationLayout, ActionLayout):
+        with pytest.raises(SpaceError, match=r"\['deep'\]: Box.* has 31 dimensions: at most 30 fit"):
+            make(spaces.Dict({"deep": spaces.Box(-1, 1, (1,) * 31)}))
 
 
 def test_more_corners_of_spaces_from_probing():

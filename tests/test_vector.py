@@ -485,6 +485,29 @@ def test_dict_actions_to_a_single_agent_vec_env_are_named_without_pettingzoo(mak
         vecenv.send([{0: 1}, {0: 0}])
 
 
+class HalfPrecisionActions(gymnasium.Env):
+    """An unbounded float16 action, which a trainer sends as float32; the env records what it got."""
+
+    observation_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gymnasium.spaces.Box(-np.inf, np.inf, (1,), np.float16)
+
+    def reset(self, seed=None, options=None):
+        self.got = None
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.got = action.tolist()
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's "overflow encountered in cast"
+def test_a_finite_action_past_a_narrower_flat_dtype_arrives_finite(make):
+    vecenv = make(shoal.Binding(env_cls=HalfPrecisionActions), "serial", num_workers=1, envs_per_worker=2)
+    vecenv.reset(seed=0)
+    vecenv.step(np.array([[7e4], [-np.inf]], np.float32))
+    assert vecenv.get_attr("got") == [[65504.0], [-np.inf]]
+
+
 def test_sync_api_needs_a_full_batch(make):
     vecenv = make(cartpole(), "serial", num_workers=2, batch_size=1)
     with pytest.raises(APIUsageError, match="reset\\(\\) needs batch_size == num_envs \\(2\\), got batch_size=1: "

@@ -818,7 +818,7 @@ class VecEnv(abc.ABC):
         except SpaceError as error:
             raise self._dict_actions_error(actions, array) or APIUsageError(f"send(actions): {error}") from None
         if bad is None:
-            return array
+            return layout.held(array)
         bad &= self._buffers.masks[self._batch_rows]  # dead slots' actions are ignored
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -826,7 +826,7 @@ class VecEnv(abc.ABC):
             allowed = layout.allowed()
             raise APIUsageError(f"send(actions): row {row} (env {env}, slot {row % self.max_agents}) holds "
                                 f"{array[row]}: expected {allowed}")
-        return array
+        return layout.held(array)
 
     def _actions_shape(self) -> str:
         return (f"shape {(self.batch_size * self.max_agents, self._atn_size)} (batch_size {self.batch_size} envs x "
