@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import io
 import os
@@ -254,7 +255,10 @@ class Binding:
         self.env_creator = creator
         self.env_args = tuple(env_args)
         self.env_kwargs = dict(env_kwargs or {})
-        self.env_name = env_name or getattr(creator, "__name__", type(creator).__name__)
+        named = creator
+        while isinstance(named, functools.partial):  # partial(make_env, ...) is make_env's
+            named = named.func
+        self.env_name = env_name or getattr(named, "__name__", type(named).__name__)
         self.feature_parser = feature_parser
         self.reward_shaper = reward_shaper
         self.emulate_flat_obs = emulate_flat_obs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gymnasium
 import numpy as np
 import pytest
@@ -39,6 +41,7 @@ def flat_actions(binding, move=0, target=0, style=(0, 0)):
 def test_cartpole_contract_and_same_step_autoreset():
     binding = shoal.Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",))
     assert binding.env_name == "CartPole-v1"
+    assert shoal.Binding(env_creator=functools.partial(functools.partial(PrintingEnv))).env_name == "PrintingEnv"
     assert not binding.is_multiagent and binding.max_agents == 1
     assert binding.single_observation_space.shape == (4,) and binding.single_observation_space.dtype == np.float32
     assert binding.single_action_space == spaces.MultiDiscrete([2])
