@@ -3,8 +3,8 @@
 Data path: the parent writes a worker's actions into shared memory and sends one small message down
 its pipe; the worker steps its ``envs_per_worker`` envs, which write observations, rewards and flags
 straight into the worker's rows of shared memory, and answers with one byte when every info is empty,
-else with its pickled infos (the wire format is described in ``shoal.vector.base``). No observation is ever
-pickled.
+else with a status byte and its pickled infos (the wire format is described in ``shoal.vector.base``).
+No observation is ever pickled.
 
 Waiting: the parent blocks in ``poll`` on the workers' pipes *and* their process sentinels (one
 :class:`~shoal.vector.base.Poller`), and workers block in ``recv``. Nobody spins, so on a 2-core
