@@ -893,8 +893,9 @@ def _expand(values: np.ndarray, live: np.ndarray | None, size: int) -> np.ndarra
     return out
 
 
-_NOT_FINITE = ("the policy's outputs or gradients overflowed or became NaN (a learning rate or rewards too large, or a "
-               "policy whose forward gives them); stopped without writing a checkpoint of it")
+_NOT_FINITE = ("the policy's outputs or gradients overflowed or became NaN (a learning rate or rewards too large, "
+               "observations past float32's range, which the default policies compute in, or a policy whose forward "
+               "gives them); stopped without writing a checkpoint of it")
 
 
 def _kept_checkpoint(run_dir: str | None) -> str:
