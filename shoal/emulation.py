@@ -65,6 +65,8 @@ def _per_agent(values: dict, agents: list, default) -> list:
 
 def _is_reward(value) -> bool:
     """Whether ``value`` is one finite real number (a 0-d array counts) that the float32 rewards can hold."""
+    if type(value) is int:  # past int64, numpy makes an object array of it
+        return abs(value) <= REWARD_LIMIT
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):
@@ -154,6 +156,17 @@ def _takes_seed(env) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _layers(env) -> Iterator[Any]:
+    """``env``, then each env it wraps (``.env``), then its ``unwrapped`` env."""
+    seen, unwrapped = set(), getattr(env, "unwrapped", None)
+    while env is not None and id(env) not in seen:
+        seen.add(id(env))
+        yield env
+        env = getattr(env, "env", None)
+    if unwrapped is not None and id(unwrapped) not in seen:
+        yield unwrapped
 
 
 _libc = None
@@ -404,8 +417,9 @@ class Binding:
         try:
             return env.reset(seed=seed) if options is None else env.reset(seed=seed, options=options)
         except TypeError as error:
-            inner = getattr(env, "unwrapped", env)  # the call may have failed in a wrapper, passing options=
-            if "keyword argument" not in str(error) or _takes_seed(inner):
+            # The reset that cannot take them: the one called, or one a wrapper passes them on to.
+            inner = next((layer for layer in _layers(env) if not _takes_seed(layer)), None)
+            if "keyword argument" not in str(error) or inner is None:
                 raise
             if self.is_multiagent:
                 api = "the PettingZoo Parallel API"
@@ -912,7 +926,10 @@ class EmulatedEnv:
                     return array
         except (TypeError, ValueError):
             pass
-        agent, value = next((agent, value) for agent, value in zip(agents, values) if not _is_reward(value))
+        wrong = next(((agent, value) for agent, value in zip(agents, values) if not _is_reward(value)), None)
+        if wrong is None:  # each one a reward, but no one dtype holds them all (an int past int64 among them)
+            return np.array([float(value) for value in values])
+        agent, value = wrong
         where = f"{self.binding.env_name}, agent {agent!r}, step {self.tick}"
         expected = f"a finite number within float32's range (+-{REWARD_LIMIT:.4g})"
         if shaped:

@@ -221,10 +221,13 @@ class ProbeEnv(CrashingEnv):
 
     exit_step: int | None = None
     """the step at which the env calls sys.exit (SystemExit is not an Exception)"""
+    sleep = 0.0
+    """seconds each step takes"""
 
     def step(self, action):
         if self.t + 1 == self.exit_step:
             sys.exit(3)
+        time.sleep(self.sleep)
         return super().step(action)
 
     def pid(self) -> int:

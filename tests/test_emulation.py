@@ -550,6 +550,24 @@ def test_single_agent_reward_that_numpy_would_accept_is_still_an_error(reward, s
         env.step(flat_actions(binding))
 
 
+@pytest.mark.parametrize("env_cls", [NestedSingleAgentEnv, NestedMultiAgentEnv])
+def test_an_int_reward_past_int64_is_a_reward_where_float32_holds_it(env_cls):
+    """One rule for every path (the single-agent fast path, per-agent rewards, numpy's object arrays)."""
+    for reward, accepted in ((2**70, True), (-(2**70), True), (2**130, False)):
+        class BigReward(env_cls):
+            def step(self, actions):
+                obs, rewards, *rest = super().step(actions)
+                return (obs, {agent: reward for agent in rewards} if isinstance(rewards, dict) else reward, *rest)
+
+        env = started(shoal.Binding(env_cls=BigReward))
+        if accepted:
+            rewards = env.step(flat_actions(env.binding))[1]
+            assert rewards[env.masks].tolist() == [float(np.float32(reward))] * int(env.masks.sum())
+        else:
+            with pytest.raises(EnvError, match=r"reward must be a finite number within float32's range .* got int 1361"):
+                env.step(flat_actions(env.binding))
+
+
 def test_rewards_may_be_numpy_scalars_and_0d_arrays_shaped_or_not():
     class NumpyReward(NestedSingleAgentEnv):
         def step(self, action):
@@ -1277,6 +1295,14 @@ def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
         shoal.Binding(env_cls=NoSeedParallel).make_env().reset()
     with pytest.raises(TypeError, match=r"helper\(\) got an unexpected keyword argument 'seed'"):
         shoal.Binding(env_cls=OwnTypeError).make_env().reset()
+
+    class SeedOnlyWrapper(gymnasium.Wrapper):  # a wrapper narrower than the env it wraps: it is the one named
+        def reset(self, seed=None):
+            return self.env.reset(seed=seed)
+
+    with pytest.raises(EnvError, match=r"SeedOnlyWrapper.reset\(seed=None\) cannot take seed= and options= "):
+        shoal.Binding(env_creator=lambda: SeedOnlyWrapper(gymnasium.make("CartPole-v1"))).make_env().reset(
+            seed=0, options={"level": 2})
 
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 import re
+import subprocess
 import sys
 
 import gymnasium
@@ -143,10 +144,22 @@ def test_every_atari_game_builds_and_steps():
     (dict(clip_rewards="no"), "clip_rewards must be True or False, got 'no'"),
     (dict(episodic_life=None), "episodic_life must be True or False, got None"),
     (dict(repeat_action_probability=1.5), "repeat_action_probability must be a number from 0 to 1, got 1.5"),
+    (dict(render_mode="bogus"), "render_mode must be None, 'rgb_array' or 'human', got 'bogus'"),
 ])
 def test_atari_settings_are_checked(setting, message):
     with pytest.raises(APIUsageError, match=re.escape(f"make_atari_env('Breakout'): {message}")):
         make_binding("atari:Breakout", **setting)
+
+
+def test_the_old_ale_ids_build_through_gym_in_any_process():
+    """ale-py registers BreakoutNoFrameskip-v4 and the like on import: gym:<id> must not depend on whether
+    something imported it before (a fresh process, or a worker, would not know the id)."""
+    code = ("import shoal.vector; from shoal.envs import make_binding\n"
+            "if __name__ == '__main__':\n"
+            "    with shoal.vector.make(make_binding('gym:BreakoutNoFrameskip-v4'), 'multiprocessing', num_workers=1) as v:\n"
+            "        print(v.reset(seed=0)[0].shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["(1,", "100800)"], done.stderr
 
 
 def test_an_unknown_atari_setting_is_named_with_those_there_are():

@@ -1110,12 +1110,50 @@ def test_a_second_thread_inside_a_vec_env_is_refused(make, backend):
         vecenv._caller.release()
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    with pytest.raises(APIUsageError, match=r"\.step\(\): another thread is using this vec env: it serves one "
-                                            r"thread at a time"):
+    with pytest.raises(APIUsageError, match=r"\.step\(\): another call is inside this vec env \(from another "
+                                            r"thread, or the one a signal handler interrupted\): it serves one call"):
         vecenv.step(np.zeros((2, 1), np.int64))
     vecenv.close()  # from this thread, while the other waits: allowed, and its step() says it was closed
     waiting.join(30)
     assert not waiting.is_alive()
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_a_call_from_a_signal_handler_is_refused_and_the_interrupted_call_goes_on(make, backend):
+    """The handler runs in the thread that is inside step(): a lock that let it in would hand it step's answers."""
+    vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("sleep", 0.3)
+    refused = []
+
+    def handler(*_):
+        with pytest.raises(APIUsageError, match=r"get_attr\(\): another call is inside this vec env") as caught:
+            vecenv.get_attr("tick")
+        refused.append(caught.value)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        rewards = vecenv.step(np.zeros((2, 1), np.int64))[1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(refused) == 1 and rewards.tolist() == [1.0, 1.0]
+    vecenv.step(np.zeros((2, 1), np.int64))  # still open
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_a_close_from_another_thread_while_answers_come_in_fails_the_call(make, backend):
+    vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2)
+    vecenv.reset(seed=0)
+    vecenv.set_attr("sleep", 0.5)
+    closer = threading.Timer(0.1, vecenv.close)
+    closer.start()
+    with pytest.raises(APIUsageError, match="was closed while waiting for its workers"):
+        vecenv.step(np.zeros((2, 1), np.int64))
+    closer.join()
+    with pytest.raises(APIUsageError, match=r"step\(\) on a closed \w+: make a new vec env"):
+        vecenv.step(np.zeros((2, 1), np.int64))
 
 
 @pytest.mark.parametrize("backend", ["serial", "multiprocessing"])

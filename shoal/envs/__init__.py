@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 from typing import Any, Callable
 
@@ -72,8 +73,11 @@ def atari_game(game: str, **env_kwargs: Any) -> Binding:
 
 
 def _register_namespace(env_id: str) -> None:
-    """Register ale-py's games for an ``ALE/...`` id (a Gymnasium namespace only ale-py's import adds)."""
-    if env_id.startswith("ALE/"):
+    """Register ale-py's games where an id may need them: an ``ALE/...`` id (a namespace only ale-py's import
+    adds), or any id not registered yet where ale-py is installed (it also registers the old ids, such as
+    ``BreakoutNoFrameskip-v4``), the same in every process whatever it imported before."""
+    if env_id.startswith("ALE/") or (env_id not in gymnasium.registry
+                                     and importlib.util.find_spec("ale_py") is not None):
         from shoal.envs.atari import import_ale
 
         import_ale()

@@ -128,6 +128,8 @@ def make_atari_env(game: str, frame_skip: int = 4, noop_max: int = 30, frame_sta
     if not (is_number(repeat_action_probability) and 0 <= repeat_action_probability <= 1):
         raise APIUsageError(f"{where}: repeat_action_probability must be a number from 0 to 1, got "
                             f"{repeat_action_probability!r}")
+    if render_mode not in (None, "rgb_array", "human"):
+        raise APIUsageError(f"{where}: render_mode must be None, 'rgb_array' or 'human', got {render_mode!r}")
     import_ale()
     from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TransformReward
 

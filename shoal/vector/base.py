@@ -230,14 +230,15 @@ class EnvGroup:
 
 
 def _one_caller(method):
-    """A vec env method that refuses a second thread while one is inside the vec env: workers answer in order,
-    so two callers would take each other's answers. close() stays open to any thread."""
+    """A vec env method that refuses a second call while one is inside the vec env, from another thread or from
+    a signal handler that interrupted it: workers answer in order, so two callers would take each other's
+    answers. close() stays open to any caller."""
     @functools.wraps(method)
     def one_caller(self, *args, **kwargs):
-        if not self._caller.acquire(blocking=False):  # reentrant: step() calls send() and recv()
-            raise APIUsageError(f"{type(self).__name__}.{method.__name__}(): another thread is using this vec env: "
-                                f"it serves one thread at a time (close() from any thread excepted); give each "
-                                f"thread its own vec env")
+        if not self._caller.acquire(blocking=False):
+            raise APIUsageError(f"{type(self).__name__}.{method.__name__}(): another call is inside this vec env "
+                                f"(from another thread, or the one a signal handler interrupted): it serves one "
+                                f"call at a time (close() excepted); give each thread its own vec env")
         try:
             return method(self, *args, **kwargs)
         finally:
@@ -277,9 +278,21 @@ def send_command(conn, command: Command, payload: Any) -> None:
 
 def send_answer(conn, status: Status, payload: Any) -> None:
     """Answer the parent on ``conn``; the payload is pickled before any byte is sent, so one that fails to
-    pickle leaves the connection clean. (Plain pickle: ForkingPickler's extra reducers are for sending
-    connections and sockets, which no answer holds, and it costs a few times more per call.)"""
-    conn.send_bytes(_STATUS_BYTE[status] + pickle.dumps(payload, pickle.HIGHEST_PROTOCOL))
+    pickle leaves the connection clean."""
+    conn.send_bytes(_STATUS_BYTE[status] + _dumps(payload))
+
+
+def _dumps(payload: Any) -> bytes:
+    """``payload`` pickled for the parent: plain pickle (ForkingPickler's extra reducers are for connections and
+    sockets, which no answer holds, and cost a few times more per call), else cloudpickle. The envs of a
+    binding sent with cloudpickle use its copies of the classes in the main script, which plain pickle
+    cannot name; cloudpickle sends them back as copies that the parent maps onto its own classes."""
+    try:
+        return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+    except pickle.PicklingError:
+        import cloudpickle  # a dependency of gymnasium
+
+        return cloudpickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
 
 
 def read_answer(conn, envs: int) -> tuple[Status, Any]:
@@ -376,7 +389,7 @@ def _unpicklable_info(group: EnvGroup, infos: list) -> tuple[int | None, str]:
 
 def _pickles(value: Any) -> bool:
     try:
-        pickle.dumps(value, pickle.HIGHEST_PROTOCOL)  # as send_answer does
+        _dumps(value)  # as send_answer does
         return True
     except BaseException:  # in a worker: SystemExit from a value's __reduce__ too
         return False
@@ -496,7 +509,7 @@ class VecEnv(abc.ABC):
     def __init__(self, binding: Binding, num_workers: int, envs_per_worker: int, batch_size: int | None,
                  timeout: float | None = None):
         self._state = AsyncState.CLOSED  # until the backend has started its workers
-        self._caller = threading.RLock()  # held by the thread inside a public method (see _one_caller)
+        self._caller = threading.Lock()  # held while a public method runs (see _one_caller)
         self._progress: np.ndarray | None = None  # per worker, the env it runs, where the backend can see it
         name = type(self).__name__
         if not isinstance(binding, Binding):
@@ -700,13 +713,13 @@ class VecEnv(abc.ABC):
             self._in_flight -= out
 
     def _check_state(self, expected: AsyncState, call: str) -> None:
-        if self._state is not expected:
-            if self._state is AsyncState.CLOSED:
+        if self._state is not expected or self._closed:
+            if self._state is AsyncState.CLOSED or self._closed:
                 raise APIUsageError(f"{call} on a closed {type(self).__name__}: make a new vec env")
             raise APIUsageError(f"{call} called out of order: expected a call to {self._state.value} first")
 
     def _check_open(self, call: str) -> None:
-        if self._state is AsyncState.CLOSED:
+        if self._state is AsyncState.CLOSED or self._closed:
             raise APIUsageError(f"{call} on a closed {type(self).__name__}: make a new vec env")
 
     def _check_sync(self, call: str) -> None:
@@ -737,6 +750,9 @@ class VecEnv(abc.ABC):
 
         Steps still in flight are finished and their results dropped.
         """
+        self._async_reset(seed)
+
+    def _async_reset(self, seed) -> None:
         self._check_open("async_reset()")
         seeds = self._seeds(seed)
         self._settle(range(self.num_workers))
@@ -745,11 +761,14 @@ class VecEnv(abc.ABC):
             envs = self._envs_of(worker)
             self._send_or_close(worker, Command.RESET, seeds[envs.start:envs.stop])
         self._in_flight = set(range(self.num_workers))
-        self._state = AsyncState.WAITING
+        self._advance(AsyncState.WAITING, "sending reset to its workers")
 
     @_one_caller
     def recv(self) -> Batch:
         """The next ``batch_size`` envs to finish their reset or step (see :class:`Batch`)."""
+        return self._recv()
+
+    def _recv(self) -> Batch:
         self._check_state(AsyncState.WAITING, "recv()")
         need = self._workers_per_batch - len(self._ready)
         if need > 0:
@@ -759,7 +778,7 @@ class VecEnv(abc.ABC):
         taken = sorted(self._ready.popleft() for _ in range(self._workers_per_batch))
         workers = [worker for worker, _ in taken]
         self._batch_workers = workers
-        self._state = AsyncState.HOLDING
+        self._advance(AsyncState.HOLDING, "waiting for its workers")
         rows_per_worker = self.envs_per_worker * self.max_agents
         if workers[-1] - workers[0] == len(workers) - 1:  # contiguous: views, no copy
             rows = slice(workers[0] * rows_per_worker, (workers[-1] + 1) * rows_per_worker)
@@ -779,13 +798,23 @@ class VecEnv(abc.ABC):
 
         For ``atn_size == 1`` a flat ``(batch agents,)`` array is accepted too.
         """
+        self._send(actions)
+
+    def _send(self, actions) -> None:
         self._check_state(AsyncState.HOLDING, "send(actions)")
         self._actions[self._batch_rows] = self._checked_actions(actions)
         for worker in self._batch_workers:
             self._steps[worker] += 1
             self._send_or_close(worker, Command.STEP, None)
         self._in_flight.update(self._batch_workers)
-        self._state = AsyncState.WAITING
+        self._advance(AsyncState.WAITING, "sending step to its workers")
+
+    def _advance(self, state: AsyncState, doing: str) -> None:
+        """Move to ``state`` once a call's work is done, unless close() came meanwhile (from another thread or
+        a signal handler, while the last answers still came in): then the call fails as if it had come first."""
+        if self._closed:
+            raise self._closed_under_us(doing)
+        self._state = state
 
     def _send_or_close(self, worker: int, command: Command, payload: Any) -> None:
         self._sent[worker] = time.monotonic(), command
@@ -855,16 +884,16 @@ class VecEnv(abc.ABC):
         """Reset every env (env ``i`` gets ``seed + i``, or ``seed[i]`` for a list or 1-D integer array).
         Returns ``(obs (num_agents, obs_size), infos)``."""
         self._check_sync("reset()")
-        self.async_reset(seed)
-        batch = self.recv()
+        self._async_reset(seed)
+        batch = self._recv()
         return batch.obs, batch.infos
 
     @_one_caller
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
         """``send(actions)`` then ``recv()``: ``(obs, rewards, terminals, truncations, infos)`` over all slots."""
         self._check_sync("step()")
-        self.send(actions)
-        batch = self.recv()
+        self._send(actions)
+        batch = self._recv()
         return batch.obs, batch.rewards, batch.terminals, batch.truncations, batch.infos
 
     @property
