@@ -41,7 +41,8 @@ class Batch(NamedTuple):
     """What :meth:`VecEnv.recv` returns: the data contract for the envs in ``env_ids``.
 
     With ``n = len(env_ids) * max_agents`` slots. The arrays are the vec env's own buffers (views)
-    when the batch's envs are contiguous, so they are overwritten by the next ``recv``: copy what you keep.
+    when the batch's envs are contiguous, which the workers write the next step into once :meth:`VecEnv.send`
+    steps them: copy what you keep past that.
     """
 
     obs: np.ndarray  # (n, obs_size)
@@ -898,7 +899,9 @@ class VecEnv(abc.ABC):
 
     @property
     def masks(self) -> np.ndarray:
-        """``bool (num_agents,)``: which slots of every env hold a live agent's data after the last recv."""
+        """``bool (num_agents,)``: which slots of every env hold a live agent's data after the last reset/step.
+        With ``batch_size < num_envs`` the rows of envs outside the last batch may be mid-step: read
+        ``batch.masks``."""
         return self._buffers.masks
 
     # -------------------------------------------------------------- any env, local or remote
