@@ -146,12 +146,13 @@ def _api_mismatch(where: str, call: str, result: Any, multiagent: bool) -> EnvEr
 
 
 def _takes_seed(env) -> bool:
-    """Whether ``env.reset`` accepts seed= and options= (True where its signature cannot be read)."""
+    """Whether ``env.reset`` takes seed= alone and with options= (True where its signature cannot be read)."""
     try:
         signature = inspect.signature(env.reset)
     except (AttributeError, TypeError, ValueError):
         return True
     try:
+        signature.bind(seed=0)
         signature.bind(seed=0, options=None)
     except TypeError:
         return False
@@ -291,8 +292,12 @@ class Binding:
             with self.quiet(), contextlib.suppress(Exception):  # the error to tell is the one that came first
                 probe.close()
             raise
-        with self.quiet():
-            probe.close()
+        try:
+            with self.quiet():
+                probe.close()
+        except Exception as error:
+            raise EnvError(f"{self.env_name}: close() of the env built to read its spaces raised "
+                           f"{type(error).__name__}: {error}") from error
 
     # -------------------------------------------------------------- construction
 
@@ -419,7 +424,7 @@ class Binding:
         except TypeError as error:
             # The reset that cannot take them: the one called, or one a wrapper passes them on to.
             inner = next((layer for layer in _layers(env) if not _takes_seed(layer)), None)
-            if "keyword argument" not in str(error) or inner is None:
+            if not ("keyword argument" in str(error) or "required" in str(error)) or inner is None:
                 raise
             if self.is_multiagent:
                 api = "the PettingZoo Parallel API"

@@ -1262,6 +1262,16 @@ def test_a_dict_of_actions_for_flat_actions_says_a_dict_came_and_how_to_pass_raw
         cartpole.step([{0: 1}])
 
 
+def test_an_env_whose_close_raises_is_named_when_the_binding_probes_it():
+    class BadClose(BadObservationEnv):
+        def close(self):
+            raise RuntimeError("the server is gone")
+
+    with pytest.raises(EnvError, match=r"BadClose: close\(\) of the env built to read its spaces raised "
+                                       r"RuntimeError: the server is gone"):
+        shoal.Binding(env_cls=BadClose)
+
+
 def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
     class NoSeed(BadObservationEnv):
         def reset(self):
@@ -1295,6 +1305,14 @@ def test_an_env_whose_reset_takes_no_seed_or_options_gets_a_clear_error():
         shoal.Binding(env_cls=NoSeedParallel).make_env().reset()
     with pytest.raises(TypeError, match=r"helper\(\) got an unexpected keyword argument 'seed'"):
         shoal.Binding(env_cls=OwnTypeError).make_env().reset()
+
+    class NoDefaults(BadObservationEnv):  # shoal calls reset(seed=...) alone, as Gymnasium's own vector envs do
+        def reset(self, seed, options):
+            return np.zeros(3, np.float32), {}
+
+    with pytest.raises(EnvError, match=r"NoDefaults.reset\(seed, options\) cannot take seed= and options= \(.*missing "
+                                       r"1 required positional argument: 'options'\)"):
+        shoal.Binding(env_cls=NoDefaults).make_env().reset()
 
     class SeedOnlyWrapper(gymnasium.Wrapper):  # a wrapper narrower than the env it wraps: it is the one named
         def reset(self, seed=None):
