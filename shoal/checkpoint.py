@@ -26,7 +26,7 @@ from typing import IO, Any, Iterator
 import numpy as np
 import torch
 
-from shoal.errors import APIUsageError, check_int
+from shoal.errors import APIUsageError, TrainingError, check_int
 
 FORMAT = "shoal-checkpoint-1"
 _NAME = re.compile(r"^update_(\d+)\.pt$")
@@ -99,6 +99,9 @@ def save_checkpoint(run_dir: str | os.PathLike, update: int, payload: dict, keep
     keep = check_int("save_checkpoint: keep (0 keeps every checkpoint)", keep, minimum=0)
     if not isinstance(payload, dict):
         raise APIUsageError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
+    if not Path(run_dir).is_dir():  # made by the run: gone means deleted under it, with its progress.csv
+        raise TrainingError(f"run directory {str(run_dir)!r} is gone (deleted while the run went on?): its "
+                            f"checkpoint of update {update} has nowhere to go, and its progress.csv went with it")
     directory = Path(run_dir) / "checkpoints"
     path = save_atomic({"format": FORMAT, **payload}, directory / f"update_{update:06d}.pt")
     if keep > 0:
@@ -167,7 +170,7 @@ def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
     own directory refuses checkpoints beyond the one it resumes from (the two histories would mix, and pruning
     would delete the new ones), except a damaged one: it is renamed ``*.damaged``, with a warning unless
     :func:`load_checkpoint` already skipped it with one, so the run's new checkpoints are the newest. A resumed run
-    removes the temporary files of checkpoint writes the killed run left unfinished.
+    removes the temporary files of checkpoint writes a killed run left unfinished, and so does a new run.
     """
     found = _numbered_checkpoints(run_dir)
     if resumed is None:
@@ -175,6 +178,7 @@ def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
             raise APIUsageError(f"run_dir {str(run_dir)!r} already holds checkpoints of an earlier run (newest "
                                 f"{found[-1][1].name}): resume it (resume_from=..., shoal train --resume "
                                 f"{shlex.quote(str(run_dir))}) or choose a new run_dir")
+        _remove_unfinished(run_dir)
         return
     origin = resumed.get("path")  # absent from a checkpoint dict not made by load_checkpoint
     if origin is None or Path(origin).parent.resolve() != (Path(run_dir) / "checkpoints").resolve():
@@ -198,7 +202,12 @@ def check_run_dir(run_dir: str | os.PathLike, resumed: dict | None) -> None:
         raise APIUsageError(f"run_dir {str(run_dir)!r} holds {path.name}, newer than the checkpoint resumed from "
                             f"(update {resumed['update']}): continue into a new run_dir (--run-dir), or delete the "
                             f"newer checkpoints")
-    for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):  # writes a killed run left unfinished
+    _remove_unfinished(run_dir)
+
+
+def _remove_unfinished(run_dir: str | os.PathLike) -> None:
+    """Remove the temporary files of checkpoint writes a killed run left unfinished."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".update_*.tmp"):
         stale.unlink(missing_ok=True)
 
 
@@ -245,6 +254,8 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
                             f"by shoal train")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
+    except PermissionError:  # not damage: a file this user may not read (never renamed, nor passed over)
+        raise
     except Exception as error:  # a foreign or damaged file: say which, and what it is not
         raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -20,6 +20,7 @@ import errno
 import io
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -127,15 +128,22 @@ class Logger:
     def _start_wandb(self, wandb, project: str, config: dict | None):
         """A W&B run; a run directory keeps its id (``wandb_id``), so a resumed run goes on in the same W&B run."""
         id_file = None if self.run_dir is None else self.run_dir / "wandb_id"
-        run_id = None if id_file is None else id_file.read_text().strip() if id_file.exists() else os.urandom(6).hex()
+        kept = id_file.read_text().strip() if id_file is not None and id_file.exists() else ""  # empty: cut short
+        if kept and not re.fullmatch(r"[A-Za-z0-9_-]+", kept):
+            raise APIUsageError(f"{id_file} holds {kept[:40]!r}, not a W&B run id (letters, digits, _ and -): delete "
+                                f"it, and the run logs to a new W&B run")
+        run_id = None if id_file is None else kept or os.urandom(6).hex()
         try:
             run = wandb.init(project=project, name=self.run_dir.name if self.run_dir else None, id=run_id,
                              dir=str(self.run_dir) if self.run_dir else None, config=config or {}, resume="allow")
         except Exception as error:
             raise APIUsageError(f"W&B did not start: {type(error).__name__}: {str(error).rstrip('.')}. Run `wandb "
                                 f"login`, or set WANDB_MODE=offline to log without an account or a network") from None
-        if id_file is not None and not id_file.exists():  # kept only once W&B started with it
-            id_file.write_text(run_id)
+        if id_file is not None and not kept:  # kept only once W&B started with it
+            from shoal.checkpoint import replaced_atomically
+
+            with replaced_atomically(id_file, "w") as file:
+                file.write(run_id)
         return run
 
     def open(self) -> None:
@@ -178,7 +186,14 @@ class Logger:
             stale.unlink(missing_ok=True)
         from shoal.checkpoint import replaced_atomically  # here: a resumed run has torch loaded already
 
-        kept = [row for _, row in _complete_rows(path) if _step_of(row) <= self.start_step]
+        rows = _complete_rows(path)  # first: the error for a file that is not CSV text
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            header = next(csv.reader([file.readline()]), [])
+        if header and "global_step" not in header:
+            raise APIUsageError(f"{path}: its first line is not the header of a progress.csv (no global_step "
+                                f"column): expected the file of a run of `shoal train`; move it away, and the "
+                                f"resumed run starts a new one")
+        kept = [row for _, row in rows if _step_of(row) <= self.start_step]
         with replaced_atomically(path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
             writer.writeheader()

@@ -49,6 +49,16 @@ def test_csv_tensorboard_and_resume_trimming(tmp_path):
     assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 250]
 
 
+def test_a_resumed_run_refuses_a_progress_csv_without_its_header(tmp_path):
+    with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
+        logger.log(100, {**METRICS, "global_step": 100})
+    lines = (tmp_path / "progress.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "progress.csv").write_text("".join(lines[1:]))  # the header line deleted by hand
+    with pytest.raises(APIUsageError, match=r"progress.csv: its first line is not the header of a progress.csv \(no "
+                                            r"global_step column\)"):
+        Logger(tmp_path, dashboard=False, tensorboard=False, start_step=100).open()
+
+
 def test_plain_lines_off_a_terminal(capsys):
     logger = Logger(None, total_steps=1000, dashboard=True, print_interval=0)
     logger.log(640, METRICS)
@@ -79,6 +89,12 @@ def test_wandb_offline_resume_continues_the_same_run(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "wandb_id").read_text()
     assert len(runs) == 2 and all(run_id in run.name for run in runs)  # one W&B run, logged twice
+    (tmp_path / "wandb_id").write_text("not an id!")
+    with pytest.raises(APIUsageError, match=r"wandb_id holds 'not an id!', not a W&B run id .*: delete it"):
+        train(PPOConfig(**{**config.__dict__, "total_timesteps": 192}), make_binding("cartpole"), resume_from=tmp_path)
+    (tmp_path / "wandb_id").write_text("")  # a run killed while writing it: a new W&B run, and its id kept
+    train(PPOConfig(**{**config.__dict__, "total_timesteps": 192}), make_binding("cartpole"), resume_from=tmp_path)
+    assert (tmp_path / "wandb_id").read_text() not in ("", run_id)
 
 
 

@@ -26,8 +26,8 @@ import torch
 import envs
 from shoal import Binding
 from shoal import ppo, vector
-from shoal.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, lock_run_dir, save_atomic,
-                              save_checkpoint, set_rng_states)
+from shoal.checkpoint import (check_run_dir, latest_checkpoint, list_checkpoints, load_checkpoint, lock_run_dir,
+                              save_atomic, save_checkpoint, set_rng_states)
 from shoal.envs import make_binding, preset
 from shoal.errors import APIUsageError, TrainingError
 from shoal.logging import Logger, read_progress
@@ -454,6 +454,38 @@ def test_save_checkpoint_checks_its_update_and_payload(tmp_path):
         save_checkpoint(tmp_path, -1, {})
     with pytest.raises(APIUsageError, match="payload must be a dict, got list"):
         save_checkpoint(tmp_path, 1, [1])
+
+
+def test_a_run_directory_deleted_under_a_run_is_not_made_again(tmp_path):
+    with pytest.raises(TrainingError, match=r"run directory '.*gone' is gone \(deleted while the run went on\?\)"):
+        save_checkpoint(tmp_path / "gone", 1, {})
+    assert not (tmp_path / "gone").exists()
+
+
+def test_a_checkpoint_this_user_may_not_read_is_neither_passed_over_nor_renamed(tmp_path, monkeypatch):
+    for update in (1, 2):
+        save_checkpoint(tmp_path, update, {"update": update})
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):  # as chmod 000 would, for a user who is not root
+        if str(path).endswith("update_000002.pt"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(PermissionError, match="update_000002.pt"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(PermissionError):
+        check_run_dir(tmp_path, {"path": str(list_checkpoints(tmp_path)[0]), "update": 1})
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["update_000001.pt", "update_000002.pt"]
+
+
+def test_a_new_run_removes_what_a_killed_run_left_half_written(tmp_path):
+    stale = tmp_path / "checkpoints" / ".update_000002.pt.x1y2.tmp"
+    stale.parent.mkdir()
+    stale.write_bytes(b"partial")
+    check_run_dir(tmp_path, None)
+    assert not stale.exists()
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path):
