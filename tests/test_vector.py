@@ -1142,6 +1142,48 @@ def test_a_call_from_a_signal_handler_is_refused_and_the_interrupted_call_goes_o
     vecenv.step(np.zeros((2, 1), np.int64))  # still open
 
 
+def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutdown_is_named(tmp_path):
+    """The envs use copies of the main script's classes, sent with the binding by cloudpickle (Ray's own copy
+    for Ray): their instances in infos and call() results must come back as the script's classes."""
+    script = tmp_path / "notes.py"
+    script.write_text(textwrap.dedent("""
+        import numpy as np, gymnasium, ray, shoal, shoal.vector
+        from shoal.errors import WorkerError
+
+        class Note:
+            def __init__(self, value):
+                self.value = value
+
+        class NoteEnv(gymnasium.Env):
+            observation_space = gymnasium.spaces.Box(0, 1, (2,), np.float32)
+            action_space = gymnasium.spaces.Discrete(2)
+            def reset(self, seed=None, options=None):
+                return np.zeros(2, np.float32), {}
+            def step(self, action):
+                return np.zeros(2, np.float32), 0.0, False, False, {"note": Note(1)}
+            def note(self):
+                return Note(2)
+
+        if __name__ == "__main__":
+            binding = shoal.Binding(env_cls=NoteEnv)
+            for backend, options in (("multiprocessing", {}), ("ray", {}), ("ray", {"shared_memory": False})):
+                with shoal.vector.make(binding, backend, num_workers=1, **options) as vecenv:
+                    vecenv.reset(seed=0)
+                    info = vecenv.step(np.zeros((1, 1), np.int64))[4][0][0]["note"]
+                    print(type(info) is Note, type(vecenv.call("note")[0]) is Note)
+            vecenv = shoal.vector.make(binding, "ray", num_workers=1, shared_memory=False)
+            vecenv.reset(seed=0)
+            ray.shutdown()
+            try:
+                vecenv.step(np.zeros((1, 1), np.int64))
+            except WorkerError as error:
+                print(str(error).split(": ")[1], ray.is_initialized())
+        """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.stdout.splitlines() == ["True True"] * 3 + ["Ray was shut down (ray.shutdown()) while this vec env "
+                                                             "was open, at its step 1 False"], done.stderr
+
+
 @pytest.mark.parametrize("backend", PARALLEL)
 def test_a_close_from_another_thread_while_answers_come_in_fails_the_call(make, backend):
     vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2)

@@ -277,23 +277,25 @@ def send_command(conn, command: Command, payload: Any) -> None:
         conn.send((command, payload))
 
 
-def send_answer(conn, status: Status, payload: Any) -> None:
+def send_answer(conn, status: Status, payload: Any, cloudpickler=None) -> None:
     """Answer the parent on ``conn``; the payload is pickled before any byte is sent, so one that fails to
-    pickle leaves the connection clean."""
-    conn.send_bytes(_STATUS_BYTE[status] + _dumps(payload))
+    pickle leaves the connection clean. ``cloudpickler``: see :func:`_dumps`."""
+    conn.send_bytes(_STATUS_BYTE[status] + _dumps(payload, cloudpickler))
 
 
-def _dumps(payload: Any) -> bytes:
+def _dumps(payload: Any, cloudpickler=None) -> bytes:
     """``payload`` pickled for the parent: plain pickle (ForkingPickler's extra reducers are for connections and
-    sockets, which no answer holds, and cost a few times more per call), else cloudpickle. The envs of a
-    binding sent with cloudpickle use its copies of the classes in the main script, which plain pickle
-    cannot name; cloudpickle sends them back as copies that the parent maps onto its own classes."""
+    sockets, which no answer holds, and cost a few times more per call), else ``cloudpickler`` (the cloudpickle
+    module that sent the binding; default the ``cloudpickle`` package). The envs of a binding sent with
+    cloudpickle use its copies of the classes in the main script, which plain pickle cannot name; the same
+    cloudpickle sends them back as copies that the parent maps onto its own classes."""
     try:
         return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
     except pickle.PicklingError:
-        import cloudpickle  # a dependency of gymnasium
+        if cloudpickler is None:
+            import cloudpickle as cloudpickler  # a dependency of gymnasium
 
-        return cloudpickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+        return cloudpickler.dumps(payload, pickle.HIGHEST_PROTOCOL)
 
 
 def read_answer(conn, envs: int) -> tuple[Status, Any]:
@@ -304,10 +306,11 @@ def read_answer(conn, envs: int) -> tuple[Status, Any]:
     return _BYTE_STATUS[message[0]], pickle.loads(memoryview(message)[1:])
 
 
-def serve(group: EnvGroup, conn) -> None:
+def serve(group: EnvGroup, conn, cloudpickler=None) -> None:
     """Answer commands from ``conn`` (a multiprocessing Connection) until CLOSE, a failure or EOF; then close the envs.
 
-    The loop of every worker that talks over a pipe or socket: Multiprocessing workers and local Ray actors.
+    The loop of every worker that talks over a pipe or socket: Multiprocessing workers and local Ray actors
+    (whose binding came with Ray's copy of cloudpickle: ``cloudpickler``, see :func:`_dumps`).
     """
     status = Status.OK
     try:
@@ -316,7 +319,8 @@ def serve(group: EnvGroup, conn) -> None:
             try:
                 command, payload = (Command.STEP, None) if message == _STEP else ForkingPickler.loads(message)
             except Exception as error:  # arguments that pickled in the parent do not unpickle here: the caller's
-                send_answer(conn, Status.USAGE_ERROR, unpickled_arguments_error(f"{type(error).__name__}: {error}"))
+                send_answer(conn, Status.USAGE_ERROR, unpickled_arguments_error(f"{type(error).__name__}: {error}"),
+                            cloudpickler)
                 continue
             if command is Command.CLOSE:
                 break
@@ -325,13 +329,13 @@ def serve(group: EnvGroup, conn) -> None:
                 conn.send_bytes(_QUIET)
                 continue
             try:
-                send_answer(conn, status, answer)
+                send_answer(conn, status, answer, cloudpickler)
             except (EOFError, OSError):
                 raise
             except BaseException as error:  # the answer does not pickle (pickling fails before any byte is sent);
                 # a SystemExit or KeyboardInterrupt from an info's pickling is env code's, as in handle_in_worker
                 status, answer = _unpicklable(group, command, answer, error)
-                send_answer(conn, status, answer)
+                send_answer(conn, status, answer, cloudpickler)
     except (EOFError, OSError):  # the parent closed our connection or went away
         pass
     finally:

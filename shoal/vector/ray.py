@@ -169,9 +169,11 @@ class RayWorker:
             self.server.start()
 
     def _serve(self, listener: connection.Listener) -> None:
+        from ray import cloudpickle  # the copy of cloudpickle that brought the binding's classes here
+
         with listener:
             conn = listener.accept()
-        serve(self.group, conn)
+        serve(self.group, conn, cloudpickle)
 
     def ready(self) -> tuple[Status, Any]:
         """How building the envs went, and where this actor serves commands (None: by Ray calls only)."""
@@ -360,6 +362,8 @@ class Ray(VecEnv):
             except (OSError, EOFError):  # the actor's end is closed: it died
                 raise self._death_error(worker) from None
             return
+        if not self._ray.is_initialized():  # a Ray call now would start a new local Ray without our actors
+            raise self._death_error(worker)
         if command is Command.STEP and not self._shared[worker]:
             payload = self._actions[self._worker_rows(worker)]
         self._refs[self._actors[worker].run.remote(command, payload)] = (worker, command)
@@ -425,6 +429,10 @@ class Ray(VecEnv):
 
     def _death_error(self, worker: int) -> WorkerError:
         env = self._crashed_env(worker)
+        if not self._ray.is_initialized():
+            return WorkerError(f"{self._describe(worker)}: Ray was shut down (ray.shutdown()) while this vec env "
+                               f"was open, at its step {self._steps[worker]}: its actors are gone; make a new vec "
+                               f"env", env_id=env)
         return WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
                            f"running env {env}: it closed its connection without a Python error (out of memory? "
                            f"killed? a crash in C code?)", env_id=env)
