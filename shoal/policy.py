@@ -603,9 +603,14 @@ class LSTMPolicy(Policy):
     def decode(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.policy.decode(features)
 
-    def forward(self, obs: torch.Tensor, state: State | None = None, starts: torch.Tensor | None = None):
+    def forward(self, obs: torch.Tensor, state: State | None = None, starts: torch.Tensor | None = None,
+                counted: torch.Tensor | None = None):
         """One step, ``obs (B, obs_size)``, or a sequence, ``obs (T, B, obs_size)`` with ``starts (T, B)``.
 
+        ``counted`` (bool, shaped as ``starts``) marks the rows whose outputs are used: only they are
+        encoded (the trainer passes it, so that the wrapped ``encode``, a batch norm's statistics say,
+        never sees a dead slot's row). The others get zero features: their outputs mean nothing, nor do
+        those of the rows after them until the next start.
         Returns (action parameters, values, state); a sequence's outputs are flattened to ``(T * B, ...)``.
         """
         if not (isinstance(obs, torch.Tensor) and 2 <= obs.dim() <= 3 and obs.shape[-1] == self.obs_size):
@@ -624,8 +629,19 @@ class LSTMPolicy(Policy):
                                 f"per observation, got one {_described(starts)}")
         elif starts.dtype != torch.bool:
             starts = starts != 0
+        if counted is not None and not (isinstance(counted, torch.Tensor) and counted.shape == obs.shape[:-1]
+                                        and counted.dtype == torch.bool):
+            raise APIUsageError(f"LSTMPolicy: counted must be a bool torch tensor of shape {tuple(obs.shape[:-1])}, "
+                                f"one per observation, got one {_described(counted)}")
         starts = starts.view(steps, batch, 1)
-        features = self.policy.encode(obs.reshape(steps * batch, -1)).view(steps, batch, -1)
+        obs = obs.reshape(steps * batch, -1)
+        if counted is None:
+            features = self.policy.encode(obs)
+        else:
+            rows = counted.reshape(-1).nonzero().squeeze(1)
+            encoded = self.policy.encode(obs[rows])
+            features = encoded.new_zeros(steps * batch, encoded.shape[-1]).index_copy(0, rows, encoded)
+        features = features.view(steps, batch, -1)
         if state is None:
             state = self.initial_state(batch, obs.device)
         if steps == 1:  # acting: the cell function itself, without nn.LSTM's ~0.2 ms of per-call checks
@@ -817,7 +833,7 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
         # but not fill would have the process killed while its weights are initialized.
         with torch.device("meta"):
             size = sum(parameter.numel() * parameter.element_size() for parameter in build().parameters())
-        available = _available_memory()
+        available = available_memory()
         if available is not None and size > available:
             raise too_big(f"{size / 2**30:,.1f} GiB of parameters, {available / 2**30:,.1f} GiB available")
         return build()
@@ -830,7 +846,7 @@ def default_policy(binding, hidden_size: int | None = None, lstm: bool = False, 
         raise too_big(f"torch: {reason}") from None
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where it is not known."""
     try:
         with open("/proc/meminfo") as meminfo:

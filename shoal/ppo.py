@@ -34,7 +34,7 @@ from shoal.checkpoint import (check_run_dir, list_checkpoints, load_checkpoint, 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
-from shoal.policy import Policy, check_policy, default_policy, other_leaves
+from shoal.policy import LSTMPolicy, Policy, available_memory, check_policy, default_policy, other_leaves
 from shoal.spaces import _short, leaf_difference, leaf_signature
 
 
@@ -383,6 +383,7 @@ def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, ve
                 raise APIUsageError(f"vecenv: its layout ({adopted.num_envs} envs, batches of "
                                     f"{adopted.envs_per_batch or adopted.num_envs}) is not one a PPOConfig can "
                                     f"describe, so a run_dir's run could not be resumed: {error}") from None
+    _check_storage_fits(config, binding, vecenv)
     if resume_from is not None and not isinstance(resume_from, (str, os.PathLike, dict)):
         raise APIUsageError(f"resume_from must be a checkpoint file or run directory path, or a checkpoint dict "
                             f"(load_checkpoint), got {resume_from!r}")
@@ -444,6 +445,26 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         set_rng_states(checkpoint["rng"])
     if config.run_dir is not None:
         check_run_dir(config.run_dir, checkpoint)
+    recent_returns: deque = deque(checkpoint.get("recent_returns", []) if checkpoint else [], maxlen=20)
+
+    space_signature = _space_signature(binding)  # the same for every checkpoint of the run
+
+    def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float, at_returns: list) -> None:
+        if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
+            raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
+                                f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
+        save_checkpoint(config.run_dir, at_update, {
+            "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
+            "policy_given": policy_given, "recent_returns": at_returns,
+            "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
+            "spaces": space_signature, "global_step": at_step, "update": at_update, "rng": rng_states(),
+            "episodes": at_episodes, "wall_time": at_wall_time,
+        }, keep=config.keep_checkpoints)
+
+    # (update, global_step, episode total, wall time, last 20 returns) after the last completed update: what a
+    # checkpoint records
+    completed = update, global_step, earlier_episodes, earlier_wall_time, list(recent_returns)
+
     from shoal.logging import Logger
 
     own_logger = logger is None  # else train() closes it
@@ -463,55 +484,36 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             logger.close()
         raise
 
-    T, N = config.num_steps, vecenv.num_agents
-    max_agents = binding.max_agents
-    obs_space, atn_space = binding.single_observation_space, binding.single_action_space
-    discrete = hasattr(atn_space, "nvec")
-    atn_size = len(atn_space.nvec) if discrete else int(np.prod(atn_space.shape))
-    slot_of_agent = {agent: slot for slot, agent in enumerate(binding.possible_agents)}
-    gamma, gae_lambda = config.gamma, config.gae_lambda
-
-    # Rollout storage, on the host, (T + 1, N): row t of slot n holds obs_t and what came of it. Row T
-    # holds the observation after the rollout: its value bootstraps GAE, and its action is in flight
-    # during the update, so it becomes row 0 of the next rollout. Dead slots store zeros, never garbage.
-    obs = np.zeros((T + 1, N, *obs_space.shape), obs_space.dtype)
-    actions = np.zeros((T + 1, N, atn_size), np.int64 if discrete else np.float32)
-    logprobs, values, rewards = (np.zeros((T + 1, N), np.float32) for _ in range(3))
-    masks, next_masks, terminals, truncations, starts = (np.zeros((T + 1, N), bool) for _ in range(5))
-    length = np.zeros(N, np.int64)  # transitions stored this rollout, per slot
-    in_flight = np.zeros(N, bool)  # an action was sent for the slot's newest obs
-    last_mask = np.zeros(N, bool)  # the mask that came with the slot's newest obs
-    if policy.is_recurrent:
-        state = policy.initial_state(N, device)  # (h, c), each (N, hidden): after each slot's newest obs
-        rollout_state = policy.initial_state(N, device)  # before row 0's obs, per slot
-        next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
-
-    recent_returns: deque = deque(checkpoint.get("recent_returns", []) if checkpoint else [], maxlen=20)
-    result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0, run_dir=config.run_dir,
-                         start_step=global_step)
-    sim_time = inference_time = learn_time = 0.0
-    step_at_start, clock = global_step, time.perf_counter()
-    slot_rows = _SlotRows(max_agents)
-
-    space_signature = _space_signature(binding)  # the same for every checkpoint of the run
-
-    def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float, at_returns: list) -> None:
-        if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
-            raise TrainingError(f"update {at_update} (step {at_step:,}): the policy's parameters are not finite: "
-                                f"{_NOT_FINITE}{_kept_checkpoint(config.run_dir)}")
-        save_checkpoint(config.run_dir, at_update, {
-            "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
-            "policy_given": policy_given, "recent_returns": at_returns,
-            "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
-            "spaces": space_signature, "global_step": at_step, "update": at_update, "rng": rng_states(),
-            "episodes": at_episodes, "wall_time": at_wall_time,
-        }, keep=config.keep_checkpoints)
-
-    # (update, global_step, episode total, wall time, last 20 returns) after the last completed update: what a
-    # checkpoint records
-    completed = update, global_step, earlier_episodes, earlier_wall_time, list(recent_returns)
-    vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
     try:
+        T, N = config.num_steps, vecenv.num_agents
+        max_agents = binding.max_agents
+        obs_space, atn_space = binding.single_observation_space, binding.single_action_space
+        discrete = hasattr(atn_space, "nvec")
+        atn_size = len(atn_space.nvec) if discrete else int(np.prod(atn_space.shape))
+        slot_of_agent = {agent: slot for slot, agent in enumerate(binding.possible_agents)}
+        gamma, gae_lambda = config.gamma, config.gae_lambda
+
+        # Rollout storage, on the host, (T + 1, N): row t of slot n holds obs_t and what came of it. Row T
+        # holds the observation after the rollout: its value bootstraps GAE, and its action is in flight
+        # during the update, so it becomes row 0 of the next rollout. Dead slots store zeros, never garbage.
+        obs = np.zeros((T + 1, N, *obs_space.shape), obs_space.dtype)
+        actions = np.zeros((T + 1, N, atn_size), np.int64 if discrete else np.float32)
+        logprobs, values, rewards = (np.zeros((T + 1, N), np.float32) for _ in range(3))
+        masks, next_masks, terminals, truncations, starts = (np.zeros((T + 1, N), bool) for _ in range(5))
+        length = np.zeros(N, np.int64)  # transitions stored this rollout, per slot
+        in_flight = np.zeros(N, bool)  # an action was sent for the slot's newest obs
+        last_mask = np.zeros(N, bool)  # the mask that came with the slot's newest obs
+        if policy.is_recurrent:
+            state = policy.initial_state(N, device)  # (h, c), each (N, hidden): after each slot's newest obs
+            rollout_state = policy.initial_state(N, device)  # before row 0's obs, per slot
+            next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
+
+        result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0,
+                             run_dir=config.run_dir, start_step=global_step)
+        sim_time = inference_time = learn_time = 0.0
+        step_at_start, clock = global_step, time.perf_counter()
+        slot_rows = _SlotRows(max_agents)
+        vecenv.async_reset(config.seed + update * config.num_envs)  # a resumed run does not replay its first episodes
         while global_step < config.total_timesteps:
             update += 1
             rollout_start_step = global_step
@@ -655,7 +657,11 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                     values=values).items()}
             # num_minibatches of sizes within one of each other; fewer where they would hold under 2 transitions
             # (batch norm fails on one row in train mode); an LSTM's minibatches hold whole slots
-            count = min(config.num_minibatches, len(units) if policy.is_recurrent else max(1, len(units) // 2))
+            if policy.is_recurrent:  # a slot with one transition, alone in a minibatch, would be one row
+                lone = len(units) and valid[:, units].sum(0).min() < 2
+                count = min(config.num_minibatches, max(1, len(units) // 2) if lone else len(units))
+            else:
+                count = min(config.num_minibatches, max(1, len(units) // 2))
             bounds = [len(units) * i // count for i in range(count + 1)] if count else []
             stats = []  # per minibatch: (policy loss, value loss, entropy, ratio, log ratio); no ops, no syncs
             for epoch in range(config.update_epochs):
@@ -668,9 +674,15 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                     if policy.is_recurrent:
                         mb = order[first:stop] if order is not None else slice(None)
                         slots = torch.as_tensor(units, device=device)[mb]
-                        params, new_values, _ = policy(seq["obs"][:, slots], (rollout_state[0][slots],
-                                                       rollout_state[1][slots]), seq["starts"][:, slots])
-                        pick = seq["valid"][:, slots].reshape(-1).nonzero().squeeze(1)  # (T * slots), time-major
+                        sequence_state = rollout_state[0][slots], rollout_state[1][slots]
+                        counted = seq["valid"][:, slots]
+                        if isinstance(policy, LSTMPolicy):  # it encodes the counted rows only
+                            params, new_values, _ = policy(seq["obs"][:, slots], sequence_state,
+                                                           seq["starts"][:, slots], counted)
+                        else:
+                            params, new_values, _ = policy(seq["obs"][:, slots], sequence_state,
+                                                           seq["starts"][:, slots])
+                        pick = counted.reshape(-1).nonzero().squeeze(1)  # (T * slots), time-major
                         params, new_values = params[pick], new_values[pick]
                         b = {k: seq[k][:, slots].reshape(-1, *seq[k].shape[2:])[pick]
                              for k in ("actions", "logprobs", "advantages", "returns", "values")}
@@ -926,6 +938,24 @@ def _describe_space(space) -> str:
     if hasattr(space, "nvec"):
         return f"MultiDiscrete({np.asarray(space.nvec).tolist()})"
     return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
+
+
+def _check_storage_fits(config: PPOConfig, binding, vecenv) -> None:
+    """APIUsageError when the rollout storage, ``(num_steps + 1)`` rows for every agent slot, would not fit in
+    memory: numpy's MemoryError names no setting, and an allocation the OS allows but cannot fill kills the run."""
+    slots = vecenv.num_agents if vecenv is not None else config.num_envs * binding.max_agents
+    obs_space, atn_space = binding.single_observation_space, binding.single_action_space
+    atn_bytes = 8 * len(atn_space.nvec) if hasattr(atn_space, "nvec") else 4 * int(np.prod(atn_space.shape))
+    row_bytes = int(np.prod(obs_space.shape)) * obs_space.dtype.itemsize + atn_bytes + 3 * 4 + 5
+    size = (config.num_steps + 1) * slots * row_bytes
+    available = available_memory()
+    if available is not None and size > available:
+        raise APIUsageError(
+            f"the rollout storage does not fit in memory: {config.num_steps + 1:,} rows (num_steps + 1) x {slots:,} "
+            f"agent slots ({config.num_envs} envs x max_agents {binding.max_agents}) x {row_bytes:,} bytes (the "
+            f"observation, {obs_space.dtype} {obs_space.shape}, and the action) is {size / 2**30:,.1f} GiB, "
+            f"{available / 2**30:,.1f} GiB available: lower num_steps or num_envs, or make observations smaller "
+            f"with a feature_parser")
 
 
 def _space_signature(binding) -> dict[str, Any]:

@@ -341,10 +341,10 @@ def test_a_one_hot_leaf_too_wide_for_memory_is_named_with_the_remedy():
 
 
 def test_a_network_the_os_would_let_us_allocate_but_not_fill_is_refused_before_allocating(monkeypatch):
-    assert policy_module._available_memory() > 0  # Linux: MemAvailable
+    assert policy_module.available_memory() > 0  # Linux: MemAvailable
     # 2 GiB of weights with 1 GiB available: sized on the meta device, never allocated (under overcommit the
     # allocation succeeds, and initializing the weights gets the process killed)
-    monkeypatch.setattr(policy_module, "_available_memory", lambda: 2**30)
+    monkeypatch.setattr(policy_module, "available_memory", lambda: 2**30)
     with pytest.raises(APIUsageError, match=r"hidden_size 16000 does not fit in memory \(1.9 GiB of parameters, "
                                             r"1.0 GiB available\)"):
         default_policy(make_binding("cartpole"), hidden_size=16000)

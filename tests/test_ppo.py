@@ -357,6 +357,50 @@ def test_minibatches_split_evenly_and_never_hold_one_row_where_there_are_more():
         assert sorted(policy.minibatch_rows) == expected
 
 
+class NormedEncoder(Policy):
+    """Batch norm in encode, for a nested env's byte observations; records what the update encodes."""
+
+    def __init__(self, binding):
+        super().__init__(binding, feature_size=16)
+        self.net = torch.nn.Sequential(torch.nn.Linear(self.obs_size, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh())
+        self.encoded: list[torch.Tensor] = []
+
+    def encode(self, obs):
+        if self.training:
+            self.encoded.append(obs.detach().clone())
+        return self.net(obs.float())
+
+
+def test_an_lstm_update_encodes_only_the_rows_that_count():
+    """Agents die and appear within a rollout, so a slot's sequence holds rows of dead agents (zeros): batch norm
+    must not take its statistics from them. A live agent's observation is never all zeros in this env. 64
+    minibatches: as many as slots with data, which would leave a slot with one transition alone in one."""
+    binding = Binding(env_cls=envs.NestedMultiAgentEnv)
+    policy = LSTMPolicy(NormedEncoder(binding))
+    result = train(PPOConfig(num_envs=2, num_steps=16, total_timesteps=300, num_minibatches=64, update_epochs=2,
+                             dashboard=False, tensorboard=False), binding, policy=policy)
+    rows = torch.cat(policy.policy.encoded)
+    assert result.updates >= 2 and len(policy.policy.encoded) >= 4
+    assert (rows != 0).any(1).all()  # no dead agent's row among them
+    assert min(len(batch) for batch in policy.policy.encoded) >= 2
+
+    # Uncounted rows reach no counted output: slot 1 is dead at steps 1 and 2 and back with a start at step 3
+    lstm = LSTMPolicy(MLPPolicy(make_binding("cartpole")))
+    obs, starts = torch.randn(5, 3, 4), torch.zeros(5, 3, dtype=torch.bool)
+    starts[3, 1] = True
+    counted = torch.ones(5, 3, dtype=torch.bool)
+    counted[1:3, 1] = counted[4, 2] = False
+    params, values, _ = lstm(obs, None, starts)
+    garbage = obs.clone()
+    garbage[~counted] = 1e6
+    counted_params, counted_values, _ = lstm(garbage, None, starts, counted)
+    keep = counted.reshape(-1)
+    assert torch.allclose(params[keep], counted_params[keep]) and torch.allclose(values[keep], counted_values[keep])
+    with pytest.raises(APIUsageError, match=r"LSTMPolicy: counted must be a bool torch tensor of shape \(5, 3\), one "
+                                            r"per observation, got one of shape \(5, 3\) and dtype torch.float32"):
+        lstm(obs, None, starts, counted.float())
+
+
 def test_a_policy_with_nothing_to_train_is_refused():
     binding = make_binding("cartpole")
     frozen = BatchNormPolicy(binding).requires_grad_(False)
@@ -942,6 +986,31 @@ def test_a_network_too_big_for_memory_is_one_error(monkeypatch):
     with pytest.raises(APIUsageError, match=r"the MLPPolicy network, 0.0 GiB of parameters, does not fit in the memory "
                                             r"of cpu: choose a smaller network \(hidden_size\) or another device$"):
         train(PPOConfig(**QUICK, device="cpu"), binding)
+
+
+def test_rollout_storage_too_big_for_memory_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "available_memory", lambda: 2**20)
+    with pytest.raises(APIUsageError, match=r"^the rollout storage does not fit in memory: 8,193 rows \(num_steps \+ 1\) "
+                                            r"x 16 agent slots \(16 envs x max_agents 1\) x 41 bytes \(the observation, "
+                                            r"float32 \(4,\), and the action\) is 0.0 GiB, 0.0 GiB available: lower "
+                                            r"num_steps or num_envs, or make observations smaller with a feature_parser$"):
+        train(PPOConfig(num_envs=16, num_steps=8192, dashboard=False, run_dir=str(tmp_path / "run")),
+              make_binding("cartpole"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_before_the_first_rollout_closes_the_runs_vec_env(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(ppo, "make_vecenv", lambda config, binding, make=ppo.make_vecenv: made.append(
+        make(config, binding)) or made[-1])
+
+    def out_of_memory(max_agents):
+        raise MemoryError("Unable to allocate")
+
+    monkeypatch.setattr(ppo, "_SlotRows", out_of_memory)
+    with pytest.raises(MemoryError):
+        train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    assert len(made) == 1 and "CLOSED" in repr(made[0])
 
 
 @pytest.mark.parametrize("option", ["emulate_flat_obs", "emulate_const_num_agents"])

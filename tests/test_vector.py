@@ -253,6 +253,17 @@ def test_call_get_attr_set_attr(make, backend):
     assert vecenv.get_attr("crash_step") == [10**9, 99, 10**9, 10**9]
     vecenv.set_attr("note", "hello", env_ids=[2])
     assert vecenv.get_attr("note", env_ids=[2]) == ["hello"]
+    # The emulated env's own names are not for replacing: its buffers are the vec env's (PettingZoo's AEC envs
+    # have a rewards dict of their own: setting it must not swap the emulated env's reward buffer out)
+    with pytest.raises(APIUsageError, match=r"^set_attr\(\): env 0 \(ProbeEnv\): set_attr\('rewards'\) would "
+                                            r"replace the emulated env's own 'rewards' \(shoal.EmulatedEnv's\), which "
+                                            r"the vec env relies on: refused$"):
+        vecenv.set_attr("rewards", np.zeros(1, np.float32))
+    with pytest.raises(APIUsageError, match=r"set_attr\('render'\) would replace .*: refused; the env it wraps has a "
+                                            r"'render' too, which set_attr cannot reach under that name: set it from a "
+                                            r"method of your env, with call\(\)$"):
+        vecenv.set_attr("render", None, env_ids=[3])
+    assert vecenv.step(np.ones((4, 1), np.int64))[1].tolist() == [1.0] * 4
     with pytest.raises(APIUsageError, match="env 0 \\(ProbeEnv\\) has no attribute 'nope': looked up on the "
                                             "emulated env, the env it wraps"):
         vecenv.call("nope")

@@ -207,6 +207,13 @@ class EnvGroup:
             return value(*args, **kwargs)
         if command is Command.GET_ATTR:
             return value
+        if owner is env:  # its buffers, bookkeeping and methods: replaced, the env would write where no one reads
+            shadowed = [layer for layer in _owners(env)[1:] if hasattr(layer, name)]
+            hint = (f"; the env it wraps has a {name!r} too, which set_attr cannot reach under that name: set it "
+                    f"from a method of your env, with call()" if shadowed else "")
+            raise _UsageError(f"env {self.current} ({self.binding.env_name}): set_attr({name!r}) would replace the "
+                              f"emulated env's own {name!r} (shoal.EmulatedEnv's), which the vec env relies on: "
+                              f"refused{hint}")
         setattr(owner, name, rest[0])
         return None
 
