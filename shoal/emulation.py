@@ -130,9 +130,14 @@ def _name_of(env) -> str | None:
     return metadata.get("name") if isinstance(metadata, dict) else None
 
 
+_OLD_GYM = "shimmy's GymV21CompatibilityV0 / GymV26CompatibilityV0"
+
+
 def _api_mismatch(where: str, call: str, result: Any, multiagent: bool) -> EnvError:
     """The error for an env whose reset/step returned something else than its API's tuple (``where``: env, step)."""
-    size = f"{len(result)}-tuple" if isinstance(result, tuple) else type(result).__name__
+    size = f"a {len(result)}-tuple" if isinstance(result, tuple) else f"a {type(result).__name__}"
+    if call == "reset" and not multiagent and isinstance(result, tuple) and len(result) == 2:
+        size = f"({type(result[0]).__name__}, {type(result[1]).__name__}), whose info is no dict"
     if call == "reset":
         expected = "(observations, infos), two dicts keyed by agent" if multiagent else "(observation, info)"
     elif multiagent:
@@ -141,8 +146,8 @@ def _api_mismatch(where: str, call: str, result: Any, multiagent: bool) -> EnvEr
         expected = "(observation, reward, terminated, truncated, info)"
     api = "PettingZoo Parallel API" if multiagent else "Gymnasium API"
     old_gym = "" if multiagent else (": an old Gym env (step returns 4 values, reset only the observation) "
-                                     "works through shimmy's GymV21CompatibilityV0 / GymV26CompatibilityV0")
-    return EnvError(f"{where}: {call}() returned a {size}: expected {expected}, the {api}{old_gym}")
+                                     f"works through {_OLD_GYM}")
+    return EnvError(f"{where}: {call}() returned {size}: expected {expected}, the {api}{old_gym}")
 
 
 def _takes_seed(env) -> bool:
@@ -332,9 +337,11 @@ class Binding:
         if isinstance(env, ParallelEnv) or all(
                 hasattr(env, name) for name in ("possible_agents", "observation_space", "action_space", "step")):
             return env, True
+        old_gym = any(kind.__module__.partition(".")[0] == "gym" for kind in type(env).__mro__)
         raise APIUsageError(
             f"{self.env_name}: the creator returned {type(env).__module__}.{type(env).__name__}: "
             f"expected a gymnasium.Env or a PettingZoo ParallelEnv/AECEnv"
+            + (f": an env of the old gym package works wrapped in {_OLD_GYM} (pip install shimmy)" if old_gym else "")
         )
 
     def _read_spaces(self, env, feature_space: spaces.Space | None) -> None:
@@ -442,6 +449,8 @@ class Binding:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise _api_mismatch(self.env_name, "reset", result, self.is_multiagent)
         obs, infos = result
+        if not self.is_multiagent and not (infos is None or isinstance(infos, dict)):  # an old Gym env's (a, b)
+            raise _api_mismatch(self.env_name, "reset", result, False)
         if self.is_multiagent:
             for what, value in (("observations", obs), ("infos", infos)):
                 if not isinstance(value, dict) and not (what == "infos" and value is None):

@@ -481,6 +481,27 @@ def test_env_with_the_old_gym_api_gets_a_clear_error():
     with pytest.raises(EnvError, match=r"OldReset: reset\(\) returned a ndarray: expected \(observation, info\)"):
         shoal.Binding(env_cls=OldReset).make_env().reset()
 
+    class OldPairReset(gymnasium.Env):  # its observation is a pair: only the info tells it from the new API's
+        observation_space = spaces.Tuple((spaces.Discrete(4), spaces.Discrete(3)))
+        action_space = spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return 1, 2
+
+    with pytest.raises(EnvError, match=r"^OldPairReset: reset\(\) returned \(int, int\), whose info is no dict: expected "
+                                       r"\(observation, info\), the Gymnasium API: an old Gym env \(step returns 4 "
+                                       r"values, reset only the observation\) works through shimmy's"):
+        shoal.Binding(env_cls=OldPairReset).make_env().reset()
+
+    class GymPackageEnv:  # what the old gym package's envs are, to shoal: no gymnasium.Env
+        __module__ = "gym.envs.classic_control.cartpole"
+
+    with pytest.raises(APIUsageError, match=r"the creator returned gym.envs.classic_control.cartpole.GymPackageEnv: "
+                                            r"expected a gymnasium.Env or a PettingZoo ParallelEnv/AECEnv: an env of "
+                                            r"the old gym package works wrapped in shimmy's GymV21CompatibilityV0 / "
+                                            r"GymV26CompatibilityV0 \(pip install shimmy\)$"):
+        shoal.Binding(env_cls=GymPackageEnv)
+
 
 def test_multiagent_env_returning_too_few_values_gets_a_clear_error():
     class FourDicts(NestedMultiAgentEnv):

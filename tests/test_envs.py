@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import re
 import subprocess
@@ -160,6 +161,41 @@ def test_the_old_ale_ids_build_through_gym_in_any_process():
             "        print(v.reset(seed=0)[0].shape)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["(1,", "100800)"], done.stderr
+
+
+def test_a_gymnasium_id_that_a_module_registers_builds_in_any_process(tmp_path):
+    """gym:<module>:<id> imports the module first, as gymnasium.make does: the only way to name an env of your own
+    package on the command line, and workers import it too."""
+    (tmp_path / "my_shoal_envs.py").write_text(
+        "import gymnasium\n"
+        "gymnasium.register('ModuleCart-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv')\n")
+    code = ("import shoal.vector; from shoal.envs import make_binding\n"
+            "if __name__ == '__main__':\n"
+            "    binding = make_binding('gym:my_shoal_envs:ModuleCart-v0')\n"
+            "    with shoal.vector.make(binding, 'multiprocessing', num_workers=1) as v:\n"
+            "        print(binding.env_name, v.reset(seed=0)[0].shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.split() == ["my_shoal_envs:ModuleCart-v0", "(1,", "4)"], done.stderr
+    with pytest.raises(APIUsageError, match=r"^Gymnasium env 'no_such_shoal_module:Cart-v0': cannot import module "
+                                            r"'no_such_shoal_module', which should register 'Cart-v0': No module named"):
+        make_binding("gym:no_such_shoal_module:Cart-v0")
+    with pytest.raises(APIUsageError, match=r"^unknown Gymnasium env id 'json:Cart-v0' \(module 'json' does not "
+                                            r"register it\): expected a registered id such as CartPole-v1 or "
+                                            r"Acrobot-v1, or module:id for an env that a module of yours registers"):
+        make_binding("gym:json:Cart-v0")
+
+
+def test_an_env_keyword_the_env_does_not_take_is_named():
+    with pytest.raises(APIUsageError, match=r"^Gymnasium env 'CartPole-v1' takes no keyword argument 'nonsense': "
+                                            r"CartPoleEnv.__init__\(\) got an unexpected keyword argument 'nonsense'"):
+        make_binding("gym:CartPole-v1", nonsense=1)
+    # the keywords of make_binding's own name, and of gym's and pettingzoo's, are the env's (positional-only there)
+    with pytest.raises(APIUsageError, match=r"'CartPole-v1' takes no keyword argument 'name'"):
+        make_binding("gym:CartPole-v1", name="x")
+    with pytest.raises(APIUsageError, match=r"^PettingZoo env 'butterfly/knights_archers_zombies-v11' takes no keyword "
+                                            r"argument 'env_id': .*unexpected keyword argument 'env_id'$"):
+        make_binding("pettingzoo:butterfly/knights_archers_zombies-v11", env_id=1)
 
 
 def test_an_unknown_atari_setting_is_named_with_those_there_are():

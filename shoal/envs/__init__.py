@@ -46,7 +46,7 @@ def _require_name(kind: str, value: Any) -> None:
         raise APIUsageError(f"{kind} needs a non-empty string, got {value!r}")
 
 
-def atari_game(game: str, **env_kwargs: Any) -> Binding:
+def atari_game(game: str, /, **env_kwargs: Any) -> Binding:
     """An ALE game with the standard preprocessing (see :mod:`shoal.envs.atari`)."""
     _require_name("atari_game(game)", game)
     from shoal.envs.atari import atari_games, make_atari_env
@@ -85,22 +85,43 @@ def _register_namespace(env_id: str) -> None:
 
 def _make_gym(env_id: str, **env_kwargs: Any):
     """``gymnasium.make`` after :func:`_register_namespace`, in the process that builds the env: worker
-    processes and Ray actors start without the parent's registrations."""
-    _register_namespace(env_id)
+    processes and Ray actors start without the parent's registrations (``gymnasium.make`` imports the module of a
+    ``module:id``)."""
+    _register_namespace(env_id.rpartition(":")[2])
     return gymnasium.make(env_id, **env_kwargs)
 
 
-def gym(env_id: str, **env_kwargs: Any) -> Binding:
-    """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first)."""
+def _unexpected_keyword(error: TypeError, env_kwargs: dict) -> str | None:
+    """The one of ``env_kwargs`` that ``error``, raised building an env, says it does not take (else None)."""
+    return next((name for name in env_kwargs if f"unexpected keyword argument {name!r}" in str(error)), None)
+
+
+def gym(env_id: str, /, **env_kwargs: Any) -> Binding:
+    """Any registered Gymnasium env id (``ALE/...`` ids get ale-py registered first); ``module:id`` imports the
+    module first, in every process, as ``gymnasium.make`` does (your package that registers its envs)."""
     _require_name("gym(env_id)", env_id)
-    _register_namespace(env_id)
-    if env_id not in gymnasium.registry:
-        close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=3)
+    module, _, registered = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise APIUsageError(f"Gymnasium env {env_id!r}: cannot import module {module!r}, which should register "
+                                f"{registered!r}: {_missing(error)}") from None
+    _register_namespace(registered)
+    if registered not in gymnasium.registry:
+        close = difflib.get_close_matches(registered, list(gymnasium.registry), n=3)
         hint = f": did you mean {', '.join(close)}?" if close else ""
-        raise APIUsageError(f"unknown Gymnasium env id {env_id!r}: expected a registered id such as "
-                            f"CartPole-v1 or Acrobot-v1{hint}")
+        registers = f" (module {module!r} does not register it)" if module else ""
+        raise APIUsageError(f"unknown Gymnasium env id {env_id!r}{registers}: expected a registered id such as "
+                            f"CartPole-v1 or Acrobot-v1, or module:id for an env that a module of yours registers "
+                            f"when imported{hint}")
     try:
         return Binding(env_creator=_make_gym, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
+    except TypeError as error:
+        name = _unexpected_keyword(error, env_kwargs)
+        if name is None:
+            raise
+        raise APIUsageError(f"Gymnasium env {env_id!r} takes no keyword argument {name!r}: {error}") from None
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
         if _missing_module(error) is None and not isinstance(error, gymnasium.error.DependencyNotInstalled):
             # An ImportError that names no module: the id is a stub that never builds (MuJoCo v2/v3 ids)
@@ -113,7 +134,7 @@ def gym(env_id: str, **env_kwargs: Any) -> Binding:
         raise APIUsageError(f"Gymnasium env {env_id!r} needs a package that is not installed: {text}{hint}") from None
 
 
-def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
+def pettingzoo(env_id: str, /, **env_kwargs: Any) -> Binding:
     """A PettingZoo env by its registry id, ``<family>/<name>-v<N>`` such as ``butterfly/pistonball-v6``.
 
     PettingZoo's module spelling (``butterfly.pistonball_v6``) works too, and an id without its version
@@ -151,6 +172,11 @@ def pettingzoo(env_id: str, **env_kwargs: Any) -> Binding:
         if isinstance(spec.entry_point, str):  # a missing extra shows here, not deep inside Binding's probe
             importlib.import_module(spec.entry_point.partition(":")[0])
         return Binding(env_creator=pz.make, env_args=(kind, spec.id), env_kwargs=env_kwargs, env_name=spec.id)
+    except TypeError as error:
+        name = _unexpected_keyword(error, env_kwargs)
+        if name is None:
+            raise
+        raise APIUsageError(f"PettingZoo env {spec.id!r} takes no keyword argument {name!r}: {error}") from None
     except ImportError as error:  # importing the env's module, or building it (Hanabi imports open_spiel then)
         raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {_missing(error)} (its family needs an "
                             f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
@@ -189,7 +215,7 @@ def _unknown(name: str) -> APIUsageError:
                          f"(e.g. cartpole, {', '.join(EXAMPLES.values())})")
 
 
-def make_binding(name: str, **env_kwargs: Any) -> Binding:
+def make_binding(name: str, /, **env_kwargs: Any) -> Binding:
     """The :class:`~shoal.Binding` for a built-in env name; ``env_kwargs`` go to the env's constructor."""
     prefix, argument = _split(name)
     if argument is None and prefix in NAMED:
