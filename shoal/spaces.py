@@ -275,8 +275,22 @@ def _path_str(path: tuple) -> str:
 
 
 def _short(value: Any) -> str:
+    """``repr(value)``, shortened for a message: a long list or tuple keeps whole items, its last and its length."""
     text = repr(value)
-    return text if len(text) < 120 else text[:117] + "..."
+    if len(text) < 120:
+        return text
+    if isinstance(value, (list, tuple)) and len(value) > 2:
+        head, width = [], 0
+        for item in value[:-1]:
+            width += len(piece := repr(item)) + 2
+            if width > 80:
+                break
+            head.append(piece)
+        last = repr(value[-1])
+        if head and len(last) <= 30:
+            opening, closing = "[]" if isinstance(value, list) else "()"
+            return f"{opening}{', '.join(head)}, ..., {last}{closing} ({len(value)} items)"
+    return text[:117] + "..."
 
 
 def _same_kind(source: np.dtype, dtype: np.dtype) -> bool:

@@ -683,6 +683,17 @@ def test_env_returning_unknown_agent():
         env.step(flat_actions(binding))
 
 
+def test_a_long_list_of_agents_in_a_message_keeps_whole_ids_the_last_one_and_the_count():
+    class Stranger(NestedMultiAgentEnv):
+        def reset(self, seed=None, options=None):
+            obs, infos = super().reset(seed, options)
+            return {**obs, "stranger": obs["agent_0"]}, infos
+
+    with pytest.raises(EnvError, match=r"returned agent 'stranger', which is not in possible_agents \['agent_0', "
+                                       r"'agent_1', .*'agent_\d+', \.\.\., '[a-z_\d]+'\] \(41 items\)$"):
+        shoal.Binding(env_cls=Stranger, env_kwargs={"num_agents": 40}).make_env().reset(seed=0)
+
+
 # ---------------------------------------------------------------- scripted multi-agent edge cases
 
 
