@@ -72,7 +72,7 @@ class PlotArgs:
     """Draw learning curves (one line per run) into a PNG."""
 
     run_dirs: tyro.conf.Positional[tuple[str, ...]]
-    """run directories written by `shoal train`"""
+    """run directories written by `shoal train` (or their progress.csv files)"""
     out: str = "learning_curves.png"
     """the PNG to write"""
     metric: str = "episode/return_mean20"
@@ -166,16 +166,18 @@ def _train(argv: list[str]) -> int:
         config.run_dir = _make_default_run_dir(config.env, config.seed)
     try:
         result = train(config, binding, resume_from=checkpoint)  # the checkpoint as loaded: damage is told once
-    except KeyboardInterrupt:  # train wrote a final checkpoint: say where, and how to go on
+    except (KeyboardInterrupt, BrokenPipeError) as error:  # train wrote a final checkpoint: say where, how to go on
+        why, status = ("interrupted", 130) if isinstance(error, KeyboardInterrupt) else (
+            "error: stdout was closed (broken pipe): the run stopped", 2)
         saved = list_checkpoints(config.run_dir)
         if not saved:
-            print(f"shoal train: interrupted before a checkpoint was written ({config.run_dir})", file=sys.stderr)
-            return 130
+            _to_stderr(f"shoal train: {why} before a checkpoint was written ({config.run_dir})")
+            return status
         last = load_checkpoint(saved[-1])
-        print(f"shoal train: interrupted; checkpoint at step {last['global_step']:,} of {config.total_timesteps:,} "
-              f"(update {last['update']}): {saved[-1]}\n"
-              f"resume with: shoal train --resume {shlex.quote(config.run_dir)}", file=sys.stderr)
-        return 130
+        _to_stderr(f"shoal train: {why}; checkpoint at step {last['global_step']:,} of {config.total_timesteps:,} "
+                   f"(update {last['update']}): {saved[-1]}\n"
+                   f"resume with: shoal train --resume {shlex.quote(config.run_dir)}")
+        return status
     except BaseException:
         if made_run_dir:
             with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
@@ -192,8 +194,8 @@ def _train(argv: list[str]) -> int:
              else "no episode ended in this run")
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
     quoted = shlex.quote(config.run_dir)  # commands to copy: a path with spaces stays one argument
-    print(f"run directory: {config.run_dir}   (shoal eval {quoted} · shoal plot {quoted} · "
-          f"tensorboard --logdir {shlex.quote(str(Path(config.run_dir).parent))})")
+    tensorboard = f" · tensorboard --logdir {shlex.quote(str(Path(config.run_dir).parent))}" if config.tensorboard else ""
+    print(f"run directory: {config.run_dir}   (shoal eval {quoted} · shoal plot {quoted}{tensorboard})")
     return 0
 
 
@@ -243,6 +245,12 @@ def _plot(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
 
 
+def _to_stderr(text: str) -> None:
+    """Print ``text`` to stderr, which may be closed too (``shoal train 2>&1 | head``)."""
+    with contextlib.suppress(OSError):
+        print(text, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` command; returns the exit status (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -254,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[command](rest)
     except ShoalError as error:  # every error a user can cause: one message, no traceback
         print(f"shoal {command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout ended (shoal eval | head -1): nothing more goes there
+        from shoal.logging import stdout_to_devnull
+
+        stdout_to_devnull()
+        _to_stderr(f"shoal {command}: error: stdout was closed (broken pipe)")
         return 2
     except OSError as error:  # a path that cannot be written or read (a file where a directory goes, no permission)
         print(f"shoal {command}: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)

@@ -15,15 +15,19 @@ One :class:`Logger` fans each dict out to every sink that is switched on:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from rich.console import Console, Group
 
 from shoal.errors import APIUsageError, check_int, is_int, is_number
 from shoal.spaces import _short
@@ -80,6 +84,37 @@ def _step_of(row: dict) -> float:
         return math.inf
 
 
+def stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null once its reader is gone: nothing more can go there, and
+    Python's flush at exit must not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor behind sys.stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+class _Console(Console):
+    """rich's Console, but a reader of stdout that went away (``shoal train | head``, a dead log shipper) is a
+    BrokenPipeError, which stops a run as Ctrl-C does (with a checkpoint), not rich's silent exit."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        stdout_to_devnull()
+        raise BrokenPipeError(errno.EPIPE, "stdout was closed: the program reading shoal's output ended")
+
+
+def _redraws(console: Console) -> bool:
+    """Whether the live dashboard may redraw: where rich says so (not with TERM=dumb or TTY_INTERACTIVE=0) and
+    stdout is a terminal. FORCE_COLOR makes rich take a pipe for one: a CI log would get 4 redraws a second."""
+    if os.environ.get("TTY_INTERACTIVE") == "1":
+        return True
+    try:
+        terminal = console.file.isatty()
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        terminal = False
+    return console.is_interactive and terminal
+
+
 class Logger:
     """Sends each update's metrics to the console, CSV, TensorBoard and W&B.
 
@@ -117,10 +152,8 @@ class Logger:
         self._tensorboard = tensorboard
         self._wandb_settings = (_wandb_module(), wandb_project, config) if wandb else None  # a missing one now
         if dashboard:
-            from rich.console import Console
-
-            self._console = Console()
-            if self._console.is_terminal and not self._console.is_dumb_terminal:  # TERM=dumb: no redraws
+            self._console = _Console()
+            if _redraws(self._console):
                 self._start_dashboard()
 
     # ---------------------------------------------------------------- sinks
@@ -216,7 +249,6 @@ class Logger:
         self._live.start()
 
     def _render(self):
-        from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table
 
@@ -366,7 +398,9 @@ def _complete_rows(path: Path) -> list[tuple[int, dict]]:
 
 def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
               metric: str = "episode/return_mean20") -> Path:
-    """Draw ``metric`` against ``global_step`` for each run (one line each) into the PNG ``out``."""
+    """Draw ``metric`` against ``global_step`` for each run (one line each) into the PNG ``out``.
+
+    A run is its directory, or its ``progress.csv``; one given twice is drawn once."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +408,11 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
 
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise APIUsageError(f"plot_runs needs a list of run directories, got {run_dirs!r}")
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    unique: dict[Path, Path] = {}
+    for given in map(Path, run_dirs):
+        run_dir = given.parent if given.name == "progress.csv" and given.is_file() else given
+        unique.setdefault(run_dir.resolve(), run_dir)
+    run_dirs = list(unique.values())
     names = [run_dir.resolve().name for run_dir in run_dirs]
     if len(set(names)) < len(names):  # runs/a/seed1 and runs/b/seed1: the paths tell them apart
         names = [str(run_dir) for run_dir in run_dirs]

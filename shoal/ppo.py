@@ -331,8 +331,8 @@ def train(config: PPOConfig, binding, policy: Policy | None = None, logger=None,
 
     With a ``run_dir``, the run holds that directory's lock until it returns (another run into it is an
     APIUsageError), and the directory must hold no checkpoints unless they are the resumed run's own past. On
-    Ctrl-C (``KeyboardInterrupt``) a final checkpoint is written there before the exception goes on, so
-    ``resume_from=run_dir`` continues the run.
+    Ctrl-C (``KeyboardInterrupt``), or a ``BrokenPipeError`` (the logger's stdout closed), a final checkpoint is
+    written there before the exception goes on, so ``resume_from=run_dir`` continues the run.
 
     >>> from shoal.envs import make_binding
     >>> result = train(PPOConfig(total_timesteps=2048, dashboard=False), make_binding("cartpole"))  # doctest: +SKIP
@@ -782,8 +782,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                 logger.message(f"solved: mean return of the last 20 episodes {np.mean(recent_returns):.1f} "
                                f">= {config.stop_at_return} at step {global_step:,}")
                 break
-    except KeyboardInterrupt:
-        # Ctrl-C: keep what was learned. The model and optimizer as they are, under the step count and
+    except (KeyboardInterrupt, BrokenPipeError):
+        # Ctrl-C, or the reader of stdout gone (shoal train | head): keep what was learned. The model and optimizer as they are, under the step count and
         # update number of the last completed update, so that a resumed run's schedule goes on from
         # there; the interrupted rollout is dropped (the envs restart on resume anyway).
         if config.run_dir is not None:

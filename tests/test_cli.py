@@ -42,6 +42,7 @@ def test_train_eval_plot_and_resume(tmp_path, capsys):
     code, out, _ = run(capsys, "train", *FAST, "--total-timesteps", "256", "--run-dir", run_dir,
                        "--checkpoint-interval", "4")
     assert code == 0 and "trained 256 steps" in out and f"run directory: {run_dir}" in out
+    assert "tensorboard --logdir" not in out  # --no-tensorboard: no event files to show
     assert [p.name for p in list_checkpoints(run_dir)] == ["update_000004.pt", "update_000008.pt"]
     assert (Path(run_dir) / "config.json").exists()
 
@@ -296,6 +297,29 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", str(more))
     assert code == 0 and f"trained 64 steps (from step {checkpoint['global_step']:,} to {more:,})" in out
     assert f"shoal eval '{run_dir}'" in out
+
+
+def test_a_reader_of_stdout_that_goes_away_stops_the_run_with_a_checkpoint_and_one_message(tmp_path):
+    """shoal train | head -1, or a log shipper that dies: the run stops as on Ctrl-C, not in silence."""
+    run_dir = tmp_path / "run"
+    shoal = Path(sys.executable).parent / "shoal"
+    with subprocess.Popen([str(shoal), "train", "--num-envs", "2", "--num-steps", "16", "--no-tensorboard",
+                           "--total-timesteps", "100000000", "--checkpoint-interval", "0", "--run-dir", str(run_dir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "FORCE_COLOR": "1"}) as training:  # plain lines all the same
+        assert training.stdout.readline().startswith("step ")
+        training.stdout.close()  # the reader is gone: the next line breaks the pipe
+        err = training.stderr.read()
+        assert training.wait(timeout=120) == 2 and "Traceback" not in err
+    [path] = list_checkpoints(run_dir)  # the one the broken pipe wrote
+    assert err.startswith("shoal train: error: stdout was closed (broken pipe): the run stopped; checkpoint at step ")
+    assert str(path) in err and f"resume with: shoal train --resume {run_dir}" in err
+
+    with subprocess.Popen([str(shoal), "eval", str(run_dir), "--episodes", "2"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as evaluating:
+        evaluating.stdout.close()
+        err = evaluating.stderr.read()
+        assert evaluating.wait(timeout=120) == 2 and err == "shoal eval: error: stdout was closed (broken pipe)\n"
 
 
 def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):

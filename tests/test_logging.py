@@ -34,6 +34,20 @@ def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split(widt
         assert expected in text, expected
 
 
+def test_the_dashboard_redraws_on_a_terminal_only(monkeypatch):
+    """FORCE_COLOR makes rich take any stdout for a terminal: off one (pytest's capture here, a CI log) the
+    Logger prints plain lines all the same, and TTY_INTERACTIVE decides where it is set."""
+    for environ, live in (({}, False), ({"FORCE_COLOR": "1"}, False), ({"FORCE_COLOR": "0"}, False),
+                          ({"FORCE_COLOR": "1", "TTY_INTERACTIVE": "0"}, False), ({"TTY_INTERACTIVE": "1"}, True)):
+        for name in ("FORCE_COLOR", "TTY_INTERACTIVE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        logger = Logger(None, total_steps=1000, dashboard=True, print_interval=0)
+        assert (logger._live is not None) == live, environ
+        logger.close()
+
+
 def test_csv_tensorboard_and_resume_trimming(tmp_path):
     with Logger(tmp_path, dashboard=False) as logger:
         for step in (100, 200, 300):
@@ -186,6 +200,13 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
         plot_runs([tmp_path / "stopped"], tmp_path / "parent.png")
     assert labels == [f"{tmp_path / 'stopped' / 'seed1'} (no episode/return_mean20 yet)",
                       str(tmp_path / "early" / "seed1")]  # two seed1 runs: named by their paths
+    labels.clear()
+    with pytest.MonkeyPatch.context() as patch:  # a run given twice, or by its progress.csv: one line
+        patch.setattr(matplotlib.axes.Axes, "legend", lambda axis, **kw: labels.extend(
+            line.get_label() for line in axis.get_lines()) or original(axis, **kw))
+        plot_runs([tmp_path / "early", tmp_path / "early" / "progress.csv", f"{tmp_path / 'early'}/"],
+                  tmp_path / "once.png", metric="loss/value")
+    assert labels == ["early"]
 
 
 def test_plot_runs_needs_a_list_of_runs(tmp_path):
