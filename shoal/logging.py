@@ -84,6 +84,13 @@ def _step_of(row: dict) -> float:
         return math.inf
 
 
+def _naming(error: OSError, path: str) -> OSError:
+    """``error`` with the path of the file it concerns, where it names none."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
+
+
 def stdout_to_devnull() -> None:
     """Point stdout's file descriptor at /dev/null once its reader is gone: nothing more can go there, and
     Python's flush at exit must not fail again."""
@@ -206,6 +213,12 @@ class Logger:
 
     def _open_csv(self) -> None:
         path = self.run_dir / "progress.csv"
+        try:
+            self._open_csv_at(path)
+        except OSError as error:  # a full disk says nothing of where
+            raise _naming(error, path) from None
+
+    def _open_csv_at(self, path: Path) -> None:
         if not (path.exists() and self.start_step):  # a new run
             self._csv_file = open(path, "w", newline="")
             self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -295,9 +308,12 @@ class Logger:
         self.latest = {**numbers, "global_step": int(step)}
         self.open()
         if self._csv is not None:
-            self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                                for k, v in self.latest.items()})
-            self._csv_file.flush()
+            try:
+                self._csv.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                                    for k, v in self.latest.items()})
+                self._csv_file.flush()
+            except OSError as error:  # a full disk says nothing of where
+                raise _naming(error, self._csv_file.name) from None
         if self._tb is not None:
             for key, value in numbers.items():
                 if not (isinstance(value, float) and math.isnan(value)):
@@ -337,20 +353,27 @@ class Logger:
         if self._closed:
             return
         self._closed, self._to_open = True, False
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-        elif self._console is not None and self.latest and self.summary_line() != self._printed:  # not twice
-            self._print_summary()
-        if self._csv_file is not None:
-            self._csv_file.close()
-            self._csv_file = self._csv = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        # Every sink is closed, also after one fails (a full disk, a closed stdout).
+        with contextlib.ExitStack() as sinks:
+            if self._wandb is not None:
+                sinks.callback(self._wandb.finish)
+            if self._tb is not None:
+                sinks.callback(self._tb.close)
+            if self._csv_file is not None:
+                sinks.callback(self._close_csv, self._csv_file)
+            self._wandb = self._tb = self._csv_file = self._csv = None
+            if self._live is not None:
+                live, self._live = self._live, None
+                live.stop()
+            elif self._console is not None and self.latest and self.summary_line() != self._printed:  # not twice
+                self._print_summary()
+
+    @staticmethod
+    def _close_csv(file) -> None:
+        try:
+            file.close()
+        except OSError as error:  # the rows it still held could not be written
+            raise _naming(error, file.name) from None
 
     def __enter__(self) -> "Logger":
         return self

@@ -791,10 +791,12 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         raise
     finally:
         policy.train()  # as it came, also when a rollout (in eval mode) was cut short
-        if own_logger:  # its files are complete only then (train() closes a logger it was given)
-            logger.close()
-        if own_vecenv:
-            vecenv.close()
+        try:
+            if own_vecenv:
+                vecenv.close()
+        finally:  # also when closing the vec env fails
+            if own_logger:  # its files are complete only then (train() closes a logger it was given)
+                logger.close()
     result.global_step, result.updates = global_step, update
     result.wall_time = time.perf_counter() - started
     return result

@@ -63,6 +63,15 @@ def test_csv_tensorboard_and_resume_trimming(tmp_path):
     assert [row["global_step"] for row in read_progress(tmp_path)] == [100, 200, 250]
 
 
+def test_a_full_disk_is_an_error_that_names_the_file_and_every_sink_is_closed(tmp_path):
+    (tmp_path / "progress.csv").symlink_to("/dev/full")  # every write fails: no space left on device
+    logger = Logger(tmp_path, dashboard=False, tensorboard=True)
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'progress.csv'}'"):
+        logger.open()
+    logger.close()
+    assert logger._tb is None and logger._csv_file is None
+
+
 def test_a_resumed_run_refuses_a_progress_csv_without_its_header(tmp_path):
     with Logger(tmp_path, dashboard=False, tensorboard=False) as logger:
         logger.log(100, {**METRICS, "global_step": 100})

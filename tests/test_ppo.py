@@ -999,6 +999,22 @@ def test_rollout_storage_too_big_for_memory_is_refused_before_anything_starts(tm
     assert not (tmp_path / "run").exists()
 
 
+def test_a_logger_that_fails_to_close_leaves_the_runs_vec_env_closed(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(ppo, "make_vecenv", lambda config, binding, make=ppo.make_vecenv: made.append(
+        make(config, binding)) or made[-1])
+    close = Logger.close
+
+    def full_disk(logger):
+        close(logger)
+        raise OSError(28, "No space left on device", "progress.csv")
+
+    monkeypatch.setattr(Logger, "close", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    assert len(made) == 1 and "CLOSED" in repr(made[0])
+
+
 def test_a_failure_before_the_first_rollout_closes_the_runs_vec_env(tmp_path, monkeypatch):
     made = []
     monkeypatch.setattr(ppo, "make_vecenv", lambda config, binding, make=ppo.make_vecenv: made.append(
