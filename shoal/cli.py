@@ -194,7 +194,8 @@ def _train(argv: list[str]) -> int:
              else "no episode ended in this run")
           + (f"; first >= 475 at step {reached[0]:,} ({reached[1]:.1f} s)" if reached else ""))
     quoted = shlex.quote(config.run_dir)  # commands to copy: a path with spaces stays one argument
-    tensorboard = f" · tensorboard --logdir {shlex.quote(str(Path(config.run_dir).parent))}" if config.tensorboard else ""
+    tensorboard = (f" · tensorboard --logdir {shlex.quote(str(Path(config.run_dir).parent))}"
+                   if config.tensorboard else "")
     print(f"run directory: {config.run_dir}   (shoal eval {quoted} · shoal plot {quoted}{tensorboard})")
     return 0
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import inspect
 import io
 import os
 import re
 import sys
+import threading
 from typing import Any, Callable, Iterator, NamedTuple
 
 import gymnasium
@@ -185,27 +187,75 @@ def _flush_c_stdio() -> None:
     _libc.fflush(None)
 
 
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    """Silence Python- and C-level stdout/stderr; always restore both, also on exceptions."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+def _flush(*streams) -> None:
+    """Flush Python streams (None where stdout is closed) and C's stdio buffers."""
+    for stream in streams:
+        with contextlib.suppress(Exception):  # None, a closed or broken stream: nothing to keep
+            stream.flush()
     _flush_c_stdio()
-    saved_fds = [os.dup(1), os.dup(2)]
-    saved_streams = sys.stdout, sys.stderr
-    devnull = os.open(os.devnull, os.O_WRONLY)
+
+
+def _dup(fd: int) -> int | None:
+    """A copy of file descriptor ``fd`` above 2 (not in the place of a closed 1 or 2); None where ``fd`` is closed
+    (a program started with ``>&-``)."""
     try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return None
+
+
+class _Silence:
+    """The silence of one process's stdout and stderr (file descriptors 1 and 2, ``sys.stdout`` and
+    ``sys.stderr``). Shared by everything silenced meanwhile, the envs of several threads too: it begins with
+    the first and ends with the last, so that none restores what another silenced."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: tuple = ()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if not self._depth:
+                self._begin()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if not self._depth:
+                    self._end()
+
+    def _begin(self) -> None:
+        _flush(sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        self._saved = [_dup(1), _dup(2)], (sys.stdout, sys.stderr)
+        devnull = os.open(os.devnull, os.O_WRONLY)  # descriptor 1 or 2 itself, where that one was closed
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+        if devnull > 2:
+            os.close(devnull)
         sys.stdout = sys.stderr = io.StringIO()
-        yield
-    finally:
-        _flush_c_stdio()
-        sys.stdout, sys.stderr = saved_streams
-        os.dup2(saved_fds[0], 1)
-        os.dup2(saved_fds[1], 2)
-        for fd in (*saved_fds, devnull):
-            os.close(fd)
+
+    def _end(self) -> None:
+        fds, streams = self._saved
+        # What an env wrote through a stream it took before (sys.__stdout__, a module's own reference) is
+        # flushed while the descriptors still lead nowhere
+        _flush(sys.__stdout__, sys.__stderr__, *streams)
+        sys.stdout, sys.stderr = streams
+        for target, fd in zip((1, 2), fds):
+            if fd is None:  # closed before: closed again
+                with contextlib.suppress(OSError):
+                    os.close(target)
+            else:
+                os.dup2(fd, target)
+                os.close(fd)
+        self._saved = ()
+
+
+_silenced = _Silence()
+"""``with _silenced():`` silences Python- and C-level stdout and stderr; always restores both, also on exceptions."""
 
 
 class Binding:
@@ -683,15 +733,28 @@ class EmulatedEnv:
                         f"{binding.raw_single_observation_space}: {error}")
 
     def step(self, actions):
-        """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``."""
-        binding = self.binding
+        """Act in every live slot. Returns ``(obs, rewards, terminals, truncations, infos)``.
+
+        A step that fails once the env has stepped (the env, a hook or a check of what the env returned
+        raised) leaves the episode half done: the next step needs ``reset()``.
+        """
         if self._needs_reset:
             if self._closed:
                 raise self._closed_error("step()")
-            raise APIUsageError(f"{binding.env_name}: step() needs reset() first (it was not called yet, or the "
-                                f"automatic reset at the end of an episode failed)")
-        if not binding.is_multiagent:
-            return self._step_single(actions)
+            raise APIUsageError(f"{self.binding.env_name}: step() needs reset() first (it was not called yet, the "
+                                f"automatic reset at the end of an episode failed, or a step failed once the env "
+                                f"had stepped)")
+        tick = self.tick
+        try:
+            return self._step_multi(actions) if self.binding.is_multiagent else self._step_single(actions)
+        except BaseException:
+            if self.tick != tick:
+                self._needs_reset = True
+            raise
+
+    def _step_multi(self, actions):
+        """``step`` for a multi-agent env."""
+        binding = self.binding
         # Every listed agent gets an action (the Parallel API asks for one each), also an ended agent the env
         # still lists; only the live ones act in their episodes.
         addressed = list(self._listed())
@@ -824,6 +887,14 @@ class EmulatedEnv:
                 f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
         if not shaped.keys() <= self.binding.agent_slots.keys():
             raise self._unknown_agent(shaped, "returned a reward for", "reward_shaper", APIUsageError)
+        if not infos.keys() <= self.binding.agent_slots.keys():  # the env's were checked: the shaper added it
+            raise self._unknown_agent(infos, "added infos for", "reward_shaper", APIUsageError)
+        edited = next(((agent, info) for agent, info in infos.items()
+                       if info is not None and not isinstance(info, dict)), None)
+        if edited is not None:
+            agent, info = edited
+            raise APIUsageError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward_shaper made its "
+                                f"info {type(info).__name__} {_short(info)}: expected a dict")
         return shaped
 
     def _respawn(self, agents: set) -> None:

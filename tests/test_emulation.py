@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 
 import gymnasium
 import numpy as np
@@ -15,8 +20,8 @@ import shoal
 from shoal.emulation import Buffers
 from shoal.errors import APIUsageError, EnvError, SpaceError
 
-from envs import (ACTION_SPACE, BadObservationEnv, NestedMultiAgentEnv, NestedSingleAgentEnv, PrintingEnv,
-                  ScriptedLives, SecondResetFails, UnknownAgentEnv)
+from envs import (ACTION_SPACE, OBS_SPACE, BadObservationEnv, NestedMultiAgentEnv, NestedSingleAgentEnv,
+                  PrintingEnv, ScriptedLives, SecondResetFails, UnknownAgentEnv)
 
 
 def nested_binding(**kwargs) -> shoal.Binding:
@@ -237,6 +242,67 @@ def test_suppress_env_prints_silences_python_and_c_output(capfd):
     loud.make_env().reset()
     out, err = capfd.readouterr()
     assert "python stdout reset" in out and "c stdout reset" in out and "fd stderr reset" in err
+
+
+def test_suppressed_prints_of_envs_in_several_threads_end_with_the_last_of_them(capfd):
+    """One silence for the process (its file descriptors are shared): no thread restores another's."""
+    quiet = shoal.Binding(env_cls=PrintingEnv, suppress_env_prints=True)
+    stdout, stderr = sys.stdout, sys.stderr
+    capfd.readouterr()
+
+    def play(env):
+        env.reset()
+        for _ in range(200):
+            env.step(np.array([[0]]))
+
+    threads = [threading.Thread(target=play, args=(quiet.make_env(),)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sys.stdout is stdout and sys.stderr is stderr
+    print("after the threads")
+    os.write(2, b"fd 2 after the threads\n")
+    assert capfd.readouterr() == ("after the threads\n", "fd 2 after the threads\n")
+
+
+def test_suppressed_prints_stay_silent_through_a_stream_taken_before_and_with_stdout_closed(tmp_path):
+    code = textwrap.dedent("""
+        import os, sys
+        import numpy as np, gymnasium, shoal
+        from gymnasium import spaces
+        OUT = sys.stdout  # taken before: its buffered text must not come out after the step
+
+        class Env(gymnasium.Env):
+            observation_space = spaces.Box(-1, 1, (1,), np.float32)
+            action_space = spaces.Discrete(2)
+
+            def reset(self, seed=None, options=None):
+                return np.zeros(1, np.float32), {}
+
+            def step(self, action):
+                OUT.write("leaked through OUT\\n")
+                print("leaked through sys.__stdout__", file=sys.__stdout__)
+                return np.zeros(1, np.float32), 0.0, False, False, {}
+
+        env = shoal.Binding(env_cls=Env, suppress_env_prints=True).make_env()
+        env.reset(seed=0)
+        env.step(np.array([[0]]))
+        print("the program's own line")
+        if len(sys.argv) > 1:  # stdout closed: silencing and restoring work all the same
+            os.close(1)
+            sys.stdout = None
+            env.step(np.array([[0]]))
+            assert sys.stdout is None
+            print("closed stdout done", file=sys.stderr)
+    """)
+    (tmp_path / "script.py").write_text(code)
+    out = subprocess.run([sys.executable, str(tmp_path / "script.py")], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})  # block-buffered
+    assert out.returncode == 0 and out.stdout == "the program's own line\n", out
+    closed = subprocess.run([sys.executable, str(tmp_path / "script.py"), "close"], capture_output=True, text=True,
+                            timeout=120)
+    assert closed.returncode == 0 and closed.stderr.endswith("closed stdout done\n"), closed
 
 
 def test_passthrough_and_buffers():
@@ -886,6 +952,25 @@ def test_a_reward_shaper_rewarding_an_unknown_agent_is_named():
     env.reset(seed=0)
     with pytest.raises(APIUsageError, match="reward_shaper returned a reward for agent 'nobody', which is not in possible_agents"):
         env.step(np.zeros((2, 1), np.int64))
+
+    def team_info(rewards, infos):  # infos of an id the trainer has no slot for
+        infos["team"] = {"score": 1}
+        return rewards
+
+    def text_info(rewards, infos):
+        infos["a"] = "scored"
+        return rewards
+
+    for shaper, message in ((team_info, "reward_shaper added infos for agent 'team', which is not in possible_agents"),
+                            (text_info, "agent 'a', step 1: reward_shaper made its info str 'scored': expected a dict")):
+        env = shoal.Binding(env_creator=ScriptedEnv, env_args=(all_end_unseen,), reward_shaper=shaper).make_env()
+        env.reset(seed=0)
+        with pytest.raises(APIUsageError, match=message):
+            env.step(np.zeros((2, 1), np.int64))
+    single = shoal.Binding(env_cls=NestedSingleAgentEnv, reward_shaper=team_info)
+    with pytest.raises(APIUsageError, match=r"reward_shaper added infos for agent 'team', which is not in "
+                                            r"possible_agents \[0\]"):
+        started(single).step(flat_actions(single))
 
 
 def test_an_empty_dict_in_the_observation_space_and_an_env_info_named_like_shoals_keys():
@@ -1600,8 +1685,9 @@ def test_a_failed_automatic_reset_says_so_and_the_env_then_needs_reset():
     with pytest.raises(RuntimeError, match="lost its ROM") as caught:
         env.step([[0]])
     assert caught.value.__notes__ == ["raised in the automatic reset that starts the next episode, at step 2"]
-    with pytest.raises(APIUsageError, match=r"step\(\) needs reset\(\) first \(it was not called yet, or the "
-                                            r"automatic reset at the end of an episode failed\)"):
+    with pytest.raises(APIUsageError, match=r"step\(\) needs reset\(\) first \(it was not called yet, the "
+                                            r"automatic reset at the end of an episode failed, or a step failed once "
+                                            r"the env had stepped\)"):
         env.step([[0]])  # its episode statistics would mix two episodes
     env.reset(seed=1)
     env.step([[0]])
@@ -1612,6 +1698,36 @@ def test_a_failed_automatic_reset_says_so_and_the_env_then_needs_reset():
         env.reset(seed=1)
     with pytest.raises(APIUsageError, match=r"step\(\) needs reset\(\) first"):
         env.step([[0]])
+
+
+def test_a_step_that_fails_once_the_env_stepped_needs_reset_and_one_before_does_not():
+    """The env stepped, but the step's bookkeeping (episode statistics, slots) is half done: going on would count
+    a wrong episode. A step refused before the env stepped (a bad action) leaves everything as it was."""
+    calls = []
+
+    def parser(obs):  # raises at the env's third step
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("featurizing failed")
+        return obs
+
+    for binding in (shoal.Binding(env_cls=NestedSingleAgentEnv, feature_parser=parser,
+                                  feature_space=NestedSingleAgentEnv.observation_space),
+                    shoal.Binding(env_cls=NestedMultiAgentEnv, feature_parser=lambda obs: obs,
+                                  feature_space=OBS_SPACE)):
+        env = started(binding)
+        with pytest.raises(APIUsageError, match="out of range"):
+            env.step(np.full_like(flat_actions(binding), 99))
+        env.step(flat_actions(binding))  # no harm done
+        if binding.is_multiagent:
+            env.env.step = lambda actions: 1 / 0
+        else:
+            env.step(flat_actions(binding))
+        with pytest.raises((ValueError, ZeroDivisionError)):
+            env.step(flat_actions(binding))
+        with pytest.raises(APIUsageError, match=r"or a step failed once the env had stepped"):
+            env.step(flat_actions(binding))
+        calls.clear()
 
 
 def test_an_env_whose_close_fails_does_not_hide_why_the_binding_refused_it():
