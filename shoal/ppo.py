@@ -1034,6 +1034,11 @@ def config_from_checkpoint(checkpoint: dict) -> PPOConfig:
     return PPOConfig(**{k: v for k, v in checkpoint["config"].items() if k in names})
 
 
+UNSCORED_ENDS = 1000
+"""Agent-episode ends without statistics (and none with) after which :func:`evaluate` stops: far more than a
+game's lives."""
+
+
 def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, deterministic: bool = False,
              device: str | torch.device | None = None, max_steps: int = 1_000_000) -> list[float]:
     """Play ``episodes`` episodes with ``policy`` on one env; returns each agent-episode's return.
@@ -1066,6 +1071,7 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
             torch.manual_seed(seed)
             obs, _ = env.reset(seed=seed)
             last_mask = env.masks.copy()
+            unscored = 0  # ends that came without episode statistics: an Atari game's lost lives, say
             for _ in range(max_steps):
                 with torch.no_grad():
                     flat = torch.as_tensor(np.array(obs), device=device)
@@ -1089,6 +1095,13 @@ def evaluate(policy: Policy, binding, episodes: int = 10, seed: int = 0, determi
                         returns.append(episode_statistics(info["episode"], binding.env_name, agent)[0])
                 if len(returns) >= episodes:
                     break
+                unscored += int(ended.sum()) - sum("episode" in info for info in infos.values())
+                if not returns and unscored >= UNSCORED_ENDS:  # not a game's lives: an env that gives no statistics
+                    raise APIUsageError(
+                        f"{binding.env_name}: {unscored:,} agent episodes ended without episode statistics "
+                        f"(infos[agent]['episode']) and none with: with record_episode_statistics=False the env "
+                        f"must give its own (see shoal.ppo.episode_statistics); build the Binding with "
+                        f"record_episode_statistics=True")
     finally:
         env.close()
         policy.train(was_training)

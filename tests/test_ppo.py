@@ -637,6 +637,14 @@ def test_evaluate_is_seeded_and_leaves_the_policy_and_the_global_rng_as_they_wer
     assert evaluate(policy, binding, episodes=3, seed=7) == first
 
 
+def test_evaluate_of_an_env_without_episode_statistics_stops_early_and_says_why():
+    binding = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), record_episode_statistics=False)
+    with pytest.raises(APIUsageError, match=r"^CartPole-v1: 1,000 agent episodes ended without episode statistics "
+                                            r"\(infos\[agent\]\['episode'\]\) and none with: with "
+                                            r"record_episode_statistics=False the env must give its own"):
+        evaluate(MLPPolicy(binding), binding)  # not after max_steps, a million steps
+
+
 def test_evaluate_starts_an_agents_lstm_state_where_it_appears_as_training_does():
     binding = Binding(env_cls=envs.NestedMultiAgentEnv, env_kwargs=dict(num_agents=3, max_steps=8, spawn_step=3))
     policy = LSTMPolicy(MixedPolicy(binding))
