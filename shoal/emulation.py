@@ -112,7 +112,7 @@ def _infer_space(value: Any) -> spaces.Space:
         return spaces.Dict({key: _infer_space(item) for key, item in value.items()})
     if isinstance(value, (tuple, list)):
         return spaces.Tuple([_infer_space(item) for item in value])
-    array = np.asarray(value)
+    array = as_array(value, "feature_parser output")  # a tensor too (bfloat16 as float64); SpaceError if no array
     if array.dtype.kind == "b":
         return spaces.Box(0, 1, array.shape, bool)
     if array.dtype.kind in "iu":
@@ -120,7 +120,8 @@ def _infer_space(value: Any) -> spaces.Space:
         return spaces.Box(info.min, info.max, array.shape, array.dtype)
     if array.dtype.kind == "f":
         return spaces.Box(-np.inf, np.inf, array.shape, array.dtype)
-    raise SpaceError(f"feature_parser returned {array.dtype} data: expected numbers, bools, or dicts/tuples of them")
+    raise SpaceError(f"feature_parser returned {type(value).__name__} {_short(value)} ({array.dtype} data): expected "
+                     f"numbers, bools, or dicts/tuples of them")
 
 
 def _name_of(env) -> str | None:
@@ -307,6 +308,9 @@ class Binding:
         for name, hook in (("feature_parser", feature_parser), ("reward_shaper", reward_shaper)):
             if hook is not None and not callable(hook):
                 raise APIUsageError(f"Binding: {name} must be callable, got {type(hook).__name__}")
+        if feature_space is not None and not isinstance(feature_space, spaces.Space):
+            raise APIUsageError(f"Binding: feature_space must be a gymnasium space (the featurized observation's), "
+                                f"got {type(feature_space).__name__} {_short(feature_space)}")
         if feature_space is not None and feature_parser is None:
             raise APIUsageError(f"Binding: feature_space {_short(feature_space)} needs a feature_parser: it is the "
                                 f"space of the parser's output (the env's own observation_space is read from the env)")
@@ -416,7 +420,11 @@ class Binding:
         self.agent_slots = {agent: slot for slot, agent in enumerate(self.possible_agents)}
         self.env_observation_space = obs_space
         if self.feature_parser is not None and feature_space is None:
-            feature_space = _infer_space(self.feature_parser(self._first_observation(env)))
+            try:
+                feature_space = _infer_space(self.feature_parser(self._first_observation(env)))
+            except SpaceError as error:
+                raise APIUsageError(f"{self.env_name}: {error} (the featurized observation space is inferred from "
+                                    f"its output at reset(seed=0); pass feature_space= to give it)") from None
         self.raw_single_observation_space = feature_space if feature_space is not None else obs_space
         self.raw_single_action_space = atn_space
         try:

@@ -216,6 +216,26 @@ def test_feature_parser_and_reward_shaper():
 
     given = spaces.Dict({"hp": spaces.Box(0, 10, (1,), np.float32), "x": spaces.Box(-5, 5, (1,), np.float32)})
     assert nested_binding(feature_parser=parse, feature_space=given).raw_single_observation_space == given
+    with pytest.raises(APIUsageError, match=r"^Binding: feature_space must be a gymnasium space \(the featurized "
+                                            r"observation's\), got str 'Box\(3\)'$"):
+        nested_binding(feature_parser=parse, feature_space="Box(3)")
+
+
+def test_a_feature_space_is_inferred_from_tensors_and_what_is_no_array_is_named():
+    layer = torch.nn.Linear(2, 3)  # its output requires grad: no numpy array without detach()
+    with torch.no_grad():
+        assert nested_binding(feature_parser=lambda obs: layer(torch.as_tensor(obs["self"]["pos"]))
+                              ).raw_single_observation_space == spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    half = nested_binding(feature_parser=lambda obs: torch.as_tensor(obs["self"]["pos"]).bfloat16())
+    assert half.raw_single_observation_space == spaces.Box(-np.inf, np.inf, (2,), np.float64)  # holds bfloat16 exactly
+    for parser, came in ((lambda obs: layer(torch.as_tensor(obs["self"]["pos"])), r"got Tensor: Can't call numpy"),
+                         (lambda obs: None, r"feature_parser returned NoneType None \(object data\)"),
+                         (lambda obs: {"big": 2**70}, r"feature_parser returned int 1180591620717411303424 "
+                                                      r"\(object data\)")):
+        with pytest.raises(APIUsageError, match=f"^nested_multiagent_v0: .*{came}.* \\(the featurized observation "
+                                                f"space is inferred from its output at reset\\(seed=0\\); pass "
+                                                f"feature_space= to give it\\)$"):
+            nested_binding(feature_parser=parser)
 
 
 def test_record_episode_statistics_off():
