@@ -375,7 +375,7 @@ class MLPPolicy(Policy):
 
     @torch.no_grad()
     def acting_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        if not self._fused:
+        if not self._fused or type(self).forward is not MLPPolicy.forward:  # a forward of its own acts, too
             return super().acting_forward()
         # Both towers as one network, one matmul per layer: the first layer's weights stacked
         # (2h, in), the others block-diagonal (2h, 2h), the heads block-diagonal (params + 1, 2h).

@@ -224,6 +224,17 @@ def test_mlp_acting_forward_is_forward_with_the_towers_fused(action_space, num_l
     torch.testing.assert_close(policy.acting_forward()(obs)[1], value + 1)
 
 
+def test_an_mlp_subclass_with_a_forward_of_its_own_acts_through_it():
+    class NeverOne(MLPPolicy):  # masks action 1 in forward: acting must never sample it
+        def forward(self, obs, state=None, starts=None):
+            params, value, state = super().forward(obs, state, starts)
+            return params.index_fill(1, torch.tensor([1]), -torch.inf), value, state
+
+    policy = NeverOne(_binding(spaces.Box(-1, 1, (3,)), spaces.Discrete(3)))
+    params, _ = policy.acting_forward()(torch.randn(64, 3))
+    assert torch.isinf(params[:, 1]).all() and not policy.sample_actions(params)[0].eq(1).any()
+
+
 def test_acting_forward_of_other_policies_is_their_forward():
     binding = Binding(env_cls=envs.NestedMultiAgentEnv)
     policy = MixedPolicy(binding, hidden_size=16)
