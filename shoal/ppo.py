@@ -75,7 +75,8 @@ class PPOConfig:
     envs_per_batch: int = 0
     """envs per recv batch; 0: all envs (synchronous); num_envs/2: simulation overlaps inference"""
     env_timeout: float | None = 600.0
-    """seconds a worker's reset or step may take before the run stops with an error (multiprocessing, ray; None: no limit)"""
+    """seconds a worker's start (building its envs), reset or step may take before the run stops with an error
+    (multiprocessing, ray; None: no limit)"""
 
     # ---- algorithm
     total_timesteps: int = 500_000
@@ -238,7 +239,9 @@ def make_vecenv(config: PPOConfig, binding):
             workers = max(w for w in range(1, config.num_envs + 1)
                           if config.num_envs % w == 0 and batch % (config.num_envs // w) == 0
                           and (w <= cores or w == config.num_envs // batch))
-    options = {} if config.backend == "serial" else {"timeout": config.env_timeout}  # serial cannot interrupt
+    # serial cannot interrupt its envs; the others' default startup_timeout would leave a slow constructor no way out
+    options = {} if config.backend == "serial" else {"timeout": config.env_timeout,
+                                                     "startup_timeout": config.env_timeout}
     return vector.make(binding, backend=config.backend, num_workers=workers,
                        envs_per_worker=config.num_envs // workers, batch_size=batch, **options)
 

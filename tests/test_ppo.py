@@ -29,7 +29,7 @@ from shoal import ppo, vector
 from shoal.checkpoint import (check_run_dir, latest_checkpoint, list_checkpoints, load_checkpoint, lock_run_dir,
                               save_atomic, save_checkpoint, set_rng_states)
 from shoal.envs import make_binding, preset
-from shoal.errors import APIUsageError, TrainingError
+from shoal.errors import APIUsageError, TrainingError, WorkerError
 from shoal.logging import Logger, read_progress
 from shoal.policy import DiscreteHead, LSTMPolicy, MixedPolicy, MLPPolicy, Policy
 from shoal.optim import Adam, clip_grad_norm
@@ -994,6 +994,21 @@ def test_a_network_too_big_for_memory_is_one_error(monkeypatch):
     with pytest.raises(APIUsageError, match=r"the MLPPolicy network, 0.0 GiB of parameters, does not fit in the memory "
                                             r"of cpu: choose a smaller network \(hidden_size\) or another device$"):
         train(PPOConfig(**QUICK, device="cpu"), binding)
+
+
+def test_env_timeout_bounds_the_workers_start_too():
+    home = os.getpid()
+
+    def slow_to_build():  # builds here (the Binding probes it), hangs in a worker
+        if os.getpid() != home:
+            time.sleep(3600)
+        return gymnasium.make("CartPole-v1")
+
+    with pytest.raises(WorkerError, match=r"did not answer startup \(building its envs\) within 1(\.0)? s: an env's "
+                                          r"constructor hangs or is too slow \(raise startup_timeout if it is only "
+                                          r"slow; in training, env_timeout\)"):
+        train(PPOConfig(**QUICK, backend="multiprocessing", num_workers=2, env_timeout=1.0),
+              Binding(env_creator=slow_to_build))
 
 
 def test_rollout_storage_too_big_for_memory_is_refused_before_anything_starts(tmp_path, monkeypatch):

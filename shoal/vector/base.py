@@ -651,7 +651,8 @@ class VecEnv(abc.ABC):
     def _why_late(self, workers: set[int]) -> str:
         """What may keep ``workers`` from answering, for the timeout error (a backend may know more)."""
         if self._state is AsyncState.CLOSED:  # still starting: the workers build their envs
-            return "an env's constructor hangs or is too slow (raise startup_timeout if it is only slow)"
+            return ("an env's constructor hangs or is too slow (raise startup_timeout if it is only slow; in "
+                    "training, env_timeout)")
         return "an env hangs or is too slow (raise the timeout if it is only slow)"
 
     def _crashed_env(self, worker: int) -> int:
