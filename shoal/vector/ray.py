@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, WorkerError
+from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
 from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failure, Poller, Status, VecEnv,
                                _unpicklable, check_seconds, default_num_workers, handle_in_worker, send_command, serve,
                                split_arrays, start_worker, unpickled_arguments_error)
@@ -83,7 +83,8 @@ def _join(ray, address: str | None, timeout: float) -> None:
                                 f"(ray start --head), or pass address=None to start a local one") from None
     try:
         if threading.current_thread() is threading.main_thread():
-            ray.init(address=address, include_dashboard=False)
+            with deferred_interrupt():  # a Ray cut short in its start leaves its agent processes running
+                ray.init(address=address, include_dashboard=False)
         else:
             _init_in_lasting_thread(ray, address)
     except (ConnectionError, ValueError) as error:  # ValueError: an address Ray cannot parse
