@@ -186,6 +186,22 @@ def test_a_gymnasium_id_that_a_module_registers_builds_in_any_process(tmp_path):
         make_binding("gym:json:Cart-v0")
 
 
+def test_an_id_registered_only_in_the_main_script_is_named_in_the_workers_error():
+    code = ("import gymnasium, shoal.vector; from shoal.envs import make_binding\n"
+            "if __name__ == '__main__':\n"
+            "    gymnasium.register('MainOnlyCart-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv')\n"
+            "    try:\n"
+            "        shoal.vector.make(make_binding('gym:MainOnlyCart-v0'), 'multiprocessing', num_workers=1)\n"
+            "    except shoal.errors.WorkerError as error:\n"
+            "        print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"EnvError: Gymnasium env 'MainOnlyCart-v0': .*doesn't exist.* \(in process \d+, though it was "
+                     r"registered where the Binding was made\): an id registered in your script, under if __name__ == "
+                     r"'__main__' or by hand, is not registered in worker processes; register it in a module and name "
+                     r"it gym:<module>:<id>", done.stdout), done.stdout
+
+
 def test_an_env_keyword_the_env_does_not_take_is_named():
     with pytest.raises(APIUsageError, match=r"^Gymnasium env 'CartPole-v1' takes no keyword argument 'nonsense': "
                                             r"CartPoleEnv.__init__\(\) got an unexpected keyword argument 'nonsense'"):

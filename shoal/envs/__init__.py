@@ -14,13 +14,14 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import os
 from typing import Any, Callable
 
 import gymnasium
 from gymnasium.envs.registration import find_highest_version, get_env_id, parse_env_id
 
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError
+from shoal.errors import APIUsageError, EnvError
 
 
 def cartpole(**env_kwargs: Any) -> Binding:
@@ -88,7 +89,13 @@ def _make_gym(env_id: str, **env_kwargs: Any):
     processes and Ray actors start without the parent's registrations (``gymnasium.make`` imports the module of a
     ``module:id``)."""
     _register_namespace(env_id.rpartition(":")[2])
-    return gymnasium.make(env_id, **env_kwargs)
+    try:
+        return gymnasium.make(env_id, **env_kwargs)
+    except gymnasium.error.NameNotFound as error:  # found where the Binding was made: not in this worker
+        raise EnvError(f"Gymnasium env {env_id!r}: {error} (in process {os.getpid()}, though it was registered where "
+                       f"the Binding was made): an id registered in your script, under if __name__ == '__main__' "
+                       f"or by hand, is not registered in worker processes; register it in a module and name it "
+                       f"gym:<module>:<id>, which every process imports") from None
 
 
 def _unexpected_keyword(error: TypeError, env_kwargs: dict) -> str | None:
