@@ -853,7 +853,12 @@ def _check_gae_inputs(rewards, values, dones, valid, gamma, gae_lambda) -> None:
 
 
 class _SlotRows:
-    """env_ids of a batch -> (its slot rows ``(B,)`` env-major, the same as a slice or None), cached."""
+    """env_ids of a batch -> (its slot rows ``(B,)`` env-major, the same as a slice or None), cached.
+
+    Async batches of many workers come in more combinations than a run has batches (64 workers, half of them
+    per batch: 1.8e18): the cache holds at most ``SIZE`` of them, and starts over when full."""
+
+    SIZE = 1024
 
     def __init__(self, max_agents: int):
         self.max_agents = max_agents
@@ -863,6 +868,8 @@ class _SlotRows:
         env_ids = np.asarray(env_ids, np.int64)
         key = env_ids.tobytes()
         if key not in self.cache:
+            if len(self.cache) >= self.SIZE:
+                self.cache.clear()
             rows = (env_ids[:, None] * self.max_agents + np.arange(self.max_agents)).reshape(-1)
             contiguous = bool((np.diff(rows) == 1).all())
             self.cache[key] = rows, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else None

@@ -94,6 +94,17 @@ def test_padded_env_with_garbage_in_dead_slots_trains_exactly_like_the_plain_env
         assert torch.equal(a, b)
 
 
+def test_the_cache_of_batch_rows_stays_bounded_on_many_worker_combinations():
+    slot_rows = ppo._SlotRows(max_agents=2)
+    rows, span = slot_rows([2, 3])
+    assert rows.tolist() == [4, 5, 6, 7] and span == slice(4, 8)
+    rows, span = slot_rows(np.array([0, 3]))
+    assert rows.tolist() == [0, 1, 6, 7] and span is None
+    for first in range(3 * ppo._SlotRows.SIZE):  # as async batches of many workers come
+        assert slot_rows([first, first + 2])[0].tolist() == [2 * first, 2 * first + 1, 2 * first + 4, 2 * first + 5]
+    assert len(slot_rows.cache) <= ppo._SlotRows.SIZE
+
+
 def test_gae_cuts_at_invalid_transitions_and_episode_ends():
     gamma, lam = 0.9, 0.8
     # One slot, 4 transitions: t=1 ends an episode, t=2 is invalid (an agent's dead slot: NaN reward).
