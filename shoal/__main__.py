@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from shoal.errors import deferred_interrupt
+from shoal.errors import deferred_interrupt, stdout_to_devnull
 
 COMMANDS = ("train", "eval", "plot")
 USAGE = """usage: shoal {train,eval,plot} [options]
@@ -34,7 +34,12 @@ def no_command_status(argv: list[str]) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``shoal`` command; returns its exit status (130 when interrupted while it starts)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    status = no_command_status(argv)
+    try:
+        status = no_command_status(argv)
+        sys.stdout.flush()  # a closed stdout shows here, not in Python's flush at exit
+    except BrokenPipeError:  # shoal --help | true: the reader of stdout ended
+        stdout_to_devnull()
+        return 2
     if status is not None:
         return status
     try:

@@ -20,6 +20,7 @@ import errno
 import itertools
 import math
 import os
+import select
 import shlex
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Annotated, Sequence
 import tyro
 
 from shoal.__main__ import no_command_status
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, stdout_to_devnull
 from shoal.ppo import PPOConfig
 
 
@@ -168,7 +169,7 @@ def _train(argv: list[str]) -> int:
         result = train(config, binding, resume_from=checkpoint)  # the checkpoint as loaded: damage is told once
     except (KeyboardInterrupt, BrokenPipeError) as error:  # train wrote a final checkpoint: say where, how to go on
         why, status = ("interrupted", 130) if isinstance(error, KeyboardInterrupt) else (
-            "error: stdout was closed (broken pipe): the run stopped", 2)
+            f"error: {'stdout was closed (broken pipe)' if _stdout_closed() else error}: the run stopped", 2)
         saved = list_checkpoints(config.run_dir)
         if not saved:
             _to_stderr(f"shoal train: {why} before a checkpoint was written ({config.run_dir})")
@@ -246,6 +247,19 @@ def _plot(argv: list[str]) -> int:
 COMMANDS = {"train": _train, "eval": _eval, "plot": _plot}
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (or was, and stdout now leads to /dev/null)."""
+    try:
+        fd = sys.stdout.fileno()
+        if os.path.samestat(os.fstat(fd), os.stat(os.devnull)):
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no descriptor behind sys.stdout
+        return False
+
+
 def _to_stderr(text: str) -> None:
     """Print ``text`` to stderr, which may be closed too (``shoal train 2>&1 | head``)."""
     with contextlib.suppress(OSError):
@@ -260,14 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     command, rest = argv[0], argv[1:]
     try:
-        return COMMANDS[command](rest)
+        status = COMMANDS[command](rest)
+        sys.stdout.flush()  # a closed stdout shows here, not in Python's flush at exit
+        return status
     except ShoalError as error:  # every error a user can cause: one message, no traceback
         print(f"shoal {command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of stdout ended (shoal eval | head -1): nothing more goes there
-        from shoal.logging import stdout_to_devnull
-
-        stdout_to_devnull()
+    except BrokenPipeError as error:
+        if not _stdout_closed():  # an env's or a logger's own connection
+            _to_stderr(f"shoal {command}: error: {error}")
+            return 2
+        stdout_to_devnull()  # the reader of stdout ended (shoal eval | head -1): nothing more goes there
         _to_stderr(f"shoal {command}: error: stdout was closed (broken pipe)")
         return 2
     except OSError as error:  # a path that cannot be written or read (a file where a directory goes, no permission)

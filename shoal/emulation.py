@@ -188,11 +188,16 @@ def _flush_c_stdio() -> None:
     _libc.fflush(None)
 
 
-def _flush(*streams) -> None:
-    """Flush Python streams (None where stdout is closed) and C's stdio buffers."""
+def _flush(out, err) -> None:
+    """Flush Python streams ``out`` and ``err`` (None where stdout is closed), the interpreter's own where they
+    are others, and C's stdio buffers."""
+    streams = (out, err) if sys.__stdout__ is out and sys.__stderr__ is err else (out, err, sys.__stdout__,
+                                                                                   sys.__stderr__)
     for stream in streams:
-        with contextlib.suppress(Exception):  # None, a closed or broken stream: nothing to keep
+        try:
             stream.flush()
+        except Exception:  # None, a closed or broken stream: nothing to keep
+            pass
     _flush_c_stdio()
 
 
@@ -200,9 +205,14 @@ def _dup(fd: int) -> int | None:
     """A copy of file descriptor ``fd`` above 2 (not in the place of a closed 1 or 2); None where ``fd`` is closed
     (a program started with ``>&-``)."""
     try:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        copy = os.dup(fd)
     except OSError:
         return None
+    if copy > 2:
+        return copy
+    moved = fcntl.fcntl(copy, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(copy)
+    return moved
 
 
 class _Silence:
@@ -213,14 +223,19 @@ class _Silence:
     def __init__(self):
         self._lock = threading.Lock()
         self._depth = 0
-        self._saved: tuple = ()
+        self._saved: tuple = ()  # (file descriptors, streams) to restore, while silenced
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self._lock:
-            if not self._depth:
-                self._begin()
             self._depth += 1
+            if self._depth == 1:
+                try:
+                    self._begin()
+                except BaseException:  # a Ctrl-C in the middle, say: undo what was done
+                    self._depth -= 1
+                    self._end()
+                    raise
         try:
             yield
         finally:
@@ -230,7 +245,7 @@ class _Silence:
                     self._end()
 
     def _begin(self) -> None:
-        _flush(sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        _flush(sys.stdout, sys.stderr)
         self._saved = [_dup(1), _dup(2)], (sys.stdout, sys.stderr)
         devnull = os.open(os.devnull, os.O_WRONLY)  # descriptor 1 or 2 itself, where that one was closed
         os.dup2(devnull, 1)
@@ -240,19 +255,22 @@ class _Silence:
         sys.stdout = sys.stderr = io.StringIO()
 
     def _end(self) -> None:
-        fds, streams = self._saved
-        # What an env wrote through a stream it took before (sys.__stdout__, a module's own reference) is
-        # flushed while the descriptors still lead nowhere
-        _flush(sys.__stdout__, sys.__stderr__, *streams)
-        sys.stdout, sys.stderr = streams
-        for target, fd in zip((1, 2), fds):
-            if fd is None:  # closed before: closed again
-                with contextlib.suppress(OSError):
-                    os.close(target)
-            else:
-                os.dup2(fd, target)
-                os.close(fd)
-        self._saved = ()
+        if not self._saved:
+            return
+        (fds, streams), self._saved = self._saved, ()
+        try:
+            # What an env wrote through a stream it took before (sys.__stdout__, a module's own reference) is
+            # flushed while the descriptors still lead nowhere
+            _flush(*streams)
+        finally:  # restored also when a Ctrl-C cuts into the flush
+            sys.stdout, sys.stderr = streams
+            for target, fd in zip((1, 2), fds):
+                if fd is None:  # closed before: closed again
+                    with contextlib.suppress(OSError):
+                        os.close(target)
+                else:
+                    os.dup2(fd, target)
+                    os.close(fd)
 
 
 _silenced = _Silence()
@@ -794,6 +812,7 @@ class EmulatedEnv:
                                  ("infos", infos)):
                 if not values.keys() <= known:
                     raise self._unknown_agent(values, f"returned {what} for")
+        self._check_infos(infos)  # before the shaper, which sees them: its edits are checked after it
         # The shaper gets a copy: episode statistics count the env's own rewards, even if it edits its input.
         rewards = env_rewards if binding.reward_shaper is None else self._shaped(dict(env_rewards), infos)
 
@@ -850,7 +869,6 @@ class EmulatedEnv:
         passed_over = env_rewards.keys() - set(agents).union(dark)  # their rewards must be numbers all the same
         if passed_over:
             self._rewards_of(env_rewards, [agent for agent in env_rewards if agent in passed_over])
-        self._check_infos(infos)
         out_infos = {agent: info for agent, info in infos.items() if info}  # passthrough: every agent's, dark too
         if any("reset_info" in info for info in out_infos.values()):  # shoal's key, the sign of a reset: not the env's
             out_infos = {agent: {key: value for key, value in info.items() if key != "reset_info"}
@@ -895,7 +913,7 @@ class EmulatedEnv:
                 f"dict {{agent_id: reward}} (a single-agent env's one agent is {SINGLE_AGENT_ID!r})")
         if not shaped.keys() <= self.binding.agent_slots.keys():
             raise self._unknown_agent(shaped, "returned a reward for", "reward_shaper", APIUsageError)
-        if not infos.keys() <= self.binding.agent_slots.keys():  # the env's were checked: the shaper added it
+        if not infos.keys() <= self.binding.agent_slots.keys():  # the env's were checked before: the shaper's
             raise self._unknown_agent(infos, "added infos for", "reward_shaper", APIUsageError)
         edited = next(((agent, info) for agent, info in infos.items()
                        if info is not None and not isinstance(info, dict)), None)
@@ -940,6 +958,8 @@ class EmulatedEnv:
         if not ((type(env_reward) is float or type(env_reward) is int) and abs(env_reward) <= REWARD_LIMIT):
             env_reward = self._rewards_of({SINGLE_AGENT_ID: env_reward}, [SINGLE_AGENT_ID])[0]
         reward = env_reward
+        if info is not None and not isinstance(info, dict):
+            raise self._not_a_dict(SINGLE_AGENT_ID, info)
         if binding.reward_shaper is not None:
             shaper_infos = {SINGLE_AGENT_ID: info}
             reward = self._shaped({SINGLE_AGENT_ID: env_reward}, shaper_infos)
@@ -955,8 +975,6 @@ class EmulatedEnv:
         episode = self._lone_episode
         episode[0] += env_reward
         episode[1] += 1
-        if info is not None and not isinstance(info, dict):
-            raise self._not_a_dict(SINGLE_AGENT_ID, info)
         infos = {SINGLE_AGENT_ID: info} if info else {}
         if terminal or truncation:
             final = infos[SINGLE_AGENT_ID] = self._final_info(0, info, (float(episode[0]), episode[1]))

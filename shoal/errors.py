@@ -4,7 +4,9 @@ argument values they share, and holding a Ctrl-C back over steps it must not cut
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -63,17 +65,34 @@ def deferred_interrupt() -> Iterator[None]:
     """Hold a Ctrl-C (SIGINT) back until the block is done, then deliver it to the handler as usual.
 
     For steps that an interrupt must not cut in two: starting a worker process (a half-started one
-    would outlive its vec env) or importing torch (its C++ import code aborts the process). Off the
-    main thread, which can set no handler (and never gets KeyboardInterrupt), the block just runs.
+    would outlive its vec env), starting Ray, or importing torch (its C++ import code aborts the
+    process). A second Ctrl-C during the block raises KeyboardInterrupt at once: a block that hangs
+    (Ray waiting on an address) must not take the only way out. Off the main thread, which can set no
+    handler (and never gets KeyboardInterrupt), the block just runs.
     """
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield  # (None: a handler set outside Python, which could not be put back)
         return
     held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+
+    def hold(signum, frame) -> None:
+        held.append(signum)
+        if len(held) == 2:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if held:
+        if len(held) == 1:
             signal.raise_signal(signal.SIGINT)
+
+
+def stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null once its reader is gone: nothing more can go there, and
+    Python's flush at exit must not fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor behind sys.stdout
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

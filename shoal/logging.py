@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 from rich.console import Console, Group
 
-from shoal.errors import APIUsageError, check_int, is_int, is_number
+from shoal.errors import APIUsageError, check_int, is_int, is_number, stdout_to_devnull
 from shoal.spaces import _short
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
@@ -91,15 +91,6 @@ def _naming(error: OSError, path: str) -> OSError:
     return type(error)(error.errno, error.strerror, str(path))
 
 
-def stdout_to_devnull() -> None:
-    """Point stdout's file descriptor at /dev/null once its reader is gone: nothing more can go there, and
-    Python's flush at exit must not fail again."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor behind sys.stdout
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
 class _Console(Console):
     """rich's Console, but a reader of stdout that went away (``shoal train | head``, a dead log shipper) is a
     BrokenPipeError, which stops a run as Ctrl-C does (with a checkpoint), not rich's silent exit."""
@@ -112,9 +103,8 @@ class _Console(Console):
 
 def _redraws(console: Console) -> bool:
     """Whether the live dashboard may redraw: where rich says so (not with TERM=dumb or TTY_INTERACTIVE=0) and
-    stdout is a terminal. FORCE_COLOR makes rich take a pipe for one: a CI log would get 4 redraws a second."""
-    if os.environ.get("TTY_INTERACTIVE") == "1":
-        return True
+    stdout is a terminal. FORCE_COLOR makes rich take a pipe for one: a CI log would get 4 redraws a second
+    (and rich's own Live shows nothing on a pipe until it stops, whatever TTY_INTERACTIVE says)."""
     try:
         terminal = console.file.isatty()
     except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
@@ -433,7 +423,7 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
         raise APIUsageError(f"plot_runs needs a list of run directories, got {run_dirs!r}")
     unique: dict[Path, Path] = {}
     for given in map(Path, run_dirs):
-        run_dir = given.parent if given.name == "progress.csv" and given.is_file() else given
+        run_dir = given.parent if given.name == "progress.csv" and not given.is_dir() else given
         unique.setdefault(run_dir.resolve(), run_dir)
     run_dirs = list(unique.values())
     names = [run_dir.resolve().name for run_dir in run_dirs]

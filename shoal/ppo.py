@@ -679,7 +679,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         slots = torch.as_tensor(units, device=device)[mb]
                         sequence_state = rollout_state[0][slots], rollout_state[1][slots]
                         counted = seq["valid"][:, slots]
-                        if isinstance(policy, LSTMPolicy):  # it encodes the counted rows only
+                        if type(policy).forward is LSTMPolicy.forward:  # it encodes the counted rows only
                             params, new_values, _ = policy(seq["obs"][:, slots], sequence_state,
                                                            seq["starts"][:, slots], counted)
                         else:
@@ -953,21 +953,24 @@ def _describe_space(space) -> str:
 
 
 def _check_storage_fits(config: PPOConfig, binding, vecenv) -> None:
-    """APIUsageError when the rollout storage, ``(num_steps + 1)`` rows for every agent slot, would not fit in
-    memory: numpy's MemoryError names no setting, and an allocation the OS allows but cannot fill kills the run."""
+    """APIUsageError when the rollout storage, ``(num_steps + 1)`` rows for every agent slot, and the update's
+    copies of its observations would not fit in memory: numpy's MemoryError names no setting, and an allocation
+    the OS allows but cannot fill kills the run."""
     slots = vecenv.num_agents if vecenv is not None else config.num_envs * binding.max_agents
     obs_space, atn_space = binding.single_observation_space, binding.single_action_space
     atn_bytes = 8 * len(atn_space.nvec) if hasattr(atn_space, "nvec") else 4 * int(np.prod(atn_space.shape))
-    row_bytes = int(np.prod(obs_space.shape)) * obs_space.dtype.itemsize + atn_bytes + 3 * 4 + 5
-    size = (config.num_steps + 1) * slots * row_bytes
+    obs_bytes = int(np.prod(obs_space.shape)) * obs_space.dtype.itemsize
+    row_bytes = obs_bytes + atn_bytes + 3 * 4 + 5
+    # the update copies the counted observations, and shuffles them once more per epoch
+    size = (config.num_steps + 1) * slots * row_bytes + 2 * config.num_steps * slots * obs_bytes
     available = available_memory()
     if available is not None and size > available:
         raise APIUsageError(
             f"the rollout storage does not fit in memory: {config.num_steps + 1:,} rows (num_steps + 1) x {slots:,} "
             f"agent slots ({config.num_envs} envs x max_agents {binding.max_agents}) x {row_bytes:,} bytes (the "
-            f"observation, {obs_space.dtype} {obs_space.shape}, and the action) is {size / 2**30:,.1f} GiB, "
-            f"{available / 2**30:,.1f} GiB available: lower num_steps or num_envs, or make observations smaller "
-            f"with a feature_parser")
+            f"observation, {obs_space.dtype} {obs_space.shape}, and the action), and the update's two copies of the "
+            f"observations, is {size / 2**30:,.1f} GiB, {available / 2**30:,.1f} GiB available: lower num_steps or "
+            f"num_envs, or make observations smaller with a feature_parser")
 
 
 def _space_signature(binding) -> dict[str, Any]:

@@ -320,6 +320,11 @@ def test_a_reader_of_stdout_that_goes_away_stops_the_run_with_a_checkpoint_and_o
         evaluating.stdout.close()
         err = evaluating.stderr.read()
         assert evaluating.wait(timeout=120) == 2 and err == "shoal eval: error: stdout was closed (broken pipe)\n"
+    with subprocess.Popen([str(shoal), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}) as usage:
+        usage.stdout.close()  # shoal --help | true
+        err = usage.stderr.read()
+        assert usage.wait(timeout=120) == 2 and err == ""
 
 
 def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):

@@ -875,10 +875,14 @@ def test_an_info_that_is_not_a_dict_is_named():
         def step(self, action):
             return *super().step(action)[:4], []
 
-    env = shoal.Binding(env_cls=EmptyListInfo).make_env()
-    env.reset(seed=0)
-    with pytest.raises(EnvError, match=r"info must be a dict, got list \[\]"):
-        env.step([[0]])
+    for shaper in (None, lambda rewards, infos: rewards):  # the env's, not blamed on a shaper that passes it on
+        env = shoal.Binding(env_cls=EmptyListInfo, reward_shaper=shaper).make_env()
+        env.reset(seed=0)
+        with pytest.raises(EnvError, match=r"info must be a dict, got list \[\]"):
+            env.step([[0]])
+    binding = shoal.Binding(env_creator=ScriptedEnv, env_args=(text_info,), reward_shaper=lambda rewards, infos: rewards)
+    with pytest.raises(EnvError, match="scripted, agent 'b', step 1: info must be a dict, got str 'done'"):
+        started(binding).step(np.zeros((2, 1), np.int64))
 
 
 def test_an_agent_that_comes_back_the_step_after_it_ended_starts_a_new_agent_episode():

@@ -207,8 +207,10 @@ def test_an_env_keyword_the_env_does_not_take_is_named():
                                             r"CartPoleEnv.__init__\(\) got an unexpected keyword argument 'nonsense'"):
         make_binding("gym:CartPole-v1", nonsense=1)
     # the keywords of make_binding's own name, and of gym's and pettingzoo's, are the env's (positional-only there)
-    with pytest.raises(APIUsageError, match=r"'CartPole-v1' takes no keyword argument 'name'"):
-        make_binding("gym:CartPole-v1", name="x")
+    for name, keyword in (("gym:CartPole-v1", "name"), ("gym:CartPole-v1", "env_id"), ("cartpole", "nonsense")):
+        with pytest.raises(APIUsageError, match=f"'CartPole-v1' takes no keyword argument '{keyword}'"):
+            make_binding(name, **{keyword: "x"})
+    assert make_binding("cartpole", render_mode="rgb_array").make_env().env.render_mode == "rgb_array"
     with pytest.raises(APIUsageError, match=r"^PettingZoo env 'butterfly/knights_archers_zombies-v11' takes no keyword "
                                             r"argument 'env_id': .*unexpected keyword argument 'env_id'$"):
         make_binding("pettingzoo:butterfly/knights_archers_zombies-v11", env_id=1)

@@ -24,6 +24,17 @@ def test_deferred_interrupt_delivers_a_ctrl_c_once_the_block_is_done(ctrl_c_rais
         pass
 
 
+def test_a_second_ctrl_c_cuts_the_deferred_block_short(ctrl_c_raises):
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():  # a block that hangs: the second Ctrl-C is the way out
+            _ctrl_c()
+            reached.append(1)
+            _ctrl_c()
+            reached.append(2)
+    assert reached == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_deferred_interrupt_hands_the_ctrl_c_to_the_handler_in_place_and_runs_plainly_off_the_main_thread(
         ctrl_c_raises):
     heard = []

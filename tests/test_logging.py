@@ -35,10 +35,10 @@ def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split(widt
 
 
 def test_the_dashboard_redraws_on_a_terminal_only(monkeypatch):
-    """FORCE_COLOR makes rich take any stdout for a terminal: off one (pytest's capture here, a CI log) the
-    Logger prints plain lines all the same, and TTY_INTERACTIVE decides where it is set."""
+    """FORCE_COLOR makes rich take any stdout for a terminal, and TTY_INTERACTIVE=1 asks for redraws: off one
+    (pytest's capture here, a CI log) the Logger prints plain lines all the same."""
     for environ, live in (({}, False), ({"FORCE_COLOR": "1"}, False), ({"FORCE_COLOR": "0"}, False),
-                          ({"FORCE_COLOR": "1", "TTY_INTERACTIVE": "0"}, False), ({"TTY_INTERACTIVE": "1"}, True)):
+                          ({"FORCE_COLOR": "1", "TTY_INTERACTIVE": "0"}, False), ({"TTY_INTERACTIVE": "1"}, False)):
         for name in ("FORCE_COLOR", "TTY_INTERACTIVE"):
             monkeypatch.delenv(name, raising=False)
         for name, value in environ.items():
@@ -216,6 +216,8 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
         plot_runs([tmp_path / "early", tmp_path / "early" / "progress.csv", f"{tmp_path / 'early'}/"],
                   tmp_path / "once.png", metric="loss/value")
     assert labels == ["early"]
+    with pytest.raises(APIUsageError, match=r"stopped/progress.csv' does not exist"):  # said once, not .../progress.csv
+        plot_runs([tmp_path / "stopped" / "progress.csv"], tmp_path / "none.png")
 
 
 def test_plot_runs_needs_a_list_of_runs(tmp_path):

@@ -368,6 +368,16 @@ def test_minibatches_split_evenly_and_never_hold_one_row_where_there_are_more():
         assert sorted(policy.minibatch_rows) == expected
 
 
+def test_an_lstm_policy_subclass_with_a_forward_of_its_own_trains():
+    class Tempered(LSTMPolicy):  # its forward takes (obs, state, starts): the update calls it so
+        def forward(self, obs, state=None, starts=None):
+            params, value, state = super().forward(obs, state, starts)
+            return params * 0.5, value, state
+
+    binding = make_binding("cartpole")
+    assert train(PPOConfig(**QUICK), binding, policy=Tempered(MLPPolicy(binding))).global_step == 320
+
+
 class NormedEncoder(Policy):
     """Batch norm in encode, for a nested env's byte observations; records what the update encodes."""
 
@@ -1026,7 +1036,8 @@ def test_rollout_storage_too_big_for_memory_is_refused_before_anything_starts(tm
     monkeypatch.setattr(ppo, "available_memory", lambda: 2**20)
     with pytest.raises(APIUsageError, match=r"^the rollout storage does not fit in memory: 8,193 rows \(num_steps \+ 1\) "
                                             r"x 16 agent slots \(16 envs x max_agents 1\) x 41 bytes \(the observation, "
-                                            r"float32 \(4,\), and the action\) is 0.0 GiB, 0.0 GiB available: lower "
+                                            r"float32 \(4,\), and the action\), and the update's two copies of the "
+                                            r"observations, is 0.0 GiB, 0.0 GiB available: lower "
                                             r"num_steps or num_envs, or make observations smaller with a feature_parser$"):
         train(PPOConfig(num_envs=16, num_steps=8192, dashboard=False, run_dir=str(tmp_path / "run")),
               make_binding("cartpole"))

@@ -26,8 +26,7 @@ from shoal.errors import APIUsageError, EnvError
 
 def cartpole(**env_kwargs: Any) -> Binding:
     """Gymnasium's ``CartPole-v1`` (500-step episodes; solved at a mean return of 475)."""
-    return Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), env_kwargs=env_kwargs,
-                   env_name="CartPole-v1")
+    return gym("CartPole-v1", **env_kwargs)
 
 
 def _missing_module(error: Exception) -> str | None:
@@ -84,7 +83,7 @@ def _register_namespace(env_id: str) -> None:
         import_ale()
 
 
-def _make_gym(env_id: str, **env_kwargs: Any):
+def _make_gym(env_id: str, /, **env_kwargs: Any):
     """``gymnasium.make`` after :func:`_register_namespace`, in the process that builds the env: worker
     processes and Ray actors start without the parent's registrations (``gymnasium.make`` imports the module of a
     ``module:id``)."""
