@@ -215,6 +215,16 @@ def _dup(fd: int) -> int | None:
     return moved
 
 
+def _restore(target: int, fd: int | None) -> None:
+    """Put descriptor ``fd`` (a ``_dup``) back as ``target``; close ``target`` where it was closed (None)."""
+    if fd is None:
+        with contextlib.suppress(OSError):
+            os.close(target)
+    else:
+        os.dup2(fd, target)
+        os.close(fd)
+
+
 class _Silence:
     """The silence of one process's stdout and stderr (file descriptors 1 and 2, ``sys.stdout`` and
     ``sys.stderr``). Shared by everything silenced meanwhile, the envs of several threads too: it begins with
@@ -258,19 +268,19 @@ class _Silence:
         if not self._saved:
             return
         (fds, streams), self._saved = self._saved, ()
+        # Each part is restored also when a Ctrl-C (KeyboardInterrupt) cuts into one before it
         try:
             # What an env wrote through a stream it took before (sys.__stdout__, a module's own reference) is
             # flushed while the descriptors still lead nowhere
             _flush(*streams)
-        finally:  # restored also when a Ctrl-C cuts into the flush
-            sys.stdout, sys.stderr = streams
-            for target, fd in zip((1, 2), fds):
-                if fd is None:  # closed before: closed again
-                    with contextlib.suppress(OSError):
-                        os.close(target)
-                else:
-                    os.dup2(fd, target)
-                    os.close(fd)
+        finally:
+            try:
+                sys.stdout, sys.stderr = streams
+            finally:
+                try:
+                    _restore(1, fds[0])
+                finally:
+                    _restore(2, fds[1])
 
 
 _silenced = _Silence()
