@@ -22,7 +22,6 @@ import io
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable

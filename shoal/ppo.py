@@ -786,9 +786,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                                f">= {config.stop_at_return} at step {global_step:,}")
                 break
     except (KeyboardInterrupt, BrokenPipeError):
-        # Ctrl-C, or the reader of stdout gone (shoal train | head): keep what was learned. The model and optimizer as they are, under the step count and
-        # update number of the last completed update, so that a resumed run's schedule goes on from
-        # there; the interrupted rollout is dropped (the envs restart on resume anyway).
+        # Ctrl-C, or the reader of stdout gone (shoal train | head): keep what was learned. The model and
+        # optimizer as they are, under the step count and update number of the last completed update, so
+        # that a resumed run's schedule goes on from there; the interrupted rollout is dropped (the envs
+        # restart on resume anyway).
         if config.run_dir is not None:
             save(*completed)
         raise
