@@ -83,7 +83,9 @@ def _join(ray, address: str | None, timeout: float) -> None:
                                 f"(ray start --head), or pass address=None to start a local one") from None
     try:
         if threading.current_thread() is threading.main_thread():
-            with deferred_interrupt():  # a Ray cut short in its start leaves its agent processes running
+            # A Ray cut short in its start leaves its agent processes running, or crashes at exit (Ray 2.60 frees
+            # its C++ core worker under its own io thread)
+            with deferred_interrupt():
                 ray.init(address=address, include_dashboard=False)
         else:
             _init_in_lasting_thread(ray, address)
