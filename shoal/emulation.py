@@ -76,6 +76,11 @@ def _is_reward(value) -> bool:
     return array.shape == () and array.dtype.kind in "biuf" and bool(abs(array) <= REWARD_LIMIT)
 
 
+def _non_dict_info(infos: dict) -> tuple[Any, Any] | None:
+    """(agent, info) for the first agent whose info is neither None nor a dict; None when all are."""
+    return next((item for item in infos.items() if item[1] is not None and not isinstance(item[1], dict)), None)
+
+
 def _layout_or_none(space: spaces.Space) -> ActionLayout | None:
     """The ActionLayout of a raw action space, or None where no flat layout holds it (mixed discrete and Box
     leaves, Text ...)."""
@@ -925,8 +930,7 @@ class EmulatedEnv:
             raise self._unknown_agent(shaped, "returned a reward for", "reward_shaper", APIUsageError)
         if not infos.keys() <= self.binding.agent_slots.keys():  # the env's were checked before: the shaper's
             raise self._unknown_agent(infos, "added infos for", "reward_shaper", APIUsageError)
-        edited = next(((agent, info) for agent, info in infos.items()
-                       if info is not None and not isinstance(info, dict)), None)
+        edited = _non_dict_info(infos)
         if edited is not None:
             agent, info = edited
             raise APIUsageError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick}: reward_shaper made its "
@@ -1011,7 +1015,7 @@ class EmulatedEnv:
 
     def _check_infos(self, infos: dict) -> None:
         """EnvError for the first agent whose info (if any) is not a dict."""
-        bad = next((item for item in infos.items() if item[1] is not None and not isinstance(item[1], dict)), None)
+        bad = _non_dict_info(infos)
         if bad:
             raise self._not_a_dict(*bad)
 

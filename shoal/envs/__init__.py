@@ -97,9 +97,11 @@ def _make_gym(env_id: str, /, **env_kwargs: Any):
                        f"gym:<module>:<id>, which every process imports") from None
 
 
-def _unexpected_keyword(error: TypeError, env_kwargs: dict) -> str | None:
-    """The one of ``env_kwargs`` that ``error``, raised building an env, says it does not take (else None)."""
-    return next((name for name in env_kwargs if f"unexpected keyword argument {name!r}" in str(error)), None)
+def _unexpected_keyword(error: TypeError, env_kwargs: dict, env: str) -> APIUsageError | None:
+    """The error naming the one of ``env_kwargs`` that ``error``, raised building ``env``, says it does not take;
+    None where it names none of them (a TypeError of the env's own code)."""
+    name = next((name for name in env_kwargs if f"unexpected keyword argument {name!r}" in str(error)), None)
+    return None if name is None else APIUsageError(f"{env} takes no keyword argument {name!r}: {error}")
 
 
 def gym(env_id: str, /, **env_kwargs: Any) -> Binding:
@@ -124,10 +126,10 @@ def gym(env_id: str, /, **env_kwargs: Any) -> Binding:
     try:
         return Binding(env_creator=_make_gym, env_args=(env_id,), env_kwargs=env_kwargs, env_name=env_id)
     except TypeError as error:
-        name = _unexpected_keyword(error, env_kwargs)
-        if name is None:
+        refused = _unexpected_keyword(error, env_kwargs, f"Gymnasium env {env_id!r}")
+        if refused is None:
             raise
-        raise APIUsageError(f"Gymnasium env {env_id!r} takes no keyword argument {name!r}: {error}") from None
+        raise refused from None
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # raised while building the env
         if _missing_module(error) is None and not isinstance(error, gymnasium.error.DependencyNotInstalled):
             # An ImportError that names no module: the id is a stub that never builds (MuJoCo v2/v3 ids)
@@ -179,10 +181,10 @@ def pettingzoo(env_id: str, /, **env_kwargs: Any) -> Binding:
             importlib.import_module(spec.entry_point.partition(":")[0])
         return Binding(env_creator=pz.make, env_args=(kind, spec.id), env_kwargs=env_kwargs, env_name=spec.id)
     except TypeError as error:
-        name = _unexpected_keyword(error, env_kwargs)
-        if name is None:
+        refused = _unexpected_keyword(error, env_kwargs, f"PettingZoo env {spec.id!r}")
+        if refused is None:
             raise
-        raise APIUsageError(f"PettingZoo env {spec.id!r} takes no keyword argument {name!r}: {error}") from None
+        raise refused from None
     except ImportError as error:  # importing the env's module, or building it (Hanabi imports open_spiel then)
         raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {_missing(error)} (its family needs an "
                             f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
