@@ -24,8 +24,8 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import (ActionLayout, ObservationLayout, _short, as_array, holds_dict, index_leaves, leaves,
-                          shape_of)
+from shoal.spaces import (ActionLayout, ObservationLayout, _path_str, _short, as_array, holds_dict, index_leaves,
+                          leaves, shape_of)
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -98,17 +98,24 @@ def _agent_order(agent) -> tuple:
     return tuple((0, int(part), "") if part.isdecimal() else (1, 0, part) for part in parts if part) or ((1, 0, ""),)
 
 
-def _same_space(a: spaces.Space, b: spaces.Space) -> bool:
-    """``a == b`` without gymnasium's tolerance, which calls Box bounds equal when ``np.allclose`` does."""
-    if a != b:
-        return False
+def _bounds_difference(a: spaces.Space, b: spaces.Space) -> str | None:
+    """Where two spaces that gymnasium calls equal differ after all: gymnasium allows ``np.allclose``'s tolerance
+    between Box bounds, one flat layout none. Text naming the first bound that differs, or None."""
     try:
         pairs = list(zip(leaves(a), leaves(b)))
     except SpaceError:  # a space shoal does not flatten (Text...): a feature_parser may make one it does
-        return True
-    return all(not isinstance(x.space, spaces.Box)
-               or np.array_equal(x.space.low, y.space.low) and np.array_equal(x.space.high, y.space.high)
-               for x, y in pairs)
+        return None
+    for x, y in pairs:
+        if isinstance(x.space, spaces.Box):
+            for side in ("low", "high"):
+                mine, theirs = getattr(x.space, side), getattr(y.space, side)
+                differ = np.flatnonzero(mine != theirs)
+                if differ.size:
+                    at = np.unravel_index(differ[0], mine.shape)
+                    leaf = f" of leaf {_path_str(x.path)}" if x.path else ""
+                    return (f"the {side} bound{leaf} differs at element {list(map(int, at))}: {mine[at].item()!r} vs "
+                            f"{theirs[at].item()!r}")
+    return None
 
 
 def _infer_space(value: Any) -> spaces.Space:
@@ -419,7 +426,9 @@ class Binding:
                     f"{self.env_name}: {type(env.unwrapped).__name__} is a PettingZoo AEC env whose metadata does not "
                     f"set is_parallelizable, so PettingZoo's aec_to_parallel cannot turn it into a ParallelEnv "
                     f"(turn-based games such as chess or tic-tac-toe): expected a ParallelEnv, or an AEC env whose "
-                    f"agents all act once per cycle and that says so with metadata['is_parallelizable'] = True")
+                    f"agents all act once per cycle and that says so with metadata['is_parallelizable'] = True. A "
+                    f"turn-based game works wrapped in pettingzoo.utils.conversions.turn_based_aec_to_parallel (every "
+                    f"agent acts each step; only the one whose turn it is counts)")
             return aec_to_parallel(env), True
         if isinstance(env, ParallelEnv) or all(
                 hasattr(env, name) for name in ("possible_agents", "observation_space", "action_space", "step")):
@@ -441,7 +450,7 @@ class Binding:
                                key=_agent_order)
                 raise EnvError(f"{self.env_name}: possible_agents names {twice[0]!r} more than once: expected each "
                                f"agent once (an agent's slot is its place in the sorted possible_agents)")
-            obs_space = self._common_space(env, "observation_space")
+            obs_space = self._common_space(env, "observation_space", parsed=self.feature_parser is not None)
             atn_space = self._common_space(env, "action_space")
         else:
             self.possible_agents = (SINGLE_AGENT_ID,)
@@ -451,7 +460,7 @@ class Binding:
                                f"{type(obs_space).__name__} and {type(atn_space).__name__}")
         self.max_agents = len(self.possible_agents)
         self.agent_slots = {agent: slot for slot, agent in enumerate(self.possible_agents)}
-        self.env_observation_space = obs_space
+        self.env_observation_space = obs_space  # None where the agents' own differ and the feature_parser unites them
         if self.feature_parser is not None and feature_space is None:
             try:
                 feature_space = _infer_space(self.feature_parser(self._first_observation(env)))
@@ -486,7 +495,9 @@ class Binding:
                                f"expected hashable agent ids (names or numbers)") from None
         return agents
 
-    def _common_space(self, env, method: str) -> spaces.Space:
+    def _common_space(self, env, method: str, parsed: bool = False) -> spaces.Space | None:
+        """The ``method`` space every agent has; SpaceError where two differ, unless ``parsed`` (a feature_parser
+        makes every agent's observation one space): then None."""
         space_of = getattr(env, method, None)
         if not callable(space_of):
             raise EnvError(f"{self.env_name}: {method} must be a method {method}(agent) -> gymnasium space, the "
@@ -497,11 +508,18 @@ class Binding:
                            f"got {type(first).__name__} {_short(first)}")
         for agent in self.possible_agents[1:]:
             other = space_of(agent)
-            if not _same_space(other, first):
-                raise SpaceError(
-                    f"{self.env_name}: every agent needs the same {method} to share one flat layout: "
-                    f"agent {self.possible_agents[0]!r} has {first}, agent {agent!r} has {other}"
-                )
+            difference = _bounds_difference(first, other) if other == first else ""
+            if difference is None:
+                continue
+            if parsed:
+                return None
+            what = (" (" + difference + ")") if difference else ""
+            remedy = ("give the Binding a feature_parser (and its feature_space) that turns every agent's observation "
+                      "into one space, e.g. by padding" if method == "observation_space" else
+                      "wrap the env so that every agent has one action space (e.g. the largest, each agent ignoring "
+                      "what it cannot use)")
+            raise SpaceError(f"{self.env_name}: every agent needs the same {method} to share one flat layout: agent "
+                             f"{self.possible_agents[0]!r} has {first}, agent {agent!r} has {other}{what}; {remedy}")
         return first
 
     def _first_observation(self, env) -> Any:

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, SpaceError, check_int, is_number
+from shoal.errors import APIUsageError, SpaceError, check_int, is_int, is_number
 from shoal.spaces import leaf_difference, leaf_signature, leaves, torch_dtype
 
 State = tuple[torch.Tensor, torch.Tensor]  # LSTM (h, c), each (B, hidden_size)
@@ -175,22 +175,41 @@ class DiscreteHead(nn.Module):
 class GaussianHead(nn.Module):
     """A diagonal Gaussian over a flat ``Box``: a linear mean and a learned, state-independent log std.
 
-    ``params`` are means ``(B, D)``; actions are float ``(B, D)``, unclipped (the trainer clips to
-    the space's bounds before sending them to the env).
+    Both are in units of half the space's width around its centre where its bounds (``low``, ``high``)
+    are finite and at most ``UNSCALED_WIDTH`` apart, so the first policy spreads its actions over the
+    whole range whatever the bounds (``Box(10, 20)`` as ``Box(-1, 1)``); elsewhere in the space's own
+    units, around 0. ``params`` are the linear layer's outputs ``(B, D)``; actions are float ``(B, D)``
+    in the space's units, unclipped (the trainer clips to the bounds before sending them to the env).
     """
 
-    def __init__(self, in_features: int, size: int):
+    UNSCALED_WIDTH = 2e6  # wider bounds stand for "none" (e.g. float32's largest): a unit there is the space's own
+
+    def __init__(self, in_features: int, size: int, low: Any = None, high: Any = None):
         super().__init__()
+        if not (is_int(size) and size >= 1):
+            raise APIUsageError(f"GaussianHead needs at least one action value, got size {size!r}")
         self.size = size
         self.linear = layer_init(nn.Linear(in_features, size), std=0.01)
         self.log_std = nn.Parameter(torch.zeros(size))
+        center, scale = np.zeros(size), np.ones(size)
+        if low is not None and high is not None:
+            low, high = (np.broadcast_to(np.asarray(bound, np.float64), (size,)) for bound in (low, high))
+            with np.errstate(invalid="ignore", over="ignore"):
+                width = high - low
+            bounded = np.isfinite(width) & (width > 0) & (width <= self.UNSCALED_WIDTH)
+            center[bounded] = (low[bounded] + high[bounded]) / 2
+            scale[bounded] = width[bounded] / 2
+        # Not in the state dict: they follow from the space, and checkpoints stay as they were.
+        self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32), persistent=False)
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("log_scale", self.scale.log(), persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
 
-    def _log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        z = (actions - mean) * torch.exp(-self.log_std)
-        return (-0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    def _log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        z = (actions - self.center - self.scale * params) * torch.exp(-self.log_std) / self.scale
+        return (-0.5 * z.pow(2) - self.log_std - self.log_scale - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def _input_error(self, mean: Any, actions: Any = None) -> APIUsageError:
         expected = f"float means (B, {self.size})" + ("" if actions is None else " and float actions of that shape")
@@ -202,7 +221,8 @@ class GaussianHead(nn.Module):
         if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size
                 and mean.is_floating_point()):
             raise self._input_error(mean)
-        actions = mean if deterministic else mean + torch.randn_like(mean) * self.log_std.exp()
+        noise = 0 if deterministic else torch.randn_like(mean) * self.log_std.exp()
+        actions = self.center + self.scale * (mean + noise)
         return actions, self._log_prob(mean, actions)
 
     def evaluate(self, mean: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +231,7 @@ class GaussianHead(nn.Module):
                 and mean.is_floating_point() and isinstance(actions, torch.Tensor) and actions.shape == mean.shape
                 and actions.is_floating_point()):
             raise self._input_error(mean, actions)
-        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std).sum().expand(len(mean))
+        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std + self.log_scale).sum().expand(len(mean))
         return self._log_prob(mean, actions), entropy
 
 
@@ -233,7 +253,7 @@ def _(space: spaces.Discrete, in_features: int) -> nn.Module:
 
 @make_action_head.register(spaces.Box)
 def _(space: spaces.Box, in_features: int) -> nn.Module:
-    return GaussianHead(in_features, int(np.prod(space.shape)))
+    return GaussianHead(in_features, int(np.prod(space.shape)), space.low.ravel(), space.high.ravel())
 
 
 # ---------------------------------------------------------------- policies

@@ -921,7 +921,9 @@ class ActionLayout:
         else:
             if flat.dtype.kind not in "iuf":
                 raise SpaceError(f"{space} takes numeric actions, got dtype {flat.dtype}")
-            bad = ~((flat >= space.low) & (flat <= space.high))  # also catches NaN
+            # As they will arrive: a float64 0.7 is float32's 0.7, which lies a little below it.
+            values = flat if flat.dtype == self.dtype else self.held(flat).astype(self.dtype)
+            bad = ~((values >= space.low) & (values <= space.high))  # also catches NaN
             if not bad.any():
                 return None
         return bad.any(axis=-1)

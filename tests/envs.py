@@ -236,6 +236,15 @@ class ProbeEnv(CrashingEnv):
     def scaled(self, value, factor=1):
         return value * factor
 
+    def echo(self, *args, **kwargs) -> tuple:
+        return args, kwargs
+
+    def bump(self, counter: list | None = None) -> list:
+        """Append 1 to ``counter`` (default: the attribute ``note``) in place and return it."""
+        counter = self.note if counter is None else counter
+        counter.append(1)
+        return counter
+
     def count(self) -> int:
         """How often it was called: a side effect, to tell repeated calls apart."""
         self.calls = getattr(self, "calls", 0) + 1

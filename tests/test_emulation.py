@@ -466,8 +466,16 @@ def test_an_agent_listed_twice_in_possible_agents_is_an_error():
 def test_turn_based_aec_env_is_refused_clearly():
     from pettingzoo.classic import tictactoe_v3
 
-    with pytest.raises(APIUsageError, match=r"tictactoe_v3: .* AEC env whose metadata does not set is_parallelizable"):
+    with pytest.raises(APIUsageError, match=r"tictactoe_v3: .* AEC env whose metadata does not set is_parallelizable.* "
+                                            r"A turn-based game works wrapped in pettingzoo.utils.conversions."
+                                            r"turn_based_aec_to_parallel"):
         shoal.Binding(env_creator=tictactoe_v3.env)
+    from pettingzoo.utils.conversions import turn_based_aec_to_parallel
+
+    env = shoal.Binding(env_creator=lambda: turn_based_aec_to_parallel(tictactoe_v3.env())).make_env()
+    env.reset(seed=0)
+    _, _, terminals, _, _ = env.step(np.array([[4], [0]]))  # only the player whose turn it is plays
+    assert not terminals.any() and env.env.unwrapped.board.squares[4] == 1
     from pettingzoo import AECEnv
 
     class NoMetadata(AECEnv):  # AECEnv only annotates metadata
@@ -504,8 +512,35 @@ def test_agents_with_different_spaces_are_refused():
         def action_space(self, agent):
             return spaces.Discrete(3) if agent == "late" else ACTION_SPACE
 
-    with pytest.raises(SpaceError, match="every agent needs the same action_space.*'late' has Discrete\\(3\\)"):
+    with pytest.raises(SpaceError, match="every agent needs the same action_space.*'late' has Discrete\\(3\\); wrap "
+                                         "the env so that every agent has one action space"):
         shoal.Binding(env_cls=Mixed)
+
+
+def test_agents_with_different_observation_spaces_fit_through_a_feature_parser_that_makes_them_one():
+    class Uneven(TwoAgents):  # as MPE's simple_adversary: the adversary sees less
+        def observation_space(self, agent):
+            return spaces.Box(-1, 1, (2 if agent == "a" else 3,), np.float32)
+
+        def reset(self, seed=None, options=None):
+            self.agents = ["a", "b"]
+            return {agent: np.ones(self.observation_space(agent).shape, np.float32) for agent in self.agents}, {}
+
+        def step(self, actions):
+            obs, _ = self.reset()
+            return obs, dict.fromkeys(obs, 1.0), dict.fromkeys(obs, False), dict.fromkeys(obs, False), {}
+
+    with pytest.raises(SpaceError, match=r"'b' has Box\(-1.0, 1.0, \(3,\), float32\); give the Binding a feature_parser "
+                                         r"\(and its feature_space\) that turns every agent's observation into one space"):
+        shoal.Binding(env_cls=Uneven)
+    padded = spaces.Box(-1, 1, (3,), np.float32)
+    for feature_space in (padded, None):  # given, or inferred from one parsed observation
+        binding = shoal.Binding(env_cls=Uneven, feature_parser=lambda obs: np.pad(obs, (0, 3 - len(obs))),
+                                feature_space=feature_space)
+        assert binding.env_observation_space is None and binding.single_observation_space.shape == (3,)
+        env = binding.make_env()
+        assert env.reset(seed=0)[0].tolist() == [[1, 1, 0], [1, 1, 1]]
+        assert env.step(np.zeros((2, 1), np.int64))[0].tolist() == [[1, 1, 0], [1, 1, 1]]
 
 
 def test_action_errors_name_env_agent_and_step():
@@ -1605,6 +1640,13 @@ def test_more_corners_of_emulation_from_probing():
 
     with pytest.raises(SpaceError, match=r"every agent needs the same observation_space.*'b' has Box\(0.0, 100001.0"):
         shoal.Binding(env_cls=CloseBounds)
+
+    class CloserBounds(TwoAgents):  # gymnasium prints both Boxes alike: the message names what differs
+        def observation_space(self, agent):
+            return spaces.Box(-1, np.array([1, 1, 1 + (agent == "b") * 1e-9]), (3,), np.float64)
+
+    with pytest.raises(SpaceError, match=r"\(the high bound differs at element \[2\]: 1.0 vs 1.000000001\)"):
+        shoal.Binding(env_cls=CloserBounds)
     # Ids whose digits int() cannot read ("²" is a digit to str.isdigit) sort as text.
     class OddIds(TwoAgents):
         possible_agents = ["x1²", "x1"]

@@ -197,6 +197,30 @@ def test_gaussian_head_matches_a_diagonal_normal():
     torch.testing.assert_close(entropy, normal.entropy().sum(-1))
 
 
+def test_gaussian_head_works_in_half_widths_of_finite_bounds():
+    """Box(10, 20) learns as Box(-1, 1) does: the first policy spreads its actions over the range, not at 0."""
+    torch.manual_seed(0)
+    low, high = np.array([10.0, -np.inf, 0.0, -3e38]), np.array([20.0, np.inf, 1.0, 3e38])
+    head = GaussianHead(4, 4, low, high)
+    with torch.no_grad():
+        head.log_std.copy_(torch.tensor([-0.5, 0.3, 0.0, 0.1]))
+    params = torch.randn(7, 4)
+    center, scale = torch.tensor([15.0, 0.0, 0.5, 0.0]), torch.tensor([5.0, 1.0, 0.5, 1.0])  # too wide: unscaled
+    actions, logprob = head.sample(params)
+    normal = torch.distributions.Normal(center + scale * params, scale * head.log_std.exp())
+    torch.testing.assert_close(logprob, normal.log_prob(actions).sum(-1))
+    got, entropy = head.evaluate(params, actions)
+    torch.testing.assert_close(got, logprob)
+    torch.testing.assert_close(entropy, normal.entropy().sum(-1))
+    torch.testing.assert_close(head.sample(params, deterministic=True)[0], center + scale * params)
+    policy = default_policy(_binding(spaces.Box(-1, 1, (3,)), spaces.Box(10, 20, (2,))))
+    first = policy.sample_actions(policy(torch.zeros(4000, 3))[0])[0]
+    assert abs(first.mean().item() - 15) < 0.3 and abs(first.std().item() - 5) < 0.3
+    assert "center" not in policy.state_dict() and "action_head.center" not in policy.state_dict()
+    with pytest.raises(APIUsageError, match="GaussianHead needs at least one action value, got size 0"):
+        GaussianHead(4, 0)  # an empty Box: nothing to learn
+
+
 def test_box_action_space_gets_a_gaussian_head():
     policy = default_policy(_binding(spaces.Box(-1, 1, (3,)), spaces.Box(-2, 2, (2,))))
     assert isinstance(policy.action_head, GaussianHead)

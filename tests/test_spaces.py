@@ -690,6 +690,14 @@ def test_a_multidiscrete_leaf_with_no_values_keeps_its_shape():
     assert layout.unflatten(layout.flatten(value))["none"].shape == (0, 3)
 
 
+def test_a_float64_action_at_a_float32_bound_is_inside():
+    """np.clip(a, -0.7, 0.7) in float64 gives 0.7, a little above float32's 0.7: it arrives as that bound."""
+    layout = ActionLayout(spaces.Box(-0.7, 0.7, (2,), np.float32))
+    assert layout.invalid_rows(np.array([[0.7, -0.7]])) is None
+    assert layout.invalid_rows(np.array([[0.7, 0.7001], [0.1, 0.2]])).tolist() == [True, False]
+    assert layout.unflatten(np.array([0.7, -0.7])).tolist() == [np.float32(0.7), np.float32(-0.7)]
+
+
 def test_empty_space_raises():
     for layout_cls in (ObservationLayout, ActionLayout):
         with pytest.raises(SpaceError, match="no leaves"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib.util
 import math
 import os
 import pickle
@@ -275,12 +276,21 @@ def test_call_get_attr_set_attr(make, backend):
     for one in (1, np.int64(1), np.array(1)):
         with pytest.raises(APIUsageError, match=r"env_ids must be a list of env indices or None, got .*: pass \[1\]"):
             vecenv.get_attr("tick", env_ids=one)
-    if backend != "serial":
-        with pytest.raises(APIUsageError, match="call\\(\\): the result of call cannot be sent to the parent: .*lock.* "
-                                                "\\(results must pickle\\)"):
-            vecenv.call("lock", env_ids=[1])
-        with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers: .*lock"):
-            vecenv.call("scaled", threading.Lock())
+    # Each env gets its own copy of the arguments and results are copies, on every backend (Serial copies them):
+    # an env that changes its argument in place changes no other env's, nor the caller's.
+    counter = []
+    assert vecenv.call("bump", counter) == [[1]] * 4 and counter == []
+    vecenv.set_attr("note", [])
+    assert vecenv.call("bump") == [[1]] * 4
+    vecenv.get_attr("masks")[0][:] = False
+    assert vecenv.masks.all()
+    assert vecenv.call("echo", 1, method=2, env_ids=[0]) == [((1,), {"method": 2})]  # call()'s own name too
+    unsent, unsendable = ("copied", "copied for each env") if backend == "serial" else (
+        "sent to the parent", "sent to the workers")
+    with pytest.raises(APIUsageError, match=f"call\\(\\): the result of call cannot be {unsent}: .*lock"):
+        vecenv.call("lock", env_ids=[1])
+    with pytest.raises(APIUsageError, match=f"call\\(\\): the arguments cannot be {unsendable}: .*lock"):
+        vecenv.call("scaled", threading.Lock())
     vecenv.step(np.zeros((4, 1), np.int64))  # still usable after a usage error
 
 
@@ -418,6 +428,14 @@ def test_local_creators_work_and_unpicklable_bindings_are_a_clear_error(no_leaks
     vecenv = make(shoal.Binding(env_creator=lambda: gymnasium.make("CartPole-v1")), "multiprocessing",
                   num_workers=1, context="spawn")  # the binding travels with cloudpickle
     assert vecenv.reset(seed=0)[0].shape == (1, 4)
+    with open(__file__) as log:  # cloudpickle would send a copy of the text: the env's writes would be lost
+        binding = shoal.Binding(env_creator=lambda: (log, gymnasium.make("CartPole-v1"))[1])
+        with pytest.raises(APIUsageError, match="cannot be sent to a 'forkserver' worker: PicklingError: open file "
+                                                "'.*test_vector.py' cannot be sent to another process"):
+            Multiprocessing(binding, num_workers=1)
+        with pytest.raises(APIUsageError, match="Ray: the binding of CartPole-v1 cannot be sent to the actors: "
+                                                "PicklingError: open file"):
+            make(binding, "ray", num_workers=1)
     lock = threading.Lock()
     binding = shoal.Binding(env_creator=lambda: (lock, gymnasium.make("CartPole-v1"))[1])
     with pytest.raises(APIUsageError, match="the binding of CartPole-v1 cannot be sent to a 'spawn' worker: TypeError: "
@@ -582,6 +600,21 @@ def test_sys_exit_in_an_env_becomes_worker_error(no_leaks, backend):
     with pytest.raises(WorkerError, match=f"(?s)worker 1 \\(envs 2-3 of ProbeEnv\\) failed in step at its step 1, "
                                           f"in env 2: SystemExit: 3.*{TRACEBACK}.*sys.exit"):
         vecenv.step(np.zeros((4, 1), np.int64))
+
+
+@pytest.mark.parametrize("backend", PARALLEL)
+def test_a_binding_that_does_not_unpickle_in_the_worker_is_named(no_leaks, make, backend, tmp_path, monkeypatch):
+    (tmp_path / "file_env.py").write_text("import gymnasium\nclass FileEnv(gymnasium.Env):\n"
+                                          "    observation_space = action_space = gymnasium.spaces.Discrete(2)\n")
+    spec = importlib.util.spec_from_file_location("file_env", tmp_path / "file_env.py")  # not importable by name
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "file_env", module)
+    spec.loader.exec_module(module)
+    binding = shoal.Binding(env_cls=module.FileEnv)
+    named = ("failed in start at its step 0, in no env: the binding does not unpickle in the worker process: "
+             if backend == "multiprocessing" else "its Ray actor could not be created: ")
+    with pytest.raises(WorkerError, match=re.escape(named + "ModuleNotFoundError: No module named 'file_env'")):
+        make(binding, backend, num_workers=1)
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):
@@ -782,16 +815,22 @@ WORKER_PATH_IDS = ["multiprocessing", "ray", "ray-calls"]
 
 
 @pytest.mark.parametrize("backend, options", WORKER_PATHS, ids=WORKER_PATH_IDS)
-def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refused(no_leaks, backend, options):
+def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refused(no_leaks, backend, options,
+                                                                                   tmp_path):
     vecenv = shoal.vector.make(probe(), backend, num_workers=2, **options)
     vecenv.reset(seed=0)
     with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: .*TypeError"):
         vecenv.call("pid", Unpicklable(code=3))
     with pytest.raises(APIUsageError, match="the command's arguments do not unpickle in the worker: .*TypeError"):
         vecenv.set_attr("note", Unpicklable(code=3), env_ids=[1])
-    if options.get("shared_memory", True):  # Ray calls send arguments with cloudpickle, which takes a lambda
-        with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers"):
-            vecenv.call("pid", lambda: 1)  # local Ray actors take commands on a socket, pickled as Multiprocessing's
+    with pytest.raises(APIUsageError, match="call\\(\\): the arguments cannot be sent to the workers: TypeError: "
+                                            ".*lock"):
+        vecenv.call("scaled", threading.Lock())
+    assert [fns[0]() for fns in vecenv.call("scaled", [lambda: 1])] == [1, 1]  # a lambda travels (cloudpickle)
+    with open(tmp_path / "log.txt", "a+") as log:  # cloudpickle would send a copy of its text: the writes lost
+        with pytest.raises(APIUsageError, match="set_attr\\(\\): the arguments cannot be sent to the workers: "
+                                                "PicklingError: open file '.*log.txt' cannot be sent to another process"):
+            vecenv.set_attr("log", log)
     assert len(vecenv.call("pid")) == 2  # still usable
     vecenv.close()
 
@@ -1155,15 +1194,22 @@ def test_a_call_from_a_signal_handler_is_refused_and_the_interrupted_call_goes_o
 
 def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutdown_is_named(tmp_path):
     """The envs use copies of the main script's classes, sent with the binding by cloudpickle (Ray's own copy
-    for Ray): their instances in infos and call() results must come back as the script's classes."""
+    for Ray): their instances in infos and call() results must come back as the script's classes, and those
+    in call()/set_attr() arguments must reach the envs as the envs' own classes (not the ones of a worker
+    that imported the script again); local functions travel both ways."""
     script = tmp_path / "notes.py"
     script.write_text(textwrap.dedent("""
+        import enum
         import numpy as np, gymnasium, ray, shoal, shoal.vector
         from shoal.errors import WorkerError
 
         class Note:
             def __init__(self, value):
                 self.value = value
+
+        class Mode(enum.Enum):
+            EASY = 1
+            HARD = 2
 
         class NoteEnv(gymnasium.Env):
             observation_space = gymnasium.spaces.Box(0, 1, (2,), np.float32)
@@ -1175,13 +1221,24 @@ def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutd
             def note(self):
                 return Note(2)
 
+            def is_hard(self, mode=None):
+                return (self.mode if mode is None else mode) is Mode.HARD and isinstance(self.note_given, Note)
+
+            def scaler(self):
+                return lambda x: 2 * x
+
         if __name__ == "__main__":
             binding = shoal.Binding(env_cls=NoteEnv)
-            for backend, options in (("multiprocessing", {}), ("ray", {}), ("ray", {"shared_memory": False})):
+            for backend, options in (("multiprocessing", {}), ("multiprocessing", {"context": "spawn"}),
+                                     ("multiprocessing", {"context": "fork"}), ("ray", {}),
+                                     ("ray", {"shared_memory": False})):
                 with shoal.vector.make(binding, backend, num_workers=1, **options) as vecenv:
                     vecenv.reset(seed=0)
                     info = vecenv.step(np.zeros((1, 1), np.int64))[4][0][0]["note"]
-                    print(type(info) is Note, type(vecenv.call("note")[0]) is Note)
+                    vecenv.set_attr("mode", Mode.HARD)
+                    vecenv.set_attr("note_given", Note(3))
+                    print(type(info) is Note, type(vecenv.call("note")[0]) is Note, vecenv.call("is_hard"),
+                          vecenv.call("is_hard", Mode.HARD), vecenv.call("scaler")[0](2))
             vecenv = shoal.vector.make(binding, "ray", num_workers=1, shared_memory=False)
             vecenv.reset(seed=0)
             ray.shutdown()
@@ -1191,7 +1248,7 @@ def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutd
                 print(str(error).split(": ")[1], ray.is_initialized())
         """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.stdout.splitlines() == ["True True"] * 3 + ["Ray was shut down (ray.shutdown()) while this vec env "
+    assert done.stdout.splitlines() == ["True True [True] [True] 4"] * 5 + ["Ray was shut down (ray.shutdown()) while this vec env "
                                                              "was open, at its step 1 False"], done.stderr
 
 

@@ -15,13 +15,16 @@ worker, wait for replies, stop everything, and how to build its buffers); this m
 from __future__ import annotations
 
 import abc
+import copy
 import enum
 import functools
 import inspect
+import io
 import math
 import os
 import pickle
 import select
+import sys
 import threading
 import time
 import traceback
@@ -179,7 +182,11 @@ class EnvGroup:
             self.current, env = self.env_ids[index], self.envs[index]
             self.progress[0] = self.current
             try:
-                values.append(self._access_one(env, command, name, rest))
+                own = copy.deepcopy(rest)  # an env that changes its argument in place changes no other's
+            except Exception as error:
+                raise _UsageError(f"the arguments cannot be copied for each env: {_exception_text(error)}") from error
+            try:
+                values.append(self._access_one(env, command, name, own))
             except _UsageError:
                 raise
             except Exception as error:  # from the env's own code, which the caller chose to run: the env goes on
@@ -276,12 +283,45 @@ _STATUS_BYTE = {Status.OK: b"o", Status.USAGE_ERROR: b"u", Status.FAILED: b"f"}
 _BYTE_STATUS = {byte[0]: status for status, byte in _STATUS_BYTE.items()}
 
 
-def send_command(conn, command: Command, payload: Any) -> None:
-    """Send ``command`` to the worker at the other end of ``conn`` (see :func:`serve`)."""
+def send_command(conn, command: Command, payload: Any, cloudpickler=None) -> None:
+    """Send ``command`` to the worker at the other end of ``conn`` (see :func:`serve`), pickled by
+    :func:`command_bytes` with ``cloudpickler``."""
     if command is Command.STEP and payload is None:
         conn.send_bytes(_STEP)
     else:
-        conn.send((command, payload))
+        conn.send_bytes(command_bytes((command, payload), cloudpickler))
+
+
+def command_bytes(value: Any, cloudpickler=None) -> bytes:
+    """``value`` pickled for a worker. Where the binding went by cloudpickle (``cloudpickler``: the module that
+    sent it), by the same: it sent the classes of the main script by value, and sends them again as the very
+    classes the worker's envs have, where pickling them by name would give a worker that imported the main
+    script again (spawn, forkserver) its own, different ones. A forked worker has the parent's classes: as
+    :func:`_dumps` pickles answers."""
+    return _dumps(value) if cloudpickler is None else cloudpickle_dumps(value, cloudpickler)
+
+
+def cloudpickle_dumps(value: Any, cloudpickler=None) -> bytes:
+    """``value`` pickled with ``cloudpickler`` (default: the ``cloudpickle`` package), refusing open files:
+    cloudpickle would send a readable one as a copy of its text, so the other process would read a snapshot and
+    its writes would be lost."""
+    if cloudpickler is None:
+        import cloudpickle as cloudpickler  # a dependency of gymnasium
+    out = io.BytesIO()
+    _file_refusing_pickler(cloudpickler)(out, pickle.HIGHEST_PROTOCOL).dump(value)
+    return out.getvalue()
+
+
+@functools.cache
+def _file_refusing_pickler(cloudpickler) -> type:
+    class FileRefusingPickler(cloudpickler.CloudPickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, io.TextIOWrapper) and obj is not sys.stdout and obj is not sys.stderr:
+                raise pickle.PicklingError(
+                    f"open file {getattr(obj, 'name', obj)!r} cannot be sent to another process (it would get a "
+                    f"copy of the text, not the file): open the file in that process, e.g. in the env's constructor")
+            return super().reducer_override(obj)
+    return FileRefusingPickler
 
 
 def send_answer(conn, status: Status, payload: Any, cloudpickler=None) -> None:
@@ -298,11 +338,8 @@ def _dumps(payload: Any, cloudpickler=None) -> bytes:
     cloudpickle sends them back as copies that the parent maps onto its own classes."""
     try:
         return pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
-    except pickle.PicklingError:
-        if cloudpickler is None:
-            import cloudpickle as cloudpickler  # a dependency of gymnasium
-
-        return cloudpickler.dumps(payload, pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):  # a local function or class raises AttributeError
+        return cloudpickle_dumps(payload, cloudpickler)
 
 
 def read_answer(conn, envs: int) -> tuple[Status, Any]:
@@ -919,12 +956,13 @@ class VecEnv(abc.ABC):
     # -------------------------------------------------------------- any env, local or remote
 
     @_one_caller
-    def call(self, method: str, *args, env_ids: Sequence[int] | None = None, **kwargs) -> list:
+    def call(self, method: str, /, *args, env_ids: Sequence[int] | None = None, **kwargs) -> list:
         """``env.method(*args, **kwargs)`` on each env of ``env_ids`` (default all); one result per env.
 
         ``method`` is looked up on the emulated env first, then on the env it wraps (``.env``), then on
         that env's innermost env (``.env.unwrapped``, under wrappers such as gymnasium.make's), so both
-        ``call("render")`` and an env's own methods work. Arguments and results must pickle.
+        ``call("render")`` and an env's own methods work. Arguments and results must pickle; each env
+        gets its own copy of the arguments, and the results are copies.
         """
         return self._access(Command.CALL, env_ids, method, args, kwargs)
 

@@ -27,17 +27,17 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from multiprocessing import connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
-from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Poller, Status, VecEnv, check_seconds,
-                               default_num_workers, read_answer, send_answer, send_command, serve, split_arrays,
-                               start_worker)
+from shoal.vector.base import (ArrayLayout, Command, EnvGroup, Failure, Poller, Status, VecEnv, check_seconds,
+                               cloudpickle_dumps, command_bytes, default_num_workers, read_answer, send_answer,
+                               send_command, serve, split_arrays, start_worker)
 
 class SharedArrays:
     """The arrays of an :class:`ArrayLayout` in one block of shared memory that child processes map too.
@@ -96,7 +96,17 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     os.setpgrp()
     _exit_with_parent()
     if isinstance(binding, bytes):
-        binding = pickle.loads(binding)
+        try:
+            binding = pickle.loads(binding)
+        except BaseException as error:
+            failure = Failure(None, 0, "start", f"the binding does not unpickle in the worker process: "
+                              f"{type(error).__name__}: {error}. A module it names must be importable there "
+                              f"too: installed, or on PYTHONPATH (or use context='fork')", traceback.format_exc())
+            try:
+                send_answer(conn, Status.FAILED, failure)
+            finally:
+                conn.close()
+            return
     arrays = shared.arrays()
     buffers, actions = split_arrays(arrays)
     group = EnvGroup(binding, env_ids, Buffers(*(array[rows] for array in buffers)), actions[rows],
@@ -176,6 +186,12 @@ class Multiprocessing(VecEnv):
         buffers, actions = split_arrays(arrays)
         self._progress = arrays["progress"]  # the env each worker runs, to name a hung one
         self._progress[:] = -1  # none yet
+        # A forked worker has our classes; the others get the binding, then call/set_attr arguments, by cloudpickle.
+        self._cloudpickler = None
+        if method != "fork":
+            import cloudpickle  # a dependency of gymnasium
+
+            self._cloudpickler = cloudpickle
         sent = binding if method == "fork" else self._pickled(binding, method)
         try:
             for worker in range(self.num_workers):
@@ -200,10 +216,8 @@ class Multiprocessing(VecEnv):
         self._start(buffers, actions)
 
     def _pickled(self, binding: Binding, method: str) -> bytes:
-        import cloudpickle  # a dependency of gymnasium
-
         try:
-            return cloudpickle.dumps(binding)
+            return cloudpickle_dumps(binding, self._cloudpickler)
         except Exception as error:
             self.close()
             raise APIUsageError(
@@ -215,7 +229,7 @@ class Multiprocessing(VecEnv):
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         try:
-            send_command(self._conns[worker], command, payload)
+            send_command(self._conns[worker], command, payload, self._cloudpickler)
         except (OSError, EOFError):  # broken pipe: the worker is gone
             raise self._death_error(worker) from None
 
@@ -234,7 +248,7 @@ class Multiprocessing(VecEnv):
         return answers
 
     def _check_sendable(self, value: Any) -> None:
-        ForkingPickler.dumps(value)
+        command_bytes(value, self._cloudpickler)
 
     def _last_words(self, worker: int) -> tuple[Status, Any] | None:
         """A dead worker's unread failure report, if it sent one before exiting."""
@@ -269,8 +283,7 @@ class Multiprocessing(VecEnv):
         else:  # it failed before shoal's code ran in it, so nothing could be reported
             why = ("the process failed while starting, before it could report: it imports your main script first "
                    "(start method forkserver or spawn), so code that builds a vec env must sit under "
-                   "`if __name__ == \"__main__\":`; or the binding could not be unpickled there. Its own traceback "
-                   "is on stderr above")
+                   "`if __name__ == \"__main__\":`. Its own traceback is on stderr above")
         env = self._crashed_env(worker)
         return WorkerError(f"{self._describe(worker)}, process {process.pid}, {how} at its step "
                            f"{self._steps[worker]}, running env {env}: {why}", env_id=env)

@@ -25,7 +25,6 @@ import threading
 import traceback
 import uuid
 from multiprocessing import connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,9 @@ import numpy as np
 from shoal.emulation import Binding, Buffers
 from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
 from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failure, Poller, Status, VecEnv,
-                               _unpicklable, check_seconds, default_num_workers, handle_in_worker, send_command, serve,
-                               split_arrays, start_worker, unpickled_arguments_error)
+                               _unpicklable, check_seconds, cloudpickle_dumps, command_bytes, default_num_workers,
+                               handle_in_worker, send_command, serve, split_arrays, start_worker,
+                               unpickled_arguments_error)
 
 _ACCESS = (Command.CALL, Command.GET_ATTR, Command.SET_ATTR)  # the commands that run code the caller chose
 _RESOURCE_OPTIONS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}  # ray.remote option -> Ray resource
@@ -111,6 +111,11 @@ def _init_in_lasting_thread(ray, address: str | None) -> None:
     done.wait()
     if failure:
         raise failure[0]
+
+
+def _last_line(error: Exception) -> str:
+    """The last line of a Ray error's text: the exception raised where Ray ran the code."""
+    return (str(error).strip().splitlines() or [""])[-1]
 
 
 def _map_driver_memory(path: str, identity: tuple[int, int], layout: ArrayLayout) -> dict[str, np.ndarray]:
@@ -195,7 +200,7 @@ class RayWorker:
             from ray import cloudpickle
 
             try:  # an unpicklable result is the caller's mistake: say so, and keep the actor
-                cloudpickle.dumps(answer)
+                cloudpickle_dumps(answer, cloudpickle)
             except BaseException as error:  # SystemExit from a result's __reduce__ too: no exit of the actor's
                 return _unpicklable(self.group, command, answer, error)
         return status, answer
@@ -259,7 +264,7 @@ class Ray(VecEnv):
         self._asked = _asked_resources(actor_options or {})
         self._check_resources()
         try:
-            ray.cloudpickle.dumps(binding)
+            cloudpickle_dumps(binding, ray.cloudpickle)
         except Exception as error:
             self.close()
             raise APIUsageError(
@@ -361,7 +366,7 @@ class Ray(VecEnv):
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
         if self._conns:
             try:
-                send_command(self._conns[worker], command, payload)
+                send_command(self._conns[worker], command, payload, self._ray.cloudpickle)
             except (OSError, EOFError):  # the actor's end is closed: it died
                 raise self._death_error(worker) from None
             return
@@ -403,6 +408,11 @@ class Ray(VecEnv):
             except SystemExit as error:  # code that unpickling the answer ran: no exit of ours
                 raise self._unreadable_error(worker, error, traceback.format_exc()) from None
             except ray.exceptions.RayActorError as error:
+                if error.actor_init_failed:  # Ray's own failure before the actor ran (its __init__ reports env code's)
+                    raise WorkerError(f"{self._describe(worker)}: its Ray actor could not be created: "
+                                      f"{_last_line(error)}. Where that is an import: every module the binding names "
+                                      f"must be importable in the actor too (installed, on PYTHONPATH, or shipped "
+                                      f"with Ray's runtime_env)", str(error)) from None
                 env = self._crashed_env(worker)
                 raise WorkerError(f"{self._describe(worker)}: its Ray actor died at its step {self._steps[worker]}, "
                                   f"running env {env}: {type(error).__name__}", str(error), env) from None
@@ -411,8 +421,7 @@ class Ray(VecEnv):
                         and isinstance(error, ray.exceptions.RaySystemError)):
                     # The actor catches whatever env code raises, so a task that failed before it ran is Ray's
                     # failure to unpickle the arguments there: the caller's, and the actor is unharmed.
-                    last_line = (str(error).strip().splitlines() or [""])[-1]  # the unpickling error itself
-                    answers.append((worker, Status.USAGE_ERROR, unpickled_arguments_error(last_line)))
+                    answers.append((worker, Status.USAGE_ERROR, unpickled_arguments_error(_last_line(error))))
                     continue
                 if (isinstance(error, ray.exceptions.RaySystemError) and isinstance(error.client_exc, Exception)
                         and not isinstance(error, ray.exceptions.RayTaskError)):
@@ -441,12 +450,7 @@ class Ray(VecEnv):
                            f"killed? a crash in C code?)", env_id=env)
 
     def _check_sendable(self, value: Any) -> None:
-        if self._conns:  # commands go on the actors' sockets, pickled as Multiprocessing pickles them
-            ForkingPickler.dumps(value)
-        else:
-            from ray import cloudpickle
-
-            cloudpickle.dumps(value)
+        command_bytes(value, self._ray.cloudpickle)  # as they go on the actors' sockets; Ray's calls use it too
 
     def _shutdown(self) -> None:
         ray, actors = getattr(self, "_ray", None), getattr(self, "_actors", [])

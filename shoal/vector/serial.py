@@ -6,6 +6,7 @@ or very cheap envs. Work happens in ``send``; ``recv`` only hands back what is d
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from typing import Any
 
@@ -55,7 +56,16 @@ class Serial(VecEnv):
         self._start(buffers, actions)
 
     def _dispatch(self, worker: int, command: Command, payload: Any) -> None:
-        self._answers.append((worker, *self._groups[worker].handle(command, payload)))
+        status, answer = self._groups[worker].handle(command, payload)
+        if status is Status.OK and command in (Command.CALL, Command.GET_ATTR):
+            try:  # a copy, as the other backends' results are: not a live view into an env or our buffers
+                answer = copy.deepcopy(answer)
+            except Exception as error:
+                self._groups[worker].exception = error
+                status, answer = Status.USAGE_ERROR, (f"the result of {command.value} cannot be copied: "
+                                                      f"{type(error).__name__}: {error} (results are copies on every "
+                                                      f"backend)")
+        self._answers.append((worker, status, answer))
 
     def _wait(self, workers: set[int], timeout: float | None, need: int = 1) -> list[tuple[int, Status, Any]]:
         answers = [answer for answer in self._answers if answer[0] in workers]
