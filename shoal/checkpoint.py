@@ -29,6 +29,10 @@ import torch
 from shoal.errors import APIUsageError, TrainingError, check_int
 
 FORMAT = "shoal-checkpoint-1"
+# What a checkpoint holds besides tensors and plain Python values: numpy's RNG state, an array of one of numpy's
+# dtypes. torch.load allows these and no other callable, so a foreign file cannot run code while it is read.
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar,
+                  *{type(np.dtype(code)) for code in np.typecodes["All"]}]
 _NAME = re.compile(r"^update_(\d+)\.pt$")
 
 
@@ -253,11 +257,21 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise APIUsageError(f"{str(path)!r} does not exist: expected a checkpoint (.pt) or a run directory written "
                             f"by shoal train")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:  # not damage: a file this user may not read (never renamed, nor passed over)
         raise
     except Exception as error:  # a foreign or damaged file: say which, and what it is not
-        raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error})") from None
+        text = str(error)
+        if "Weights only load failed" in text:  # torch's safe unpickler: what it found, without its advice
+            text = " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.startswith(
+                ("Weights only load failed", "Check the documentation", "Please file an issue", "WeightsUnpickler")))
+            if "GLOBAL" in text or "allowlisted" in text:
+                raise APIUsageError(
+                    f"checkpoint {str(path)!r} holds more than tensors, numbers, text and numpy arrays ({text}): shoal "
+                    f"reads only those, so that reading a file runs no code; if you trust it, load it yourself with "
+                    f"torch.load(path, weights_only=False)") from None
+        raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {text})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise APIUsageError(f"{str(path)!r} is not a shoal checkpoint: expected format {FORMAT!r}")
     payload["path"] = str(path)

@@ -18,12 +18,14 @@ import contextlib
 import dataclasses
 import errno
 import itertools
+import json
 import math
 import os
 import select
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
@@ -126,6 +128,17 @@ def _network(config: PPOConfig, binding) -> tuple:
     return type(policy).__name__, [(name, tuple(parameter.shape)) for name, parameter in policy.named_parameters()]
 
 
+def _is_run_dir(directory: Path, checkpoint: dict) -> bool:
+    """Whether a checkpoint's file lies in the checkpoints/ of a run directory of its run: one whose config.json
+    names its env (not any folder that keeps checkpoints/)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        inside = (directory / "checkpoints").samefile(Path(checkpoint["path"]).parent)
+    except (OSError, ValueError):
+        return False
+    return inside and isinstance(config, dict) and config.get("env") == checkpoint["env"]
+
+
 def _train(argv: list[str]) -> int:
     from shoal.checkpoint import list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
@@ -135,9 +148,9 @@ def _train(argv: list[str]) -> int:
     checkpoint = None
     if resume is not None:
         checkpoint = load_checkpoint(resume)  # a run directory's newest, or the file given
-        path = Path(checkpoint["path"])
+        path = Path(os.path.normpath(checkpoint["path"]))
         # The run goes on in the checkpoint's run directory; a file kept elsewhere starts a new one.
-        run_dir = str(path.parent.parent) if path.parent.name == "checkpoints" else None
+        run_dir = str(path.parent.parent) if _is_run_dir(path.parent.parent, checkpoint) else None
         default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=run_dir)
     else:
         env = _flag_value(argv, "--env") or PPOConfig.env
@@ -206,8 +219,8 @@ def _eval(argv: list[str]) -> int:
 
     from shoal.checkpoint import load_checkpoint
     from shoal.envs import make_binding
-    from shoal.ppo import (check_compatible, config_from_checkpoint, evaluate, load_policy_state, make_policy,
-                           resolve_device)
+    from shoal.ppo import (check_compatible, check_default_policy, config_from_checkpoint, evaluate, load_policy_state,
+                           make_policy, resolve_device)
 
     args = tyro.cli(EvalArgs, args=argv, prog="shoal eval")
     if args.episodes <= 0:
@@ -220,7 +233,8 @@ def _eval(argv: list[str]) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config = config_from_checkpoint(checkpoint)
     binding = make_binding(args.env or checkpoint["env"])
-    check_compatible(checkpoint, binding)
+    check_compatible(checkpoint, binding, other_env=args.env is not None)
+    check_default_policy(checkpoint)
     policy = make_policy(config, binding)
     load_policy_state(policy, checkpoint)
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
@@ -273,8 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status is not None:
         return status
     command, rest = argv[0], argv[1:]
+
+    def show(message, category, *_) -> None:  # one line, not Python's file:line and source line of ours
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        _to_stderr(f"shoal {command}: warning: {kind}{message}")
+
     try:
-        status = COMMANDS[command](rest)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            status = COMMANDS[command](rest)
         sys.stdout.flush()  # a closed stdout shows here, not in Python's flush at exit
         return status
     except ShoalError as error:  # every error a user can cause: one message, no traceback

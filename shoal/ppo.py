@@ -394,6 +394,8 @@ def _checked_train(config: PPOConfig, binding, policy: Policy | None, logger, ve
     if resume_from is not None:  # loaded on the CPU: RNG states must stay CPU tensors
         checkpoint = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from)
         check_compatible(checkpoint, binding, config)
+        if policy is None:
+            check_default_policy(checkpoint)
         if checkpoint["global_step"] >= config.total_timesteps:
             raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the run is already at step "
                                 f"{checkpoint['global_step']:,} of total_timesteps {config.total_timesteps:,}: pass a "
@@ -993,8 +995,9 @@ def _check_keys(checkpoint: dict) -> None:
                             f"{', '.join(missing) or 'a config dict'} (train() writes {', '.join(_CHECKPOINT_KEYS)})")
 
 
-def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None) -> None:
-    """Raise :class:`APIUsageError` when a checkpoint was trained on another env or other spaces."""
+def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None, *, other_env: bool = False) -> None:
+    """Raise :class:`APIUsageError` when a checkpoint was trained on another env (unless ``other_env``: playing it
+    on an env of the same spaces) or other spaces."""
     _check_keys(checkpoint)
     where = checkpoint.get("path", "the checkpoint")
     if config is not None and checkpoint.get("env") != config.env:
@@ -1013,6 +1016,23 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None)
                                             if key != "observation leaves")
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
                             f"{describe(trained)}; this env has {describe(expected)}")
+    trained_on = checkpoint.get("env_name")  # absent from checkpoints written before it was recorded
+    if not other_env and trained_on is not None and trained_on != binding.env_name:
+        raise APIUsageError(f"{where} was trained on {trained_on!r}, not {binding.env_name!r} (built from the run's "
+                            f"config.env {checkpoint.get('env')!r}): a run whose binding was given to train() in "
+                            f"Python goes on, and is played, in Python with that binding (train(..., resume_from=...), "
+                            f"shoal.ppo.evaluate)")
+
+
+def check_default_policy(checkpoint: dict) -> None:
+    """APIUsageError where the checkpoint's policy was given to train(): the run's config builds the default
+    policy (shoal eval, a resume without a policy), which is not that network even where its weights would load."""
+    if checkpoint.get("policy_given"):
+        raise APIUsageError(
+            f"{checkpoint.get('path', 'the checkpoint')} holds the weights of the {checkpoint.get('policy')} that "
+            f"train() was given: the shoal command, and train() without a policy, build only default policies. Build "
+            f"that policy as the run did, in Python, and pass it (train(config, binding, policy, resume_from=...)), or "
+            f"load them into it with load_policy_state and play it with shoal.ppo.evaluate")
 
 
 def load_policy_state(policy: Policy, checkpoint: dict) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import builtins
 import signal
 import os
+import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -172,6 +172,23 @@ def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys, mo
     assert code == 2 and err.count("error:") == 1 and "a_file" in err
 
 
+def test_a_checkpoint_in_a_folder_named_checkpoints_outside_a_run_starts_a_new_run(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *FAST, "--total-timesteps", "32", "--run-dir", str(run_dir))[0] == 0
+    project = tmp_path / "project"  # a project that keeps its models in checkpoints/ and has a config of its own
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.json").write_text('{"my": "settings"}')
+    shutil.copy(list_checkpoints(run_dir)[-1], project / "checkpoints" / "best.pt")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "train", "--resume", "project/checkpoints/best.pt", "--total-timesteps", "64")
+    assert code == 0 and "run directory: runs/cartpole__1__" in out
+    assert (project / "config.json").read_text() == '{"my": "settings"}'
+    assert sorted(os.listdir(project)) == ["checkpoints", "config.json"]
+    spelled = f"run/checkpoints/../checkpoints/{list_checkpoints(run_dir)[-1].name}"  # the run's own, all the same
+    code, out, _ = run(capsys, "train", "--resume", spelled, "--total-timesteps", "64")
+    assert code == 0 and "run directory: run " in out
+
+
 def test_default_run_dirs_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda _: "20250101-120000")
@@ -197,12 +214,11 @@ def test_a_damaged_newest_checkpoint_is_reported_once_on_resume(tmp_path, capsys
     assert run(capsys, "train", *FAST, "--total-timesteps", "64", "--run-dir", str(run_dir),
                "--checkpoint-interval", "1")[0] == 0
     list_checkpoints(run_dir)[-1].write_bytes(b"not a checkpoint")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", "96")
+    code, out, err = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", "96")
     assert code == 0 and "trained 64 steps (from step 32 to 96)" in out
-    assert [str(warning.message).split(": ")[-1] for warning in caught] == [
-        f"loaded the newest one that can be, {run_dir}/checkpoints/update_000001.pt"]
+    warned = [line for line in err.splitlines() if "warning" in line]  # one line each, no source line of shoal's
+    assert len(warned) == 1 and warned[0].startswith(f"shoal train: warning: checkpoint '{run_dir}/checkpoints/")
+    assert warned[0].endswith(f"loaded the newest one that can be, {run_dir}/checkpoints/update_000001.pt")
 
 
 def test_plot_of_a_file_that_is_not_a_progress_csv_is_one_clear_error(tmp_path, capsys):

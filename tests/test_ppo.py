@@ -512,6 +512,26 @@ def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(APIUsageError, match="not a shoal checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": "shoal-checkpoint-1", "model": _Planted()}, tmp_path / "planted.pt")
+    with pytest.raises(APIUsageError, match=r"planted.pt' holds more than tensors, numbers, text and numpy arrays "
+                                            r"\(.*GLOBAL.*_plant.*\): shoal reads only those, so that reading a file "
+                                            r"runs no code"):
+        load_checkpoint(tmp_path / "planted.pt")
+    assert not _PLANTED  # its code never ran
+
+
+_PLANTED = []
+
+
+def _plant():
+    _PLANTED.append(1)
+
+
+class _Planted:
+    """A pickle that calls code of its choosing when loaded, as a foreign .pt file may."""
+
+    def __reduce__(self):
+        return _plant, ()
 
 
 def test_save_checkpoint_checks_its_update_and_payload(tmp_path):
@@ -832,6 +852,28 @@ def test_resume_with_another_network_is_refused(tmp_path):
                                             r"hidden_size=0, lstm=True, not this MLPPolicy's network: build the policy"
                                             r".* torch: Error\(s\) in loading state_dict for MLPPolicy: \w+"):
         train(PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6}), make_binding("cartpole"), resume_from=tmp_path)
+
+
+def test_a_run_given_its_binding_or_policy_in_python_is_not_resumed_with_the_configs(tmp_path):
+    binding = make_binding("cartpole")
+
+    class Scaled(MLPPolicy):  # the default MLP's parameters: its weights would load into the default policy
+        def encode(self, obs):
+            return super().encode(obs * 100)
+
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path / "policy")), binding, policy=Scaled(binding))
+    longer = PPOConfig(**{**QUICK, "total_timesteps": 4 * 16 * 6})
+    with pytest.raises(APIUsageError, match=r"holds the weights of the Scaled that train\(\) was given: the shoal "
+                                            r"command, and train\(\) without a policy, build only default policies"):
+        train(longer, binding, resume_from=tmp_path / "policy")
+    train(longer, binding, policy=Scaled(binding), resume_from=tmp_path / "policy")  # with its policy it goes on
+    renamed = Binding(env_creator=gymnasium.make, env_args=("CartPole-v1",), env_name="MyCartPole")
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path / "binding")), renamed)
+    with pytest.raises(APIUsageError, match=r"was trained on 'MyCartPole', not 'CartPole-v1' \(built from the run's "
+                                            r"config.env 'cartpole'\): a run whose binding was given to train\(\) in "
+                                            r"Python goes on, and is played, in Python with that binding"):
+        train(longer, binding, resume_from=tmp_path / "binding")
+    ppo.check_compatible(load_checkpoint(tmp_path / "binding"), binding, other_env=True)  # shoal eval --env
 
 
 def test_a_checkpoint_of_a_policy_train_was_given_is_not_said_to_come_from_the_config(tmp_path):
@@ -1184,9 +1226,9 @@ def test_a_policy_or_checkpoint_of_other_observation_leaves_with_the_same_bytes_
         ppo.check_compatible(checkpoint, floats)
     ppo.check_compatible(checkpoint, ints)
     checkpoint["spaces"]["observation leaves"] = "; ".join(checkpoint["spaces"]["observation leaves"])
-    ppo.check_compatible(checkpoint, floats)  # recorded as one string, a short-lived format: compared on the rest
+    ppo.check_compatible(checkpoint, floats, other_env=True)  # one string, a short-lived format: compared on the rest
     del checkpoint["spaces"]["observation leaves"]  # a checkpoint from before they were recorded
-    ppo.check_compatible(checkpoint, floats)
+    ppo.check_compatible(checkpoint, floats, other_env=True)
 
 
 def test_a_policy_that_does_not_fit_the_env_is_refused_before_training():
