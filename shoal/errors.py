@@ -4,7 +4,9 @@ argument values they share, and holding a Ctrl-C back over steps it must not cut
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -96,3 +98,16 @@ def stdout_to_devnull() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+def install_hint(extra: str) -> str:
+    """How to install shoal's extra ``extra``, for messages: pip with the extra's packages as the installed
+    shoal's metadata lists them, and a checkout's ``./install.sh``, which pins the tested versions."""
+    try:
+        requirements = importlib.metadata.requires("shoal") or []
+    except importlib.metadata.PackageNotFoundError:  # shoal on the path, not installed
+        requirements = []
+    packages = [shlex.quote(requirement.partition(";")[0].strip()) for requirement in requirements
+                if f'extra == "{extra}"' in requirement]
+    pip = f"pip install {' '.join(packages)}" if packages else f"pip install -e '.[{extra}]'"
+    return f"{pip} (in a checkout of shoal: ./install.sh {extra})"

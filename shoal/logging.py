@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from rich.console import Console, Group
 
-from shoal.errors import APIUsageError, check_int, is_int, is_number, stdout_to_devnull
+from shoal.errors import APIUsageError, check_int, install_hint, is_int, is_number, stdout_to_devnull
 from shoal.spaces import _short
 
 # The columns of progress.csv, in order; metrics outside this list still reach TensorBoard and W&B.
@@ -70,8 +70,8 @@ def _wandb_module():
     try:
         import wandb
     except ImportError:
-        raise APIUsageError("--wandb needs the wandb package, which the wandb extra installs: ./install.sh wandb "
-                            "(or pip install -c constraints.txt -e '.[wandb]')") from None
+        raise APIUsageError(f"--wandb needs the wandb package, which the wandb extra installs: "
+                            f"{install_hint('wandb')}") from None
     return wandb
 
 

@@ -313,7 +313,9 @@ def test_a_missing_extra_is_named(monkeypatch, tmp_path):
     from shoal.logging import Logger
 
     monkeypatch.setitem(sys.modules, "ale_py", None)  # import ale_py now fails, as without the atari extra
-    with pytest.raises(APIUsageError, match="Atari envs need ale-py, which the atari extra installs: ./install.sh atari"):
+    with pytest.raises(APIUsageError, match=r"Atari envs need ale-py, which the atari extra installs: pip install "
+                                            r"'ale-py>=0.9' opencv-python-headless \(in a checkout of shoal: "
+                                            r"./install.sh atari\)"):
         make_binding("atari:Breakout")
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(APIUsageError, match="--wandb needs the wandb package, which the wandb extra installs"):
@@ -365,5 +367,5 @@ def test_a_retired_gymnasium_id_is_not_blamed_on_a_missing_package_and_names_the
 def test_a_pettingzoo_env_that_imports_its_dependency_when_built_names_the_extra():
     with pytest.raises(APIUsageError, match=r"PettingZoo env 'classic/hanabi-v5' cannot be imported: Hanabi depends on "
                                             r"OpenSpiel .*; missing module 'shimmy' \(its family needs an extra: pip "
-                                            r"install -c constraints.txt 'pettingzoo\[classic\]'\)"):
+                                            r"install 'pettingzoo\[classic\]'\)"):
         make_binding("pettingzoo:classic/hanabi-v5")

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -561,7 +563,9 @@ def test_seeds_as_an_integer_array(make):
 
 def test_ray_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
-    with pytest.raises(APIUsageError, match="the Ray backend needs ray, which is not installed .*: ./install.sh ray"):
+    with pytest.raises(APIUsageError, match=r"the Ray backend needs ray, which is not installed .*: pip install "
+                                            r"'ray\[default\]>=2.9' 'pyarrow<26' \(in a checkout of shoal: "
+                                            r"./install.sh ray\)"):
         Ray(cartpole())
 
 
@@ -615,6 +619,29 @@ def test_a_binding_that_does_not_unpickle_in_the_worker_is_named(no_leaks, make,
              if backend == "multiprocessing" else "its Ray actor could not be created: ")
     with pytest.raises(WorkerError, match=re.escape(named + "ModuleNotFoundError: No module named 'file_env'")):
         make(binding, backend, num_workers=1)
+
+
+def test_workers_run_the_parents_shoal_where_a_script_puts_its_own_first(tmp_path):
+    """The forkserver does not take the script's sys.path: preloading shoal there would give the workers the
+    shoal a fresh interpreter finds (this checkout's), not the copy the script imports."""
+    project = tmp_path / "project"
+    shutil.copytree(Path(shoal.__file__).parent, project / "shoal")  # vendored: the script's folder comes first
+    (project / "where.py").write_text(textwrap.dedent("""
+        import sys
+        import gymnasium, shoal, shoal.vector
+
+        class Where(gymnasium.Wrapper):
+            def where(self):
+                return sys.modules["shoal"].__file__
+
+        if __name__ == "__main__":
+            binding = shoal.Binding(env_creator=lambda: Where(gymnasium.make("CartPole-v1")))
+            with shoal.vector.make(binding, "multiprocessing", num_workers=1) as vecenv:
+                print(shoal.__file__ == vecenv.call("where")[0], shoal.__file__.startswith(sys.path[0]))
+        """))
+    done = subprocess.run([sys.executable, str(project / "where.py")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.stdout.split() == ["True", "True"], done.stderr
 
 
 def test_a_script_without_a_main_guard_gets_a_clear_error(tmp_path):

@@ -21,7 +21,7 @@ import gymnasium
 from gymnasium.envs.registration import find_highest_version, get_env_id, parse_env_id
 
 from shoal.emulation import Binding
-from shoal.errors import APIUsageError, EnvError
+from shoal.errors import APIUsageError, EnvError, install_hint
 
 
 def cartpole(**env_kwargs: Any) -> Binding:
@@ -69,7 +69,7 @@ def atari_game(game: str, /, **env_kwargs: Any) -> Binding:
                        env_name=f"{game} (Atari)", record_episode_statistics=False)
     except (gymnasium.error.DependencyNotInstalled, ImportError) as error:  # opencv, for AtariPreprocessing
         raise APIUsageError(f"Atari envs need a package that is not installed: {_missing(error)}; the atari extra "
-                            f"installs it: ./install.sh atari") from None
+                            f"installs it: {install_hint('atari')}") from None
 
 
 def _register_namespace(env_id: str) -> None:
@@ -187,7 +187,7 @@ def pettingzoo(env_id: str, /, **env_kwargs: Any) -> Binding:
         raise refused from None
     except ImportError as error:  # importing the env's module, or building it (Hanabi imports open_spiel then)
         raise APIUsageError(f"PettingZoo env {spec.id!r} cannot be imported: {_missing(error)} (its family needs an "
-                            f"extra: pip install -c constraints.txt 'pettingzoo[{spec.namespace}]')") from None
+                            f"extra: pip install 'pettingzoo[{spec.namespace}]')") from None
 
 
 NAMED: dict[str, Callable[..., Binding]] = {"cartpole": cartpole}

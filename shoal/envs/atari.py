@@ -19,7 +19,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from shoal.errors import APIUsageError, check_int, is_number
+from shoal.errors import APIUsageError, check_int, install_hint, is_number
 
 
 def _action_is(env: gymnasium.Env, index: int, meaning: str) -> bool:
@@ -154,8 +154,7 @@ def import_ale() -> None:
     try:
         import ale_py
     except ImportError:
-        raise APIUsageError("Atari envs need ale-py, which the atari extra installs: ./install.sh atari (or pip "
-                            "install -c constraints.txt -e '.[atari]')") from None
+        raise APIUsageError(f"Atari envs need ale-py, which the atari extra installs: {install_hint('atari')}") from None
     gymnasium.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import multiprocessing
+import multiprocessing.util
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +134,22 @@ def _is_open(process) -> bool:
         return False
 
 
+@functools.cache
+def _forkserver_imports_this_shoal() -> bool:
+    """Whether the forkserver would preload this very shoal. It is a fresh interpreter that does not take this
+    process's sys.path (Python 3.11 passes it, unused), so a script that put another shoal first on its sys.path
+    would get workers with the forkserver's shoal; without a preload each worker imports the parent's."""
+    import shoal
+
+    try:
+        found = subprocess.run([sys.executable, *multiprocessing.util._args_from_interpreter_flags(), "-c",
+                                "import importlib.util; print(importlib.util.find_spec('shoal').origin)"],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0 and os.path.realpath(found.stdout.strip()) == os.path.realpath(shoal.__file__)
+
+
 def _default_context() -> str:
     """'forkserver' where it exists: safe with a threaded parent (torch, Ray), fast after its first start."""
     return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -173,9 +192,9 @@ class Multiprocessing(VecEnv):
             raise APIUsageError(f"Multiprocessing: context must be one of {multiprocessing.get_all_start_methods()}, "
                                 f"got {context!r}")
         ctx = multiprocessing.get_context(method)
-        if context is None and method == "forkserver":
+        if context is None and method == "forkserver" and _forkserver_imports_this_shoal():
             # Workers fork from a server that has imported shoal, numpy and gymnasium once (no effect if it runs).
-            ctx.set_forkserver_preload(["__main__", __name__])
+            ctx.set_forkserver_preload([__name__])
         self._processes: list = []
         self._workers_up = False  # every worker reported that it built its envs
         self._conns: list = []

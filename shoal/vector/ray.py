@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shoal.emulation import Binding, Buffers
-from shoal.errors import APIUsageError, WorkerError, deferred_interrupt
+from shoal.errors import APIUsageError, WorkerError, deferred_interrupt, install_hint
 from shoal.vector.base import (ArrayLayout, AsyncState, Command, EnvGroup, Failure, Poller, Status, VecEnv,
                                _unpicklable, check_seconds, cloudpickle_dumps, command_bytes, default_num_workers,
                                handle_in_worker, send_command, serve, split_arrays, start_worker,
@@ -46,8 +46,7 @@ def import_ray():
         import ray
     except ImportError as error:
         raise APIUsageError(
-            f"the Ray backend needs ray, which is not installed ({error}): ./install.sh ray (or pip install -c "
-            f"constraints.txt -e '.[ray]')") from error
+            f"the Ray backend needs ray, which is not installed ({error}): {install_hint('ray')}") from error
     return ray
 
 
