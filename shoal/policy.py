@@ -199,17 +199,23 @@ class GaussianHead(nn.Module):
             bounded = np.isfinite(width) & (width > 0) & (width <= self.UNSCALED_WIDTH)
             center[bounded] = (low[bounded] + high[bounded]) / 2
             scale[bounded] = width[bounded] / 2
-        # Not in the state dict: they follow from the space, and checkpoints stay as they were.
-        self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32), persistent=False)
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32), persistent=False)
-        self.register_buffer("log_scale", self.scale.log(), persistent=False)
+        self.register_buffer("center", torch.as_tensor(center, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # A checkpoint from before the head scaled its actions holds no center and scale: its weights were
+        # trained in the space's own units around 0, so they act as they were trained.
+        if prefix + "center" not in state_dict and prefix + "log_std" in state_dict:
+            state_dict[prefix + "center"] = torch.zeros_like(self.center)
+            state_dict[prefix + "scale"] = torch.ones_like(self.scale)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
 
     def _log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         z = (actions - self.center - self.scale * params) * torch.exp(-self.log_std) / self.scale
-        return (-0.5 * z.pow(2) - self.log_std - self.log_scale - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return (-0.5 * z.pow(2) - self.log_std - self.scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def _input_error(self, mean: Any, actions: Any = None) -> APIUsageError:
         expected = f"float means (B, {self.size})" + ("" if actions is None else " and float actions of that shape")
@@ -231,7 +237,7 @@ class GaussianHead(nn.Module):
                 and mean.is_floating_point() and isinstance(actions, torch.Tensor) and actions.shape == mean.shape
                 and actions.is_floating_point()):
             raise self._input_error(mean, actions)
-        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std + self.log_scale).sum().expand(len(mean))
+        entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std + self.scale.log()).sum().expand(len(mean))
         return self._log_prob(mean, actions), entropy
 
 
