@@ -264,13 +264,15 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     except Exception as error:  # a foreign or damaged file: say which, and what it is not
         text = str(error)
         if "Weights only load failed" in text:  # torch's safe unpickler: what it found, without its advice
-            text = " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.startswith(
-                ("Weights only load failed", "Check the documentation", "Please file an issue", "WeightsUnpickler")))
-            if "GLOBAL" in text or "allowlisted" in text:
+            found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
+            if found:
                 raise APIUsageError(
-                    f"checkpoint {str(path)!r} holds more than tensors, numbers, text and numpy arrays ({text}): shoal "
-                    f"reads only those, so that reading a file runs no code; if you trust it, load it yourself with "
-                    f"torch.load(path, weights_only=False)") from None
+                    f"checkpoint {str(path)!r} holds a {found.group(1) or found.group(2)}: shoal reads only tensors, "
+                    f"numbers, text and numpy arrays from a checkpoint, so that reading a file runs no code; if you "
+                    f"trust it, load it yourself with torch.load(path, weights_only=False)") from None
+            lines = [line.strip() for line in text.splitlines()]
+            text = " ".join(line for line in lines if line and not line.startswith(
+                ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")))
         raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {text})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise APIUsageError(f"{str(path)!r} is not a shoal checkpoint: expected format {FORMAT!r}")

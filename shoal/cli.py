@@ -148,9 +148,12 @@ def _train(argv: list[str]) -> int:
     checkpoint = None
     if resume is not None:
         checkpoint = load_checkpoint(resume)  # a run directory's newest, or the file given
-        path = Path(os.path.normpath(checkpoint["path"]))
         # The run goes on in the checkpoint's run directory; a file kept elsewhere starts a new one.
-        run_dir = str(path.parent.parent) if _is_run_dir(path.parent.parent, checkpoint) else None
+        given = Path(checkpoint["path"])
+        directory = Path(os.path.abspath(given)).parent.parent  # also for a file named from inside checkpoints/
+        if not given.is_absolute():
+            directory = Path(os.path.relpath(directory))  # as it was spelled: from here
+        run_dir = str(directory) if _is_run_dir(directory, checkpoint) else None
         default = dataclasses.replace(config_from_checkpoint(checkpoint), run_dir=run_dir)
     else:
         env = _flag_value(argv, "--env") or PPOConfig.env

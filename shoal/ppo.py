@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -1017,11 +1018,17 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None,
         raise APIUsageError(f"{where} does not fit env {binding.env_name!r}: it was trained with "
                             f"{describe(trained)}; this env has {describe(expected)}")
     trained_on = checkpoint.get("env_name")  # absent from checkpoints written before it was recorded
-    if not other_env and trained_on is not None and trained_on != binding.env_name:
-        raise APIUsageError(f"{where} was trained on {trained_on!r}, not {binding.env_name!r} (built from the run's "
-                            f"config.env {checkpoint.get('env')!r}): a run whose binding was given to train() in "
-                            f"Python goes on, and is played, in Python with that binding (train(..., resume_from=...), "
-                            f"shoal.ppo.evaluate)")
+    if not other_env and trained_on is not None and _bare_name(trained_on) != _bare_name(binding.env_name):
+        raise APIUsageError(f"{where} was trained on {trained_on!r}, not on {binding.env_name!r}: the shoal command "
+                            f"builds the env of the run's config.env ({checkpoint.get('env')!r}). A run given a "
+                            f"binding of its own in Python goes on in Python with that binding (train(..., "
+                            f"resume_from=...)); shoal eval --env NAME plays it on any env of its spaces")
+
+
+def _bare_name(env_name: str) -> str:
+    """An env's name without its family and punctuation: PettingZoo's registry calls the env that its module
+    calls knights_archers_zombies_v11 butterfly/knights_archers_zombies-v11."""
+    return re.sub(r"[^a-z0-9]", "", env_name.lower().rpartition("/")[2])
 
 
 def check_default_policy(checkpoint: dict) -> None:

@@ -892,6 +892,10 @@ class ActionLayout:
             self.fields = [field._replace(largest=float(np.finfo(field.dtype).max)) if field.dtype.kind == "f" else field
                            for field in self.fields]
         self.dtype = self.flat_space.dtype
+        # Float leaves narrower than the flat dtype (a float32 leaf beside a float64 one): their actions are
+        # checked as the leaf will hold them.
+        self._narrow = [(slice(field.start, field.start + field.size), field.dtype)
+                        for field in self.fields if field.dtype.kind == "f" and field.dtype.itemsize < self.dtype.itemsize]
         # the action sent for an agent that must act but has no data yet (zeros, inside a Box's bounds)
         self.neutral = (np.zeros(self.size, self.dtype) if self.is_discrete
                         else np.clip(np.zeros(self.size), self.flat_space.low, self.flat_space.high).astype(self.dtype))
@@ -921,8 +925,15 @@ class ActionLayout:
         else:
             if flat.dtype.kind not in "iuf":
                 raise SpaceError(f"{space} takes numeric actions, got dtype {flat.dtype}")
-            # As they will arrive: a float64 0.7 is float32's 0.7, which lies a little below it.
-            values = flat if flat.dtype == self.dtype else self.held(flat).astype(self.dtype)
+            # As they will arrive: a float64 0.7 is float32's 0.7, which lies a little below it (a finite value
+            # past the dtype's range becomes inf here, as held() makes it the largest finite one: inside a range
+            # that ends at inf, outside any other).
+            with np.errstate(over="ignore"):
+                values = flat if flat.dtype == self.dtype else flat.astype(self.dtype)
+                if self._narrow:
+                    values = values.copy() if values is flat else values
+                    for columns, dtype in self._narrow:
+                        values[..., columns] = values[..., columns].astype(dtype)
             bad = ~((values >= space.low) & (values <= space.high))  # also catches NaN
             if not bad.any():
                 return None

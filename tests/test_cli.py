@@ -187,6 +187,9 @@ def test_a_checkpoint_in_a_folder_named_checkpoints_outside_a_run_starts_a_new_r
     spelled = f"run/checkpoints/../checkpoints/{list_checkpoints(run_dir)[-1].name}"  # the run's own, all the same
     code, out, _ = run(capsys, "train", "--resume", spelled, "--total-timesteps", "64")
     assert code == 0 and "run directory: run " in out
+    monkeypatch.chdir(run_dir / "checkpoints")  # a file named from inside its run's checkpoints/
+    code, out, _ = run(capsys, "train", "--resume", list_checkpoints(run_dir)[-1].name, "--total-timesteps", "96")
+    assert code == 0 and "run directory: .. " in out and not (run_dir / "checkpoints" / "runs").exists()
 
 
 def test_default_run_dirs_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):

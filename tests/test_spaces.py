@@ -696,6 +696,10 @@ def test_a_float64_action_at_a_float32_bound_is_inside():
     assert layout.invalid_rows(np.array([[0.7, -0.7]])) is None
     assert layout.invalid_rows(np.array([[0.7, 0.7001], [0.1, 0.2]])).tolist() == [True, False]
     assert layout.unflatten(np.array([0.7, -0.7])).tolist() == [np.float32(0.7), np.float32(-0.7)]
+    mixed = ActionLayout(spaces.Dict({"a": spaces.Box(-0.7, 0.7, (1,), np.float32),
+                                      "b": spaces.Box(-1, 1, (1,), np.float64)}))  # a float64 flat action
+    assert mixed.invalid_rows(np.array([[0.7, 1.0], [-0.7, -1.0]])) is None  # 'a' holds float32's 0.7
+    assert mixed.invalid_rows(np.array([[0.7001, 0.0], [0.0, 1.0001]])).tolist() == [True, True]
 
 
 def test_empty_space_raises():
