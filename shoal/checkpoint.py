@@ -233,6 +233,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint file, or the newest one of a run directory that can be read (an older one,
     with a warning, if the newest is damaged; the paths of those it skipped are under ``"damaged"``)."""
     path = Path(path)
+    if path.name == "checkpoints" and list_checkpoints(path.parent):  # a run's checkpoints/ itself: its run's
+        path = path.parent
     if not path.is_dir():
         return _load_file(path, map_location)
     latest_checkpoint(path)  # the errors for a missing directory or one without checkpoints
@@ -257,7 +259,8 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise APIUsageError(f"{str(path)!r} does not exist: expected a checkpoint (.pt) or a run directory written "
                             f"by shoal train")
     try:
-        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice on a file pickle.dump wrote: the error below says it
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:  # not damage: a file this user may not read (never renamed, nor passed over)
         raise
@@ -267,13 +270,14 @@ def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
             found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", text)
             if found:
                 raise APIUsageError(
-                    f"checkpoint {str(path)!r} holds a {found.group(1) or found.group(2)}: shoal reads only tensors, "
+                    f"checkpoint {str(path)!r} refers to {found.group(1) or found.group(2)}: shoal reads only tensors, "
                     f"numbers, text and numpy arrays from a checkpoint, so that reading a file runs no code; if you "
                     f"trust it, load it yourself with torch.load(path, weights_only=False)") from None
             lines = [line.strip() for line in text.splitlines()]
             text = " ".join(line for line in lines if line and not line.startswith(
                 ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")))
-        raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {text})") from None
+        raise APIUsageError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {text}): expected a "
+                            f"file torch.save wrote, as shoal's checkpoints are") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise APIUsageError(f"{str(path)!r} is not a shoal checkpoint: expected format {FORMAT!r}")
     payload["path"] = str(path)

@@ -213,8 +213,10 @@ class GaussianHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features)
 
-    def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """The log-density of actions ``z`` standard deviations from the mean (in the space's units)."""
+    def _log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The log-density of ``actions`` (in the space's units), from how many standard deviations each lies
+        from the mean: from the actions themselves, as stored, so sampling and evaluating agree exactly."""
+        z = ((actions - self.center) / self.scale - mean) * torch.exp(-self.log_std)
         spread = self.log_std.sum() + self.scale.log().sum() + 0.5 * math.log(2 * math.pi) * self.size
         return -0.5 * z.pow(2).sum(-1) - spread
 
@@ -228,9 +230,9 @@ class GaussianHead(nn.Module):
         if not (isinstance(mean, torch.Tensor) and mean.dim() == 2 and mean.shape[1] == self.size
                 and mean.is_floating_point()):
             raise self._input_error(mean)
-        z = torch.zeros_like(mean) if deterministic else torch.randn_like(mean)
-        actions = self.center + self.scale * (mean + z * self.log_std.exp())
-        return actions, self._log_prob(z)
+        noise = 0 if deterministic else torch.randn_like(mean) * self.log_std.exp()
+        actions = self.center + self.scale * (mean + noise)
+        return actions, self._log_prob(mean, actions)
 
     def evaluate(self, mean: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probability (B,), entropy (B,)) of ``actions (B, D)``."""
@@ -239,8 +241,7 @@ class GaussianHead(nn.Module):
                 and actions.is_floating_point()):
             raise self._input_error(mean, actions)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + self.log_std + self.scale.log()).sum().expand(len(mean))
-        z = ((actions - self.center) / self.scale - mean) * torch.exp(-self.log_std)
-        return self._log_prob(z), entropy
+        return self._log_prob(mean, actions), entropy
 
 
 @functools.singledispatch

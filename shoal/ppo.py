@@ -1028,7 +1028,7 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None,
 def _bare_name(env_name: str) -> str:
     """An env's name without its family and punctuation: PettingZoo's registry calls the env that its module
     calls knights_archers_zombies_v11 butterfly/knights_archers_zombies-v11."""
-    return re.sub(r"[^a-z0-9]", "", env_name.lower().rpartition("/")[2])
+    return re.sub(r"[\W_]", "", env_name.lower().rpartition("/")[2])
 
 
 def check_default_policy(checkpoint: dict) -> None:

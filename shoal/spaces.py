@@ -929,11 +929,9 @@ class ActionLayout:
             # past the dtype's range becomes inf here, as held() makes it the largest finite one: inside a range
             # that ends at inf, outside any other).
             with np.errstate(over="ignore"):
-                values = flat if flat.dtype == self.dtype else flat.astype(self.dtype)
-                if self._narrow:
-                    values = values.copy() if values is flat else values
-                    for columns, dtype in self._narrow:
-                        values[..., columns] = values[..., columns].astype(dtype)
+                values = flat if flat.dtype == self.dtype and not self._narrow else flat.astype(self.dtype)
+                for columns, dtype in self._narrow:  # rounded once, from the values sent
+                    values[..., columns] = flat[..., columns].astype(dtype)
             bad = ~((values >= space.low) & (values <= space.high))  # also catches NaN
             if not bad.any():
                 return None

@@ -220,6 +220,12 @@ def test_gaussian_head_works_in_half_widths_of_finite_bounds():
     old = {name: value for name, value in state.items() if not name.endswith(("center", "scale"))}
     policy.load_state_dict(old)
     assert policy.action_head.center.tolist() == [0, 0] and policy.action_head.scale.tolist() == [1, 1]
+    far = GaussianHead(4, 1, np.array([1000.0]), np.array([1001.0]))  # float32 rounds the actions it samples:
+    with torch.no_grad():
+        far.log_std.fill_(-4.6)
+    params = torch.randn(1000, 1)
+    actions, logprob = far.sample(params)  # the log-prob is the stored action's, as PPO's first ratio needs
+    assert torch.equal(far.evaluate(params, actions)[0], logprob)
     with pytest.raises(APIUsageError, match="GaussianHead needs at least one action value, got size 0"):
         GaussianHead(4, 0)  # an empty Box: nothing to learn
 

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import math
+import pickle
 import os
 import re
 import signal
@@ -507,20 +508,27 @@ def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
     with pytest.raises(APIUsageError, match="no checkpoint in"):
         latest_checkpoint(tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(APIUsageError, match=r"junk.pt' cannot be read \(UnpicklingError: Unsupported operand 110\)$"):
+    with pytest.raises(APIUsageError, match=r"junk.pt' cannot be read \(UnpicklingError: Unsupported operand 110\): "
+                                            r"expected a file torch.save wrote, as shoal's checkpoints are$"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(APIUsageError, match="not a shoal checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"format": "shoal-checkpoint-1", "model": _Planted()}, tmp_path / "planted.pt")
-    with pytest.raises(APIUsageError, match=r"planted.pt' holds a test_ppo._plant: shoal reads only tensors, numbers, "
+    with pytest.raises(APIUsageError, match=r"planted.pt' refers to test_ppo._plant: shoal reads only tensors, numbers, "
                                             r"text and numpy arrays from a checkpoint, so that reading a file runs no "
                                             r"code; if you trust it, load it yourself with torch.load\(path, "
                                             r"weights_only=False\)$"):
         load_checkpoint(tmp_path / "planted.pt")
     assert not _PLANTED  # its code never ran
+    with open(tmp_path / "pickled.pt", "wb") as file:  # pickle.dump's, not torch.save's: torch warns, shoal says
+        pickle.dump({"format": "shoal-checkpoint-1"}, file, protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(APIUsageError, match=r"pickled.pt' cannot be read \(.*\): expected a file torch.save wrote"):
+            load_checkpoint(tmp_path / "pickled.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(APIUsageError, match=r"module.pt' holds a torch.nn.modules.linear.Linear: shoal reads only"):
+    with pytest.raises(APIUsageError, match=r"module.pt' refers to torch.nn.modules.linear.Linear: shoal reads only"):
         load_checkpoint(tmp_path / "module.pt")
 
 
@@ -845,6 +853,7 @@ def test_a_logger_is_checked_and_closed_when_the_run_is_refused(tmp_path):
 
 def test_resume_from_another_env_is_refused(tmp_path):
     train(PPOConfig(**QUICK, run_dir=str(tmp_path)), make_binding("cartpole"))
+    assert load_checkpoint(tmp_path / "checkpoints")["path"] == str(latest_checkpoint(tmp_path))  # the folder: its run
     config = PPOConfig(**QUICK, env="gym:Acrobot-v1")
     with pytest.raises(APIUsageError, match="trained on env 'cartpole', not 'gym:Acrobot-v1'"):
         train(config, make_binding("gym:Acrobot-v1"), resume_from=tmp_path)
