@@ -894,8 +894,8 @@ class ActionLayout:
         self.dtype = self.flat_space.dtype
         # Float leaves narrower than the flat dtype (a float32 leaf beside a float64 one): their actions are
         # checked as the leaf will hold them.
-        self._narrow = [(slice(field.start, field.start + field.size), field.dtype)
-                        for field in self.fields if field.dtype.kind == "f" and field.dtype.itemsize < self.dtype.itemsize]
+        self._narrow = [(slice(field.start, field.start + field.size), field.dtype) for field in self.fields
+                        if field.dtype.kind == "f" and field.dtype.itemsize < self.dtype.itemsize]
         # the action sent for an agent that must act but has no data yet (zeros, inside a Box's bounds)
         self.neutral = (np.zeros(self.size, self.dtype) if self.is_discrete
                         else np.clip(np.zeros(self.size), self.flat_space.low, self.flat_space.high).astype(self.dtype))

@@ -530,8 +530,9 @@ def test_agents_with_different_observation_spaces_fit_through_a_feature_parser_t
             obs, _ = self.reset()
             return obs, dict.fromkeys(obs, 1.0), dict.fromkeys(obs, False), dict.fromkeys(obs, False), {}
 
-    with pytest.raises(SpaceError, match=r"'b' has Box\(-1.0, 1.0, \(3,\), float32\); give the Binding a feature_parser "
-                                         r"\(and its feature_space\) that turns every agent's observation into one space"):
+    with pytest.raises(SpaceError, match=r"'b' has Box\(-1.0, 1.0, \(3,\), float32\); give the Binding a "
+                                         r"feature_parser \(and its feature_space\) that turns every agent's "
+                                         r"observation into one space"):
         shoal.Binding(env_cls=Uneven)
     padded = spaces.Box(-1, 1, (3,), np.float32)
     for feature_space in (padded, None):  # given, or inferred from one parsed observation

@@ -515,10 +515,10 @@ def test_load_checkpoint_errors_say_what_was_expected(tmp_path):
     with pytest.raises(APIUsageError, match="not a shoal checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
     torch.save({"format": "shoal-checkpoint-1", "model": _Planted()}, tmp_path / "planted.pt")
-    with pytest.raises(APIUsageError, match=r"planted.pt' refers to test_ppo._plant: shoal reads only tensors, numbers, "
-                                            r"text and numpy arrays from a checkpoint, so that reading a file runs no "
-                                            r"code; if you trust it, load it yourself with torch.load\(path, "
-                                            r"weights_only=False\)$"):
+    with pytest.raises(APIUsageError, match=r"planted.pt' refers to test_ppo._plant: shoal reads only tensors, "
+                                            r"numbers, text and numpy arrays from a checkpoint, so that reading a "
+                                            r"file runs no code; if you trust it, load it yourself with "
+                                            r"torch.load\(path, weights_only=False\)$"):
         load_checkpoint(tmp_path / "planted.pt")
     assert not _PLANTED  # its code never ran
     with open(tmp_path / "pickled.pt", "wb") as file:  # pickle.dump's, not torch.save's: torch warns, shoal says

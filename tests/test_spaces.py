@@ -700,7 +700,8 @@ def test_a_float64_action_at_a_float32_bound_is_inside():
                                       "b": spaces.Box(-1, 1, (1,), np.float64)}))  # a float64 flat action
     assert mixed.invalid_rows(np.array([[0.7, 1.0], [-0.7, -1.0]])) is None  # 'a' holds float32's 0.7
     assert mixed.invalid_rows(np.array([[0.7001, 0.0], [0.0, 1.0001]])).tolist() == [True, True]
-    half = ActionLayout(spaces.Dict({"a": spaces.Box(-1, 1, (1,), np.float16), "b": spaces.Box(-1, 1, (1,), np.float32)}))
+    half = ActionLayout(spaces.Dict({"a": spaces.Box(-1, 1, (1,), np.float16),
+                                     "b": spaces.Box(-1, 1, (1,), np.float32)}))
     past = 1 + 2**-11 + 2**-40  # float16 rounds it up past 1; through float32 first it would round to 1
     assert half.invalid_rows(np.array([[past, 0.0]])).tolist() == [True]
 

@@ -856,7 +856,8 @@ def test_arguments_that_do_not_unpickle_in_the_worker_or_do_not_pickle_are_refus
     assert [fns[0]() for fns in vecenv.call("scaled", [lambda: 1])] == [1, 1]  # a lambda travels (cloudpickle)
     with open(tmp_path / "log.txt", "a+") as log:  # cloudpickle would send a copy of its text: the writes lost
         with pytest.raises(APIUsageError, match="set_attr\\(\\): the arguments cannot be sent to the workers: "
-                                                "PicklingError: open file '.*log.txt' cannot be sent to another process"):
+                                                "PicklingError: open file '.*log.txt' cannot be sent to another "
+                                                "process"):
             vecenv.set_attr("log", log)
     assert len(vecenv.call("pid")) == 2  # still usable
     vecenv.close()
@@ -1275,8 +1276,8 @@ def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutd
                 print(str(error).split(": ")[1], ray.is_initialized())
         """))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.stdout.splitlines() == ["True True [True] [True] 4"] * 5 + ["Ray was shut down (ray.shutdown()) while this vec env "
-                                                             "was open, at its step 1 False"], done.stderr
+    assert done.stdout.splitlines() == ["True True [True] [True] 4"] * 5 + [
+        "Ray was shut down (ray.shutdown()) while this vec env was open, at its step 1 False"], done.stderr
 
 
 @pytest.mark.parametrize("backend", PARALLEL)

@@ -154,7 +154,8 @@ def import_ale() -> None:
     try:
         import ale_py
     except ImportError:
-        raise APIUsageError(f"Atari envs need ale-py, which the atari extra installs: {install_hint('atari')}") from None
+        raise APIUsageError(f"Atari envs need ale-py, which the atari extra installs: "
+                            f"{install_hint('atari')}") from None
     gymnasium.register_envs(ale_py)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 
