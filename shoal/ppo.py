@@ -495,7 +495,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         max_agents = binding.max_agents
         obs_space, atn_space = binding.single_observation_space, binding.single_action_space
         discrete = hasattr(atn_space, "nvec")
-        atn_size = len(atn_space.nvec) if discrete else int(np.prod(atn_space.shape))
+        atn_size, atn_dtype = _action_columns(atn_space)
         slot_of_agent = {agent: slot for slot, agent in enumerate(binding.possible_agents)}
         gamma, gae_lambda = config.gamma, config.gae_lambda
 
@@ -503,7 +503,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         # holds the observation after the rollout: its value bootstraps GAE, and its action is in flight
         # during the update, so it becomes row 0 of the next rollout. Dead slots store zeros, never garbage.
         obs = np.zeros((T + 1, N, *obs_space.shape), obs_space.dtype)
-        actions = np.zeros((T + 1, N, atn_size), np.int64 if discrete else np.float32)
+        actions = np.zeros((T + 1, N, atn_size), atn_dtype)
         logprobs, values, rewards = (np.zeros((T + 1, N), np.float32) for _ in range(3))
         masks, next_masks, terminals, truncations, starts = (np.zeros((T + 1, N), bool) for _ in range(5))
         length = np.zeros(N, np.int64)  # transitions stored this rollout, per slot
@@ -682,12 +682,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         slots = torch.as_tensor(units, device=device)[mb]
                         sequence_state = rollout_state[0][slots], rollout_state[1][slots]
                         counted = seq["valid"][:, slots]
-                        if type(policy).forward is LSTMPolicy.forward:  # it encodes the counted rows only
-                            params, new_values, _ = policy(seq["obs"][:, slots], sequence_state,
-                                                           seq["starts"][:, slots], counted)
-                        else:
-                            params, new_values, _ = policy(seq["obs"][:, slots], sequence_state,
-                                                           seq["starts"][:, slots])
+                        # LSTMPolicy's own forward encodes the counted rows only; a subclass's may not take them
+                        only = (counted,) if type(policy).forward is LSTMPolicy.forward else ()
+                        params, new_values, _ = policy(seq["obs"][:, slots], sequence_state, seq["starts"][:, slots],
+                                                       *only)
                         pick = counted.reshape(-1).nonzero().squeeze(1)  # (T * slots), time-major
                         params, new_values = params[pick], new_values[pick]
                         b = {k: seq[k][:, slots].reshape(-1, *seq[k].shape[2:])[pick]
@@ -956,13 +954,21 @@ def _describe_space(space) -> str:
     return f"{type(space).__name__}{tuple(space.shape)} {space.dtype}"
 
 
+def _action_columns(atn_space) -> tuple[int, np.dtype]:
+    """How the rollout stores one flat action: (values per action, dtype)."""
+    if hasattr(atn_space, "nvec"):
+        return len(atn_space.nvec), np.dtype(np.int64)
+    return int(np.prod(atn_space.shape)), np.dtype(np.float32)
+
+
 def _check_storage_fits(config: PPOConfig, binding, vecenv) -> None:
     """APIUsageError when the rollout storage, ``(num_steps + 1)`` rows for every agent slot, and the update's
     copies of its observations would not fit in memory: numpy's MemoryError names no setting, and an allocation
     the OS allows but cannot fill kills the run."""
     slots = vecenv.num_agents if vecenv is not None else config.num_envs * binding.max_agents
     obs_space, atn_space = binding.single_observation_space, binding.single_action_space
-    atn_bytes = 8 * len(atn_space.nvec) if hasattr(atn_space, "nvec") else 4 * int(np.prod(atn_space.shape))
+    atn_size, atn_dtype = _action_columns(atn_space)
+    atn_bytes = atn_size * atn_dtype.itemsize
     obs_bytes = int(np.prod(obs_space.shape)) * obs_space.dtype.itemsize
     row_bytes = obs_bytes + atn_bytes + 3 * 4 + 5
     # the update copies the counted observations, and shuffles them once more per epoch
