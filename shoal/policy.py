@@ -51,6 +51,22 @@ def _described(value: Any) -> str:
     return f"of type {'' if kind.__module__ == 'builtins' else kind.__module__ + '.'}{kind.__qualname__}"
 
 
+def state_parts(state: Any, batch: int, where: str) -> tuple[torch.Tensor, ...]:
+    """A recurrent policy's state as a tuple of tensors: it may be one tensor (a GRU's) or a tuple of them (an
+    LSTM's ``(h, c)``), each with ``batch`` rows in its first dimension. APIUsageError otherwise, saying that
+    ``where`` gave it."""
+    parts = (state,) if isinstance(state, torch.Tensor) else tuple(state) if isinstance(state, (tuple, list)) else None
+    if parts and all(isinstance(part, torch.Tensor) and part.dim() >= 1 and part.shape[0] == batch for part in parts):
+        return parts
+    def one(value: Any) -> str:
+        return f"{'a tensor' if isinstance(value, torch.Tensor) else 'a value'} {_described(value)}"
+
+    got = (one(state) if parts is None or isinstance(state, torch.Tensor)
+           else f"a {type(state).__name__} holding {', '.join(map(one, parts)) or 'nothing'}")
+    raise APIUsageError(f"{where} {got}: a recurrent state must be a torch tensor or a tuple of them, each with the "
+                        f"batch ({batch} rows) in its first dimension")
+
+
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
     """Orthogonal weights with gain ``std`` and constant bias: the usual PPO initialisation.
 
@@ -753,7 +769,17 @@ def check_policy(policy: Any, binding) -> None:
     try:
         policy.eval()
         with torch.no_grad():
-            params, value, _ = policy(obs)
+            if policy.is_recurrent:  # as the trainer calls it: with a state from initial_state, and starts
+                state = policy.initial_state(2, device)
+                before = state_parts(state, 2, f"{name}.initial_state(2, {str(device)!r}) returns")
+                params, value, state = policy(obs, state, torch.ones(2, dtype=torch.bool, device=device))
+                after = state_parts(state, 2, f"{name} returns, for 2 observations,")
+                if [part.shape for part in after] != [part.shape for part in before]:
+                    raise APIUsageError(f"{name} returns, for 2 observations, a state of shapes "
+                                        f"{[tuple(part.shape) for part in after]}: expected those of initial_state(2), "
+                                        f"{[tuple(part.shape) for part in before]}")
+            else:
+                params, value, _ = policy(obs)
             for what, output in (("action parameters", params), ("values", value)):
                 if not (isinstance(output, torch.Tensor) and output.is_floating_point()):
                     got = f"of dtype {output.dtype}" if isinstance(output, torch.Tensor) else _described(output)

@@ -35,7 +35,8 @@ from shoal.checkpoint import (check_run_dir, list_checkpoints, load_checkpoint, 
 from shoal.emulation import Binding
 from shoal.errors import APIUsageError, TrainingError, check_int, is_int, is_number
 from shoal.optim import Adam, clip_grad_norm
-from shoal.policy import LSTMPolicy, Policy, available_memory, check_policy, default_policy, other_leaves
+from shoal.policy import (LSTMPolicy, Policy, available_memory, check_policy, default_policy, other_leaves,
+                          state_parts)
 from shoal.spaces import _short, leaf_difference, leaf_signature
 
 
@@ -440,6 +441,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                             f"to train (unfreeze some: parameter.requires_grad_(True))")
     optimizer = Adam(policy.parameters(), config.learning_rate)
     parameters = list(policy.parameters())
+    # A batch norm cannot train on one row: an update that holds a single transition is skipped for it.
+    batch_norm = any(isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+                                         torch.nn.SyncBatchNorm)) for module in policy.modules())
+    said_one_row = False
     global_step = update = earlier_episodes = 0
     earlier_wall_time = 0.0  # earlier_*: the resumed run's episodes and seconds before this call
     if checkpoint is not None:
@@ -510,9 +515,16 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         in_flight = np.zeros(N, bool)  # an action was sent for the slot's newest obs
         last_mask = np.zeros(N, bool)  # the mask that came with the slot's newest obs
         if policy.is_recurrent:
-            state = policy.initial_state(N, device)  # (h, c), each (N, hidden): after each slot's newest obs
-            rollout_state = policy.initial_state(N, device)  # before row 0's obs, per slot
-            next_rollout_state = policy.initial_state(N, device)  # before row T's obs, per slot
+            # Each a tuple of tensors with a row per slot (an LSTM's (h, c)); the policy gets its own form back.
+            initial = policy.initial_state(N, device)
+            single_tensor = isinstance(initial, torch.Tensor)
+
+            def as_state(parts: tuple) -> Any:
+                return parts[0] if single_tensor else parts
+
+            state = state_parts(initial, N, f"{type(policy).__name__}.initial_state returns")  # after the newest obs
+            rollout_state = tuple(part.clone() for part in state)  # before row 0's obs, per slot
+            next_rollout_state = tuple(part.clone() for part in state)  # before row T's obs, per slot
 
         result = TrainResult(policy=policy, global_step=global_step, updates=update, wall_time=0.0,
                              run_dir=config.run_dir, start_step=global_step)
@@ -562,7 +574,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         flat = torch.as_tensor(np.stack(final_obs), device=device)
                         if policy.is_recurrent:
                             ended = torch.as_tensor(rows[final_rows], device=device)
-                            _, final_values, _ = policy(flat, (state[0][ended], state[1][ended]))
+                            _, final_values, _ = policy(flat, as_state(tuple(part[ended] for part in state)),
+                                                        torch.zeros(len(ended), dtype=torch.bool, device=device))
                         else:
                             _, final_values = act(flat)
                         reward[final_rows] += gamma * final_values.float().cpu().numpy()
@@ -601,14 +614,15 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                         ob = torch.from_numpy(obs[at] if live is None else obs[t[live], rows[live]]).to(device)
                         if policy.is_recurrent:
                             acting = torch.as_tensor(rows if live is None else rows[live], device=device)
-                            begin = torch.as_tensor(start if live is None else start[live], device=device)[:, None]
-                            h = torch.where(begin, 0.0, state[0][acting])
-                            c = torch.where(begin, 0.0, state[1][acting])
+                            begin = torch.as_tensor(start if live is None else start[live], device=device)
+                            before = tuple(part[acting].masked_fill_(begin.view(-1, *[1] * (part.dim() - 1)), 0)
+                                           for part in state)
                             at_end = torch.as_tensor((t if live is None else t[live]) == T, device=device)
-                            next_rollout_state[0][acting[at_end]] = h[at_end]
-                            next_rollout_state[1][acting[at_end]] = c[at_end]
-                            params, value, (h, c) = policy(ob, (h, c))
-                            state[0][acting], state[1][acting] = h, c
+                            for stored, part in zip(next_rollout_state, before):
+                                stored[acting[at_end]] = part[at_end]
+                            params, value, after = policy(ob, as_state(before), begin)  # zeroed already: no NaN
+                            for stored, part in zip(state, state_parts(after, len(acting), f"{type(policy).__name__} returns")):
+                                stored[acting] = part
                         else:
                             params, value = act(ob)
                         action, logprob = policy.sample_actions(params)
@@ -668,6 +682,12 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                 count = min(config.num_minibatches, max(1, len(units) // 2) if lone else len(units))
             else:
                 count = min(config.num_minibatches, max(1, len(units) // 2))
+            if batch_norm and valid.sum() < 2:
+                count = 0
+                if not said_one_row:
+                    said_one_row = True
+                    logger.message(f"update {update} (step {global_step:,}): the rollout held one transition, on "
+                                   f"which the policy's batch norm cannot train: no gradient step in such updates")
             bounds = [len(units) * i // count for i in range(count + 1)] if count else []
             stats = []  # per minibatch: (policy loss, value loss, entropy, ratio, log ratio); no ops, no syncs
             for epoch in range(config.update_epochs):
@@ -680,7 +700,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                     if policy.is_recurrent:
                         mb = order[first:stop] if order is not None else slice(None)
                         slots = torch.as_tensor(units, device=device)[mb]
-                        sequence_state = rollout_state[0][slots], rollout_state[1][slots]
+                        sequence_state = as_state(tuple(part[slots] for part in rollout_state))
                         counted = seq["valid"][:, slots]
                         # LSTMPolicy's own forward encodes the counted rows only; a subclass's may not take them
                         only = (counted,) if type(policy).forward is LSTMPolicy.forward else ()
@@ -744,8 +764,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                 array[0] = array[T]
             length[:] = 0
             if policy.is_recurrent:
-                rollout_state[0].copy_(next_rollout_state[0])
-                rollout_state[1].copy_(next_rollout_state[1])
+                for stored, part in zip(rollout_state, next_rollout_state):
+                    stored.copy_(part)
             learn_time += time.perf_counter() - learn_start
             episode_total = earlier_episodes + len(result.episodes)
             wall_time = earlier_wall_time + time.perf_counter() - started

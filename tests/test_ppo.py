@@ -369,6 +369,81 @@ def test_minibatches_split_evenly_and_never_hold_one_row_where_there_are_more():
         assert sorted(policy.minibatch_rows) == expected
 
 
+def test_an_update_of_one_transition_makes_no_gradient_step_for_a_batch_norm_policy():
+    """Batch norm refuses one row in train mode: such an update is skipped (said once), MLP and LSTM alike."""
+    binding = make_binding("cartpole")
+    for policy in (BatchNormPolicy(binding), LSTMPolicy(BatchNormPolicy(binding))):
+        messages = []
+        logger = Logger(run_dir=None, dashboard=False, tensorboard=False)
+        logger.message = messages.append
+        before = [parameter.clone() for parameter in policy.parameters()]
+        result = train(PPOConfig(num_envs=1, num_steps=1, total_timesteps=3, dashboard=False, tensorboard=False),
+                       binding, policy=policy, logger=logger)
+        assert result.updates == 3 and all(math.isnan(row["loss/policy"]) for row in result.history)
+        assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+        assert len(messages) == 1 and "batch norm cannot train" in messages[0]
+    plain = MLPPolicy(binding)  # without batch norm, one transition is a gradient step as any other
+    result = train(PPOConfig(num_envs=1, num_steps=1, total_timesteps=3, dashboard=False, tensorboard=False),
+                   binding, policy=plain)
+    assert all(math.isfinite(row["loss/policy"]) for row in result.history)
+
+
+class GRUPolicy(Policy):
+    """A recurrent policy of one's own whose state is one tensor (a GRU's), not an LSTM's (h, c)."""
+
+    is_recurrent = True
+
+    def __init__(self, binding):
+        super().__init__(binding, feature_size=8)
+        self.cell = torch.nn.GRUCell(4, 8)
+        self.initial_states: list[torch.Tensor] = []  # the state of each acting call, as it came
+
+    def initial_state(self, batch_size, device="cpu"):
+        return torch.zeros(batch_size, 8, device=device)
+
+    def forward(self, obs, state, starts):
+        steps = obs[None] if obs.dim() == 2 else obs
+        begins = (starts[None] if obs.dim() == 2 else starts).bool()
+        if obs.dim() == 2 and not self.training:
+            self.initial_states.append(state.clone())
+        hidden = []
+        for step, begin in zip(steps, begins):
+            state = self.cell(step.float(), torch.where(begin[:, None], 0.0, state))
+            hidden.append(state)
+        params, value = self.decode(torch.cat(hidden))
+        return params, value, state
+
+
+def test_a_recurrent_policy_of_ones_own_may_keep_its_state_in_one_tensor():
+    binding = make_binding("cartpole")
+    policy = GRUPolicy(binding)
+    result = train(PPOConfig(**QUICK), binding, policy=policy)
+    assert result.global_step == 320
+    assert all(isinstance(state, torch.Tensor) and state.shape[1:] == (8,) for state in policy.initial_states)
+    assert any(state.abs().sum() > 0 for state in policy.initial_states)  # the state carries over between steps
+    assert np.isfinite(evaluate(policy, binding, episodes=1, max_steps=50)).all()
+
+
+def test_a_recurrent_state_that_is_no_tensor_or_has_no_batch_rows_is_refused():
+    binding = make_binding("cartpole")
+
+    class NoState(GRUPolicy):
+        def initial_state(self, batch_size, device="cpu"):
+            return [1, 2]
+
+    class Unbatched(GRUPolicy):
+        def forward(self, obs, state, starts):
+            params, value, state = super().forward(obs, state, starts)
+            return params, value, state[0]
+
+    with pytest.raises(APIUsageError, match=r"NoState.initial_state\(2, 'cpu'\) returns a list holding a value of "
+                                            r"type int, a value of type int: a recurrent state must be a torch "
+                                            r"tensor or a tuple of them, each with the batch \(2 rows\)"):
+        train(PPOConfig(**QUICK), binding, policy=NoState(binding))
+    with pytest.raises(APIUsageError, match=r"Unbatched returns, for 2 observations, a tensor of shape \(8,\)"):
+        train(PPOConfig(**QUICK), binding, policy=Unbatched(binding))
+
+
 def test_an_lstm_policy_subclass_with_a_forward_of_its_own_trains():
     class Tempered(LSTMPolicy):  # its forward takes (obs, state, starts): the update calls it so
         def forward(self, obs, state=None, starts=None):
@@ -705,7 +780,7 @@ def test_evaluate_starts_an_agents_lstm_state_where_it_appears_as_training_does(
     forward, make_env = policy.forward, binding.make_env
 
     def recording_forward(obs, state=None, starts=None):
-        if starts is not None:  # not evaluate's check of the policy, which runs it once first
+        if len(obs) == binding.max_agents:  # not evaluate's check of the policy, which runs it on 2 rows first
             seen.append(starts.clone())
         return forward(obs, state, starts)
 
