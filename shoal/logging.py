@@ -149,8 +149,7 @@ class Logger:
         self._wandb_settings = (_wandb_module(), wandb_project, config) if wandb else None  # a missing one now
         if dashboard:
             self._console = _Console()
-            if _redraws(self._console):
-                self._start_dashboard()
+        self._redraw = dashboard and _redraws(self._console)  # the live dashboard starts in open(), after W&B
 
     # ---------------------------------------------------------------- sinks
 
@@ -190,7 +189,9 @@ class Logger:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._wandb_settings:  # first: a W&B that does not start (no login) leaves no files of a run that never was
-            self._wandb = self._start_wandb(*self._wandb_settings)
+            self._wandb = self._start_wandb(*self._wandb_settings)  # its login prompt, if any, before the dashboard
+        if self._redraw:
+            self._start_dashboard()
         if self.run_dir is None:
             return
         self._open_csv()
@@ -253,6 +254,7 @@ class Logger:
     def _render(self):
         from rich.panel import Panel
         from rich.table import Table
+        from rich.text import Text
 
         m = self.latest
 
@@ -275,13 +277,14 @@ class Logger:
                              ("entropy", m.get("loss/entropy")), ("approx kl", m.get("loss/approx_kl")),
                              ("explained var", m.get("loss/explained_variance")), ("lr", m.get("lr"))]),
         ]
+        title = Text(self.title, style="bold")  # as given: a run directory named "x[/y]" is no markup
         if self._console.width < 100:  # three boxes side by side would cut their labels and numbers
-            return Panel(Group(self._progress, *boxes), title=f"[bold]{self.title}", border_style="cyan")
+            return Panel(Group(self._progress, *boxes), title=title, border_style="cyan")
         grid = Table.grid(expand=True)
         for _ in range(3):
             grid.add_column(ratio=1)
         grid.add_row(*boxes)
-        return Panel(Group(self._progress, grid), title=f"[bold]{self.title}", border_style="cyan")
+        return Panel(Group(self._progress, grid), title=title, border_style="cyan")
 
     # ---------------------------------------------------------------- API
 
@@ -319,7 +322,7 @@ class Logger:
     def _print_summary(self) -> None:
         self._last_print = time.monotonic()
         self._printed = self.summary_line()
-        self._console.print(self._printed, highlight=False, soft_wrap=True)
+        self._console.print(self._printed, highlight=False, markup=False, soft_wrap=True)
 
     def summary_line(self) -> str:
         """One plain line with the latest step, return, throughput and losses."""
@@ -333,9 +336,9 @@ class Logger:
                 f"kl {_fmt(m.get('loss/approx_kl'))}")
 
     def message(self, text: str) -> None:
-        """Print a line of text above the dashboard (or on its own without one)."""
-        if self._console is not None:
-            self._console.print(text, highlight=False)
+        """Print a line of text as given, above the dashboard or on its own (with ``dashboard=False`` too: the
+        trainer's messages are rare events, such as solving the env)."""
+        (self._console or _Console()).print(text, highlight=False, markup=False)
 
     def close(self) -> None:
         """Stop the dashboard and flush and close every sink. Closing again does nothing."""
@@ -432,8 +435,12 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
     # update, is a run without points; any other directory is no run
     runs = [(name, [] if (run_dir / "config.json").is_file() and not (run_dir / "progress.csv").exists()
              else read_progress(run_dir)) for name, run_dir in zip(names, run_dirs)]
-    if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
-        raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of {', '.join(CSV_FIELDS)}")
+    if not any(math.isfinite(row.get(metric, math.nan)) for _, rows in runs for row in rows):
+        if metric not in CSV_FIELDS and not any(metric in row for _, rows in runs for row in rows):
+            raise APIUsageError(f"no run has a column {metric!r} in progress.csv: expected one of "
+                                f"{', '.join(CSV_FIELDS)}")
+        raise APIUsageError(f"nothing to draw: no run has a value of {metric!r} yet (an episode/ column fills "
+                            f"once episodes end)")
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for name, rows in runs:
         points = [(row["global_step"], row[metric]) for row in rows if math.isfinite(row.get(metric, math.nan))]

@@ -34,6 +34,23 @@ def test_dashboard_shows_progress_throughput_episodes_losses_and_time_split(widt
         assert expected in text, expected
 
 
+def test_titles_and_messages_are_printed_as_given_not_as_markup(capsys):
+    """A run directory or env name with brackets (a sweep's "lr[/x]") is text: rich would drop or refuse it."""
+    logger = Logger(None, total_steps=10, title="shoal PPO · Game[/v1] · runs/sweep[lr=0.1]", dashboard=True)
+    logger._console = Console(record=True, force_terminal=True, width=130)
+    logger._start_dashboard()
+    logger.message("agents: [agent_0, agent_1] [/bold]")
+    logger.log(10, METRICS)
+    logger.close()
+    text = logger._console.export_text()
+    assert "Game[/v1] · runs/sweep[lr=0.1]" in text and "agents: [agent_0, agent_1] [/bold]" in text
+    capsys.readouterr()
+    quiet = Logger(None, dashboard=False)  # no dashboard, no progress lines: messages all the same
+    quiet.message("solved [at] step 5")
+    quiet.close()
+    assert capsys.readouterr().out == "solved [at] step 5\n"
+
+
 def test_the_dashboard_redraws_on_a_terminal_only(monkeypatch):
     """FORCE_COLOR makes rich take any stdout for a terminal, and TTY_INTERACTIVE=1 asks for redraws: off one
     (pytest's capture here, a CI log) the Logger prints plain lines all the same."""
@@ -187,8 +204,9 @@ def test_plot_one_line_per_run(tmp_path):
 def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
     with Logger(tmp_path / "early", dashboard=False, tensorboard=False) as logger:
         logger.log(100, {"episode/return_mean20": math.nan, "loss/value": 1.0})  # no episode finished yet
-    out = plot_runs([tmp_path / "early"], tmp_path / "curves.png")
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(APIUsageError, match="nothing to draw: no run has a value of 'episode/return_mean20' yet"):
+        plot_runs([tmp_path / "early"], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
     with pytest.raises(APIUsageError, match="no run has a column 'loss/valu' in progress.csv: expected one of"):
         plot_runs([tmp_path / "early"], tmp_path / "typo.png", metric="loss/valu")
     (tmp_path / "stopped" / "seed1").mkdir(parents=True)  # a run stopped before its first update: no CSV
