@@ -23,7 +23,9 @@ import math
 import os
 import select
 import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +37,14 @@ import tyro
 from shoal.__main__ import no_command_status
 from shoal.errors import ShoalError, stdout_to_devnull
 from shoal.ppo import PPOConfig
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's preemption or time limit): the run stops as on Ctrl-C, with a checkpoint."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 class UsageError(ShoalError):
@@ -181,11 +191,15 @@ def _train(argv: list[str]) -> int:
     made_run_dir = config.run_dir is None
     if made_run_dir:
         config.run_dir = _make_default_run_dir(config.env, config.seed)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+    on_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         result = train(config, binding, resume_from=checkpoint)  # the checkpoint as loaded: damage is told once
     except (KeyboardInterrupt, BrokenPipeError) as error:  # train wrote a final checkpoint: say where, how to go on
-        why, status = ("interrupted", 130) if isinstance(error, KeyboardInterrupt) else (
-            f"error: {'stdout was closed (broken pipe)' if _stdout_closed() else error}: the run stopped", 2)
+        why, status = (("terminated (SIGTERM)", 143) if isinstance(error, Terminated)
+                       else ("interrupted", 130) if isinstance(error, KeyboardInterrupt)
+                       else (f"error: {'stdout was closed (broken pipe)' if _stdout_closed() else error}: the run "
+                             f"stopped", 2))
         saved = list_checkpoints(config.run_dir)
         if not saved:
             _to_stderr(f"shoal train: {why} before a checkpoint was written ({config.run_dir})")
@@ -200,6 +214,9 @@ def _train(argv: list[str]) -> int:
             with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
                 Path(config.run_dir).rmdir()
         raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
     resumed_at = result.start_step  # this call's steps and time only: say from where
     reached = result.first_reached(475.0) if config.env == "cartpole" and not resumed_at else None
     # The run's own last 20 episodes, as progress.csv and the dashboard have them: across a resume too.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import signal
 import os
 import shutil
@@ -316,6 +317,40 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--resume", str(run_dir), "--total-timesteps", str(more))
     assert code == 0 and f"trained 64 steps (from step {checkpoint['global_step']:,} to {more:,})" in out
     assert f"shoal eval '{run_dir}'" in out
+
+
+def _group_members(group: int) -> list[int]:
+    """The live processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp
+            if int(fields[2]) == group and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def test_sigterm_to_the_whole_job_stops_the_run_with_a_checkpoint_as_ctrl_c_does(tmp_path):
+    """A batch scheduler's preemption or time limit: SIGTERM to every process of the job, workers included."""
+    run_dir = tmp_path / "run"
+    shoal = Path(sys.executable).parent / "shoal"
+    training = subprocess.Popen([str(shoal), "train", *FAST, "--backend", "multiprocessing", "--num-workers", "2",
+                                 "--total-timesteps", "100000000", "--checkpoint-interval", "0", "--run-dir",
+                                 str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(read_progress(run_dir) if (run_dir / "progress.csv").exists() else []) < 3:
+        assert training.poll() is None and time.monotonic() < deadline, training.communicate()
+        time.sleep(0.05)
+    os.killpg(training.pid, signal.SIGTERM)
+    _, err = training.communicate(timeout=60)
+    assert training.returncode == 143 and "Traceback" not in err, err
+    [path] = list_checkpoints(run_dir)
+    assert f"terminated (SIGTERM); checkpoint at step {load_checkpoint(path)['global_step']:,}" in err
+    deadline = time.monotonic() + 10
+    while _group_members(training.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_members(training.pid)
 
 
 def test_a_reader_of_stdout_that_goes_away_stops_the_run_with_a_checkpoint_and_one_message(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import socket
 import threading
 import traceback
@@ -85,7 +86,10 @@ def _join(ray, address: str | None, timeout: float) -> None:
             # A Ray cut short in its start leaves its agent processes running, or crashes at exit (Ray 2.60 frees
             # its C++ core worker under its own io thread)
             with deferred_interrupt():
+                own_handler = signal.getsignal(signal.SIGTERM)
                 ray.init(address=address, include_dashboard=False)
+                if callable(own_handler):  # the program's own (shoal train's: stop with a checkpoint), not Ray's abort
+                    signal.signal(signal.SIGTERM, own_handler)
         else:
             _init_in_lasting_thread(ray, address)
     except (ConnectionError, ValueError) as error:  # ValueError: an address Ray cannot parse
