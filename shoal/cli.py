@@ -149,6 +149,23 @@ def _is_run_dir(directory: Path, checkpoint: dict) -> bool:
     return inside and isinstance(config, dict) and config.get("env") == checkpoint["env"]
 
 
+def _run_binding(checkpoint: dict):
+    """The binding of the checkpoint's env, built with the keyword arguments the run's binding had
+    (``make_binding("atari:Breakout", frame_skip=2)`` in Python), not with the env's defaults."""
+    from shoal.envs import make_binding
+
+    env_kwargs = checkpoint.get("env_kwargs", {})  # absent from checkpoints written before it was recorded
+    if env_kwargs is None:
+        raise UsageError(f"{checkpoint['path']}: the run's env {checkpoint['env']!r} was built with keyword "
+                         f"arguments a checkpoint cannot hold (not numbers, strings, lists or dicts of them), so the "
+                         f"shoal command cannot build it again: go on in Python with that binding (train(..., "
+                         f"resume_from=...)), or play it with shoal eval --env NAME")
+    if not (isinstance(env_kwargs, dict) and all(isinstance(key, str) for key in env_kwargs)):
+        raise UsageError(f"{checkpoint['path']} holds env_kwargs {str(env_kwargs)[:80]}: expected a dict of keyword "
+                         f"arguments by name, as train() records them")
+    return make_binding(checkpoint["env"], **env_kwargs)
+
+
 def _train(argv: list[str]) -> int:
     from shoal.checkpoint import list_checkpoints, load_checkpoint
     from shoal.envs import check_env_name, make_binding, preset
@@ -175,7 +192,7 @@ def _train(argv: list[str]) -> int:
         raise UsageError(f"--resume {resume}: that run trained on env {checkpoint['env']!r}, not {config.env!r}; "
                          f"drop --env or start a new run")
     config.validate()
-    binding = make_binding(config.env)
+    binding = make_binding(config.env) if checkpoint is None else _run_binding(checkpoint)
     trained = None if checkpoint is None else config_from_checkpoint(checkpoint)
     changed = "" if trained is None else ", ".join(_flag(name, getattr(config, name)) for name in POLICY_FIELDS
                                                    if getattr(config, name) != getattr(trained, name))
@@ -252,7 +269,7 @@ def _eval(argv: list[str]) -> int:
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     config = config_from_checkpoint(checkpoint)
-    binding = make_binding(args.env or checkpoint["env"])
+    binding = make_binding(args.env) if args.env else _run_binding(checkpoint)
     check_compatible(checkpoint, binding, other_env=args.env is not None)
     check_default_policy(checkpoint)
     policy = make_policy(config, binding)

@@ -468,6 +468,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "policy_given": policy_given, "recent_returns": at_returns,
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
+            "env_kwargs": binding.env_kwargs if _plain(binding.env_kwargs) else None,
             "spaces": space_signature, "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,
         }, keep=config.keep_checkpoints)
@@ -1049,6 +1050,16 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None,
                             f"builds the env of the run's config.env ({checkpoint.get('env')!r}). A run given a "
                             f"binding of its own in Python goes on in Python with that binding (train(..., "
                             f"resume_from=...)); shoal eval --env NAME plays it on any env of its spaces")
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of what a checkpoint holds as data (numbers, strings, None, lists, tuples and
+    dicts with string keys): an env's keyword arguments the shoal command can build the env with again."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(map(_plain, value))
+    return isinstance(value, dict) and all(isinstance(key, str) and _plain(item) for key, item in value.items())
 
 
 def _bare_name(env_name: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import contextlib
 import signal
 import os
@@ -36,6 +37,29 @@ def test_a_run_in_which_no_episode_ended_says_so(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--env", "gym:MountainCar-v0", *FAST, "--total-timesteps", "128",
                        "--run-dir", str(tmp_path / "run"))  # its episodes last 200 steps
     assert code == 0 and "no episode ended in this run" in out and "nan" not in out
+
+
+def test_eval_and_resume_build_the_env_with_the_keyword_arguments_the_run_had(tmp_path, capsys):
+    """make_binding("gym:CartPole-v1", max_episode_steps=5) in Python: the command must not rebuild the defaults."""
+    import numpy as np
+
+    from shoal.envs import make_binding
+    from shoal.ppo import PPOConfig, train
+
+    config = PPOConfig(env="gym:CartPole-v1", num_envs=2, num_steps=16, total_timesteps=64, dashboard=False,
+                       tensorboard=False, run_dir=str(tmp_path / "short"))
+    train(config, make_binding("gym:CartPole-v1", max_episode_steps=5))
+    assert load_checkpoint(tmp_path / "short")["env_kwargs"] == {"max_episode_steps": 5}
+    code, out, _ = run(capsys, "eval", str(tmp_path / "short"), "--episodes", "3", "--deterministic")
+    assert code == 0 and "return 5.00 ± 0.00" in out  # a 5-step time limit, as the run had (CartPole lasts 8+)
+    code, _, _ = run(capsys, "train", "--resume", str(tmp_path / "short"), "--total-timesteps", "256")
+    assert code == 0
+    assert {row.get("episode/length") for row in read_progress(tmp_path / "short")} == {5.0}
+
+    other = dataclasses.replace(config, run_dir=str(tmp_path / "numpy"))  # a value a checkpoint cannot hold as data
+    train(other, make_binding("gym:CartPole-v1", sutton_barto_reward=np.bool_(False)))
+    code, _, err = run(capsys, "eval", str(tmp_path / "numpy"))
+    assert code == 2 and "was built with keyword arguments a checkpoint cannot hold" in err
 
 
 def test_train_eval_plot_and_resume(tmp_path, capsys):
