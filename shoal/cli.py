@@ -153,6 +153,7 @@ def _run_binding(checkpoint: dict):
     """The binding of the checkpoint's env, built with the keyword arguments the run's binding had
     (``make_binding("atari:Breakout", frame_skip=2)`` in Python), not with the env's defaults."""
     from shoal.envs import make_binding
+    from shoal.spaces import _short
 
     env_kwargs = checkpoint.get("env_kwargs", {})  # absent from checkpoints written before it was recorded
     if env_kwargs is None:
@@ -161,9 +162,17 @@ def _run_binding(checkpoint: dict):
                          f"shoal command cannot build it again: go on in Python with that binding (train(..., "
                          f"resume_from=...)), or play it with shoal eval --env NAME")
     if not (isinstance(env_kwargs, dict) and all(isinstance(key, str) for key in env_kwargs)):
-        raise UsageError(f"{checkpoint['path']} holds env_kwargs {str(env_kwargs)[:80]}: expected a dict of keyword "
+        raise UsageError(f"{checkpoint['path']} holds env_kwargs {_short(env_kwargs)}: expected a dict of keyword "
                          f"arguments by name, as train() records them")
-    return make_binding(checkpoint["env"], **env_kwargs)
+    if not env_kwargs:
+        return make_binding(checkpoint["env"])
+    try:
+        return make_binding(checkpoint["env"], **env_kwargs)
+    except ShoalError as error:  # a binding of the run's own, not one of this name's (or the env changed since)
+        raise UsageError(f"{checkpoint['path']}: the run's binding had env_kwargs {_short(env_kwargs)}, with "
+                         f"which {checkpoint['env']!r} cannot be built ({error}). A run given a binding of its own "
+                         f"in Python goes on in Python with it (train(..., resume_from=...)); shoal eval --env NAME "
+                         f"plays it on any env of its spaces") from None
 
 
 def _train(argv: list[str]) -> int:
