@@ -1199,7 +1199,14 @@ class EmulatedEnv:
         """The wrapped env's ``render()``."""
         if self._closed:
             raise self._closed_error("render()")
-        return self.env.render()
+        try:
+            return self.env.render()
+        except gymnasium.error.Error as error:  # ale-py's: no render_mode was given
+            if getattr(self.env, "render_mode", None) is not None:
+                raise
+            raise APIUsageError(f"{self.binding.env_name}: render() needs the env built with a render_mode ({error}): "
+                                f"pass render_mode='rgb_array' in the binding's env_kwargs (make_binding(name, "
+                                f"render_mode='rgb_array') for a built-in one)") from None
 
     def close(self) -> None:
         """Close the wrapped env; reset, step and render refuse from then on. Closing again does nothing."""

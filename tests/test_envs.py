@@ -222,6 +222,19 @@ def test_an_unknown_atari_setting_is_named_with_those_there_are():
         make_binding("atari:Breakout", full_action_space=True)
 
 
+def test_rendering_an_atari_game_built_without_a_render_mode_says_how_to_build_it():
+    env = make_binding("atari:Breakout").make_env()
+    env.reset(seed=0)
+    with pytest.raises(APIUsageError, match=r"Breakout \(Atari\): render\(\) needs the env built with a render_mode .*"
+                                            r"make_binding\(name, render_mode='rgb_array'\)"):
+        env.render()
+    env.close()
+    env = make_binding("atari:Breakout", render_mode="rgb_array").make_env()
+    env.reset(seed=0)
+    assert env.render().shape == (210, 160, 3)
+    env.close()
+
+
 def test_episodic_life_ends_the_episode_but_not_the_game():
     env = make_atari_env("Breakout")
     env.reset(seed=0)
