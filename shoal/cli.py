@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import re
 import select
 import shlex
 import signal
@@ -286,7 +287,10 @@ def _eval(argv: list[str]) -> int:
     returns = evaluate(policy, binding, episodes=args.episodes, seed=args.seed, deterministic=args.deterministic,
                        device=device, max_steps=args.max_steps)
     values = np.asarray(returns)
-    episodes = "agent-episodes" if binding.is_multiagent else "episodes"  # evaluate counts each agent's own
+    episodes = "agent-episode" if binding.is_multiagent else "episode"  # evaluate counts each agent's own
+    episodes += "s" * (len(values) != 1)
+    if len(values) < args.episodes:
+        episodes += f" (of {args.episodes:,} asked: the --max-steps {args.max_steps:,} steps ran out first)"
     print(f"{binding.env_name}: {len(values)} {episodes}, return {values.mean():.2f} ± {values.std():.2f} "
           f"(min {values.min():.2f}, max {values.max():.2f}) · checkpoint {checkpoint['path']} "
           f"(step {checkpoint['global_step']:,})")
@@ -336,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def show(message, category, *_) -> None:  # one line, not Python's file:line and source line of ours
         kind = "" if category is UserWarning else f"{category.__name__}: "
-        _to_stderr(f"shoal {command}: warning: {kind}{message}")
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(message))  # gymnasium colours its warnings, for a terminal
+        _to_stderr(f"shoal {command}: warning: {kind}{text}")
 
     try:
         with warnings.catch_warnings():

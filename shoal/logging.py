@@ -441,16 +441,24 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
                                 f"{', '.join(CSV_FIELDS)}")
         raise APIUsageError(f"nothing to draw: no run has a value of {metric!r} yet (an episode/ column fills "
                             f"once episodes end)")
+    # A colour of its own for every run (the default cycle repeats after 10); beyond a few runs the legend
+    # goes beside the axes, and the PNG grows to hold it.
+    many = len(runs) > 6
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20" if len(runs) <= 20 else "turbo")
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for name, rows in runs:
+    for index, (name, rows) in enumerate(runs):
         points = [(row["global_step"], row[metric]) for row in rows if math.isfinite(row.get(metric, math.nan))]
         steps, values = zip(*points) if points else ((), ())
-        axis.plot(steps, values, marker="o" if len(points) == 1 else None,  # one point draws no line
+        colour = colours(index if len(runs) <= 20 else index / (len(runs) - 1))
+        axis.plot(steps, values, color=colour, marker="o" if len(points) == 1 else None,  # one point draws no line
                   label=name if points else f"{name} (no {metric} yet)")
     axis.set_xlabel("agent steps")
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", ncol=1 + len(runs) // 12)
+    if many:
+        axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.03, 1.0), ncol=1 + len(runs) // 30)
+    else:
+        axis.legend(fontsize="small")
     figure.tight_layout()
     given = str(out)
     out = Path(out)
@@ -462,6 +470,6 @@ def plot_runs(run_dirs: Iterable[str | os.PathLike], out: str | os.PathLike,
         out.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError as error:  # a file where a directory of the path goes: say that, not "exists"
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), error.filename) from None
-    figure.savefig(out, dpi=120)
+    figure.savefig(out, dpi=120, bbox_inches="tight" if many else None)
     plt.close(figure)
     return out

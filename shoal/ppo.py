@@ -39,6 +39,8 @@ from shoal.policy import (LSTMPolicy, Policy, available_memory, check_policy, de
                           state_parts)
 from shoal.spaces import _short, leaf_difference, leaf_signature
 
+MAX_TORCH_THREADS = 1024  # beyond it OpenMP fails to start its threads, or crashes
+
 
 @dataclass
 class PPOConfig:
@@ -55,7 +57,7 @@ class PPOConfig:
     device: str = "auto"
     """torch device: auto (cuda when available), cpu, cuda, cuda:1 ..."""
     torch_threads: int = 1
-    """CPU threads torch may use (0: torch's default); 1 is fastest for small nets on few cores"""
+    """CPU threads torch may use (0: torch's default; at most 1024); 1 is fastest for small nets on few cores"""
     run_dir: str | None = None
     """where logs and checkpoints go (shoal train: runs/<env>__<seed>__<time>; None in Python: no files)"""
     dashboard: bool = True
@@ -154,6 +156,9 @@ class PPOConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise APIUsageError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.torch_threads > MAX_TORCH_THREADS:
+            raise APIUsageError(f"torch_threads must be at most {MAX_TORCH_THREADS} (this machine has "
+                                f"{os.cpu_count()} cores; 0 leaves torch's default), got {self.torch_threads!r}")
         if not is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise APIUsageError(f"seed must be an integer from 0 to 2**32 - 1 (numpy's range), got {self.seed!r}")
         numbers = ["learning_rate", "gamma", "gae_lambda", "clip_coef", "ent_coef", "vf_coef", "max_grad_norm"]
@@ -1018,9 +1023,13 @@ def _check_keys(checkpoint: dict) -> None:
         raise APIUsageError(f"expected a checkpoint dict (load_checkpoint(path) gives one), got "
                             f"{type(checkpoint).__name__}")
     missing = [key for key in _CHECKPOINT_KEYS if key not in checkpoint]
-    if missing or not isinstance(checkpoint["config"], dict):
+    lacks = ", ".join(missing) or (
+        "a config dict" if not isinstance(checkpoint["config"], dict)
+        else next((f"an integer {key} >= 0 (it holds {_short(checkpoint[key])})" for key in ("global_step", "update")
+                   if not (is_int(checkpoint[key]) and checkpoint[key] >= 0)), ""))
+    if lacks:
         raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')} is not a checkpoint of shoal's trainer: it lacks "
-                            f"{', '.join(missing) or 'a config dict'} (train() writes {', '.join(_CHECKPOINT_KEYS)})")
+                            f"{lacks} (train() writes {', '.join(_CHECKPOINT_KEYS)})")
 
 
 def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None, *, other_env: bool = False) -> None:
@@ -1103,6 +1112,10 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
             f"{where} holds {trained} weights trained with {settings}, not this {_describe_policy(policy)}'s "
             f"network: build the policy with those settings (config_from_checkpoint gives them) or pass the policy "
             f"it was trained with. torch: {torch_says}") from None
+    broken = next((name for name, parameter in policy.named_parameters() if not torch.isfinite(parameter).all()), None)
+    if broken is not None:  # train() never saves such weights: the file was damaged
+        raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the policy's parameter {broken!r} holds values "
+                            f"that are not finite (NaN or inf): the file is damaged; use an earlier checkpoint")
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:

@@ -7,6 +7,7 @@ import dataclasses
 import contextlib
 import signal
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,9 @@ def test_resuming_an_lstm_run_with_no_lstm_names_that_flag(tmp_path, capsys):
     assert code == 2 and "no checkpoint in" in err
     code, _, err = run(capsys, "eval", run_dir, "--max-steps", "5")  # no CartPole episode ends that soon
     assert code == 2 and "CartPole-v1: no episode ended within max_steps=5 steps" in err
+    code, out, _ = run(capsys, "eval", run_dir, "--episodes", "50", "--max-steps", "40")  # an untrained pole: ~10
+    assert code == 0 and re.search(r"CartPole-v1: \d episodes? \(of 50 asked: the --max-steps 40 steps ran out "
+                                   r"first\), return", out)
 
 
 def test_resume_from_a_checkpoint_file_and_unwritable_paths(tmp_path, capsys, monkeypatch):
@@ -417,4 +421,4 @@ def test_atari_smoke_train_checkpoint_resume_eval(tmp_path, capsys):
     code, out, _ = run(capsys, "train", "--resume", run_dir, "--total-timesteps", "2048")
     assert code == 0 and load_checkpoint(run_dir)["global_step"] == 2048
     code, out, _ = run(capsys, "eval", run_dir, "--episodes", "1")
-    assert code == 0 and "Breakout (Atari): 1 episodes, return" in out
+    assert code == 0 and "Breakout (Atari): 1 episode, return" in out

@@ -216,6 +216,16 @@ def test_an_env_keyword_the_env_does_not_take_is_named():
         make_binding("pettingzoo:butterfly/knights_archers_zombies-v11", env_id=1)
 
 
+def test_a_module_in_the_current_directory_that_is_not_on_the_path_is_named(tmp_path, monkeypatch):
+    """The `shoal` console script does not put the current directory on sys.path (python -m shoal does)."""
+    (tmp_path / "my_maze_envs.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", ".", str(tmp_path))])
+    with pytest.raises(APIUsageError, match=r"cannot import module 'my_maze_envs', .*it is in the current directory, "
+                                            r"which the `shoal` command does not search"):
+        make_binding("gym:my_maze_envs:Maze-v0")
+
+
 def test_an_unknown_atari_setting_is_named_with_those_there_are():
     with pytest.raises(APIUsageError, match=r"atari:Breakout: got an unexpected keyword argument 'full_action_space': "
                                             r"make_atari_env takes frame_skip, noop_max, .*, render_mode$"):

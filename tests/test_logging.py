@@ -238,6 +238,24 @@ def test_plot_marks_runs_without_data_and_refuses_an_unknown_metric(tmp_path):
         plot_runs([tmp_path / "stopped" / "progress.csv"], tmp_path / "none.png")
 
 
+def test_plot_of_a_sweep_gives_every_run_a_colour_of_its_own(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    runs = []
+    for seed in range(24):
+        runs.append(tmp_path / f"seed{seed}")
+        with Logger(runs[-1], dashboard=False, tensorboard=False) as logger:
+            logger.log(100, {"episode/return_mean20": float(seed)})
+            logger.log(200, {"episode/return_mean20": seed + 1.0})
+    colours = []
+    original = matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda axis, **kw: colours.extend(
+        line.get_color() for line in axis.get_lines()) or original(axis, **kw))
+    out = plot_runs(runs, tmp_path / "sweep.png")
+    assert len(colours) == 24 and len({tuple(colour) for colour in colours}) == 24
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_plot_runs_needs_a_list_of_runs(tmp_path):
     with pytest.raises(APIUsageError, match="plot_runs needs a list of run directories, got \\[\\]"):
         plot_runs([], tmp_path / "x.png")

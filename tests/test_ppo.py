@@ -995,6 +995,7 @@ def test_a_checkpoint_of_a_policy_train_was_given_is_not_said_to_come_from_the_c
     ("ent_coef", float("nan"), "ent_coef must be a finite number, got nan"),
     ("stop_at_return", "high", "stop_at_return must be a finite number, got 'high'"),
     ("hidden_size", 1.5, "hidden_size must be an integer >= 0, got 1.5"),
+    ("torch_threads", 100_000, r"torch_threads must be at most 1024 \(this machine has \d+ cores"),
     ("policy", "transformer", "policy must be auto, mlp, cnn or mixed, got 'transformer'"),
     ("anneal_lr", "no", "anneal_lr must be True or False, got 'no'"),
     ("env", 5, "env must be a non-empty string, got 5"),
@@ -1542,6 +1543,20 @@ def test_a_checkpoint_without_the_trainers_keys_is_refused(tmp_path):
         train(PPOConfig(**QUICK), binding, resume_from=tmp_path)
     with pytest.raises(APIUsageError, match="is not a checkpoint of shoal's trainer"):
         config_from_checkpoint(load_checkpoint(tmp_path))
+
+
+def test_a_checkpoint_with_a_step_that_is_no_count_or_weights_that_are_not_finite_is_refused(tmp_path):
+    binding = make_binding("cartpole")
+    train(PPOConfig(**QUICK, run_dir=str(tmp_path / "run")), binding)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    for key, value in (("global_step", "320"), ("update", -1)):
+        with pytest.raises(APIUsageError, match=f"it lacks an integer {key} >= 0 \\(it holds {value!r}\\)"):
+            config_from_checkpoint({**checkpoint, key: value})
+    damaged = {**checkpoint, "model": {**checkpoint["model"]}}
+    name = next(name for name in damaged["model"] if name.endswith("weight"))
+    damaged["model"][name] = torch.full_like(damaged["model"][name], math.nan)  # as a flipped bit in the file can
+    with pytest.raises(APIUsageError, match=f"the policy's parameter '{name}' holds values that are not finite"):
+        ppo.load_policy_state(MLPPolicy(binding), damaged)
 
 
 class DiesBeforeTheEnd(ParallelEnv):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
+import sys
 from typing import Any, Callable
 
 import gymnasium
@@ -113,8 +115,14 @@ def gym(env_id: str, /, **env_kwargs: Any) -> Binding:
         try:
             importlib.import_module(module)
         except ImportError as error:
+            hint = ""
+            here = os.getcwd()
+            if (_missing_module(error) == module.partition(".")[0] and here not in map(os.path.abspath, sys.path)
+                    and importlib.machinery.PathFinder.find_spec(module.partition(".")[0], [here]) is not None):
+                hint = (f"; it is in the current directory, which the `shoal` command does not search: run "
+                        f"`python -m shoal ...` there, or set PYTHONPATH=.")
             raise APIUsageError(f"Gymnasium env {env_id!r}: cannot import module {module!r}, which should register "
-                                f"{registered!r}: {_missing(error)}") from None
+                                f"{registered!r}: {_missing(error)}{hint}") from None
     _register_namespace(registered)
     if registered not in gymnasium.registry:
         close = difflib.get_close_matches(registered, list(gymnasium.registry), n=3)
