@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import random
 import re
@@ -134,9 +135,10 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
 
     The lock is ``flock`` on the directory itself, so it leaves no file behind and ends with the process, however
     that dies. ``run_dir``, if made here and still empty at the end (the run was refused before writing), is
-    removed.
+    removed, with the folders above it that were made for it.
     """
     run_dir = Path(run_dir)
+    missing = list(itertools.takewhile(lambda folder: not folder.exists(), [run_dir, *run_dir.parents]))
     while True:
         try:
             run_dir.mkdir(parents=True)
@@ -160,8 +162,11 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         if made:
-            with contextlib.suppress(OSError):  # fails, as it should, once the run wrote something
-                run_dir.rmdir()  # while still locked: no other run can be inside it yet
+            for folder in missing:  # run_dir first, while still locked: no other run can be inside it yet
+                try:
+                    folder.rmdir()
+                except OSError:  # as it should, once the run (or anything else) wrote there
+                    break
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
 

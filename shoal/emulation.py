@@ -24,8 +24,8 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import (ActionLayout, ObservationLayout, _path_str, _short, as_array, holds_dict, index_leaves,
-                          leaves, shape_of)
+from shoal.spaces import (ActionLayout, ObservationLayout, _check_counts, _get, _path_str, _short, as_array,
+                          containers, holds_dict, index_leaves, leaves, shape_of)
 
 SINGLE_AGENT_ID = 0
 REWARD_LIMIT = float(np.finfo(np.float32).max)  # the rewards buffer is float32: larger rewards would become inf
@@ -86,6 +86,15 @@ def _layout_or_none(space: spaces.Space) -> ActionLayout | None:
     leaves, Text ...)."""
     try:
         return ActionLayout(space)
+    except SpaceError:
+        return None
+
+
+def _leaf_layouts(space: spaces.Space) -> list[tuple[tuple, ActionLayout]] | None:
+    """A layout per leaf, by path, of a raw action space that mixes discrete and Box leaves (no one flat layout
+    holds it), to check its actions leaf by leaf; None where a leaf has no layout either (Text ...)."""
+    try:
+        return [(leaf.path, ActionLayout(leaf.space)) for leaf in leaves(space)]
     except SpaceError:
         return None
 
@@ -635,6 +644,8 @@ class EmulatedEnv:
         self._episode_return = np.zeros(binding.max_agents, np.float64)
         self._episode_length = np.zeros(binding.max_agents, np.int64)
         self._raw_layout = None if binding.emulate_flat_atn else _layout_or_none(binding.raw_single_action_space)
+        self._raw_leaf_layouts = (None if binding.emulate_flat_atn or self._raw_layout is not None
+                                  else _leaf_layouts(binding.raw_single_action_space))
         self._lone_episode = [0.0, 0]  # a single-agent env's return and length: Python numbers add faster
         self.tick = 0  # steps since creation, for messages
         self._needs_reset = True
@@ -1126,11 +1137,25 @@ class EmulatedEnv:
         """APIUsageError naming the agent unless ``action`` is one action of the raw action space."""
         layout, space = self._raw_layout, self.binding.raw_single_action_space
         try:
-            if layout is None:  # a space no flat layout holds: gymnasium's own test
-                if not space.contains(action):
-                    raise SpaceError(f"got {type(action).__name__} {_short(action)}")
-            elif layout.flatten(action).shape != (layout.size,):
-                raise SpaceError(f"expected one action, got a batch of {_short(action)}")
+            if layout is not None:
+                if layout.flatten(action).shape != (layout.size,):
+                    raise SpaceError(f"expected one action, got a batch of {_short(action)}")
+            elif self._raw_leaf_layouts is not None:  # mixed discrete and Box leaves: each as its own layout
+                _check_counts("action", containers(space), [action])
+                for path, leaf_layout in self._raw_leaf_layouts:
+                    try:
+                        value = _get(action, path)
+                        flat = leaf_layout.flatten(value)
+                    except (KeyError, IndexError, TypeError) as error:
+                        raise SpaceError(f"action leaf {_path_str(path)}: not found ({error!r})") from None
+                    except SpaceError as error:  # its message names the leaf's own (empty) path
+                        raise SpaceError(f"action leaf {_path_str(path)}: "
+                                         f"{str(error).removeprefix('action leaf (the whole space): ')}") from None
+                    if flat.shape != (leaf_layout.size,):
+                        raise SpaceError(f"action leaf {_path_str(path)}: expected one action, got a batch of "
+                                         f"{_short(value)}")
+            elif not space.contains(action):  # a space no layout holds (Text ...): gymnasium's own test
+                raise SpaceError(f"got {type(action).__name__} {_short(action)}")
         except SpaceError as error:
             raise APIUsageError(f"{self.binding.env_name}, agent {agent!r}, step {self.tick + 1}: raw action does not "
                                 f"fit the action space {space}: {error}") from None

@@ -1218,6 +1218,40 @@ def test_raw_actions_are_checked_against_the_raw_space_and_passed_on_unchanged()
         cartpole.step(2)
 
 
+def test_raw_actions_of_a_space_mixing_discrete_and_box_leaves_are_checked_leaf_by_leaf():
+    """No flat layout holds such a space; its raw actions get the checks of every other space, naming the leaf."""
+    space = spaces.Dict({"c": spaces.Box(-1, 1, (2,), np.float32), "d": spaces.Discrete(3)})
+
+    class Mixed(gymnasium.Env):
+        observation_space = spaces.Box(-1, 1, (2,), np.float32)
+        action_space = space
+
+        def reset(self, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            self.sent = action
+            return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    env = shoal.Binding(env_cls=Mixed, emulate_flat_atn=False).make_env()
+    env.reset(seed=0)
+    for action in ({"c": np.array([0.5, -0.5]), "d": 2}, {"c": [0.5, 0.5], "d": np.int64(0)}):  # float64 fits too
+        env.step(action)
+        assert env.env.sent is action
+    for action, problem in (({"c": np.zeros(2, np.float32), "d": 3}, r"action leaf \['d'\]: expected values from "
+                                                                      r"\[0\] to \[2\], got 3"),
+                            ({"c": np.array([5.0, 0.0]), "d": 0}, r"action leaf \['c'\]: action \[5. 0.\] lies "
+                                                                   r"outside the action space"),
+                            ({"c": np.zeros(2), "d": 0.5}, r"action leaf \['d'\]: expected integers"),
+                            ({"c": np.zeros(2), "e": 0}, r"action leaf \['d'\]: not found"),
+                            ({"c": np.zeros(2), "d": 0, "e": 0}, r"entries"),
+                            ({"c": np.zeros((3, 2)), "d": 0}, r"action leaf \['c'\]: expected one action")):
+        with pytest.raises(APIUsageError, match=r"agent 0, step \d+: raw action does not fit the action space .*"
+                                                + problem):
+            env.step(action)
+
+
 def test_an_unseen_agent_gets_the_neutral_raw_action_when_the_caller_gives_none():
     class LateEnv(ScriptedEnv):  # b is listed from the start, never seen
         def reset(self, seed=None, options=None):

@@ -1443,10 +1443,11 @@ def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
 
 def test_a_refused_run_leaves_no_directory_it_made(tmp_path):
     cartpole, pendulum = make_binding("cartpole"), make_binding("gym:Pendulum-v1")
-    config = PPOConfig(**QUICK, run_dir=str(tmp_path / "new"))
+    config = PPOConfig(**QUICK, run_dir=str(tmp_path / "new" / "sweep" / "seed1"))  # nor the folders above it
+    (tmp_path / "new" / "other").mkdir(parents=True)  # but not one that was there, nor what holds something
     with pytest.raises(APIUsageError, match="is not CartPole-v1's"):
         train(config, cartpole, policy=MLPPolicy(pendulum))
-    assert not (tmp_path / "new").exists()
+    assert [path.name for path in tmp_path.rglob("*")] == ["new", "other"]
 
 
 def test_resuming_into_a_run_dir_with_another_runs_checkpoints_is_refused(tmp_path):
