@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
@@ -1218,6 +1219,33 @@ def test_a_call_from_a_signal_handler_is_refused_and_the_interrupted_call_goes_o
         signal.signal(signal.SIGALRM, previous)
     assert len(refused) == 1 and rewards.tolist() == [1.0, 1.0]
     vecenv.step(np.zeros((2, 1), np.int64))  # still open
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_an_interrupt_between_two_workers_commands_or_after_an_answer_closes_the_vec_env(make, backend):
+    """Ctrl-C after worker 0 was sent its step but before worker 1 was, or after an answer came in but before it
+    was filed: going on would take one step's answers for the next one's (or wait for an answer already taken)."""
+    for where in ("send", "answer"):
+        vecenv = make(shoal.Binding(env_cls=ProbeEnv), backend, num_workers=2)
+        vecenv.reset(seed=0)
+        if where == "send":
+            dispatch = vecenv._dispatch
+
+            def interrupted_dispatch(worker, command, payload):
+                if worker == 1:
+                    raise KeyboardInterrupt
+                dispatch(worker, command, payload)
+            vecenv._dispatch = interrupted_dispatch
+        else:
+            class InterruptedQueue(collections.deque):
+                def append(self, item):
+                    raise KeyboardInterrupt
+            vecenv._ready = InterruptedQueue()
+        with pytest.raises(KeyboardInterrupt):
+            vecenv.step(np.zeros((2, 1), np.int64))
+        with pytest.raises(APIUsageError, match=f"reset\\(\\) on a closed {type(vecenv).__name__}: make a new"):
+            vecenv.reset(seed=0)
+        assert vecenv._caller.acquire(blocking=False)  # and the call's lock is free
 
 
 def test_classes_of_the_main_script_come_back_as_the_callers_own_and_a_ray_shutdown_is_named(tmp_path):

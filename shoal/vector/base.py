@@ -247,17 +247,28 @@ class EnvGroup:
 def _one_caller(method):
     """A vec env method that refuses a second call while one is inside the vec env, from another thread or from
     a signal handler that interrupted it: workers answer in order, so two callers would take each other's
-    answers. close() stays open to any caller."""
+    answers. close() stays open to any caller.
+
+    What interrupts a call (Ctrl-C's KeyboardInterrupt, anything that is not an Exception) closes the vec env:
+    it may have come between two workers' commands, or between an answer and its bookkeeping."""
     @functools.wraps(method)
     def one_caller(self, *args, **kwargs):
-        if not self._caller.acquire(blocking=False):
-            raise APIUsageError(f"{type(self).__name__}.{method.__name__}(): another call is inside this vec env "
-                                f"(from another thread, or the one a signal handler interrupted): it serves one "
-                                f"call at a time (close() excepted); give each thread its own vec env")
+        held = False
         try:
+            held = self._caller.acquire(blocking=False)
+            if not held:
+                raise APIUsageError(f"{type(self).__name__}.{method.__name__}(): another call is inside this vec "
+                                    f"env (from another thread, or the one a signal handler interrupted): it serves "
+                                    f"one call at a time (close() excepted); give each thread its own vec env")
             return method(self, *args, **kwargs)
+        except Exception:
+            raise
+        except BaseException:
+            self.close()
+            raise
         finally:
-            self._caller.release()
+            if held:
+                self._caller.release()
     return one_caller
 
 
