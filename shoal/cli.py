@@ -216,6 +216,7 @@ def _train(argv: list[str]) -> int:
             raise UsageError(f"--resume {resume}: {changed} would build {why}; the run's was built with {built}: "
                              f"drop {changed} or start a new run")
     made_run_dir = config.run_dir is None
+    made_runs = made_run_dir and not Path("runs").exists()
     if made_run_dir:
         config.run_dir = _make_default_run_dir(config.env, config.seed)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
@@ -240,6 +241,8 @@ def _train(argv: list[str]) -> int:
         if made_run_dir:
             with contextlib.suppress(OSError):  # only while empty: a run refused before it wrote anything
                 Path(config.run_dir).rmdir()
+                if made_runs:
+                    Path("runs").rmdir()
         raise
     finally:
         if main_thread:

@@ -1146,8 +1146,9 @@ class EmulatedEnv:
                     try:
                         value = _get(action, path)
                         flat = leaf_layout.flatten(value)
-                    except (KeyError, IndexError, TypeError) as error:
-                        raise SpaceError(f"action leaf {_path_str(path)}: not found ({error!r})") from None
+                    except (KeyError, IndexError, TypeError):
+                        raise SpaceError(f"expected the structure of {space}, got {type(action).__name__} "
+                                         f"{_short(action)}, which has no entry {_path_str(path)}") from None
                     except SpaceError as error:  # its message names the leaf's own (empty) path
                         raise SpaceError(f"action leaf {_path_str(path)}: "
                                          f"{str(error).removeprefix('action leaf (the whole space): ')}") from None

@@ -770,14 +770,28 @@ def check_policy(policy: Any, binding) -> None:
         policy.eval()
         with torch.no_grad():
             if policy.is_recurrent:  # as the trainer calls it: with a state from initial_state, and starts
-                state = policy.initial_state(2, device)
+                state_parts(policy.initial_state(3, device), 3, f"{name}.initial_state(3, {str(device)!r}) returns")
+                state = policy.initial_state(2, device)  # (2 alone might be nn.LSTM's number of layers)
                 before = state_parts(state, 2, f"{name}.initial_state(2, {str(device)!r}) returns")
                 params, value, state = policy(obs, state, torch.ones(2, dtype=torch.bool, device=device))
                 after = state_parts(state, 2, f"{name} returns, for 2 observations,")
-                if [part.shape for part in after] != [part.shape for part in before]:
-                    raise APIUsageError(f"{name} returns, for 2 observations, a state of shapes "
-                                        f"{[tuple(part.shape) for part in after]}: expected those of initial_state(2), "
-                                        f"{[tuple(part.shape) for part in before]}")
+                forms = [[(tuple(part.shape), part.dtype) for part in parts] for parts in (before, after)]
+                if forms[0] != forms[1]:
+                    raise APIUsageError(f"{name} returns, for 2 observations, a state of (shape, dtype) {forms[1]}: "
+                                        f"expected those of initial_state(2), {forms[0]}")
+                # The update replays sequences (T, B): outputs flattened to (T * B, ...)
+                sequence = "a sequence of 3 steps of 2 observations (obs of shape (3, 2, obs_size))"
+                try:
+                    replayed = policy(obs.expand(3, *obs.shape), policy.initial_state(2, device),
+                                      torch.ones(3, 2, dtype=torch.bool, device=device))[:2]
+                except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+                    raise APIUsageError(f"{name} fails on {sequence}, as the update replays each slot's rollout: "
+                                        f"{type(error).__name__}: {error}") from error
+                if not all(isinstance(output, torch.Tensor) and len(output) == 6 for output in replayed):
+                    raise APIUsageError(f"{name} returns, for {sequence}, action parameters and values "
+                                        f"{' and '.join(map(_described, replayed))}: expected 6 rows each, the "
+                                        f"sequence flattened to (T * B, ...), as the update replays each slot's "
+                                        f"rollout")
             else:
                 params, value, _ = policy(obs)
             for what, output in (("action parameters", params), ("values", value)):

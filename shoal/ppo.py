@@ -463,7 +463,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
         check_run_dir(config.run_dir, checkpoint)
     recent_returns: deque = deque(checkpoint.get("recent_returns", []) if checkpoint else [], maxlen=20)
 
-    space_signature = _space_signature(binding)  # the same for every checkpoint of the run
+    space_signature, env_kwargs = _space_signature(binding), _env_kwargs(binding)  # the same in every checkpoint
 
     def save(at_update: int, at_step: int, at_episodes: int, at_wall_time: float, at_returns: list) -> None:
         if not all(bool(torch.isfinite(parameter).all()) for parameter in parameters):  # the last step broke them
@@ -473,7 +473,7 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             "model": policy.state_dict(), "optimizer": optimizer.state_dict(), "policy": _describe_policy(policy),
             "policy_given": policy_given, "recent_returns": at_returns,
             "config": dataclasses.asdict(config), "env": config.env, "env_name": binding.env_name,
-            "env_kwargs": binding.env_kwargs if _plain(binding.env_kwargs) else None,
+            "env_kwargs": env_kwargs,
             "spaces": space_signature, "global_step": at_step, "update": at_update, "rng": rng_states(),
             "episodes": at_episodes, "wall_time": at_wall_time,
         }, keep=config.keep_checkpoints)
@@ -528,7 +528,10 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
             def as_state(parts: tuple) -> Any:
                 return parts[0] if single_tensor else parts
 
-            state = state_parts(initial, N, f"{type(policy).__name__}.initial_state returns")  # after the newest obs
+            # Copies, each its own memory: the rollout writes rows in place, and an initial state may share one
+            # zero tensor between its parts (h, c = z, z) or between its rows (expanded).
+            state = tuple(part.clone(memory_format=torch.contiguous_format) for part in
+                          state_parts(initial, N, f"{type(policy).__name__}.initial_state returns"))  # after newest obs
             rollout_state = tuple(part.clone() for part in state)  # before row 0's obs, per slot
             next_rollout_state = tuple(part.clone() for part in state)  # before row T's obs, per slot
 
@@ -1061,14 +1064,27 @@ def check_compatible(checkpoint: dict, binding, config: PPOConfig | None = None,
                             f"resume_from=...)); shoal eval --env NAME plays it on any env of its spaces")
 
 
-def _plain(value: Any) -> bool:
-    """Whether ``value`` is made of what a checkpoint holds as data (numbers, strings, None, lists, tuples and
-    dicts with string keys): an env's keyword arguments the shoal command can build the env with again."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
+def _as_data(value: Any) -> Any:
+    """``value`` as what a checkpoint holds as data (numbers, strings, None, lists, tuples and dicts with string
+    keys; numpy numbers become Python ones): an env's keyword arguments the shoal command can build the env with
+    again. TypeError for anything else."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
     if isinstance(value, (list, tuple)):
-        return all(map(_plain, value))
-    return isinstance(value, dict) and all(isinstance(key, str) and _plain(item) for key, item in value.items())
+        return type(value)(map(_as_data, value)) if type(value) in (list, tuple) else list(map(_as_data, value))
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _as_data(item) for key, item in value.items()}
+    raise TypeError(f"{type(value).__name__} is no data")
+
+
+def _env_kwargs(binding) -> dict | None:
+    """The binding's env_kwargs as data, or None where some are not (an object, a function)."""
+    try:
+        return _as_data(binding.env_kwargs)
+    except TypeError:
+        return None
 
 
 def _bare_name(env_name: str) -> str:

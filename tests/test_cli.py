@@ -57,9 +57,20 @@ def test_eval_and_resume_build_the_env_with_the_keyword_arguments_the_run_had(tm
     assert code == 0
     assert {row.get("episode/length") for row in read_progress(tmp_path / "short")} == {5.0}
 
-    other = dataclasses.replace(config, run_dir=str(tmp_path / "numpy"))  # a value a checkpoint cannot hold as data
-    train(other, make_binding("gym:CartPole-v1", sutton_barto_reward=np.bool_(False)))
-    code, _, err = run(capsys, "eval", str(tmp_path / "numpy"))
+    numpy = dataclasses.replace(config, run_dir=str(tmp_path / "numpy"))  # numpy numbers (a sweep's) are numbers
+    train(numpy, make_binding("gym:CartPole-v1", max_episode_steps=5, sutton_barto_reward=np.bool_(False)))
+    recorded = load_checkpoint(tmp_path / "numpy")["env_kwargs"]
+    assert recorded == {"max_episode_steps": 5, "sutton_barto_reward": False}
+    assert type(recorded["sutton_barto_reward"]) is bool
+    assert run(capsys, "eval", str(tmp_path / "numpy"))[0] == 0
+
+    class Off:  # an object: no data a checkpoint holds
+        def __bool__(self):
+            return False
+
+    other = dataclasses.replace(config, run_dir=str(tmp_path / "object"))
+    train(other, make_binding("gym:CartPole-v1", sutton_barto_reward=Off()))
+    code, _, err = run(capsys, "eval", str(tmp_path / "object"))
     assert code == 2 and "was built with keyword arguments a checkpoint cannot hold" in err
 
 
@@ -347,19 +358,19 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, capsys):
     assert f"shoal eval '{run_dir}'" in out
 
 
-def _group_members(group: int) -> list[int]:
-    """The live processes of a process group, from /proc."""
+def _session_members(session: int) -> list[int]:
+    """The live processes of a session, from /proc (workers lead process groups of their own)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp
-            if int(fields[2]) == group and fields[0] != "Z":
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp, session
+            if int(fields[3]) == session and fields[0] != "Z":
                 members.append(int(stat.parent.name))
     return members
 
 
 def test_sigterm_to_the_whole_job_stops_the_run_with_a_checkpoint_as_ctrl_c_does(tmp_path):
-    """A batch scheduler's preemption or time limit: SIGTERM to every process of the job, workers included."""
+    """A batch scheduler's preemption or time limit: SIGTERM to every process of the job, the workers first."""
     run_dir = tmp_path / "run"
     shoal = Path(sys.executable).parent / "shoal"
     training = subprocess.Popen([str(shoal), "train", *FAST, "--backend", "multiprocessing", "--num-workers", "2",
@@ -370,15 +381,19 @@ def test_sigterm_to_the_whole_job_stops_the_run_with_a_checkpoint_as_ctrl_c_does
     while len(read_progress(run_dir) if (run_dir / "progress.csv").exists() else []) < 3:
         assert training.poll() is None and time.monotonic() < deadline, training.communicate()
         time.sleep(0.05)
-    os.killpg(training.pid, signal.SIGTERM)
+    for pid in _session_members(training.pid):  # the workers first (multiprocessing's forkserver: see the docs)
+        if pid != training.pid and "forkserver" not in Path(f"/proc/{pid}/cmdline").read_text():
+            os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)  # the parent last, well after
+    training.send_signal(signal.SIGTERM)
     _, err = training.communicate(timeout=60)
     assert training.returncode == 143 and "Traceback" not in err, err
     [path] = list_checkpoints(run_dir)
     assert f"terminated (SIGTERM); checkpoint at step {load_checkpoint(path)['global_step']:,}" in err
     deadline = time.monotonic() + 10
-    while _group_members(training.pid) and time.monotonic() < deadline:
+    while _session_members(training.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _group_members(training.pid)
+    assert not _session_members(training.pid)
 
 
 def test_a_reader_of_stdout_that_goes_away_stops_the_run_with_a_checkpoint_and_one_message(tmp_path):

@@ -424,6 +424,29 @@ def test_a_recurrent_policy_of_ones_own_may_keep_its_state_in_one_tensor():
     assert np.isfinite(evaluate(policy, binding, episodes=1, max_steps=50)).all()
 
 
+def test_a_recurrent_state_made_of_one_shared_zero_tensor_still_keeps_a_state_per_slot_and_part():
+    """h, c = z, z, or zeros expanded over the rows: the rollout must not write one slot's state into another's."""
+    binding = make_binding("cartpole")
+
+    class Shared(LSTMPolicy):
+        def initial_state(self, batch_size, device="cpu"):
+            zeros = torch.zeros(1, self.feature_size, device=device).expand(batch_size, -1)
+            return zeros, zeros
+
+    seen = []
+    policy = Shared(MLPPolicy(binding))
+    forward = policy.forward
+
+    def recording(obs, state=None, starts=None, *rest):
+        if obs.dim() == 2 and len(obs) == 4:
+            seen.append(tuple(part.clone() for part in state))
+        return forward(obs, state, starts, *rest)
+    policy.forward = recording
+    train(PPOConfig(**QUICK), binding, policy=policy)
+    h, c = seen[5]
+    assert not torch.equal(h, c) and not torch.equal(h[0], h[1])
+
+
 def test_a_recurrent_state_that_is_no_tensor_or_has_no_batch_rows_is_refused():
     binding = make_binding("cartpole")
 
@@ -436,12 +459,35 @@ def test_a_recurrent_state_that_is_no_tensor_or_has_no_batch_rows_is_refused():
             params, value, state = super().forward(obs, state, starts)
             return params, value, state[0]
 
-    with pytest.raises(APIUsageError, match=r"NoState.initial_state\(2, 'cpu'\) returns a list holding a value of "
+    with pytest.raises(APIUsageError, match=r"NoState.initial_state\(3, 'cpu'\) returns a list holding a value of "
                                             r"type int, a value of type int: a recurrent state must be a torch "
-                                            r"tensor or a tuple of them, each with the batch \(2 rows\)"):
+                                            r"tensor or a tuple of them, each with the batch \(3 rows\)"):
         train(PPOConfig(**QUICK), binding, policy=NoState(binding))
     with pytest.raises(APIUsageError, match=r"Unbatched returns, for 2 observations, a tensor of shape \(8,\)"):
         train(PPOConfig(**QUICK), binding, policy=Unbatched(binding))
+
+    class LayersFirst(GRUPolicy):  # nn.GRU's (num_layers, B, hidden), with 2 layers: 2 rows, by chance
+        def initial_state(self, batch_size, device="cpu"):
+            return torch.zeros(2, batch_size, 8, device=device)
+
+    class LastStepOnly(GRUPolicy):  # a sequence's outputs not flattened to (T * B, ...)
+        def forward(self, obs, state, starts):
+            params, value, state = super().forward(obs, state, starts)
+            return params[-len(state):], value[-len(state):], state
+
+    class Float64State(GRUPolicy):
+        def forward(self, obs, state, starts):
+            params, value, state = super().forward(obs, state, starts)
+            return params, value, state.double()
+
+    for policy, message in ((LayersFirst, r"LayersFirst.initial_state\(3, 'cpu'\) returns a tensor of shape "
+                                          r"\(2, 3, 8\)"),
+                            (LastStepOnly, r"LastStepOnly returns, for a sequence of 3 steps of 2 observations .* "
+                                           r"expected 6 rows each"),
+                            (Float64State, r"Float64State returns, for 2 observations, a state of \(shape, dtype\) "
+                                           r"\[\(\(2, 8\), torch.float64\)\]: expected those of initial_state")):
+        with pytest.raises(APIUsageError, match=message):
+            train(PPOConfig(**QUICK), binding, policy=policy(binding))
 
 
 def test_an_lstm_policy_subclass_with_a_forward_of_its_own_trains():

@@ -93,7 +93,10 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
 
     ``binding`` comes as cloudpickle bytes unless the worker was forked.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
+    # Ctrl-C, and SIGTERM to the whole job (a scheduler's preemption), are the parent's to handle: it closes us
+    # (a worker that died first would turn its checkpoint-and-stop into a worker error), and we die with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A process group of our own: processes an env starts (a game server) join it, and close() ends what
     # is left of the group, also when this worker had to be killed before its envs' close() ran.
     os.setpgrp()
