@@ -325,10 +325,7 @@ class Multiprocessing(VecEnv):
             if _is_open(process):
                 process.join(max(0.0, deadline - time.monotonic()))
         for process in processes:
-            if _is_open(process) and process.exitcode is None:
-                process.terminate()
-                process.join(1.0)
-            if _is_open(process) and process.exitcode is None:
+            if _is_open(process) and process.exitcode is None:  # SIGTERM would not stop it: workers ignore it
                 process.kill()
                 process.join()
             if _is_open(process):
