@@ -1221,6 +1221,42 @@ def test_a_call_from_a_signal_handler_is_refused_and_the_interrupted_call_goes_o
     vecenv.step(np.zeros((2, 1), np.int64))  # still open
 
 
+class ServerEnv(gymnasium.Env):
+    """Starts a process of its own (a game server) and stops it in close() with terminate()."""
+
+    observation_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+    action_space = gymnasium.spaces.Discrete(2)
+
+    def __init__(self):
+        self.server = subprocess.Popen(["sleep", "60"])
+
+    def ignored_signals(self) -> int:
+        status = Path(f"/proc/{self.server.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+
+    def reset(self, seed=None, options=None):
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+    def close(self):
+        self.server.terminate()
+        self.server.wait(5)
+
+
+def test_the_processes_an_env_starts_in_a_worker_take_sigterm_and_sigint_as_usual(make):
+    """Workers leave SIGTERM and SIGINT to the parent, with a handler: SIG_IGN would stay with the processes their
+    envs start, whose terminate() would then do nothing."""
+    vecenv = make(shoal.Binding(env_cls=ServerEnv), "multiprocessing", num_workers=1)
+    vecenv.reset(seed=0)
+    [ignored] = vecenv.call("ignored_signals")
+    assert not ignored & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGINT - 1))
+    started = time.monotonic()
+    vecenv.close()
+    assert time.monotonic() - started < 1.0  # the env's close() stopped its server, no kill needed
+
+
 @pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
 def test_an_interrupt_between_two_workers_commands_or_after_an_answer_closes_the_vec_env(make, backend):
     """Ctrl-C after worker 0 was sent its step but before worker 1 was, or after an answer came in but before it

@@ -87,6 +87,10 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="shoal-parent-watch", daemon=True).start()
 
 
+def _leave_to_parent(signum: int, frame: Any) -> None:
+    """A worker's handler of SIGINT and SIGTERM: nothing (see _worker_main)."""
+
+
 def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: slice, shared: SharedArrays,
                  conn: connection.Connection) -> None:
     """A worker process: build the envs, report how that went, then serve commands.
@@ -95,8 +99,10 @@ def _worker_main(binding: Binding | bytes, worker: int, env_ids: range, rows: sl
     """
     # Ctrl-C, and SIGTERM to the whole job (a scheduler's preemption), are the parent's to handle: it closes us
     # (a worker that died first would turn its checkpoint-and-stop into a worker error), and we die with it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in the processes an env starts
+    # (a game server its close() stops with terminate()), a handler goes back to the default there.
+    signal.signal(signal.SIGINT, _leave_to_parent)
+    signal.signal(signal.SIGTERM, _leave_to_parent)
     # A process group of our own: processes an env starts (a game server) join it, and close() ends what
     # is left of the group, also when this worker had to be killed before its envs' close() ran.
     os.setpgrp()
