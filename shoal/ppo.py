@@ -630,7 +630,8 @@ def _train(config: PPOConfig, binding, policy: Policy | None, logger, vecenv, ch
                             for stored, part in zip(next_rollout_state, before):
                                 stored[acting[at_end]] = part[at_end]
                             params, value, after = policy(ob, as_state(before), begin)  # zeroed already: no NaN
-                            for stored, part in zip(state, state_parts(after, len(acting), f"{type(policy).__name__} returns")):
+                            after = state_parts(after, len(acting), f"{type(policy).__name__} returns")
+                            for stored, part in zip(state, after):
                                 stored[acting] = part
                         else:
                             params, value = act(ob)
@@ -1130,8 +1131,8 @@ def load_policy_state(policy: Policy, checkpoint: dict) -> None:
             f"it was trained with. torch: {torch_says}") from None
     broken = next((name for name, parameter in policy.named_parameters() if not torch.isfinite(parameter).all()), None)
     if broken is not None:  # train() never saves such weights: the file was damaged
-        raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the policy's parameter {broken!r} holds values "
-                            f"that are not finite (NaN or inf): the file is damaged; use an earlier checkpoint")
+        raise APIUsageError(f"{checkpoint.get('path', 'the checkpoint')}: the policy's parameter {broken!r} holds "
+                            f"values that are not finite (NaN or inf): the file is damaged; use an earlier checkpoint")
 
 
 def config_from_checkpoint(checkpoint: dict) -> PPOConfig:
