@@ -58,6 +58,7 @@ def state_parts(state: Any, batch: int, where: str) -> tuple[torch.Tensor, ...]:
     parts = (state,) if isinstance(state, torch.Tensor) else tuple(state) if isinstance(state, (tuple, list)) else None
     if parts and all(isinstance(part, torch.Tensor) and part.dim() >= 1 and part.shape[0] == batch for part in parts):
         return parts
+
     def one(value: Any) -> str:
         return f"{'a tensor' if isinstance(value, torch.Tensor) else 'a value'} {_described(value)}"
 
@@ -769,29 +770,8 @@ def check_policy(policy: Any, binding) -> None:
     try:
         policy.eval()
         with torch.no_grad():
-            if policy.is_recurrent:  # as the trainer calls it: with a state from initial_state, and starts
-                state_parts(policy.initial_state(3, device), 3, f"{name}.initial_state(3, {str(device)!r}) returns")
-                state = policy.initial_state(2, device)  # (2 alone might be nn.LSTM's number of layers)
-                before = state_parts(state, 2, f"{name}.initial_state(2, {str(device)!r}) returns")
-                params, value, state = policy(obs, state, torch.ones(2, dtype=torch.bool, device=device))
-                after = state_parts(state, 2, f"{name} returns, for 2 observations,")
-                forms = [[(tuple(part.shape), part.dtype) for part in parts] for parts in (before, after)]
-                if forms[0] != forms[1]:
-                    raise APIUsageError(f"{name} returns, for 2 observations, a state of (shape, dtype) {forms[1]}: "
-                                        f"expected those of initial_state(2), {forms[0]}")
-                # The update replays sequences (T, B): outputs flattened to (T * B, ...)
-                sequence = "a sequence of 3 steps of 2 observations (obs of shape (3, 2, obs_size))"
-                try:
-                    replayed = policy(obs.expand(3, *obs.shape), policy.initial_state(2, device),
-                                      torch.ones(3, 2, dtype=torch.bool, device=device))[:2]
-                except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
-                    raise APIUsageError(f"{name} fails on {sequence}, as the update replays each slot's rollout: "
-                                        f"{type(error).__name__}: {error}") from error
-                if not all(isinstance(output, torch.Tensor) and len(output) == 6 for output in replayed):
-                    raise APIUsageError(f"{name} returns, for {sequence}, action parameters and values "
-                                        f"{' and '.join(map(_described, replayed))}: expected 6 rows each, the "
-                                        f"sequence flattened to (T * B, ...), as the update replays each slot's "
-                                        f"rollout")
+            if policy.is_recurrent:
+                params, value = _recurrent_outputs(policy, obs, device)
             else:
                 params, value, _ = policy(obs)
             for what, output in (("action parameters", params), ("values", value)):
@@ -835,6 +815,35 @@ def check_policy(policy: Any, binding) -> None:
             f"gives {'float' if action.is_floating_point() else 'integer'} actions of shape {tuple(action.shape[1:])}")
         raise APIUsageError(f"{name}'s action head {chooses}: {binding.env_name}'s flat action space is {space}; "
                             f"build the policy with this binding (Policy.__init__ makes the matching head)")
+
+
+def _recurrent_outputs(policy: Policy, obs: torch.Tensor, device: torch.device) -> tuple:
+    """A recurrent policy's (action parameters, values) for ``obs`` (2 rows), called as the trainer calls it,
+    with a state from ``initial_state`` and ``starts``; APIUsageError where its state or a replayed sequence's
+    outputs do not have the form the trainer needs."""
+    name = type(policy).__name__
+    state_parts(policy.initial_state(3, device), 3, f"{name}.initial_state(3, {str(device)!r}) returns")
+    state = policy.initial_state(2, device)  # (2 alone might be nn.LSTM's number of layers)
+    before = state_parts(state, 2, f"{name}.initial_state(2, {str(device)!r}) returns")
+    params, value, state = policy(obs, state, torch.ones(2, dtype=torch.bool, device=device))
+    after = state_parts(state, 2, f"{name} returns, for 2 observations,")
+    forms = [[(tuple(part.shape), part.dtype) for part in parts] for parts in (before, after)]
+    if forms[0] != forms[1]:
+        raise APIUsageError(f"{name} returns, for 2 observations, a state of (shape, dtype) {forms[1]}: expected "
+                            f"those of initial_state(2), {forms[0]}")
+    # The update replays sequences (T, B), outputs flattened to (T * B, ...)
+    sequence = "a sequence of 3 steps of 2 observations (obs of shape (3, 2, obs_size))"
+    try:
+        replayed = policy(obs.expand(3, *obs.shape), policy.initial_state(2, device),
+                          torch.ones(3, 2, dtype=torch.bool, device=device))[:2]
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as error:
+        raise APIUsageError(f"{name} fails on {sequence}, as the update replays each slot's rollout: "
+                            f"{type(error).__name__}: {error}") from error
+    if not all(isinstance(output, torch.Tensor) and len(output) == 6 for output in replayed):
+        raise APIUsageError(f"{name} returns, for {sequence}, action parameters and values "
+                            f"{' and '.join(map(_described, replayed))}: expected 6 rows each, the sequence flattened "
+                            f"to (T * B, ...), as the update replays each slot's rollout")
+    return params, value
 
 
 def _frame_layout(shape: tuple, channels_last: bool | None) -> tuple[bool, tuple]:
