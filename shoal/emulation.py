@@ -24,7 +24,7 @@ import numpy as np
 from gymnasium import spaces
 
 from shoal.errors import APIUsageError, EnvError, SpaceError, check_int
-from shoal.spaces import (ActionLayout, ObservationLayout, _check_counts, _get, _path_str, _short, as_array,
+from shoal.spaces import (ActionLayout, ObservationLayout, _check_counts, _path_str, _short, _values, as_array,
                           containers, holds_dict, index_leaves, leaves, shape_of)
 
 SINGLE_AGENT_ID = 0
@@ -1142,13 +1142,9 @@ class EmulatedEnv:
                     raise SpaceError(f"expected one action, got a batch of {_short(action)}")
             elif self._raw_leaf_layouts is not None:  # mixed discrete and Box leaves: each as its own layout
                 _check_counts("action", containers(space), [action])
-                for path, leaf_layout in self._raw_leaf_layouts:
+                for (path, value), (_, leaf_layout) in zip(_values(space, action), self._raw_leaf_layouts):
                     try:
-                        value = _get(action, path)
                         flat = leaf_layout.flatten(value)
-                    except (KeyError, IndexError, TypeError):
-                        raise SpaceError(f"expected the structure of {space}, got {type(action).__name__} "
-                                         f"{_short(action)}, which has no entry {_path_str(path)}") from None
                     except SpaceError as error:  # its message names the leaf's own (empty) path
                         raise SpaceError(f"action leaf {_path_str(path)}: "
                                          f"{str(error).removeprefix('action leaf (the whole space): ')}") from None
