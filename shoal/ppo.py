@@ -1073,8 +1073,9 @@ def _as_data(value: Any) -> Any:
         return value
     if isinstance(value, np.generic) and value.dtype.kind in "biuf":
         return value.item()
-    if isinstance(value, (list, tuple)):
-        return type(value)(map(_as_data, value)) if type(value) in (list, tuple) else list(map(_as_data, value))
+    if isinstance(value, (list, tuple)):  # a tuple stays one; other sequences (a namedtuple) become lists
+        items = [_as_data(item) for item in value]
+        return tuple(items) if type(value) is tuple else items
     if isinstance(value, dict) and all(isinstance(key, str) for key in value):
         return {key: _as_data(item) for key, item in value.items()}
     raise TypeError(f"{type(value).__name__} is no data")
